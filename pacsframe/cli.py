@@ -1,0 +1,188 @@
+"""Command line: ``pacsframe echo|find|demo|serve``.
+
+Examples
+--------
+``pacsframe echo --peer 127.0.0.1:4242 --aet ORTHANC``
+
+``pacsframe find --peer 127.0.0.1:4242 --aet ORTHANC --level study PatientID=123
+StudyDate=20260301-20260406 --csv out.csv``
+
+``pacsframe serve ./folder --port 11112`` runs the demo PACS over a folder;
+``pacsframe demo`` makes a synthetic cohort, serves it and runs a short tour.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from .connection import PACS
+from .errors import PacsFrameError, QueryError
+
+__all__ = ["main"]
+
+
+def _peer(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT, e.g. 127.0.0.1:4242")
+    return host, int(port)
+
+
+def _add_peer_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("peer")
+    group.add_argument("--peer", type=_peer, metavar="HOST:PORT", help="where the PACS listens")
+    group.add_argument("--aet", default="ANY-SCP", help="the PACS's AE title (called AE)")
+    group.add_argument("--calling-aet", default="PACSFRAME", help="our AE title")
+    group.add_argument("--config", metavar="NAME", help="a named peer from the config file")
+    group.add_argument("--timeout", type=float, default=30.0, help="seconds per response")
+
+
+def _setup_argparser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pacsframe",
+        description="Query a PACS into typed tables; run the embedded demo PACS.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    echo = commands.add_parser("echo", help="C-ECHO a peer and print the round-trip time")
+    _add_peer_arguments(echo)
+
+    find = commands.add_parser("find", help="C-FIND and print or save the matches")
+    _add_peer_arguments(find)
+    find.add_argument(
+        "--level", default="study", help="patient, study, series or image (default study)"
+    )
+    find.add_argument("--model", default="study", help="study or patient (root)")
+    find.add_argument(
+        "--return-keys", default="", help="comma-separated extra keywords to return"
+    )
+    out = find.add_mutually_exclusive_group()
+    out.add_argument("--csv", type=Path, help="write the frame as CSV")
+    out.add_argument("--parquet", type=Path, help="write the frame as Parquet (needs pyarrow)")
+    find.add_argument("keys", nargs="*", metavar="KEY=VALUE", help="matching keys, DICOM form")
+
+    serve = commands.add_parser("serve", help="run the demo PACS over a folder until Ctrl-C")
+    serve.add_argument("folder", type=Path, help="folder of DICOM files (created if missing)")
+    serve.add_argument("--port", type=int, default=11112)
+    serve.add_argument("--aet", default="PFDEMO")
+    serve.add_argument(
+        "--cohort", type=int, default=0, metavar="N", help="first write N synthetic patients"
+    )
+    serve.add_argument("--seed", type=int, default=0)
+
+    demo = commands.add_parser("demo", help="serve a synthetic cohort and run a short tour")
+    demo.add_argument("--patients", type=int, default=12)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--folder", type=Path, help="where to write the cohort (default: temp)")
+    return parser
+
+
+def _pacs(args: argparse.Namespace) -> PACS:
+    if args.config:
+        return PACS.from_config(args.config)
+    if args.peer is None:
+        raise QueryError("give --peer HOST:PORT (and --aet), or --config NAME.")
+    host, port = args.peer
+    return PACS(
+        host, port, args.aet, args.calling_aet, dimse_timeout=args.timeout, acse_timeout=args.timeout
+    )
+
+
+def _keys(pairs: Sequence[str]) -> dict[str, str]:
+    keys: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise QueryError(f"{pair!r} is not KEY=VALUE, e.g. PatientID=123 or StudyDate=20260301-")
+        keys[name.strip()] = value.strip()
+    return keys
+
+
+def _write(frame: pd.DataFrame, args: argparse.Namespace) -> None:
+    if args.csv:
+        frame.to_csv(args.csv, index=False)
+        print(f"{len(frame)} rows written to {args.csv}")
+    elif args.parquet:
+        try:
+            frame.to_parquet(args.parquet, index=False)
+        except ImportError:
+            raise QueryError("writing Parquet needs pyarrow: pip install pyarrow") from None
+        print(f"{len(frame)} rows written to {args.parquet}")
+    else:
+        with pd.option_context("display.width", 200, "display.max_columns", 20):
+            print(frame.to_string(max_rows=60) if len(frame) else "no matches")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from .demo import DemoPACS, make_cohort
+
+    folder = args.folder or Path(tempfile.mkdtemp(prefix="pacsframe-demo-"))
+    manifest = make_cohort(folder, patients=args.patients, seed=args.seed)
+    print(f"Wrote {len(manifest)} synthetic instances for {args.patients} patients to {folder}")
+    with DemoPACS(folder) as server:
+        print(f"Demo PACS {server.ae_title!r} listening on 127.0.0.1:{server.port}\n")
+        pacs = PACS("127.0.0.1", server.port, ae_title=server.ae_title)
+        print(f"C-ECHO: {pacs.echo() * 1000:.1f} ms\n")
+        with pd.option_context("display.width", 160, "display.max_columns", 12):
+            studies = pacs.find_studies(StudyDate=("2026-01-01", None))
+            print(">>> studies = pacs.find_studies(StudyDate=('2026-01-01', None))")
+            print(studies[["PatientName", "StudyDate", "ModalitiesInStudy", "StudyDescription"]])
+            print("\n>>> studies.dtypes")
+            print(studies.dtypes.to_string())
+            ct = studies[studies.ModalitiesInStudy.apply(lambda m: "CT" in m)]
+            recent = ct[ct.StudyDate >= "2026-02-01"]
+            print("\n>>> recent = studies[CT in ModalitiesInStudy & StudyDate >= '2026-02-01']")
+            print(recent[["PatientName", "StudyDate", "StudyDescription"]])
+            series = pacs.find_series(recent, Modality="CT")
+            print("\n>>> series = pacs.find_series(recent, Modality='CT')")
+            print(
+                series[
+                    ["PatientName", "StudyDate", "SeriesNumber", "SeriesDescription"]
+                    + ["NumberOfSeriesRelatedInstances"]
+                ]
+            )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    args = _setup_argparser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
+    try:
+        if args.command == "echo":
+            pacs = _pacs(args)
+            print(f"C-ECHO {pacs.ae_title} at {pacs.host}:{pacs.port}: {pacs.echo() * 1000:.1f} ms")
+        elif args.command == "find":
+            pacs = _pacs(args)
+            extra = [k for k in args.return_keys.split(",") if k.strip()]
+            frame = pacs.find(args.level, model=args.model, return_keys=extra, **_keys(args.keys))
+            _write(frame, args)
+        elif args.command == "serve":
+            from .demo import make_cohort, serve
+
+            if args.cohort:
+                make_cohort(args.folder, patients=args.cohort, seed=args.seed)
+            args.folder.mkdir(parents=True, exist_ok=True)
+            print(f"Serving {args.folder} as {args.aet!r} on 127.0.0.1:{args.port}; Ctrl-C stops.")
+            serve(args.folder, ae_title=args.aet, port=args.port)
+        elif args.command == "demo":
+            _demo(args)
+    except PacsFrameError as exc:
+        print(f"pacsframe: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

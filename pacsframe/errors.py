@@ -1,0 +1,68 @@
+"""The exception hierarchy.
+
+Every error pacsframe raises derives from :class:`PacsFrameError`, and every
+message says what was wrong and what to do about it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AssociationError",
+    "CacheError",
+    "DimseError",
+    "MoveDestinationUnknown",
+    "NotSupported",
+    "PacsFrameError",
+    "QueryError",
+]
+
+
+class PacsFrameError(Exception):
+    """Base class of every pacsframe error."""
+
+
+class QueryError(PacsFrameError, ValueError):
+    """Input rejected before anything was sent to the peer."""
+
+
+class AssociationError(PacsFrameError, ConnectionError):
+    """The association could not be made, was rejected, timed out or was aborted.
+
+    Attributes
+    ----------
+    reason : str
+        One of ``"refused"``, ``"timeout"``, ``"rejected"``, ``"aborted"``.
+    """
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class DimseError(PacsFrameError):
+    """The peer answered a DIMSE request with a failure status.
+
+    Attributes
+    ----------
+    status : int
+        The DIMSE status code, e.g. ``0xC000``.
+    comment : str or None
+        The peer's Error Comment, when it sent one.
+    """
+
+    def __init__(self, message: str, *, status: int, comment: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.comment = comment
+
+
+class MoveDestinationUnknown(DimseError):
+    """The peer does not know the C-MOVE destination AE title."""
+
+
+class NotSupported(DimseError):
+    """The peer accepted none of the presentation contexts the operation needs."""
+
+
+class CacheError(PacsFrameError):
+    """The on-disk cache refused an operation or was found inconsistent."""

@@ -1,0 +1,499 @@
+"""VR -> dtype conversion, identifiers <-> DataFrames, and level inference.
+
+This is the one place where DICOM values become pandas values and back. It reads
+pydicom's data dictionary for keywords, VRs and VMs, but never pydicom's value
+conversion: identifiers arrive as raw bytes, are decoded with the identifier's
+character set, collected per column as strings, and converted a column at a time
+(vectorised), so a 100,000-row answer costs no pydicom element per cell.
+
+The dtype of a column follows its VR (see ``DTYPES``); an attribute whose
+dictionary VM is not ``"1"`` becomes a column of lists.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import difflib
+import functools
+import math
+import struct
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from pydicom import datadict
+from pydicom.charset import convert_encodings, decode_bytes
+from pydicom.dataset import Dataset
+
+from .errors import PacsFrameError, QueryError
+
+__all__ = [
+    "DTYPES",
+    "Attribute",
+    "FrameBuilder",
+    "MalformedValueWarning",
+    "attribute",
+    "empty_frame",
+    "infer_level",
+    "is_missing",
+    "normalize_keyword",
+    "to_dicom",
+    "to_series",
+]
+
+DATE_VRS = frozenset({"DA"})
+TIME_VRS = frozenset({"TM"})
+DATETIME_VRS = frozenset({"DT"})
+INT_STRING_VRS = frozenset({"IS"})
+FLOAT_STRING_VRS = frozenset({"DS"})
+BINARY_INT_VRS = {"SS": "h", "US": "H", "SL": "l", "UL": "L", "SV": "q", "UV": "Q"}
+BINARY_FLOAT_VRS = {"FL": "f", "FD": "d"}
+INT_VRS = INT_STRING_VRS | frozenset(BINARY_INT_VRS)
+FLOAT_VRS = FLOAT_STRING_VRS | frozenset(BINARY_FLOAT_VRS)
+STRING_VRS = frozenset({"PN", "UI", "CS", "SH", "LO", "ST", "LT", "UT", "AE", "AS", "UC", "UR"})
+# Text VRs whose bytes follow the Specific Character Set; the rest are ASCII.
+CHARSET_VRS = frozenset({"PN", "SH", "LO", "ST", "LT", "UT", "UC"})
+# Leading spaces are significant only in these (PS3.5 6.2).
+KEEP_LEADING_SPACE_VRS = frozenset({"ST", "LT", "UT"})
+
+#: The pandas dtype of a single value of each VR family.
+DTYPES: dict[str, str] = {
+    **dict.fromkeys(DATE_VRS | DATETIME_VRS, "datetime64[ns]"),
+    **dict.fromkeys(TIME_VRS, "timedelta64[ns]"),
+    **dict.fromkeys(INT_VRS, "Int64"),
+    **dict.fromkeys(FLOAT_VRS, "Float64"),
+    **dict.fromkeys(STRING_VRS, "string"),
+}
+
+UID_COLUMNS = ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "PatientID")
+_LEVEL_OF_COLUMN = dict(zip(UID_COLUMNS, ("IMAGE", "SERIES", "STUDY", "PATIENT"), strict=True))
+
+
+class MalformedValueWarning(UserWarning):
+    """A value from a peer could not be read as its VR and became empty."""
+
+
+@dataclass(frozen=True)
+class Attribute:
+    """A DICOM attribute as pacsframe sees it: keyword, tag, VR and VM."""
+
+    keyword: str
+    tag: int
+    vr: str
+    vm: str
+
+    @property
+    def multivalued(self) -> bool:
+        """True when the dictionary allows more than one value (a list column)."""
+        return self.vm != "1"
+
+    @property
+    def dtype(self) -> str:
+        """The pandas dtype of the column (``object`` for list columns)."""
+        return "object" if self.multivalued else DTYPES.get(self.vr, "object")
+
+
+@functools.cache
+def _lowered_keywords() -> dict[str, str]:
+    # Folding case and underscores lets snake_case spellings map to keywords.
+    return {kw.lower(): kw for kw in datadict.keyword_dict if kw}
+
+
+def normalize_keyword(name: str) -> str:
+    """Return the DICOM keyword for ``name``, accepting snake_case spellings.
+
+    Raises
+    ------
+    QueryError
+        When ``name`` is not a DICOM keyword, with the closest keywords suggested.
+
+    Examples
+    --------
+    >>> normalize_keyword("patient_id")
+    'PatientID'
+    >>> normalize_keyword("StudyDate")
+    'StudyDate'
+    """
+    if not isinstance(name, str) or not name:
+        raise QueryError(f"{name!r} is not a DICOM keyword; use a keyword such as 'PatientID'.")
+    if name in datadict.keyword_dict:
+        return name
+    folded = name.replace("_", "").replace("-", "").lower()
+    found = _lowered_keywords().get(folded)
+    if found:
+        return found
+    close = difflib.get_close_matches(folded, _lowered_keywords(), n=3, cutoff=0.75)
+    hint = (
+        "did you mean " + " or ".join(repr(_lowered_keywords()[c]) for c in close) + "?"
+        if close
+        else "check the spelling against the DICOM data dictionary (PS3.6)."
+    )
+    raise QueryError(f"{name!r} is not a DICOM keyword; {hint}")
+
+
+@functools.cache
+def attribute(name: str) -> Attribute:
+    """Look up an attribute by keyword (or snake_case spelling).
+
+    Examples
+    --------
+    >>> attribute("StudyDate").vr
+    'DA'
+    >>> attribute("modalities_in_study").multivalued
+    True
+    """
+    keyword = normalize_keyword(name)
+    tag = datadict.tag_for_keyword(keyword)
+    vr = datadict.dictionary_VR(tag)
+    # Ambiguous VRs ("US or SS") are read as the first; identifiers rarely use them.
+    vr = vr.split(" or ")[0]
+    if vr == "SQ":
+        raise QueryError(
+            f"{keyword} is a sequence (SQ); pacsframe queries and frames hold flat "
+            "attributes only: ask for the attributes inside it instead."
+        )
+    return Attribute(keyword, tag, vr, datadict.dictionary_VM(tag))
+
+
+# --- bytes -> strings -----------------------------------------------------------------
+
+
+def _decode_raw(elem: Any, vr: str, encodings: list[str] | None) -> Any:
+    """Turn one element of an identifier into a DICOM string (or number, for binary VRs)."""
+    value = elem.value
+    if value is None or value == b"" or value == "":
+        return None
+    if isinstance(value, bytes):
+        if vr in BINARY_INT_VRS or vr in BINARY_FLOAT_VRS:
+            code = BINARY_INT_VRS.get(vr) or BINARY_FLOAT_VRS[vr]
+            endian = "<" if getattr(elem, "is_little_endian", True) else ">"
+            count = len(value) // struct.calcsize(code)
+            numbers = struct.unpack(
+                f"{endian}{count}{code}", value[: count * struct.calcsize(code)]
+            )
+            return list(numbers) if count != 1 else numbers[0]
+        if vr in CHARSET_VRS and encodings:
+            if len(encodings) == 1 and encodings[0] != "iso8859" and b"\x1b" not in value:
+                text = value.decode(encodings[0], errors="replace")
+            else:
+                delims = {0x5E, 0x3D} if vr == "PN" else {0x0D, 0x0A, 0x09, 0x0C}
+                text = decode_bytes(value, encodings, delims | {0x5C})
+        else:
+            text = value.decode("ascii", errors="replace")
+    elif isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return [str(v) if not isinstance(v, (int, float)) else v for v in value]
+    elif isinstance(value, (int, float)):
+        return value
+    else:
+        text = str(value)
+    text = text.rstrip(" \x00")
+    if vr not in KEEP_LEADING_SPACE_VRS:
+        text = text.lstrip(" ")
+    return text or None
+
+
+def _encodings_of(ds: Dataset) -> list[str] | None:
+    elem = ds.get_item(0x00080005)
+    if elem is None or not elem.value:
+        return None
+    raw = elem.value
+    if isinstance(raw, bytes):
+        terms = [t.strip() for t in raw.decode("ascii", errors="replace").split("\\")]
+    elif isinstance(raw, str):
+        terms = [raw.strip()]
+    else:
+        terms = [str(t).strip() for t in raw]
+    if terms and not terms[0]:
+        # An empty first value means the default repertoire, with extensions after it.
+        terms[0] = "ISO_IR 6"
+    with warnings.catch_warnings():
+        # Unknown terms fall back to the default repertoire with a pydicom warning
+        # that would otherwise repeat for every row.
+        warnings.simplefilter("ignore")
+        return _cached_encodings(tuple(terms))
+
+
+@functools.cache
+def _cached_encodings(terms: tuple[str, ...]) -> list[str]:
+    return convert_encodings(list(terms))
+
+
+# --- strings -> typed columns -----------------------------------------------------------
+
+_TM_RE = r"^(\d{2})(\d{2})?(\d{2})?(?:\.(\d{1,6}))?$"
+_DT_RE = r"^(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.(\d{1,6}))?(?:[+-]\d{4})?$"
+
+
+def _warn_malformed(keyword: str, bad: pd.Series) -> None:
+    if bad.any():
+        examples = ", ".join(repr(v) for v in bad[bad].index.unique()[:3])
+        warnings.warn(
+            f"{int(bad.sum())} value(s) of {keyword} could not be read as its VR and are "
+            f"empty in the frame (e.g. {examples}); the peer sent malformed data.",
+            MalformedValueWarning,
+            stacklevel=4,
+        )
+
+
+def _scalar_column(values: Sequence[Any], vr: str, keyword: str) -> pd.Series:
+    """Convert DICOM strings (or numbers) of one VR to a typed Series."""
+    if vr in STRING_VRS or vr not in DTYPES:
+        return pd.Series(values, dtype="string" if vr in STRING_VRS else "object")
+    if vr in BINARY_INT_VRS or vr in BINARY_FLOAT_VRS:
+        out = pd.array(
+            [None if v is None or isinstance(v, list) else v for v in values],
+            dtype=DTYPES[vr],
+        )
+        return pd.Series(out)
+    raw = pd.Series(values, dtype="object")
+    present = raw.notna()
+    text = raw.where(present, "").astype(str).str.strip()
+    if vr in INT_STRING_VRS or vr in FLOAT_STRING_VRS:
+        numbers = pd.to_numeric(text.where(present, None), errors="coerce")
+        bad = present & numbers.isna()
+        if vr in INT_STRING_VRS:
+            fractional = numbers.notna() & (numbers != np.floor(numbers.fillna(0)))
+            bad |= fractional
+            numbers = numbers.where(~fractional)
+        _warn_malformed(keyword, pd.Series(bad.to_numpy(), index=raw.astype(str)))
+        return pd.Series(pd.array(numbers.to_numpy(dtype=float, na_value=np.nan), DTYPES[vr]))
+    if vr in DATE_VRS:
+        # ACR-NEMA wrote dates as YYYY.MM.DD; peers still send them.
+        cleaned = text.str.replace(".", "", regex=False)
+        out = pd.to_datetime(cleaned.where(present), format="%Y%m%d", errors="coerce")
+    elif vr in TIME_VRS:
+        parts = text.str.replace(":", "", regex=False).str.extract(_TM_RE)
+        hours, minutes, seconds = (pd.to_numeric(parts[i]).fillna(0) for i in range(3))
+        micros = pd.to_numeric(parts[3].str.ljust(6, "0")).fillna(0)
+        total = ((hours * 60 + minutes) * 60 + seconds) * 1_000_000 + micros
+        total = total.where(parts[0].notna() & (hours < 24) & (minutes < 60) & (seconds < 61))
+        out = pd.to_timedelta(total, unit="us")
+    else:
+        parts = text.str.extract(_DT_RE)
+        # Missing trailing components default to the start of the period (PS3.5 6.2).
+        defaults = ("01", "01", "00", "00", "00")
+        stamp = parts[0]
+        for i, default in enumerate(defaults, start=1):
+            stamp = stamp + parts[i].fillna(default)
+        fraction = parts[6].fillna("0").str.ljust(6, "0")
+        out = pd.to_datetime(stamp + "." + fraction, format="%Y%m%d%H%M%S.%f", errors="coerce")
+    out = pd.Series(out.to_numpy(), dtype=DTYPES[vr])
+    bad = present.to_numpy() & out.isna().to_numpy()
+    _warn_malformed(keyword, pd.Series(bad, index=raw.astype(str)))
+    return out
+
+
+def to_series(values: Sequence[Any], keyword: str) -> pd.Series:
+    """Convert DICOM string forms of one attribute into a Series typed by its VR.
+
+    ``values`` holds one item per row: a DICOM string (``"20260301"``,
+    ``"CT\\\\MR"``), a number for binary VRs, a list for multi-valued attributes,
+    or ``None`` for an empty value.
+
+    Examples
+    --------
+    >>> to_series(["20260301", None], "StudyDate").tolist()
+    [Timestamp('2026-03-01 00:00:00'), NaT]
+    >>> to_series(["CT\\\\MR", None], "ModalitiesInStudy").tolist()
+    [['CT', 'MR'], []]
+    """
+    attr = attribute(keyword)
+    if not attr.multivalued:
+        return _scalar_column(
+            [v[0] if isinstance(v, list) and v else (None if v == [] else v) for v in values],
+            attr.vr,
+            attr.keyword,
+        )
+    # Flatten every cell's values, convert them in one vectorised pass, then regroup.
+    lengths: list[int] = []
+    flat: list[Any] = []
+    for v in values:
+        if v is None:
+            items: list[Any] = []
+        elif isinstance(v, str):
+            items = [s for s in (p.strip(" \x00") for p in v.split("\\")) if s]
+        elif isinstance(v, (list, tuple)):
+            items = [s for s in v if s is not None and s != ""]
+        else:
+            items = [v]
+        lengths.append(len(items))
+        flat.extend(items)
+    converted = _scalar_column(flat, attr.vr, attr.keyword).astype(object)
+    converted = converted.where(converted.notna(), None).tolist()
+    out: list[list[Any]] = []
+    pos = 0
+    for n in lengths:
+        out.append(converted[pos : pos + n])
+        pos += n
+    return pd.Series(out, dtype="object")
+
+
+def empty_frame(columns: Iterable[str]) -> pd.DataFrame:
+    """A zero-row frame with the right dtype for each keyword column."""
+    return pd.DataFrame({c: to_series([], c) for c in columns})
+
+
+class FrameBuilder:
+    """Collect identifiers as they arrive and build one typed frame at the end.
+
+    Each identifier is reduced to strings at once and dropped, so a long C-FIND
+    answer never holds thousands of pydicom datasets.
+
+    Examples
+    --------
+    >>> from pydicom import Dataset
+    >>> ds = Dataset()
+    >>> ds.PatientID, ds.StudyDate = "123", "20260301"
+    >>> fb = FrameBuilder(["PatientID", "StudyDate"])
+    >>> fb.add(ds)
+    >>> fb.frame().dtypes.astype(str).tolist()
+    ['string', 'datetime64[ns]']
+    """
+
+    def __init__(self, columns: Sequence[str]) -> None:
+        self.attributes = [attribute(c) for c in columns]
+        self._cells: list[list[Any]] = [[] for _ in self.attributes]
+        self._warned: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self._cells[0]) if self._cells else 0
+
+    def add(self, ds: Dataset) -> None:
+        """Reduce one identifier to DICOM strings, one per column."""
+        encodings = _encodings_of(ds)
+        for attr, cells in zip(self.attributes, self._cells, strict=True):
+            elem = ds.get_item(attr.tag)
+            if elem is None:
+                cells.append(None)
+                continue
+            vr = elem.VR if elem.VR and elem.VR not in ("UN", "SQ") else attr.vr
+            try:
+                cells.append(_decode_raw(elem, vr, encodings))
+            except (PacsFrameError, ValueError, struct.error, LookupError) as exc:
+                cells.append(None)
+                if attr.keyword not in self._warned:
+                    self._warned.add(attr.keyword)
+                    warnings.warn(
+                        f"{attr.keyword} could not be decoded ({exc}); it is empty in that "
+                        "row and the rest of the frame is kept.",
+                        MalformedValueWarning,
+                        stacklevel=2,
+                    )
+
+    def add_strings(self, row: Mapping[str, Any]) -> None:
+        """Add a row already in DICOM string form (keyword -> string)."""
+        for attr, cells in zip(self.attributes, self._cells, strict=True):
+            cells.append(row.get(attr.keyword))
+
+    def frame(self) -> pd.DataFrame:
+        """Build the typed frame from everything added so far."""
+        return pd.DataFrame(
+            {
+                a.keyword: to_series(cells, a.keyword)
+                for a, cells in zip(self.attributes, self._cells, strict=True)
+            }
+        )
+
+
+# --- typed values -> DICOM strings -------------------------------------------------------
+
+
+def _format_ds(value: float) -> str:
+    text = repr(float(value))
+    if len(text) <= 16:
+        return text.removesuffix(".0") if text.endswith(".0") else text
+    return f"{value:.10g}"[:16]
+
+
+def _scalar_to_dicom(value: Any, vr: str) -> str:
+    if isinstance(value, (pd.Timedelta, _dt.timedelta)):
+        total = pd.Timedelta(value)
+        if vr == "TM":
+            secs = total.total_seconds()
+            hh, rem = divmod(int(secs), 3600)
+            mm, ss = divmod(rem, 60)
+            micro = total.microseconds
+            return f"{hh:02d}{mm:02d}{ss:02d}" + (f".{micro:06d}" if micro else "")
+    if isinstance(value, (pd.Timestamp, _dt.datetime, np.datetime64)):
+        stamp = pd.Timestamp(value)
+        if vr == "DA":
+            return stamp.strftime("%Y%m%d")
+        if vr == "TM":
+            return stamp.strftime("%H%M%S") + (
+                f".{stamp.microsecond:06d}" if stamp.microsecond else ""
+            )
+        return stamp.strftime("%Y%m%d%H%M%S") + (
+            f".{stamp.microsecond:06d}" if stamp.microsecond else ""
+        )
+    if isinstance(value, _dt.date):
+        return value.strftime("%Y%m%d")
+    if isinstance(value, _dt.time):
+        return value.strftime("%H%M%S") + (
+            f".{value.microsecond:06d}" if value.microsecond else ""
+        )
+    if isinstance(value, (bool, np.bool_)):
+        return str(int(value))
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        if vr in INT_VRS and float(value).is_integer():
+            return str(int(value))
+        return _format_ds(float(value))
+    return str(value)
+
+
+def is_missing(value: Any) -> bool:
+    """True for None, NA, NaT and NaN (and False for lists, which are values)."""
+    if value is None or value is pd.NA or value is pd.NaT:
+        return True
+    if isinstance(value, float) and math.isnan(value):
+        return True
+    try:
+        return bool(pd.isna(value)) if not isinstance(value, (list, tuple, np.ndarray)) else False
+    except (TypeError, ValueError):
+        return False
+
+
+def to_dicom(value: Any, keyword: str) -> str:
+    """Convert a typed frame value back to its DICOM string form (``""`` when empty).
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> to_dicom(pd.Timestamp("2026-03-01"), "StudyDate")
+    '20260301'
+    >>> to_dicom(pd.Timedelta(hours=8, minutes=30), "StudyTime")
+    '083000'
+    >>> to_dicom(["CT", "MR"], "ModalitiesInStudy")
+    'CT\\\\MR'
+    """
+    attr = attribute(keyword)
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return "\\".join(_scalar_to_dicom(v, attr.vr) for v in value if not is_missing(v))
+    if is_missing(value):
+        return ""
+    return _scalar_to_dicom(value, attr.vr)
+
+
+def infer_level(frame: pd.DataFrame | pd.Series) -> str:
+    """The query level a frame describes, from its most specific UID column.
+
+    SOPInstanceUID > SeriesInstanceUID > StudyInstanceUID > PatientID.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> infer_level(pd.DataFrame(columns=["PatientID", "StudyInstanceUID"]))
+    'STUDY'
+    """
+    names = [frame.name] if isinstance(frame, pd.Series) else list(frame.columns)
+    for column in UID_COLUMNS:
+        if column in names:
+            return _LEVEL_OF_COLUMN[column]
+    raise QueryError(
+        "cannot tell the level of this frame: it has none of the columns "
+        f"{', '.join(UID_COLUMNS)}; pass a frame returned by a find_* call."
+    )

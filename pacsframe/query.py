@@ -1,0 +1,540 @@
+"""Building and validating C-FIND identifiers: levels, models, keys and values.
+
+Everything a user may pass as a matching value is turned here into the DICOM
+string the peer expects, and every mistake that can be caught before sending is
+raised as a :class:`~pacsframe.errors.QueryError` that says what to do instead.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from pydicom import config
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+
+from . import frames
+from .errors import QueryError
+
+__all__ = [
+    "DEFAULT_KEYS",
+    "LEVELS",
+    "MODELS",
+    "Query",
+    "build_query",
+    "encode_value",
+    "normalize_level",
+    "normalize_model",
+    "required_keys",
+]
+
+LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
+MODELS = ("study", "patient")
+_LEVEL_ALIASES = {
+    "patient": "PATIENT",
+    "patients": "PATIENT",
+    "study": "STUDY",
+    "studies": "STUDY",
+    "series": "SERIES",
+    "image": "IMAGE",
+    "images": "IMAGE",
+    "instance": "IMAGE",
+    "instances": "IMAGE",
+}
+
+#: The unique key of each level.
+UNIQUE_KEY = {
+    "PATIENT": "PatientID",
+    "STUDY": "StudyInstanceUID",
+    "SERIES": "SeriesInstanceUID",
+    "IMAGE": "SOPInstanceUID",
+}
+
+#: Columns returned by default at each level, in this order.
+DEFAULT_KEYS: dict[str, tuple[str, ...]] = {
+    "PATIENT": (
+        "PatientID",
+        "PatientName",
+        "PatientBirthDate",
+        "PatientSex",
+        "NumberOfPatientRelatedStudies",
+        "NumberOfPatientRelatedSeries",
+        "NumberOfPatientRelatedInstances",
+    ),
+    "STUDY": (
+        "PatientID",
+        "PatientName",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyInstanceUID",
+        "StudyDate",
+        "StudyTime",
+        "AccessionNumber",
+        "StudyID",
+        "StudyDescription",
+        "ModalitiesInStudy",
+        "ReferringPhysicianName",
+        "NumberOfStudyRelatedSeries",
+        "NumberOfStudyRelatedInstances",
+    ),
+    "SERIES": (
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "Modality",
+        "SeriesNumber",
+        "SeriesDescription",
+        "SeriesDate",
+        "SeriesTime",
+        "BodyPartExamined",
+        "NumberOfSeriesRelatedInstances",
+    ),
+    "IMAGE": (
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "SOPInstanceUID",
+        "SOPClassUID",
+        "InstanceNumber",
+        "ImageType",
+        "Rows",
+        "Columns",
+    ),
+}
+
+# PS3.4 C.2.2.2.4: these VRs take no wildcards.
+_NO_WILDCARD_VRS = frozenset(
+    {"DA", "TM", "DT", "UI", "AS", "IS", "DS", "SS", "US", "SL", "UL", "SV", "UV", "FL", "FD"}
+)
+_RANGE_VRS = frozenset({"DA", "TM", "DT"})
+# Maximum value lengths (PS3.5 Table 6.2-1) for the VRs users type into queries.
+_MAX_LENGTH = {"AE": 16, "AS": 4, "CS": 16, "DS": 16, "IS": 12, "LO": 64, "PN": 64 * 5, "SH": 16}
+_MAX_LENGTH.update({"UI": 64, "ST": 1024, "LT": 10240})
+_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+_CS_RE = re.compile(r"^[A-Z0-9 _*?]*$")
+_ISO_DATE = re.compile(r"^(\d{4})-(\d{2})-(\d{2})$")
+_ISO_TIME = re.compile(r"^(\d{2}):(\d{2})(?::(\d{2})(\.\d{1,6})?)?$")
+_ISO_DATETIME = re.compile(r"^(\d{4}-\d{2}-\d{2})[T ](\d{2}:\d{2}(?::\d{2}(?:\.\d{1,6})?)?)$")
+_DICOM_DA = re.compile(r"^\d{8}$")
+_DICOM_TM = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
+_DICOM_DT = re.compile(r"^\d{4}(\d{2}(\d{2}(\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?)?)?)?([+-]\d{4})?$")
+
+
+def normalize_level(level: str) -> str:
+    """Return the DICOM QueryRetrieveLevel for ``level`` ("study", "IMAGE", "instances"...).
+
+    Examples
+    --------
+    >>> normalize_level("instances")
+    'IMAGE'
+    """
+    found = _LEVEL_ALIASES.get(str(level).strip().lower())
+    if found is None:
+        raise QueryError(
+            f"{level!r} is not a query level; use one of 'patient', 'study', 'series' or 'image'."
+        )
+    return found
+
+
+def normalize_model(model: str) -> str:
+    """Return ``"study"`` or ``"patient"`` for a query/retrieve information model name."""
+    text = str(model).strip().lower().replace("-", "_").replace(" ", "_")
+    text = text.removesuffix("_root")
+    if text not in MODELS:
+        raise QueryError(
+            f"{model!r} is not a query/retrieve model; use model='study' (study root) "
+            "or model='patient' (patient root)."
+        )
+    return text
+
+
+def required_keys(level: str, model: str) -> tuple[str, ...]:
+    """The unique keys of the levels above ``level`` that a hierarchical query must carry.
+
+    Examples
+    --------
+    >>> required_keys("SERIES", "study")
+    ('StudyInstanceUID',)
+    >>> required_keys("STUDY", "patient")
+    ('PatientID',)
+    """
+    levels = LEVELS if model == "patient" else LEVELS[1:]
+    if level not in levels:
+        raise QueryError(
+            f"the study-root model has no {level} level; use model='patient' for "
+            "patient-level queries (find_patients does)."
+        )
+    return tuple(UNIQUE_KEY[lv] for lv in levels[: levels.index(level)])
+
+
+# --- values -----------------------------------------------------------------------------
+
+
+def _check_date(text: str, keyword: str) -> str:
+    try:
+        _dt.date(int(text[:4]), int(text[4:6]), int(text[6:8]))
+    except ValueError:
+        raise QueryError(
+            f"{keyword}={text!r} is not a real date; give a date such as '2026-03-01' "
+            "or '20260301'."
+        ) from None
+    return text
+
+
+def _one_temporal(value: Any, vr: str, keyword: str) -> str:
+    """One end of a DA/TM/DT value (no range) as a DICOM string."""
+    if value is None or value is pd.NaT:
+        return ""
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return ""
+        if vr == "DA":
+            m = _ISO_DATE.match(text)
+            if m:
+                text = "".join(m.groups())
+            if not _DICOM_DA.match(text):
+                raise QueryError(
+                    f"{keyword}={value!r} is not a date; use '2026-03-01', '20260301', "
+                    "a datetime.date, or a (start, end) tuple for a range."
+                )
+            return _check_date(text, keyword)
+        if vr == "TM":
+            m = _ISO_TIME.match(text)
+            if m:
+                hh, mm, ss, frac = m.groups()
+                text = hh + mm + (ss or "") + (frac or "")
+            if (
+                not _DICOM_TM.match(text)
+                or int(text[:2]) > 23
+                or (len(text) >= 4 and int(text[2:4]) > 59)
+            ):
+                raise QueryError(
+                    f"{keyword}={value!r} is not a time of day; use '08:30', '0830', "
+                    "'083000' or a datetime.time."
+                )
+            return text
+        m = _ISO_DATETIME.match(text)
+        if m:
+            text = m.group(1).replace("-", "") + m.group(2).replace(":", "")
+        elif _ISO_DATE.match(text):
+            text = text.replace("-", "")
+        if not _DICOM_DT.match(text):
+            raise QueryError(
+                f"{keyword}={value!r} is not a date-time; use '2026-03-01T08:30', "
+                "'202603010830' or a datetime.datetime."
+            )
+        if len(text) >= 8:
+            _check_date(text[:8], keyword)
+        return text
+    if isinstance(value, (pd.Timestamp, _dt.datetime, np.datetime64, _dt.date)):
+        if vr == "TM" and isinstance(value, _dt.date) and not isinstance(value, _dt.datetime):
+            raise QueryError(f"{keyword} is a time; give a datetime.time, not a date.")
+        return frames.to_dicom(value, keyword)
+    if isinstance(value, (_dt.time, _dt.timedelta, pd.Timedelta)) and vr == "TM":
+        return frames.to_dicom(value, keyword)
+    raise QueryError(
+        f"{keyword} cannot match on a {type(value).__name__}; give a string, a date/time "
+        "or a (start, end) tuple."
+    )
+
+
+def _temporal(value: Any, vr: str, keyword: str) -> str:
+    if isinstance(value, tuple):
+        if len(value) != 2:
+            raise QueryError(
+                f"{keyword} ranges are (start, end) pairs; got {len(value)} items. Use "
+                "None for an open end, e.g. (None, '2026-04-06')."
+            )
+        start, end = (_one_temporal(v, vr, keyword) for v in value)
+        if not start and not end:
+            return ""
+        if start and end and vr == "DA" and start > end:
+            raise QueryError(
+                f"{keyword} range starts after it ends ({start} > {end}); swap the two ends."
+            )
+        return f"{start}-{end}"
+    if isinstance(value, str):
+        text = value.strip()
+        if any(c in text for c in "*?"):
+            hint = (
+                "use a range instead, e.g. (start, end) or '20260301-20260331'"
+                if text not in ("*",)
+                else "pass None or '' to return it without matching"
+            )
+            raise QueryError(
+                f"{keyword}={value!r}: wildcards are not allowed in a {vr} attribute; {hint}."
+            )
+        if vr == "DA" and _ISO_DATE.match(text):
+            return _one_temporal(text, vr, keyword)
+        if vr == "DT" and (_ISO_DATETIME.match(text) or _ISO_DATE.match(text)):
+            return _one_temporal(text, vr, keyword)
+        if "-" in text and not (vr == "DT" and re.search(r"\d[+-]\d{4}$", text)):
+            start, _, end = text.partition("-")
+            return _temporal((start or None, end or None), vr, keyword)
+    return _one_temporal(value, vr, keyword)
+
+
+def _check_string(text: str, attr: frames.Attribute) -> str:
+    vr, keyword = attr.vr, attr.keyword
+    has_wildcard = any(c in text for c in "*?")
+    if vr == "UI":
+        if has_wildcard:
+            raise QueryError(
+                f"{keyword}={text!r}: wildcards are not allowed in a UID; pass the full "
+                "UID, a list of UIDs, or None to return it without matching."
+            )
+        if not _UID_RE.match(text) or len(text) > 64:
+            raise QueryError(
+                f"{keyword}={text!r} is not a valid UID (digits and dots, at most 64 "
+                "characters, no leading zeros); copy it from a find_* result."
+            )
+    elif vr in _NO_WILDCARD_VRS and has_wildcard and text != "*":
+        raise QueryError(
+            f"{keyword}={text!r}: wildcards are not allowed in a {vr} attribute; "
+            "match a single value instead."
+        )
+    if vr == "CS" and not _CS_RE.match(text):
+        hint = f" such as {text.upper()!r}" if _CS_RE.match(text.upper()) else ""
+        raise QueryError(
+            f"{keyword}={text!r}: code strings (CS) hold upper-case letters, digits, space "
+            f"and underscore only; use the upper-case code{hint}."
+        )
+    if vr in ("IS", "DS"):
+        try:
+            number = float(text)
+        except ValueError:
+            raise QueryError(f"{keyword}={text!r} is not a number; give a number.") from None
+        if vr == "IS" and not number.is_integer():
+            raise QueryError(f"{keyword}={text!r} is an integer attribute; give a whole number.")
+    if vr in frames.BINARY_INT_VRS or vr in frames.BINARY_FLOAT_VRS:
+        try:
+            float(text)
+        except ValueError:
+            raise QueryError(f"{keyword}={text!r} is not a number; give a number.") from None
+    limit = _MAX_LENGTH.get(vr)
+    if limit and len(text) > limit:
+        raise QueryError(
+            f"{keyword} is at most {limit} characters for its VR {vr}; the value given has "
+            f"{len(text)}. Shorten it or use a wildcard such as {text[: min(limit, 8)] + '*'!r}."
+        )
+    if "\\" in text and not attr.multivalued and vr != "UI":
+        raise QueryError(
+            f"{keyword}={text!r}: a backslash separates multiple values, which {keyword} "
+            "does not take; match one value."
+        )
+    return text
+
+
+def _is_listlike(value: Any) -> bool:
+    return isinstance(value, (list, set, frozenset, pd.Series, pd.Index, np.ndarray)) or (
+        isinstance(value, Iterable) and not isinstance(value, (str, bytes, tuple, Mapping))
+    )
+
+
+def encode_value(keyword: str, value: Any) -> str:
+    """Turn a user's matching value for ``keyword`` into its DICOM query string.
+
+    Accepts the forms DESIGN.md lists: plain strings and wildcards, dates and
+    times (``datetime``, ``pandas.Timestamp``, ISO strings), ``(start, end)``
+    ranges with ``None`` for an open end, DICOM range strings, lists of UIDs,
+    numbers, and ``None``/``""`` for a return key.
+
+    Examples
+    --------
+    >>> encode_value("StudyDate", ("2026-03-01", None))
+    '20260301-'
+    >>> encode_value("SeriesInstanceUID", ["1.2.3", "1.2.4"])
+    '1.2.3\\\\1.2.4'
+    >>> encode_value("PatientName", "SMITH*")
+    'SMITH*'
+    """
+    attr = frames.attribute(keyword)
+    keyword, vr = attr.keyword, attr.vr
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return ""
+    if not isinstance(value, (list, tuple, np.ndarray, pd.Series, pd.Index)) and frames.is_missing(
+        value
+    ):
+        return ""
+    if isinstance(value, str) and "\\" in value and (vr == "UI" or attr.multivalued):
+        # A DICOM multi-value string (as typed on a command line) is a list.
+        value = [v for v in value.split("\\")]
+    if _is_listlike(value):
+        items = list(value)
+        if vr != "UI" and not attr.multivalued:
+            raise QueryError(
+                f"{keyword} takes a single value, not a list; only UIDs take list matching. "
+                f"Query once per value, or filter the frame with "
+                f"frame[frame.{keyword}.isin([...])]."
+            )
+        if not items:
+            raise QueryError(
+                f"{keyword} was given an empty list, which matches nothing; pass None to "
+                "return the attribute without matching on it."
+            )
+        parts = [encode_value(keyword, v) for v in items]
+        if any(not p for p in parts):
+            raise QueryError(f"{keyword} list has an empty item; remove it.")
+        return "\\".join(parts)
+    if vr in _RANGE_VRS:
+        return _temporal(value, vr, keyword)
+    if isinstance(value, tuple):
+        raise QueryError(
+            f"{keyword} is {vr}, which takes no range; ranges are only for dates and times "
+            "(DA, TM, DT). Filter the frame with pandas instead."
+        )
+    if isinstance(value, (bool, np.bool_)):
+        raise QueryError(f"{keyword} cannot match on True/False; give a {vr} value.")
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        if vr not in frames.INT_VRS and vr not in frames.FLOAT_VRS and vr not in ("SH", "LO"):
+            raise QueryError(f"{keyword} is {vr}; give it as a string, e.g. {str(value)!r}.")
+        text = frames.to_dicom(value, keyword)
+    elif isinstance(value, str):
+        text = value.strip()
+    else:
+        raise QueryError(
+            f"{keyword} cannot match on a {type(value).__name__}; give a string or number."
+        )
+    return _check_string(text, attr)
+
+
+# --- whole queries ----------------------------------------------------------------------
+
+
+@dataclass
+class Query:
+    """A validated C-FIND request: level, model, and keys in DICOM string form.
+
+    ``keys`` holds every requested attribute in column order; matching values are
+    non-empty strings, return keys are ``""``.
+    """
+
+    level: str
+    model: str
+    keys: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def columns(self) -> list[str]:
+        """The frame columns this query returns, in order."""
+        return list(self.keys)
+
+    @property
+    def matching(self) -> dict[str, str]:
+        """The keys that narrow the match (non-empty values)."""
+        return {k: v for k, v in self.keys.items() if v}
+
+    def with_keys(self, **values: str) -> Query:
+        """A copy with some keys set (used to add parent UIDs when drilling down)."""
+        keys = dict(self.keys)
+        keys.update(values)
+        return Query(self.level, self.model, keys)
+
+    def keys_required(self) -> tuple[str, ...]:
+        """The upper-level unique keys this query must carry (see :func:`required_keys`)."""
+        return required_keys(self.level, self.model)
+
+    def check_required(self) -> None:
+        """Raise unless every upper-level unique key is present as a single value."""
+        for key in self.keys_required():
+            value = self.keys.get(key, "")
+            if not value:
+                raise QueryError(_missing_key_message(self.level, self.model, key))
+            if "\\" in value or "*" in value or "?" in value:
+                raise QueryError(
+                    f"{key} must be a single value at the {self.level} level (it is the "
+                    f"unique key of a level above); got {value!r}. Drill down from a frame "
+                    "instead: one query per parent is sent for you."
+                )
+
+    def dataset(self) -> Dataset:
+        """The identifier to send."""
+        ds = Dataset()
+        if any(not v.isascii() for v in self.keys.values()):
+            ds.SpecificCharacterSet = "ISO_IR 192"
+        ds.QueryRetrieveLevel = self.level
+        for keyword, text in self.keys.items():
+            attr = frames.attribute(keyword)
+            value: Any
+            if attr.vr in frames.BINARY_INT_VRS:
+                value = [int(float(v)) for v in text.split("\\")] if text else None
+            elif attr.vr in frames.BINARY_FLOAT_VRS:
+                value = [float(v) for v in text.split("\\")] if text else None
+            else:
+                value = text
+            if isinstance(value, list) and len(value) == 1:
+                value = value[0]
+            # Range and wildcard strings are not valid element values to pydicom's
+            # validator, so this element skips validation (a per-element setting, never
+            # the global one).
+            ds.add(DataElement(attr.tag, attr.vr, value, validation_mode=config.IGNORE))
+        return ds
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-safe description, for ``DataFrame.attrs``."""
+        return {"level": self.level, "model": self.model, "keys": self.matching}
+
+
+def _missing_key_message(level: str, model: str, key: str) -> str:
+    finder = {"STUDY": "find_studies", "SERIES": "find_series", "IMAGE": "find_instances"}
+    parent = {
+        "PatientID": "patients",
+        "StudyInstanceUID": "studies",
+        "SeriesInstanceUID": "series",
+    }[key]
+    root = "patient-root" if model == "patient" else "study-root"
+    return (
+        f"a {root} {level}-level query needs {key}; pass {key}=..., or drill down from a "
+        f"frame of {parent}, e.g. pacs.{finder.get(level, 'find')}({parent}_frame)."
+    )
+
+
+def build_query(
+    level: str,
+    model: str = "study",
+    keys: Mapping[str, Any] | None = None,
+    return_keys: Sequence[str] | None = None,
+    *,
+    defaults: bool = True,
+) -> Query:
+    """Validate user keys and build a :class:`Query` (nothing is sent).
+
+    Column order: upper-level unique keys, the level's defaults, ``return_keys``,
+    then any other matching keys, each once.
+
+    Examples
+    --------
+    >>> q = build_query("study", keys={"patient_id": "123", "StudyDate": ("2026-03-01", None)})
+    >>> q.matching
+    {'PatientID': '123', 'StudyDate': '20260301-'}
+    """
+    level = normalize_level(level)
+    model = normalize_model(model)
+    required = required_keys(level, model)
+    encoded: dict[str, str] = {}
+    for name, value in (keys or {}).items():
+        keyword = frames.normalize_keyword(name)
+        if keyword in ("QueryRetrieveLevel", "SpecificCharacterSet"):
+            raise QueryError(
+                f"{keyword} is set by pacsframe; choose the level with the find_* method "
+                "or level=..., and leave the character set to pacsframe."
+            )
+        if keyword in encoded:
+            raise QueryError(f"{keyword} was given twice (as {name!r}); give it once.")
+        encoded[keyword] = encode_value(keyword, value)
+    if isinstance(return_keys, str):
+        return_keys = [return_keys]
+    extra = [frames.normalize_keyword(k) for k in (return_keys or ())]
+    for keyword in extra:
+        frames.attribute(keyword)
+    order = [*required, *(DEFAULT_KEYS[level] if defaults else ()), UNIQUE_KEY[level], *extra]
+    order += [k for k in encoded if k not in order]
+    columns: dict[str, str] = {}
+    for keyword in order:
+        if keyword not in columns:
+            columns[keyword] = encoded.get(keyword, "")
+    return Query(level, model, columns)

@@ -1,0 +1,289 @@
+"""C-STORE SCU: send files, frames of files, or datasets to a peer.
+
+(The storage SCP that receives C-MOVE sub-operations comes with retrieval.)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
+
+from .errors import QueryError
+
+if TYPE_CHECKING:
+    from .connection import PACS
+
+__all__ = ["StoreResult", "store"]
+
+LOGGER = logging.getLogger("pacsframe")
+
+# A peer may accept at most 128 presentation contexts on one association (PS3.8).
+_MAX_CONTEXTS = 128
+_COLUMNS = (
+    "path",
+    "SOPInstanceUID",
+    "SOPClassUID",
+    "TransferSyntaxUID",
+    "status",
+    "code",
+    "error",
+)
+
+
+@dataclass
+class StoreResult:
+    """What a :meth:`PACS.store` call did, one row per object in ``instances``.
+
+    ``instances`` columns: path, SOPInstanceUID, SOPClassUID, TransferSyntaxUID,
+    status (``"completed"``, ``"warning"`` or ``"failed"``), code (the DIMSE
+    status, ``<NA>`` when nothing was sent) and error (a sentence, or ``<NA>``).
+    """
+
+    instances: pd.DataFrame
+
+    def _count(self, status: str) -> int:
+        return int((self.instances["status"] == status).sum())
+
+    @property
+    def completed(self) -> int:
+        """Objects the peer stored (status 0x0000)."""
+        return self._count("completed")
+
+    @property
+    def warning(self) -> int:
+        """Objects the peer stored with a warning status."""
+        return self._count("warning")
+
+    @property
+    def failed(self) -> int:
+        """Objects that were not stored (refused, unreadable, or not sent)."""
+        return self._count("failed")
+
+    @property
+    def failed_instances(self) -> pd.DataFrame:
+        """The rows of ``instances`` that failed, with their error."""
+        return self.instances[self.instances["status"] == "failed"]
+
+    def __repr__(self) -> str:
+        return (
+            f"StoreResult(completed={self.completed}, warning={self.warning}, "
+            f"failed={self.failed})"
+        )
+
+
+@dataclass
+class _Item:
+    path: str | None
+    dataset: Dataset | None
+    sop_instance: str
+    sop_class: str
+    syntax: str
+    error: str | None = None
+
+
+def _iter_sources(source: Any) -> Iterator[str | Dataset]:
+    if isinstance(source, Dataset):
+        yield source
+    elif isinstance(source, pd.DataFrame):
+        if "path" not in source.columns:
+            raise QueryError(
+                "a frame to store needs a 'path' column of DICOM files (such as "
+                "cache.instances() or a make_cohort manifest)."
+            )
+        yield from (str(p) for p in source["path"].dropna())
+    elif isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if path.is_dir():
+            yield from (str(p) for p in sorted(path.rglob("*")) if p.is_file())
+        elif path.exists():
+            yield str(path)
+        else:
+            raise QueryError(f"{path} does not exist; give a DICOM file or a folder of them.")
+    elif isinstance(source, Iterable):
+        for item in source:
+            yield from _iter_sources(item)
+    else:
+        raise QueryError(
+            f"cannot store a {type(source).__name__}; give paths, a folder, a frame with a "
+            "'path' column, or pydicom Datasets."
+        )
+
+
+def _describe(source: str | Dataset) -> _Item:
+    if isinstance(source, Dataset):
+        meta = getattr(source, "file_meta", None)
+        syntax = str(getattr(meta, "TransferSyntaxUID", "") or ExplicitVRLittleEndian)
+        sop_class = str(source.get("SOPClassUID", ""))
+        sop_instance = str(source.get("SOPInstanceUID", ""))
+        item = _Item(None, source, sop_instance, sop_class, syntax)
+    else:
+        try:
+            meta = read_file_meta_info(source)
+        except (InvalidDicomError, OSError, ValueError) as exc:
+            return _Item(source, None, "", "", "", f"not a readable DICOM file ({exc})")
+        item = _Item(
+            source,
+            None,
+            str(meta.get("MediaStorageSOPInstanceUID", "")),
+            str(meta.get("MediaStorageSOPClassUID", "")),
+            str(meta.get("TransferSyntaxUID", "")),
+        )
+    if not item.sop_class or not item.sop_instance or not item.syntax:
+        item.error = "it has no SOP Class UID, SOP Instance UID or transfer syntax"
+    return item
+
+
+def _contexts_for(items: list[_Item]) -> list[PresentationContext]:
+    # One context per (SOP class, transfer syntax) so each file goes as it is stored.
+    pairs = dict.fromkeys((item.sop_class, item.syntax) for item in items)
+    return [build_context(sop_class, [syntax]) for sop_class, syntax in pairs]
+
+
+def _batches(items: list[_Item]) -> Iterator[list[_Item]]:
+    batch: list[_Item] = []
+    keys: set[tuple[str, str]] = set()
+    for item in items:
+        key = (item.sop_class, item.syntax)
+        if key not in keys and len(keys) == _MAX_CONTEXTS:
+            yield batch
+            batch, keys = [], set()
+        keys.add(key)
+        batch.append(item)
+    if batch:
+        yield batch
+
+
+def store(pacs: PACS, source: Any) -> StoreResult:
+    """C-STORE every object in ``source`` to ``pacs``; never raises for one bad file.
+
+    Parameters
+    ----------
+    pacs : PACS
+        The peer.
+    source : path, folder, list of paths, DataFrame with ``path``, Dataset(s)
+        What to send. Folders are walked recursively.
+
+    Returns
+    -------
+    StoreResult
+        Counts and one row per object with its status.
+
+    Examples
+    --------
+    >>> from pacsframe.demo import DemoPACS, make_cohort
+    >>> import tempfile
+    >>> cohort = make_cohort(tempfile.mkdtemp(), patients=1, seed=3)
+    >>> from pacsframe import PACS
+    >>> with DemoPACS(tempfile.mkdtemp()) as server:
+    ...     result = PACS("127.0.0.1", server.port, server.ae_title).store(cohort)
+    >>> result.completed == len(cohort)
+    True
+    """
+    items = [_describe(s) for s in _iter_sources(source)]
+    rows: list[dict[str, Any]] = []
+    sendable = [i for i in items if i.error is None]
+    for item in items:
+        if item.error is not None:
+            rows.append(_row(item, "failed", None, f"not sent: {item.error}"))
+    for batch in _batches(sendable):
+        contexts = _contexts_for(batch)
+        # Held associations are keyed by purpose; a batch with other contexts needs its own.
+        purpose = "store:" + ",".join(
+            sorted(f"{c.abstract_syntax}/{c.transfer_syntax[0]}" for c in contexts)
+        )
+        with pacs.association(contexts, purpose=purpose) as assoc:
+            accepted = {
+                (str(cx.abstract_syntax), str(ts))
+                for cx in assoc.accepted_contexts
+                for ts in cx.transfer_syntax
+            }
+            for item in batch:
+                if (item.sop_class, item.syntax) not in accepted:
+                    rows.append(
+                        _row(
+                            item,
+                            "failed",
+                            None,
+                            f"{pacs.ae_title} accepted no presentation context for this SOP "
+                            f"class ({item.sop_class}) in transfer syntax {item.syntax}",
+                        )
+                    )
+                    continue
+                status = assoc.send_c_store(
+                    item.dataset if item.dataset is not None else item.path
+                )
+                if not status or "Status" not in status:
+                    rows.append(_row(item, "failed", None, "no response (association lost)"))
+                    if not assoc.is_established:
+                        break
+                    continue
+                code = int(status.Status)
+                category = code_to_category(code)
+                if code == 0x0000:
+                    rows.append(_row(item, "completed", code, None))
+                elif category == "Warning":
+                    rows.append(_row(item, "warning", code, _status_sentence(code, status)))
+                else:
+                    rows.append(_row(item, "failed", code, _status_sentence(code, status)))
+        # Anything the loop did not reach (the association was lost) failed too.
+        reached = {id(r["_item"]) for r in rows}
+        for item in batch:
+            if id(item) not in reached:
+                rows.append(_row(item, "failed", None, "not sent: the association was lost"))
+    by_item = {id(r["_item"]): r for r in rows}
+    ordered = [by_item[id(i)] for i in items]
+    frame = pd.DataFrame(
+        {
+            "path": pd.array([r["path"] for r in ordered], dtype="string"),
+            "SOPInstanceUID": pd.array([r["SOPInstanceUID"] for r in ordered], dtype="string"),
+            "SOPClassUID": pd.array([r["SOPClassUID"] for r in ordered], dtype="string"),
+            "TransferSyntaxUID": pd.array(
+                [r["TransferSyntaxUID"] for r in ordered], dtype="string"
+            ),
+            "status": pd.array([r["status"] for r in ordered], dtype="string"),
+            "code": pd.array([r["code"] for r in ordered], dtype="Int64"),
+            "error": pd.array([r["error"] for r in ordered], dtype="string"),
+        },
+        columns=list(_COLUMNS),
+    )
+    result = StoreResult(frame)
+    LOGGER.info(
+        "C-STORE to %s: %d completed, %d warning, %d failed",
+        pacs.ae_title,
+        result.completed,
+        result.warning,
+        result.failed,
+    )
+    return result
+
+
+def _status_sentence(code: int, status: Dataset) -> str:
+    category, text = STORAGE_SERVICE_CLASS_STATUS.get(code, (code_to_category(code), ""))
+    comment = status.get("ErrorComment")
+    sentence = f"0x{code:04X} {category}" + (f": {text}" if text else "")
+    return sentence + (f" ({comment})" if comment else "")
+
+
+def _row(item: _Item, status: str, code: int | None, error: str | None) -> dict[str, Any]:
+    return {
+        "_item": item,
+        "path": item.path,
+        "SOPInstanceUID": item.sop_instance or None,
+        "SOPClassUID": item.sop_class or None,
+        "TransferSyntaxUID": item.syntax or None,
+        "status": status,
+        "code": code,
+        "error": error,
+    }
