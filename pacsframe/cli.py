@@ -61,9 +61,7 @@ def _setup_argparser() -> argparse.ArgumentParser:
         "--level", default="study", help="patient, study, series or image (default study)"
     )
     find.add_argument("--model", default="study", help="study or patient (root)")
-    find.add_argument(
-        "--return-keys", default="", help="comma-separated extra keywords to return"
-    )
+    find.add_argument("--return-keys", default="", help="comma-separated extra keywords to return")
     out = find.add_mutually_exclusive_group()
     out.add_argument("--csv", type=Path, help="write the frame as CSV")
     out.add_argument("--parquet", type=Path, help="write the frame as Parquet (needs pyarrow)")
@@ -92,7 +90,12 @@ def _pacs(args: argparse.Namespace) -> PACS:
         raise QueryError("give --peer HOST:PORT (and --aet), or --config NAME.")
     host, port = args.peer
     return PACS(
-        host, port, args.aet, args.calling_aet, dimse_timeout=args.timeout, acse_timeout=args.timeout
+        host,
+        port,
+        args.aet,
+        args.calling_aet,
+        dimse_timeout=args.timeout,
+        acse_timeout=args.timeout,
     )
 
 
@@ -101,7 +104,9 @@ def _keys(pairs: Sequence[str]) -> dict[str, str]:
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep or not name:
-            raise QueryError(f"{pair!r} is not KEY=VALUE, e.g. PatientID=123 or StudyDate=20260301-")
+            raise QueryError(
+                f"{pair!r} is not KEY=VALUE, e.g. PatientID=123 or StudyDate=20260301-"
+            )
         keys[name.strip()] = value.strip()
     return keys
 
@@ -132,7 +137,9 @@ def _demo(args: argparse.Namespace) -> None:
         pacs = PACS("127.0.0.1", server.port, ae_title=server.ae_title)
         print(f"C-ECHO: {pacs.echo() * 1000:.1f} ms\n")
         with pd.option_context("display.width", 160, "display.max_columns", 12):
+            # C-FIND answers come in the server's order; sort for reading.
             studies = pacs.find_studies(StudyDate=("2026-01-01", None))
+            studies = studies.sort_values(["StudyDate", "StudyTime"], ignore_index=True)
             print(">>> studies = pacs.find_studies(StudyDate=('2026-01-01', None))")
             print(studies[["PatientName", "StudyDate", "ModalitiesInStudy", "StudyDescription"]])
             print("\n>>> studies.dtypes")
@@ -143,12 +150,8 @@ def _demo(args: argparse.Namespace) -> None:
             print(recent[["PatientName", "StudyDate", "StudyDescription"]])
             series = pacs.find_series(recent, Modality="CT")
             print("\n>>> series = pacs.find_series(recent, Modality='CT')")
-            print(
-                series[
-                    ["PatientName", "StudyDate", "SeriesNumber", "SeriesDescription"]
-                    + ["NumberOfSeriesRelatedInstances"]
-                ]
-            )
+            shown = ["PatientName", "StudyDate", "SeriesNumber", "SeriesDescription"]
+            print(series[[*shown, "NumberOfSeriesRelatedInstances"]])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -160,7 +163,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "echo":
             pacs = _pacs(args)
-            print(f"C-ECHO {pacs.ae_title} at {pacs.host}:{pacs.port}: {pacs.echo() * 1000:.1f} ms")
+            print(
+                f"C-ECHO {pacs.ae_title} at {pacs.host}:{pacs.port}: {pacs.echo() * 1000:.1f} ms"
+            )
         elif args.command == "find":
             pacs = _pacs(args)
             extra = [k for k in args.return_keys.split(",") if k.strip()]

@@ -24,6 +24,7 @@ import pandas as pd
 import platformdirs
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
+from pynetdicom.pdu import A_ASSOCIATE_RJ
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
@@ -253,10 +254,18 @@ class PACS:
         ae.maximum_pdu_size = self.max_pdu
         ae.requested_contexts = list(contexts)
         opened = threading.Event()
+        rejections: list[Any] = []
 
         def on_open(event: evt.Event) -> None:
             opened.set()
             _set_nodelay(event)
+
+        def on_pdu(event: evt.Event) -> None:
+            # Under load pynetdicom can end an association as "aborted" although it
+            # decoded the peer's A-ASSOCIATE-RJ (the peer closes right after sending
+            # it); keeping the PDU lets us report the real rejection and its reason.
+            if isinstance(event.pdu, A_ASSOCIATE_RJ):
+                rejections.append(event.pdu)
 
         started = time.monotonic()
         assoc = ae.associate(
@@ -264,7 +273,7 @@ class PACS:
             self.port,
             ae_title=self.ae_title,
             max_pdu=self.max_pdu,
-            evt_handlers=[(evt.EVT_CONN_OPEN, on_open)],
+            evt_handlers=[(evt.EVT_CONN_OPEN, on_open), (evt.EVT_PDU_RECV, on_pdu)],
         )
         if assoc.is_established:
             LOGGER.info(
@@ -276,14 +285,16 @@ class PACS:
                 purpose,
             )
             return assoc
-        raise self._association_failure(assoc, opened.is_set(), time.monotonic() - started)
+        raise self._association_failure(
+            assoc, opened.is_set(), time.monotonic() - started, rejections
+        )
 
     def _association_failure(
-        self, assoc: Association, connected: bool, elapsed: float
+        self, assoc: Association, connected: bool, elapsed: float, rejections: list[Any]
     ) -> AssociationError | NotSupported:
         where = f"{self.host}:{self.port}"
-        if assoc.is_rejected:
-            prim = assoc.acceptor.primitive
+        if assoc.is_rejected or rejections:
+            prim = rejections[0] if rejections else assoc.acceptor.primitive
             reason = getattr(prim, "reason_str", "unknown reason")
             source = getattr(prim, "source_str", "unknown source")
             result = getattr(prim, "result_str", "Rejected")

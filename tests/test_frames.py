@@ -87,8 +87,11 @@ def test_binary_float_vrs():
 
 @pytest.mark.parametrize(
     "keyword",
-    ["PatientName", "StudyInstanceUID", "Modality", "AccessionNumber", "StudyDescription"]
-    + ["StudyComments", "StationAETitle", "PatientAge", "InstitutionAddress"],
+    [
+        *("PatientName", "StudyInstanceUID", "Modality", "AccessionNumber"),
+        *("StudyDescription", "StudyComments", "StationAETitle", "PatientAge"),
+        "InstitutionAddress",
+    ],
 )
 def test_string_vrs_are_string_dtype_with_na(keyword):
     s = to_series(["X", None], keyword)
@@ -252,7 +255,9 @@ def test_date_round_trip(day):
 def test_time_round_trip(t):
     text = to_dicom(t, "StudyTime")
     got = to_series([text], "StudyTime")[0]
-    assert got == pd.Timedelta(hours=t.hour, minutes=t.minute, seconds=t.second, microseconds=t.microsecond)
+    assert got == pd.Timedelta(
+        hours=t.hour, minutes=t.minute, seconds=t.second, microseconds=t.microsecond
+    )
 
 
 @given(st.datetimes(min_value=dt.datetime(1900, 1, 1), max_value=dt.datetime(2099, 12, 31)))

@@ -124,7 +124,9 @@ def test_non_ascii_query_declares_utf8():
 
 
 def test_dataset_holds_ranges_and_binary_return_keys():
-    ds = build_query("image", keys={"StudyInstanceUID": "1.2", "SeriesInstanceUID": "1.3"}).dataset()
+    ds = build_query(
+        "image", keys={"StudyInstanceUID": "1.2", "SeriesInstanceUID": "1.3"}
+    ).dataset()
     assert ds.QueryRetrieveLevel == "IMAGE"
     assert ds.Rows is None or ds.Rows == ""
     ds = build_query("study", keys={"StudyDate": ("2026-03-01", None)}).dataset()

@@ -1,0 +1,941 @@
+"""The embedded demo PACS: a real DICOM server over a folder of files.
+
+:class:`DemoPACS` listens on TCP (loopback by default) with pynetdicom and answers
+C-ECHO, C-FIND in the patient-root and study-root models at every level, and
+C-STORE. On start it reads the header of every ``*.dcm`` file under its folder
+into one typed instance-level DataFrame (:class:`pacsframe.frames.FrameBuilder`);
+the patient, study and series levels are views derived from it, and C-FIND keys
+are matched with :func:`pacsframe.matching.match`, the same engine the offline
+cache uses. Instances received by C-STORE are written to
+``<folder>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm`` (the
+cache layout) and become visible to the next C-FIND.
+
+The handlers follow pynetdicom's ``apps/`` idiom: small functions bound to
+events, with the server passed as an extra handler argument.
+
+Not supported (yet): C-GET and C-MOVE (``known_aes`` is stored for C-MOVE),
+relational queries and the other extended negotiation options, sequence
+matching, modality worklist, TLS, and deleting instances.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import socket
+import struct
+import tempfile
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from io import BytesIO
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import pandas as pd
+from pydicom import datadict, dcmread
+from pydicom.charset import convert_encodings, default_encoding, python_encoding
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
+from pydicom.tag import BaseTag, Tag
+from pydicom.uid import UID
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+    Verification,
+)
+
+from .. import frames, matching
+from ..errors import QueryError
+
+__all__ = [
+    "INDEX_KEYWORDS",
+    "LEVEL_KEYWORDS",
+    "DemoPACS",
+    "handle_echo",
+    "handle_find",
+    "handle_store",
+    "is_uid",
+    "serve",
+]
+
+LOGGER = logging.getLogger(__name__)
+
+_PATIENT = (
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientBirthTime",
+    "PatientSex",
+    "OtherPatientIDs",
+    "OtherPatientNames",
+    "EthnicGroup",
+    "PatientComments",
+)
+_STUDY = (
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDescription",
+    "ReferringPhysicianName",
+    "NameOfPhysiciansReadingStudy",
+    "AdmittingDiagnosesDescription",
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
+)
+_SERIES = (
+    "SeriesInstanceUID",
+    "SeriesNumber",
+    "SeriesDate",
+    "SeriesTime",
+    "Modality",
+    "SeriesDescription",
+    "BodyPartExamined",
+    "ProtocolName",
+    "Laterality",
+    "PatientPosition",
+    "Manufacturer",
+    "ManufacturerModelName",
+    "InstitutionName",
+    "StationName",
+    "PerformingPhysicianName",
+    "OperatorsName",
+    "FrameOfReferenceUID",
+)
+_INSTANCE = (
+    "SOPInstanceUID",
+    "SOPClassUID",
+    "InstanceNumber",
+    "ImageType",
+    "Rows",
+    "Columns",
+    "BitsAllocated",
+    "BitsStored",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "NumberOfFrames",
+    "ContentDate",
+    "ContentTime",
+    "AcquisitionDate",
+    "AcquisitionTime",
+    "AcquisitionDateTime",
+    "AcquisitionNumber",
+    "InstanceCreationDate",
+    "InstanceCreationTime",
+    "SliceThickness",
+    "SpacingBetweenSlices",
+    "SliceLocation",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "PixelSpacing",
+    "WindowCenter",
+    "WindowWidth",
+    "RescaleIntercept",
+    "RescaleSlope",
+)
+_CHARSET = "SpecificCharacterSet"
+
+#: Attributes read from every file into the instance-level frame.
+INDEX_KEYWORDS: tuple[str, ...] = (*_PATIENT, *_STUDY, *_SERIES, *_INSTANCE, _CHARSET)
+
+#: The columns of each query level (computed attributes included).
+LEVEL_KEYWORDS: dict[str, tuple[str, ...]] = {
+    "PATIENT": (
+        *_PATIENT,
+        "NumberOfPatientRelatedStudies",
+        "NumberOfPatientRelatedSeries",
+        "NumberOfPatientRelatedInstances",
+        _CHARSET,
+    ),
+    "STUDY": (
+        *_PATIENT,
+        *_STUDY,
+        "ModalitiesInStudy",
+        "SOPClassesInStudy",
+        "NumberOfStudyRelatedSeries",
+        "NumberOfStudyRelatedInstances",
+        _CHARSET,
+    ),
+    "SERIES": (
+        "PatientID",
+        "StudyInstanceUID",
+        *_SERIES,
+        "NumberOfSeriesRelatedInstances",
+        _CHARSET,
+    ),
+    "IMAGE": INDEX_KEYWORDS,
+}
+
+_MODELS = {
+    PatientRootQueryRetrieveInformationModelFind: "patient",
+    StudyRootQueryRetrieveInformationModelFind: "study",
+}
+_MODEL_LEVELS = {
+    "patient": ("PATIENT", "STUDY", "SERIES", "IMAGE"),
+    "study": ("STUDY", "SERIES", "IMAGE"),
+}
+# PS3.4 C.4.1.2.2: the unique keys of every level above the query level, each with
+# single value matching.
+_UPPER_KEYS = {
+    ("patient", "PATIENT"): (),
+    ("patient", "STUDY"): ("PatientID",),
+    ("patient", "SERIES"): ("PatientID", "StudyInstanceUID"),
+    ("patient", "IMAGE"): ("PatientID", "StudyInstanceUID", "SeriesInstanceUID"),
+    ("study", "STUDY"): (),
+    ("study", "SERIES"): ("StudyInstanceUID",),
+    ("study", "IMAGE"): ("StudyInstanceUID", "SeriesInstanceUID"),
+}
+
+_TAG_CHARSET = 0x00080005
+_TAG_LEVEL = 0x00080052
+_TAG_RETRIEVE_AE = 0x00080054
+_TAG_STUDY_UID = 0x0020000D
+_TAG_SERIES_UID = 0x0020000E
+_TAG_SOP_UID = 0x00080018
+_HEADER_TAGS = [Tag(frames.attribute(k).tag) for k in INDEX_KEYWORDS]
+
+_UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+_AE_TITLE_RE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")
+_UTF8 = "ISO_IR 192"
+# Single-byte and Unicode character sets whose Python codec matches the DICOM
+# repertoire exactly; anything else (ISO 2022 code extensions, ISO_IR 13's subset of
+# Shift-JIS) is answered in UTF-8 rather than risk a wrong encoding.
+_PLAIN_CHARSETS = {
+    term: codec
+    for term, codec in python_encoding.items()
+    if term.startswith("ISO_IR ") and term not in ("ISO_IR 6", "ISO_IR 13")
+} | {"GB18030": "GB18030", "GBK": "GBK"}
+_BINARY_INT_VRS = frozenset(frames.BINARY_INT_VRS)
+_BINARY_FLOAT_VRS = frozenset(frames.BINARY_FLOAT_VRS)
+_BINARY_VRS = _BINARY_INT_VRS | _BINARY_FLOAT_VRS
+_MAX_COMMENT = 64  # Error Comment is LO
+
+
+def is_uid(text: str) -> bool:
+    """True when ``text`` follows the UI grammar (PS3.5 9.1) and is safe as a path part.
+
+    Examples
+    --------
+    >>> is_uid("1.2.840.10008.1.1"), is_uid("1.02.3"), is_uid("../../x")
+    (True, False, False)
+    """
+    return len(text) <= 64 and _UID_RE.fullmatch(text) is not None
+
+
+# --- reading files -------------------------------------------------------------------------
+
+
+def _read_header(source: str | os.PathLike[str] | BinaryIO) -> Dataset:
+    # Only the indexed tags are kept, and the pixel data is never read: a folder of
+    # thousands of files indexes in seconds.
+    return dcmread(source, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+
+
+def _text_of(ds: Dataset, tag: int) -> str | None:
+    """An ASCII attribute (a UID) as its raw text, without pydicom's value conversion."""
+    elem = ds.get_item(tag)
+    if elem is None or elem.value is None:
+        return None
+    value = elem.value
+    if isinstance(value, bytes):
+        value = value.decode("ascii", errors="replace")
+    elif not isinstance(value, str):
+        value = "\\".join(str(v) for v in value) if isinstance(value, MultiValue) else str(value)
+    return value.strip(" \x00") or None
+
+
+# --- the index -----------------------------------------------------------------------------
+
+
+@dataclass
+class _View:
+    """One query level: its typed frame and, per row, the character set to answer in."""
+
+    frame: pd.DataFrame
+    charsets: list[str | None]
+    _strings: dict[str, list[str]] = field(default_factory=dict)
+    _bytes: dict[tuple[str, str, bool], list[bytes]] = field(default_factory=dict)
+
+    def strings(self, keyword: str) -> list[str] | None:
+        """The column as DICOM strings, converted once per view and then reused."""
+        cached = self._strings.get(keyword)
+        if cached is None:
+            if keyword not in self.frame.columns:
+                return None
+            column = self.frame[keyword]
+            if column.dtype == "string":
+                # to_dicom(str) is the string itself; skip the per-value call.
+                cached = column.fillna("").tolist()
+            else:
+                cached = [frames.to_dicom(v, keyword) for v in column.tolist()]
+            self._strings[keyword] = cached
+        return cached
+
+
+def _charset_term(terms: Any) -> str | None:
+    if not isinstance(terms, list) or not terms:
+        return None
+    if len(terms) == 1 and terms[0] in _PLAIN_CHARSETS:
+        return terms[0]
+    return _UTF8
+
+
+def _make_view(frame: pd.DataFrame) -> _View:
+    frame = frame.reset_index(drop=True)
+    return _View(frame, [_charset_term(t) for t in frame[_CHARSET].tolist()])
+
+
+def _entities(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Codes of the entity each instance belongs to, and each entity's first instance."""
+    codes, _ = pd.factorize(column, use_na_sentinel=False)
+    first = np.unique(codes, return_index=True)[1]
+    return codes, first
+
+
+def _count_distinct(codes: np.ndarray, other: pd.Series, size: int) -> np.ndarray:
+    other_codes, _ = pd.factorize(other, use_na_sentinel=False)
+    pairs = np.unique(np.stack([codes, other_codes]), axis=1)
+    return np.bincount(pairs[0], minlength=size)
+
+
+def _collect(codes: np.ndarray, values: pd.Series, size: int) -> list[list[str]]:
+    """Per entity, the sorted distinct non-empty values (ModalitiesInStudy and kin)."""
+    pairs = pd.DataFrame({"code": codes, "value": values.to_numpy(dtype=object)})
+    pairs = pairs[values.notna().to_numpy()].drop_duplicates().sort_values(["code", "value"])
+    out: list[list[str]] = [[] for _ in range(size)]
+    for code, value in zip(pairs["code"].tolist(), pairs["value"].tolist(), strict=True):
+        out[code].append(value)
+    return out
+
+
+def _level_frame(instances: pd.DataFrame, level: str) -> pd.DataFrame:
+    """Derive one level's rows from the instances; attributes come from the first instance."""
+    if level == "IMAGE":
+        return instances
+    key = {"PATIENT": "PatientID", "STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID"}
+    codes, first = _entities(instances[key[level]])
+    size = len(first)
+    columns = [c for c in LEVEL_KEYWORDS[level] if c in instances.columns]
+    out = instances[columns].iloc[first].reset_index(drop=True)
+    count = np.bincount(codes, minlength=size)
+
+    if level == "PATIENT":
+        counts = {
+            "NumberOfPatientRelatedStudies": _count_distinct(
+                codes, instances["StudyInstanceUID"], size
+            ),
+            "NumberOfPatientRelatedSeries": _count_distinct(
+                codes, instances["SeriesInstanceUID"], size
+            ),
+            "NumberOfPatientRelatedInstances": count,
+        }
+    elif level == "STUDY":
+        out["ModalitiesInStudy"] = pd.Series(
+            _collect(codes, instances["Modality"], size), dtype=object
+        )
+        out["SOPClassesInStudy"] = pd.Series(
+            _collect(codes, instances["SOPClassUID"], size), dtype=object
+        )
+        counts = {
+            "NumberOfStudyRelatedSeries": _count_distinct(
+                codes, instances["SeriesInstanceUID"], size
+            ),
+            "NumberOfStudyRelatedInstances": count,
+        }
+    else:
+        counts = {"NumberOfSeriesRelatedInstances": count}
+    for keyword, values in counts.items():
+        out[keyword] = frames.to_series(values.tolist(), keyword)
+    return out[[c for c in LEVEL_KEYWORDS[level] if c in out.columns]]
+
+
+class _Index:
+    """The instance frame plus cached level views, safe to share between associations.
+
+    New instances are collected in a FrameBuilder and merged when the next query
+    needs them, so a burst of C-STOREs costs one concatenation, not one each.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._instances = frames.empty_frame(INDEX_KEYWORDS).assign(path=pd.Series(dtype=str))
+        self._pending = frames.FrameBuilder(INDEX_KEYWORDS)
+        self._pending_paths: list[str] = []
+        self._views: dict[str, _View] = {}
+
+    def add(self, ds: Dataset, path: str) -> None:
+        with self._lock:
+            self._pending.add(ds)
+            self._pending_paths.append(path)
+            self._views.clear()
+
+    def scan(self, folder: Path) -> int:
+        """Index every ``*.dcm`` under ``folder``; return how many files were indexed."""
+        added = 0
+        for path in sorted(folder.rglob("*.dcm")):
+            if not path.is_file():
+                continue
+            try:
+                ds = _read_header(path)
+            except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+                LOGGER.warning("Skipping %s: not a readable DICOM file (%s)", path, exc)
+                continue
+            missing = [
+                name
+                for name, tag in (
+                    ("StudyInstanceUID", _TAG_STUDY_UID),
+                    ("SeriesInstanceUID", _TAG_SERIES_UID),
+                    ("SOPInstanceUID", _TAG_SOP_UID),
+                )
+                if not _text_of(ds, tag)
+            ]
+            if missing:
+                LOGGER.warning("Skipping %s: it has no %s", path, " or ".join(missing))
+                continue
+            self.add(ds, str(path))
+            added += 1
+        return added
+
+    def instances(self) -> pd.DataFrame:
+        with self._lock:
+            self._merge()
+            return self._instances
+
+    def view(self, level: str) -> _View:
+        with self._lock:
+            self._merge()
+            view = self._views.get(level)
+            if view is None:
+                view = _make_view(_level_frame(self._instances, level))
+                self._views[level] = view
+            return view
+
+    def _merge(self) -> None:
+        if not self._pending_paths:
+            return
+        new = self._pending.frame()
+        new["path"] = pd.Series(self._pending_paths, dtype=str)
+        self._pending = frames.FrameBuilder(INDEX_KEYWORDS)
+        self._pending_paths = []
+        merged = (
+            pd.concat([self._instances, new], ignore_index=True) if len(self._instances) else new
+        )
+        # A re-sent instance replaces the old row (its file was overwritten in place).
+        self._instances = merged.drop_duplicates("SOPInstanceUID", keep="last", ignore_index=True)
+
+
+# --- C-FIND --------------------------------------------------------------------------------
+
+
+class _Refused(Exception):
+    """A request the SCP answers with a failure status and an Error Comment."""
+
+    def __init__(self, status: int, comment: str) -> None:
+        super().__init__(comment)
+        self.status = status
+        self.comment = comment
+
+
+def _status(status: int, comment: str) -> Dataset:
+    # Error Comment is one LO value in the command set: ASCII, no backslash, 64 chars.
+    text = comment.split("; ")[0].replace("\\", "/").encode("ascii", "replace").decode()
+    if len(text) > _MAX_COMMENT:
+        text = text[: _MAX_COMMENT - 3] + "..."
+    ds = Dataset()
+    ds.Status = status
+    ds.ErrorComment = text
+    return ds
+
+
+@dataclass(frozen=True)
+class _Request:
+    """A validated C-FIND identifier: the level, the matching keys, the keys to return."""
+
+    level: str
+    keys: dict[str, str]
+    returned: tuple[tuple[int, str, str | None], ...]  # (tag, VR, keyword or None)
+
+
+def _query_value(identifier: Dataset, tag: int, vr: str) -> str | None:
+    raw = identifier.get_item(tag)
+    if raw is None or raw.value is None:
+        return None
+    value: Any = raw.value
+    if isinstance(value, bytes) and vr not in frames.CHARSET_VRS and vr not in _BINARY_VRS:
+        # ASCII VRs (UI, CS, DA, TM, DT, IS, DS, AS, AE) go through untouched, so a
+        # wildcard or a range is never "corrected" by pydicom's value classes.
+        text = value.decode("ascii", errors="replace")
+    else:
+        # Text in the identifier's Specific Character Set, or binary numbers.
+        value = identifier[tag].value
+        if value is None or isinstance(value, bytes):
+            return None
+        if isinstance(value, (MultiValue, list, tuple)):
+            text = "\\".join(str(v) for v in value)
+        else:
+            text = str(value)
+    return text.strip(" \x00") or None
+
+
+def _parse_request(identifier: Dataset, model: str) -> _Request:
+    level = _query_value(identifier, _TAG_LEVEL, "CS")
+    levels = _MODEL_LEVELS[model]
+    if level not in levels:
+        raise _Refused(
+            0xA900,
+            f"QueryRetrieveLevel {level or '(missing)'} is not one of {', '.join(levels)}",
+        )
+    keys: dict[str, str] = {}
+    returned: list[tuple[int, str, str | None]] = []
+    # Iterating a Dataset yields elements; the tags are what is needed here.
+    tags = [int(t) for t in sorted(identifier.keys())]
+    for tag in tags:
+        if tag in (_TAG_CHARSET, _TAG_LEVEL, _TAG_RETRIEVE_AE) or (tag & 0xFFFF) == 0:
+            continue
+        elem = identifier.get_item(tag)
+        keyword = datadict.keyword_for_tag(tag) if not (tag >> 16) % 2 else ""
+        try:
+            attr = frames.attribute(keyword) if keyword else None
+        except QueryError:
+            attr = None  # a sequence: returned empty, never matched
+        if attr is None:
+            returned.append((tag, elem.VR or "UN", None))
+            continue
+        returned.append((tag, attr.vr, attr.keyword))
+        try:
+            value = _query_value(identifier, tag, attr.vr)
+        except (ValueError, TypeError, LookupError) as exc:
+            raise _Refused(0xA900, f"cannot read the value of {attr.keyword}: {exc}") from None
+        if value is not None:
+            keys[attr.keyword] = value
+    for keyword in _UPPER_KEYS[(model, level)]:
+        value = keys.get(keyword)
+        if value is None or any(c in value for c in "\\*?"):
+            root = "patient" if model == "patient" else "study"
+            raise _Refused(0xA900, f"{root}-root {level} level needs one {keyword} value")
+    return _Request(level, keys, tuple(returned))
+
+
+def _pad(value: bytes, vr: str) -> bytes:
+    # PS3.5 6.2: values have even length, UI padded with NUL, text with a space.
+    if len(value) % 2 == 0:
+        return value
+    return value + (b"\x00" if vr == "UI" else b" ")
+
+
+def _binary(text: str, vr: str, little_endian: bool) -> bytes:
+    if not text:
+        return b""
+    parts = text.split("\\")
+    code = frames.BINARY_INT_VRS.get(vr) or frames.BINARY_FLOAT_VRS[vr]
+    numbers = [int(float(p)) if vr in _BINARY_INT_VRS else float(p) for p in parts]
+    return struct.pack(f"{'<' if little_endian else '>'}{len(numbers)}{code}", *numbers)
+
+
+class _Encoder:
+    """Turns view rows into response identifiers made of pre-encoded raw elements.
+
+    pydicom writes a raw element's bytes as they are when the dataset's original
+    encoding matches the transfer syntax (``Dataset.set_original_encoding``), so a
+    response costs a few byte-string operations per key instead of pydicom's value
+    conversion and validation. Text in the Specific Character Set is encoded per
+    row; everything else is encoded once per view and column.
+    """
+
+    def __init__(
+        self, view: _View, request: _Request, ae_title: str, transfer_syntax: UID
+    ) -> None:
+        self.view = view
+        self.implicit = transfer_syntax.is_implicit_VR
+        self.little = transfer_syntax.is_little_endian
+        self.fixed = [
+            self._raw(_TAG_LEVEL, "CS", _pad(request.level.encode(), "CS")),
+            self._raw(_TAG_RETRIEVE_AE, "AE", _pad(ae_title.encode(), "AE")),
+        ]
+        # (tag, VR, strings) for text in the character set; (tag, VR, bytes) otherwise.
+        self.text: list[tuple[BaseTag, str, list[str] | None]] = []
+        self.other: list[tuple[BaseTag, str, list[bytes] | None]] = []
+        for tag, vr, keyword in request.returned:
+            strings = view.strings(keyword) if keyword else None
+            if vr in frames.CHARSET_VRS:
+                self.text.append((BaseTag(tag), vr, strings))
+            else:
+                self.other.append((BaseTag(tag), vr, self._encoded(keyword, vr, strings)))
+
+    def _raw(self, tag: int, vr: str, value: bytes) -> RawDataElement:
+        return RawDataElement(BaseTag(tag), vr, len(value), value, 0, self.implicit, self.little)
+
+    def _encoded(
+        self, keyword: str | None, vr: str, strings: list[str] | None
+    ) -> list[bytes] | None:
+        if strings is None or keyword is None:
+            return None
+        key = (keyword, vr, self.little)
+        cached = self.view._bytes.get(key)
+        if cached is None:
+            if vr in _BINARY_VRS:
+                cached = [_binary(s, vr, self.little) for s in strings]
+            elif vr in frames.STRING_VRS or vr in frames.DTYPES:
+                cached = [_pad(s.encode("ascii", errors="replace"), vr) for s in strings]
+            else:
+                cached = [b""] * len(strings)  # OB, AT and friends: returned empty
+            self.view._bytes[key] = cached
+        return cached
+
+    def __call__(self, row: int) -> Dataset:
+        charset = self.view.charsets[row]
+        texts = [strings[row] if strings is not None else "" for _, _, strings in self.text]
+        try:
+            codec = _PLAIN_CHARSETS[charset] if charset else "ascii"
+            encoded = [text.encode(codec) for text in texts]
+        except UnicodeEncodeError:
+            # The row's own character set cannot hold a value (or it has none and a
+            # value is not ASCII): Unicode holds everything.
+            charset = _UTF8
+            encoded = [text.encode("utf-8") for text in texts]
+        ds = Dataset()
+        for raw in self.fixed:
+            ds[raw.tag] = raw
+        for (tag, vr, _), value in zip(self.text, encoded, strict=True):
+            ds[tag] = self._raw(tag, vr, _pad(value, vr))
+        for tag, vr, column in self.other:
+            ds[tag] = self._raw(tag, vr, column[row] if column is not None else b"")
+        if charset:
+            ds[_TAG_CHARSET] = self._raw(_TAG_CHARSET, "CS", _pad(charset.encode(), "CS"))
+        # Declaring the encoding the elements already have lets pydicom copy them.
+        ds.set_original_encoding(
+            self.implicit,
+            self.little,
+            convert_encodings([charset]) if charset else default_encoding,
+        )
+        return ds
+
+
+def handle_find(event: evt.Event, server: DemoPACS) -> Iterator[tuple[int | Dataset, Any]]:
+    """Answer a C-FIND request (``evt.EVT_C_FIND``) from the server's index.
+
+    Parameters
+    ----------
+    event : pynetdicom.events.Event
+        The C-FIND request event.
+    server : DemoPACS
+        The server whose index answers (bound as an extra handler argument).
+
+    Yields
+    ------
+    (int or pydicom.dataset.Dataset, pydicom.dataset.Dataset or None)
+        One Pending ``0xFF00`` response per match, each identifier holding exactly
+        the requested keys plus QueryRetrieveLevel, RetrieveAETitle and
+        SpecificCharacterSet (when the row has one or a value needs Unicode);
+        ``0xFE00`` when the peer cancels; or a single failure status with an Error
+        Comment: ``0xA900`` for an identifier that does not fit the model (a bad
+        level, a missing or multi-valued upper-level unique key), ``0xC000`` for a
+        matching value that cannot be read (an impossible date, a malformed range).
+
+    Examples
+    --------
+    >>> from pynetdicom import evt
+    >>> server = DemoPACS("/tmp/nowhere")
+    >>> handlers = [(evt.EVT_C_FIND, handle_find, [server])]
+    """
+    model = _MODELS.get(event.request.AffectedSOPClassUID)
+    if model is None:
+        yield _status(0x0122, "SOP class not supported"), None
+        return
+    try:
+        identifier = event.identifier
+    except (ValueError, TypeError, LookupError, EOFError, struct.error) as exc:
+        LOGGER.info("C-FIND identifier unreadable: %s", exc)
+        yield _status(0xA900, f"the identifier could not be decoded: {exc}"), None
+        return
+    try:
+        request = _parse_request(identifier, model)
+        view = server._index.view(request.level)
+        rows = np.flatnonzero(matching.match(view.frame, request.keys).to_numpy())
+    except _Refused as exc:
+        LOGGER.info("C-FIND refused (0x%04X): %s", exc.status, exc.comment)
+        yield _status(exc.status, exc.comment), None
+        return
+    except QueryError as exc:
+        LOGGER.info("C-FIND unable to process: %s", exc)
+        yield _status(0xC000, str(exc)), None
+        return
+    LOGGER.info("C-FIND %s level: %d match(es)", request.level, len(rows))
+    encode = _Encoder(view, request, server.ae_title, UID(event.context.transfer_syntax))
+    for row in rows.tolist():
+        if event.is_cancelled:
+            yield 0xFE00, None
+            return
+        yield 0xFF00, encode(row)
+
+
+# --- C-STORE and C-ECHO ---------------------------------------------------------------------
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The temporary name does not end in .dcm, so a scan never indexes half a file.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def handle_store(event: evt.Event, server: DemoPACS) -> int | Dataset:
+    """File a C-STORE request (``evt.EVT_C_STORE``) under the server's folder.
+
+    The encoded dataset is written as received (file meta added, pixel data never
+    decoded) to ``<folder>/<StudyUID>/<SeriesUID>/<SOPUID>.dcm``, atomically, after
+    each UID is checked against the UI grammar, so nothing is ever written outside
+    the folder; then the instance is added to the index.
+
+    Parameters
+    ----------
+    event : pynetdicom.events.Event
+        The C-STORE request event.
+    server : DemoPACS
+        The server to store into (bound as an extra handler argument).
+
+    Returns
+    -------
+    int or pydicom.dataset.Dataset
+        ``0x0000`` on success; otherwise a failure status with an Error Comment:
+        ``0xC000`` for an unreadable dataset or a UID that is not a valid UID,
+        ``0xA900`` when SOPInstanceUID differs from the request's, ``0xA700`` when
+        the file cannot be written.
+
+    Examples
+    --------
+    >>> from pynetdicom import evt
+    >>> server = DemoPACS("/tmp/nowhere")
+    >>> handlers = [(evt.EVT_C_STORE, handle_store, [server])]
+    """
+    try:
+        data = event.encoded_dataset()
+        ds = _read_header(BytesIO(data))
+    except (InvalidDicomError, ValueError, EOFError, OSError) as exc:
+        LOGGER.info("C-STORE refused: unreadable dataset (%s)", exc)
+        return _status(0xC000, f"the dataset could not be read: {exc}")
+    uids = {
+        "StudyInstanceUID": _text_of(ds, _TAG_STUDY_UID),
+        "SeriesInstanceUID": _text_of(ds, _TAG_SERIES_UID),
+        "SOPInstanceUID": _text_of(ds, _TAG_SOP_UID),
+    }
+    for name, uid in uids.items():
+        if not uid or not is_uid(uid):
+            LOGGER.warning("C-STORE refused: %s %r is not a valid UID", name, uid)
+            shown = repr(uid) if uid is None or len(uid) <= 20 else repr(uid[:17] + "...")
+            return _status(0xC000, f"{name} is not a valid UID: {shown}")
+    if uids["SOPInstanceUID"] != str(event.request.AffectedSOPInstanceUID).strip("\x00 "):
+        return _status(0xA900, "SOPInstanceUID differs from Affected SOP Instance UID")
+    folder = server.folder.resolve()
+    path = folder / uids["StudyInstanceUID"] / uids["SeriesInstanceUID"]
+    path = path / f"{uids['SOPInstanceUID']}.dcm"
+    if not path.resolve().is_relative_to(folder):  # defence in depth after the UID check
+        return _status(0xC000, "refusing to write outside the storage folder")
+    try:
+        _write_atomically(path, data)
+    except OSError as exc:
+        LOGGER.error("C-STORE could not write %s: %s", path, exc)
+        return _status(0xA700, f"out of resources: {exc.strerror or exc}")
+    server._index.add(ds, str(path))
+    LOGGER.info("C-STORE stored %s", path)
+    return 0x0000
+
+
+def handle_echo(event: evt.Event) -> int:
+    """Answer a C-ECHO request (``evt.EVT_C_ECHO``) with Success (``0x0000``).
+
+    Examples
+    --------
+    >>> from pynetdicom import evt
+    >>> handlers = [(evt.EVT_C_ECHO, handle_echo)]
+    """
+    LOGGER.debug("C-ECHO from %s", event.assoc.requestor.ae_title)
+    return 0x0000
+
+
+def _set_nodelay(event: evt.Event) -> None:
+    # A C-FIND answer is thousands of small writes; Nagle's algorithm plus the
+    # peer's delayed ACK would stall them.
+    sock = getattr(event.assoc.dul.socket, "socket", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+# --- the server ----------------------------------------------------------------------------
+
+
+class DemoPACS:
+    """A DICOM server over a folder of DICOM files, for demos, notebooks and tests.
+
+    Parameters
+    ----------
+    folder : str or os.PathLike
+        The folder to serve; created when missing. Every ``*.dcm`` under it is
+        indexed on :meth:`start`, and C-STORE writes into it.
+    ae_title : str, default "PFDEMO"
+        The server's AE title (also returned as RetrieveAETitle).
+    host : str, default "127.0.0.1"
+        The address to listen on.
+    port : int, default 0
+        The TCP port; 0 picks a free one, readable from :attr:`port` after start.
+    known_aes : mapping of str to (host, port), optional
+        C-MOVE destinations by AE title (kept for C-MOVE; not used yet).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pynetdicom import AE
+    >>> from pynetdicom.sop_class import Verification
+    >>> with tempfile.TemporaryDirectory() as folder, DemoPACS(folder) as server:
+    ...     ae = AE(ae_title="DOCTEST")
+    ...     _ = ae.add_requested_context(Verification)
+    ...     assoc = ae.associate("127.0.0.1", server.port, ae_title=server.ae_title)
+    ...     status = assoc.send_c_echo()
+    ...     assoc.release()
+    >>> hex(status.Status)
+    '0x0'
+    """
+
+    def __init__(
+        self,
+        folder: str | os.PathLike[str],
+        *,
+        ae_title: str = "PFDEMO",
+        host: str = "127.0.0.1",
+        port: int = 0,
+        known_aes: Mapping[str, tuple[str, int]] | None = None,
+    ) -> None:
+        if not isinstance(ae_title, str) or not _AE_TITLE_RE.fullmatch(ae_title.strip()):
+            raise ValueError(
+                f"ae_title {ae_title!r} is not a valid AE title: use 1 to 16 printable "
+                "ASCII characters without backslash, e.g. 'PFDEMO'."
+            )
+        self.folder = Path(folder)
+        self.ae_title = ae_title.strip()
+        self.host = host
+        self.port = int(port)
+        self.known_aes: dict[str, tuple[str, int]] = dict(known_aes or {})
+        self._ae: AE | None = None
+        self._server: Any = None
+        self._index = _Index()
+
+    def __repr__(self) -> str:
+        state = f"listening on {self.host}:{self.port}" if self.running else "stopped"
+        return (
+            f"DemoPACS({self.ae_title!r}, {state}, folder={str(self.folder)!r}, "
+            f"{len(self._index.instances())} instances)"
+        )
+
+    def __enter__(self) -> DemoPACS:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        """True between :meth:`start` and :meth:`stop`."""
+        return self._server is not None
+
+    def instances(self) -> pd.DataFrame:
+        """The typed instance-level frame (one row per indexed file, plus ``path``).
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     DemoPACS(folder).start().stop().instances().shape[0]
+        0
+        """
+        return self._index.instances().copy()
+
+    def start(self) -> DemoPACS:
+        """Index the folder and start listening; return ``self``. Idempotent."""
+        if self.running:
+            return self
+        self.folder.mkdir(parents=True, exist_ok=True)
+        index = _Index()
+        count = index.scan(self.folder)
+        self._index = index
+        ae = AE(ae_title=self.ae_title)
+        ae.add_supported_context(Verification)
+        for model in _MODELS:
+            ae.add_supported_context(model)
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        handlers = [
+            (evt.EVT_CONN_OPEN, _set_nodelay),
+            (evt.EVT_C_ECHO, handle_echo),
+            (evt.EVT_C_FIND, handle_find, [self]),
+            (evt.EVT_C_STORE, handle_store, [self]),
+        ]
+        self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
+        self._ae = ae
+        self.port = int(self._server.server_address[1])
+        LOGGER.info(
+            "Demo PACS %r serving %d instance(s) from %s on %s:%d",
+            self.ae_title,
+            count,
+            self.folder,
+            self.host,
+            self.port,
+        )
+        return self
+
+    def stop(self) -> DemoPACS:
+        """Stop listening and abort open associations; return ``self``. Idempotent."""
+        ae, self._ae, self._server = self._ae, None, None
+        if ae is not None:
+            ae.shutdown()
+        return self
+
+
+def serve(
+    folder: str | os.PathLike[str],
+    *,
+    ae_title: str = "PFDEMO",
+    host: str = "127.0.0.1",
+    port: int = 11112,
+    known_aes: Mapping[str, tuple[str, int]] | None = None,
+) -> None:
+    """Serve ``folder`` as a demo PACS until interrupted (Ctrl-C), then shut down.
+
+    Blocks the calling thread. The KeyboardInterrupt propagates after the server
+    has stopped, so a command line can exit with the conventional status.
+
+    Parameters
+    ----------
+    folder : str or os.PathLike
+        The folder of DICOM files to serve (created when missing).
+    ae_title, host, port, known_aes
+        As for :class:`DemoPACS`; the port defaults to 11112 here.
+
+    Examples
+    --------
+    It blocks, so run it from a script or use ``pacsframe serve ./dicom``::
+
+        from pacsframe.demo import serve
+        serve("./dicom", port=11112)  # Ctrl-C stops it
+    """
+    server = DemoPACS(folder, ae_title=ae_title, host=host, port=port, known_aes=known_aes)
+    with server:
+        # Waiting on an Event (not a sleep loop) keeps the main thread interruptible.
+        threading.Event().wait()

@@ -1,0 +1,94 @@
+"""Named peers from the TOML config file, and the command line."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+import pacsframe as pf
+from pacsframe import cli
+
+
+@pytest.fixture
+def config(tmp_path, monkeypatch):
+    path = tmp_path / "config.toml"
+    path.write_text(
+        "[peers.hospital]\n"
+        'host = "10.1.2.3"\nport = 4242\nae_title = "HOSP"\ncalling_ae = "ME"\n'
+        "dimse_timeout = 12.5\n",
+        encoding="utf-8",
+    )
+    monkeypatch.setenv("PACSFRAME_CONFIG", str(path))
+    for key in ("HOST", "PORT", "AE_TITLE", "CALLING_AE"):
+        monkeypatch.delenv(f"PACSFRAME_{key}", raising=False)
+    return path
+
+
+def test_from_config(config):
+    pacs = pf.PACS.from_config("hospital")
+    assert (pacs.host, pacs.port, pacs.ae_title, pacs.calling_ae) == (
+        "10.1.2.3",
+        4242,
+        "HOSP",
+        "ME",
+    )
+    assert pacs.dimse_timeout == 12.5
+
+
+def test_environment_overrides_config(config, monkeypatch):
+    monkeypatch.setenv("PACSFRAME_HOST", "127.0.0.1")
+    monkeypatch.setenv("PACSFRAME_PORT", "11112")
+    pacs = pf.PACS.from_config("hospital")
+    assert (pacs.host, pacs.port) == ("127.0.0.1", 11112)
+
+
+def test_unknown_peer_lists_known_ones(config):
+    with pytest.raises(pf.QueryError, match="peers defined: hospital"):
+        pf.PACS.from_config("clinic")
+
+
+def test_missing_file_says_how_to_create_it(tmp_path):
+    with pytest.raises(pf.QueryError, match=r"\[peers.x\] table"):
+        pf.PACS.from_config("x", tmp_path / "none.toml")
+
+
+def test_unknown_setting_is_named(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[peers.a]\nhost = "h"\nprot = 1\n', encoding="utf-8")
+    with pytest.raises(pf.QueryError, match="unknown settings \\['prot'\\]"):
+        pf.PACS.from_config("a", path)
+
+
+def test_cli_echo_and_find_csv(demo_server, cohort, tmp_path, capsys):
+    peer = ["--peer", f"127.0.0.1:{demo_server.port}", "--aet", demo_server.ae_title]
+    assert cli.main(["echo", *peer]) == 0
+    assert "C-ECHO" in capsys.readouterr().out
+    _, manifest = cohort
+    pid = manifest.PatientID.iloc[0]
+    out = tmp_path / "out.csv"
+    args = ["find", *peer, "--level", "study", f"PatientID={pid}", "StudyDate=20260101-"]
+    assert cli.main([*args, "--csv", str(out)]) == 0
+    frame = pd.read_csv(out)
+    assert set(frame.PatientID) == {pid}
+    assert len(frame) == manifest[manifest.PatientID == pid].StudyInstanceUID.nunique()
+
+
+def test_cli_find_parquet_and_table(demo_server, tmp_path, capsys):
+    peer = ["--peer", f"127.0.0.1:{demo_server.port}", "--aet", demo_server.ae_title]
+    out = tmp_path / "out.parquet"
+    assert (
+        cli.main(
+            ["find", *peer, "--level", "patient", "--model", "patient", "--parquet", str(out)]
+        )
+        == 0
+    )
+    assert len(pd.read_parquet(out)) > 0
+    assert cli.main(["find", *peer, "--level", "study", "Modality=CT"]) == 0
+
+
+def test_cli_errors_are_sentences(capsys):
+    assert cli.main(["find", "--peer", "127.0.0.1:1", "StudyDate=2026*"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pacsframe: error:") and "wildcards" in err
+    assert cli.main(["find", "StudyDate=2026"]) == 2
+    assert "--peer" in capsys.readouterr().err
