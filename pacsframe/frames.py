@@ -16,6 +16,7 @@ import datetime as _dt
 import difflib
 import functools
 import math
+import re
 import struct
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -39,6 +40,7 @@ __all__ = [
     "empty_frame",
     "infer_level",
     "is_missing",
+    "is_uid",
     "normalize_keyword",
     "to_dicom",
     "to_series",
@@ -156,6 +158,20 @@ def attribute(name: str) -> Attribute:
             "attributes only: ask for the attributes inside it instead."
         )
     return Attribute(keyword, tag, vr, datadict.dictionary_VM(tag))
+
+
+_UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+
+
+def is_uid(text: str) -> bool:
+    """True when ``text`` follows the UI grammar (PS3.5 9.1), so it is safe as a path part.
+
+    Examples
+    --------
+    >>> is_uid("1.2.840.10008.1.1"), is_uid("1.02.3"), is_uid("../../x")
+    (True, False, False)
+    """
+    return isinstance(text, str) and len(text) <= 64 and _UID_RE.fullmatch(text) is not None
 
 
 # --- bytes -> strings -----------------------------------------------------------------

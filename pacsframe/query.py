@@ -114,7 +114,6 @@ _RANGE_VRS = frozenset({"DA", "TM", "DT"})
 # Maximum value lengths (PS3.5 Table 6.2-1) for the VRs users type into queries.
 _MAX_LENGTH = {"AE": 16, "AS": 4, "CS": 16, "DS": 16, "IS": 12, "LO": 64, "PN": 64 * 5, "SH": 16}
 _MAX_LENGTH.update({"UI": 64, "ST": 1024, "LT": 10240})
-_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _CS_RE = re.compile(r"^[A-Z0-9 _*?]*$")
 _ISO_DATE = re.compile(r"^(\d{4})-(\d{2})-(\d{2})$")
 _ISO_TIME = re.compile(r"^(\d{2}):(\d{2})(?::(\d{2})(\.\d{1,6})?)?$")
@@ -288,7 +287,7 @@ def _check_string(text: str, attr: frames.Attribute) -> str:
                 f"{keyword}={text!r}: wildcards are not allowed in a UID; pass the full "
                 "UID, a list of UIDs, or None to return it without matching."
             )
-        if not _UID_RE.match(text) or len(text) > 64:
+        if not frames.is_uid(text):
             raise QueryError(
                 f"{keyword}={text!r} is not a valid UID (digits and dots, at most 64 "
                 "characters, no leading zeros); copy it from a find_* result."

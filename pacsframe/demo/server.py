@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import socket
 import struct
 import tempfile
@@ -52,6 +51,7 @@ from pynetdicom.sop_class import (
 )
 
 from .. import frames, matching
+from ..connection import check_ae_title
 from ..errors import QueryError
 
 __all__ = [
@@ -61,7 +61,6 @@ __all__ = [
     "handle_echo",
     "handle_find",
     "handle_store",
-    "is_uid",
     "serve",
 ]
 
@@ -204,8 +203,6 @@ _TAG_SERIES_UID = 0x0020000E
 _TAG_SOP_UID = 0x00080018
 _HEADER_TAGS = [Tag(frames.attribute(k).tag) for k in INDEX_KEYWORDS]
 
-_UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
-_AE_TITLE_RE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")
 _UTF8 = "ISO_IR 192"
 # Single-byte and Unicode character sets whose Python codec matches the DICOM
 # repertoire exactly; anything else (ISO 2022 code extensions, ISO_IR 13's subset of
@@ -219,17 +216,6 @@ _BINARY_INT_VRS = frozenset(frames.BINARY_INT_VRS)
 _BINARY_FLOAT_VRS = frozenset(frames.BINARY_FLOAT_VRS)
 _BINARY_VRS = _BINARY_INT_VRS | _BINARY_FLOAT_VRS
 _MAX_COMMENT = 64  # Error Comment is LO
-
-
-def is_uid(text: str) -> bool:
-    """True when ``text`` follows the UI grammar (PS3.5 9.1) and is safe as a path part.
-
-    Examples
-    --------
-    >>> is_uid("1.2.840.10008.1.1"), is_uid("1.02.3"), is_uid("../../x")
-    (True, False, False)
-    """
-    return len(text) <= 64 and _UID_RE.fullmatch(text) is not None
 
 
 # --- reading files -------------------------------------------------------------------------
@@ -737,7 +723,7 @@ def handle_store(event: evt.Event, server: DemoPACS) -> int | Dataset:
         "SOPInstanceUID": _text_of(ds, _TAG_SOP_UID),
     }
     for name, uid in uids.items():
-        if not uid or not is_uid(uid):
+        if not uid or not frames.is_uid(uid):
             LOGGER.warning("C-STORE refused: %s %r is not a valid UID", name, uid)
             shown = repr(uid) if uid is None or len(uid) <= 20 else repr(uid[:17] + "...")
             return _status(0xC000, f"{name} is not a valid UID: {shown}")
@@ -823,13 +809,8 @@ class DemoPACS:
         port: int = 0,
         known_aes: Mapping[str, tuple[str, int]] | None = None,
     ) -> None:
-        if not isinstance(ae_title, str) or not _AE_TITLE_RE.fullmatch(ae_title.strip()):
-            raise ValueError(
-                f"ae_title {ae_title!r} is not a valid AE title: use 1 to 16 printable "
-                "ASCII characters without backslash, e.g. 'PFDEMO'."
-            )
         self.folder = Path(folder)
-        self.ae_title = ae_title.strip()
+        self.ae_title = check_ae_title(ae_title, "ae_title")
         self.host = host
         self.port = int(port)
         self.known_aes: dict[str, tuple[str, int]] = dict(known_aes or {})
