@@ -126,3 +126,62 @@ def test_query_errors_are_raised_before_connecting():
         pacs.find_series(Modality="CT")
     with pytest.raises(pf.QueryError, match="did you mean"):
         pacs.find_studies(PatientNme="X")
+
+
+@pytest.fixture
+def aborting_peer():
+    """A TCP peer that reads the A-ASSOCIATE-RQ and answers with an A-ABORT PDU."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(2)
+    server.settimeout(10)
+
+    def answer() -> None:
+        try:
+            conn, _ = server.accept()
+        except TimeoutError:
+            return
+        with conn:
+            conn.settimeout(10)
+            conn.recv(65536)
+            # A-ABORT: type 0x07, length 4, source 2 (service provider), reason 0.
+            conn.sendall(bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 2, 0]))
+            time.sleep(0.5)
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    yield server.getsockname()[1]
+    thread.join(15)
+    server.close()
+
+
+def test_peer_that_aborts_the_association_request(aborting_peer):
+    pacs = pf.PACS("127.0.0.1", aborting_peer, "ABORTS")
+    with pytest.raises(pf.AssociationError, match="aborted the association request") as info:
+        pacs.echo()
+    assert info.value.reason == "aborted"
+
+
+@pytest.fixture
+def aborting_find_peer():
+    """A real DICOM peer that aborts the association when it gets a C-FIND."""
+
+    def on_find(event):
+        event.assoc.abort()
+        yield 0xC000, None
+
+    ae = AE(ae_title="ABORTS")
+    ae.add_supported_context(Verification)
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+    server = ae.start_server(
+        ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_FIND, on_find)]
+    )
+    yield server.server_address[1]
+    server.shutdown()
+
+
+def test_abort_during_find(aborting_find_peer):
+    pacs = pf.PACS("127.0.0.1", aborting_find_peer, "ABORTS", dimse_timeout=20)
+    with pytest.raises(pf.AssociationError, match="aborted the association during") as info:
+        pacs.find_studies()
+    assert info.value.reason == "aborted"
