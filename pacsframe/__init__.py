@@ -4,10 +4,13 @@ Examples
 --------
 >>> import pacsframe as pf
 >>> pacs = pf.PACS("127.0.0.1", 4242, ae_title="ORTHANC")
->>> sorted(pf.__all__)[:3]
-['AssociationError', 'CacheError', 'DimseError']
+>>> pacs
+PACS('127.0.0.1', 4242, ae_title='ORTHANC', calling_ae='PACSFRAME')
+>>> issubclass(pf.QueryError, ValueError), issubclass(pf.AssociationError, ConnectionError)
+(True, True)
 """
 
+from .cache import Cache, Volume
 from .connection import PACS
 from .errors import (
     AssociationError,
@@ -19,11 +22,13 @@ from .errors import (
     QueryError,
 )
 from .frames import MalformedValueWarning
+from .retrieve import RetrieveResult
 from .storage import StoreResult
 
 __all__ = [
     "PACS",
     "AssociationError",
+    "Cache",
     "CacheError",
     "DimseError",
     "MalformedValueWarning",
@@ -31,7 +36,9 @@ __all__ = [
     "NotSupported",
     "PacsFrameError",
     "QueryError",
+    "RetrieveResult",
     "StoreResult",
+    "Volume",
 ]
 
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""Command line: ``pacsframe echo|find|demo|serve``.
+"""Command line: ``pacsframe echo|find|get|move|demo|serve``.
 
 Examples
 --------
@@ -6,6 +6,9 @@ Examples
 
 ``pacsframe find --peer 127.0.0.1:4242 --aet ORTHANC --level study PatientID=123
 StudyDate=20260301-20260406 --csv out.csv``
+
+``pacsframe get --peer 127.0.0.1:4242 --aet ORTHANC --from studies.csv`` retrieves
+a saved frame into the cache; ``pacsframe move ... --destination OTHER_AE`` moves.
 
 ``pacsframe serve ./folder --port 11112`` runs the demo PACS over a folder;
 ``pacsframe demo`` makes a synthetic cohort, serves it and runs a short tour.
@@ -19,6 +22,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -67,6 +71,28 @@ def _setup_argparser() -> argparse.ArgumentParser:
     out.add_argument("--parquet", type=Path, help="write the frame as Parquet (needs pyarrow)")
     find.add_argument("keys", nargs="*", metavar="KEY=VALUE", help="matching keys, DICOM form")
 
+    for name, text in (("get", "C-GET into the cache"), ("move", "C-MOVE to us or another AE")):
+        retrieve = commands.add_parser(name, help=f"{text}: matches of a query, or a saved frame")
+        _add_peer_arguments(retrieve)
+        retrieve.add_argument(
+            "--level", default="study", help="level of the query (default study)"
+        )
+        retrieve.add_argument("--model", default="study", help="study or patient (root)")
+        retrieve.add_argument(
+            "--from",
+            dest="source",
+            type=Path,
+            help="a frame saved by `pacsframe find` (.csv or .parquet) instead of a query",
+        )
+        retrieve.add_argument("--cache", type=Path, help="cache folder (default: PACSFRAME_CACHE)")
+        retrieve.add_argument("--no-progress", action="store_true", help="no progress bar")
+        if name == "get":
+            retrieve.add_argument("--workers", type=int, default=4, help="parallel associations")
+        else:
+            retrieve.add_argument("--destination", help="another AE title (default: ourselves)")
+            retrieve.add_argument("--scp-port", type=int, default=0, help="our storage SCP port")
+        retrieve.add_argument("keys", nargs="*", metavar="KEY=VALUE", help="matching keys")
+
     serve = commands.add_parser("serve", help="run the demo PACS over a folder until Ctrl-C")
     serve.add_argument("folder", type=Path, help="folder of DICOM files (created if missing)")
     serve.add_argument("--port", type=int, default=11112)
@@ -83,20 +109,45 @@ def _setup_argparser() -> argparse.ArgumentParser:
     return parser
 
 
-def _pacs(args: argparse.Namespace) -> PACS:
+def _pacs(args: argparse.Namespace, **settings: Any) -> PACS:
+    """The peer from --config or --peer/--aet, with extra settings (cache, scp_port)."""
+    settings = {k: v for k, v in settings.items() if v}
     if args.config:
-        return PACS.from_config(args.config)
+        return PACS.from_config(args.config, **settings)
     if args.peer is None:
         raise QueryError("give --peer HOST:PORT (and --aet), or --config NAME.")
     host, port = args.peer
-    return PACS(
-        host,
-        port,
-        args.aet,
-        args.calling_aet,
-        dimse_timeout=args.timeout,
-        acse_timeout=args.timeout,
-    )
+    timeouts = {"dimse_timeout": args.timeout, "acse_timeout": args.timeout}
+    return PACS(host, port, args.aet, args.calling_aet, **timeouts, **settings)
+
+
+def _read_frame(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise QueryError(f"{path} does not exist; save a frame with `pacsframe find --csv`.")
+    if path.suffix.lower() == ".parquet":
+        return pd.read_parquet(path)
+    if path.suffix.lower() != ".csv":
+        raise QueryError(f"{path} is neither .csv nor .parquet; give a frame saved by find.")
+    # UIDs and IDs must stay strings (a PatientID like 000123 is not a number).
+    return pd.read_csv(path, dtype=str, keep_default_na=False).replace("", None)
+
+
+def _retrieve(args: argparse.Namespace) -> None:
+    pacs = _pacs(args, cache=args.cache, scp_port=getattr(args, "scp_port", 0))
+    if args.source is not None:
+        if args.keys:
+            raise QueryError("give either --from FRAME or KEY=VALUE matching keys, not both.")
+        frame = _read_frame(args.source)
+    else:
+        frame = pacs.find(args.level, model=args.model, **_keys(args.keys))
+    progress = not args.no_progress
+    if args.command == "get":
+        result = pacs.get(frame, workers=args.workers, progress=progress, model=args.model)
+    else:
+        result = pacs.move(frame, args.destination, progress=progress, model=args.model)
+    print(result)
+    if args.command == "get" or args.destination is None:
+        print(f"cache: {pacs.cache.root}")
 
 
 def _keys(pairs: Sequence[str]) -> dict[str, str]:
@@ -171,6 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             extra = [k for k in args.return_keys.split(",") if k.strip()]
             frame = pacs.find(args.level, model=args.model, return_keys=extra, **_keys(args.keys))
             _write(frame, args)
+        elif args.command in ("get", "move"):
+            _retrieve(args)
         elif args.command == "serve":
             from .demo import make_cohort, serve
 

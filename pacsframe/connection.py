@@ -16,9 +16,9 @@ import threading
 import time
 import tomllib
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import platformdirs
@@ -37,7 +37,11 @@ from . import frames
 from .errors import AssociationError, DimseError, NotSupported, QueryError
 from .query import LEVELS, UNIQUE_KEY, Query, build_query, normalize_model
 
-__all__ = ["PACS", "check_ae_title", "config_path"]
+if TYPE_CHECKING:
+    from .cache import Cache
+    from .retrieve import RetrieveResult
+
+__all__ = ["PACS", "check_ae_title", "config_path", "set_nodelay"]
 
 LOGGER = logging.getLogger("pacsframe")
 
@@ -56,6 +60,8 @@ _SETTING_TYPES: dict[str, type] = {
     "dimse_timeout": float,
     "network_timeout": float,
     "max_pdu": int,
+    "scp_port": int,
+    "cache": str,
 }
 
 
@@ -80,7 +86,8 @@ def config_path() -> Path:
     return Path(platformdirs.user_config_dir("pacsframe")) / "config.toml"
 
 
-def _set_nodelay(event: evt.Event) -> None:
+def set_nodelay(event: evt.Event) -> None:
+    """EVT_CONN_OPEN handler: turn off Nagle's algorithm on the association's socket."""
     # Nagle's algorithm and the peer's delayed ACK stall every small request by
     # ~40 ms; DIMSE traffic is request/response, so we always want it off.
     sock = getattr(event.assoc.dul.socket, "socket", None)
@@ -110,6 +117,12 @@ class PACS:
         each DIMSE response, and for any network activity.
     max_pdu : int
         Largest PDU we accept (bytes; 0 for no limit).
+    scp_port : int
+        Port of our storage SCP for :meth:`move` (0: a free port, chosen once
+        per PACS object; read it from ``pacs.scp_port`` to register us at the peer).
+    cache : path or Cache, optional
+        Where retrieved objects go; default ``PACSFRAME_CACHE`` or the user cache
+        directory.
 
     Examples
     --------
@@ -130,6 +143,8 @@ class PACS:
         dimse_timeout: float = 60.0,
         network_timeout: float = 60.0,
         max_pdu: int = 0,
+        scp_port: int = 0,
+        cache: str | os.PathLike[str] | Cache | None = None,
     ) -> None:
         if not isinstance(host, str) or not host:
             raise QueryError(f"host={host!r} must be a host name or IP address.")
@@ -152,6 +167,15 @@ class PACS:
         self.dimse_timeout = float(dimse_timeout)
         self.network_timeout = float(network_timeout)
         self.max_pdu = int(max_pdu)
+        if (
+            not isinstance(scp_port, int)
+            or isinstance(scp_port, bool)
+            or not 0 <= scp_port < 65536
+        ):
+            raise QueryError(f"scp_port={scp_port!r} must be 0 (a free port) or 1-65535.")
+        self._scp_port = scp_port
+        self._cache_setting = cache
+        self._cache: Cache | None = None
         self._held: dict[str, Association] = {}
         self._depth = 0
         self._lock = threading.RLock()
@@ -159,12 +183,15 @@ class PACS:
     # --- construction ---------------------------------------------------------------
 
     @classmethod
-    def from_config(cls, name: str, path: str | os.PathLike[str] | None = None) -> PACS:
+    def from_config(
+        cls, name: str, path: str | os.PathLike[str] | None = None, **overrides: Any
+    ) -> PACS:
         """A peer from the ``[peers.NAME]`` table of the configuration file.
 
         The file is ``<user config dir>/pacsframe/config.toml`` unless ``path`` or
         ``PACSFRAME_CONFIG`` says otherwise. ``PACSFRAME_HOST``, ``PACSFRAME_PORT``,
-        ``PACSFRAME_AE_TITLE`` and ``PACSFRAME_CALLING_AE`` override the file.
+        ``PACSFRAME_AE_TITLE`` and ``PACSFRAME_CALLING_AE`` override the file, and
+        keyword arguments (any :class:`PACS` setting) override both.
 
         Examples
         --------
@@ -207,7 +234,7 @@ class PACS:
             typed = {k: _SETTING_TYPES[k](v) for k, v in settings.items()}
         except (TypeError, ValueError) as exc:
             raise QueryError(f"[peers.{name}] in {file}: {exc}; fix the value.") from None
-        return cls(**typed)
+        return cls(**{**typed, **overrides})
 
     def __repr__(self) -> str:
         return (
@@ -245,7 +272,13 @@ class PACS:
         for assoc in held.values():
             _release(assoc)
 
-    def _open(self, contexts: Sequence[PresentationContext], purpose: str) -> Association:
+    def _open(
+        self,
+        contexts: Sequence[PresentationContext],
+        purpose: str,
+        ext_neg: Sequence[Any] = (),
+        handlers: Sequence[tuple[Any, Any]] = (),
+    ) -> Association:
         ae = AE(ae_title=self.calling_ae)
         ae.connection_timeout = self.connect_timeout
         ae.acse_timeout = self.acse_timeout
@@ -258,7 +291,7 @@ class PACS:
 
         def on_open(event: evt.Event) -> None:
             opened.set()
-            _set_nodelay(event)
+            set_nodelay(event)
 
         def on_pdu(event: evt.Event) -> None:
             # Under load pynetdicom can end an association as "aborted" although it
@@ -273,7 +306,8 @@ class PACS:
             self.port,
             ae_title=self.ae_title,
             max_pdu=self.max_pdu,
-            evt_handlers=[(evt.EVT_CONN_OPEN, on_open), (evt.EVT_PDU_RECV, on_pdu)],
+            ext_neg=list(ext_neg) or None,
+            evt_handlers=[(evt.EVT_CONN_OPEN, on_open), (evt.EVT_PDU_RECV, on_pdu), *handlers],
         )
         if assoc.is_established:
             LOGGER.info(
@@ -356,27 +390,33 @@ class PACS:
 
     @contextlib.contextmanager
     def association(
-        self, contexts: Sequence[PresentationContext], purpose: str = "query"
+        self,
+        contexts: Sequence[PresentationContext],
+        purpose: str = "query",
+        *,
+        ext_neg: Sequence[Any] = (),
+        handlers: Sequence[tuple[Any, Any]] = (),
+        keep: bool = True,
     ) -> Iterator[Association]:
         """An established association for ``purpose``, released afterwards.
 
         Inside ``with pacs:`` the association is kept for later calls with the
-        same purpose.
+        same purpose, unless ``keep`` is False (associations with call-specific
+        event handlers, such as a C-GET's receiver, are never reused).
         """
         with self._lock:
-            held = self._held.get(purpose) if self._depth else None
+            held = self._held.get(purpose) if self._depth and keep else None
             if held is not None and not held.is_established:
                 self._held.pop(purpose, None)
                 held = None
         if held is not None:
             yield held
             return
-        assoc = self._open(contexts, purpose)
-        keep = False
+        assoc = self._open(contexts, purpose, ext_neg, handlers)
         with self._lock:
-            if self._depth:
+            keep = bool(self._depth) and keep
+            if keep:
                 self._held[purpose] = assoc
-                keep = True
         try:
             yield assoc
         except BaseException:
@@ -653,6 +693,122 @@ class PACS:
                 comment=str(comment) if comment else None,
             )
         raise self._lost(assoc, f"{query.level}-level C-FIND", time.monotonic() - last)
+
+    # --- retrieval ------------------------------------------------------------------------
+
+    @property
+    def cache(self) -> Cache:
+        """The on-disk cache retrieved objects go to (created on first use)."""
+        if self._cache is None:
+            from .cache import Cache
+
+            setting = self._cache_setting
+            self._cache = setting if isinstance(setting, Cache) else Cache(setting)
+        return self._cache
+
+    @property
+    def scp_port(self) -> int:
+        """Port of our storage SCP for C-MOVE (a free port is chosen once when 0)."""
+        if not self._scp_port:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                self._scp_port = probe.getsockname()[1]
+        return self._scp_port
+
+    def get(
+        self,
+        frame: pd.DataFrame | pd.Series | Sequence[str],
+        *,
+        workers: int = 4,
+        progress: bool = True,
+        on_received: Callable[[str, dict[str, Any]], Any] | None = None,
+        overwrite: bool = False,
+        model: str | None = None,
+    ) -> RetrieveResult:
+        """C-GET what ``frame`` describes into :attr:`cache`; skip what is cached.
+
+        Parameters
+        ----------
+        frame : DataFrame, Series or list of StudyInstanceUIDs
+            A frame from any ``find_*`` call (filtered as you like). The level is
+            the most specific UID column present; patients need ``model="patient"``
+            (frames from :meth:`find_patients` carry it).
+        workers : int
+            Parallel associations (work is split by study, series or instance list).
+        progress : bool
+            Show a ``tqdm`` bar (a widget in notebooks).
+        on_received : callable, optional
+            ``on_received(path, meta)`` after each object is safely in the cache;
+            an exception from it stops the retrieval (C-CANCEL) and is re-raised.
+        overwrite : bool
+            Fetch and replace objects even when cached.
+        model : {"study", "patient"}, optional
+            The retrieve model; from the frame's attrs when it has them.
+
+        Returns
+        -------
+        RetrieveResult
+            ``completed``, ``cached``, ``warning``, ``failed``, and ``instances``.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> from pacsframe.demo import DemoPACS, make_cohort
+        >>> folder = tempfile.mkdtemp()
+        >>> _ = make_cohort(folder, patients=1, seed=4, studies_per_patient=1, matrix=8)
+        >>> with DemoPACS(folder) as server:
+        ...     pacs = PACS("127.0.0.1", server.port, server.ae_title, cache=tempfile.mkdtemp())
+        ...     first = pacs.get(pacs.find_studies(), progress=False)
+        ...     again = pacs.get(pacs.find_studies(), progress=False)
+        >>> first.completed > 0, again.completed, again.cached == first.completed
+        (True, 0, True)
+        """
+        from .retrieve import get
+
+        return get(
+            self,
+            frame,
+            workers=workers,
+            progress=progress,
+            on_received=on_received,
+            overwrite=overwrite,
+            model=model,
+        )
+
+    def move(
+        self,
+        frame: pd.DataFrame | pd.Series | Sequence[str],
+        destination: str | None = None,
+        *,
+        progress: bool = True,
+        on_received: Callable[[str, dict[str, Any]], Any] | None = None,
+        overwrite: bool = False,
+        model: str | None = None,
+    ) -> RetrieveResult:
+        """C-MOVE what ``frame`` describes, to us (the cache) or to another AE.
+
+        With no ``destination`` (or our own ``calling_ae``) pacsframe runs its own
+        storage SCP on :attr:`scp_port` for the duration of the call and files
+        what arrives into :attr:`cache`; the peer must know ``calling_ae`` with
+        our host and that port. With another AE title the peer is only asked to
+        send there, and the result carries the peer's counts.
+
+        Raises
+        ------
+        MoveDestinationUnknown
+            When the peer does not know the destination AE.
+        """
+        from .retrieve import move
+
+        return move(
+            self,
+            frame,
+            destination=destination,
+            progress=progress,
+            on_received=on_received,
+            overwrite=overwrite,
+            model=model,
+        )
 
     # --- C-STORE --------------------------------------------------------------------------
 

@@ -37,6 +37,7 @@ __all__ = [
     "FrameBuilder",
     "MalformedValueWarning",
     "attribute",
+    "dicom_strings",
     "empty_frame",
     "infer_level",
     "is_missing",
@@ -237,6 +238,76 @@ def _cached_encodings(terms: tuple[str, ...]) -> list[str]:
     return convert_encodings(list(terms))
 
 
+def _decode_all(
+    ds: Dataset, attributes: Sequence[Attribute]
+) -> tuple[list[Any], list[tuple[str, Exception]]]:
+    """Decode each attribute of ``ds``; values that fail become None and are reported."""
+    encodings = _encodings_of(ds)
+    values: list[Any] = []
+    failures: list[tuple[str, Exception]] = []
+    for attr in attributes:
+        elem = ds.get_item(attr.tag)
+        if elem is None:
+            values.append(None)
+            continue
+        vr = elem.VR if elem.VR and elem.VR not in ("UN", "SQ") else attr.vr
+        try:
+            values.append(_decode_raw(elem, vr, encodings))
+        except (PacsFrameError, ValueError, struct.error, LookupError) as exc:
+            values.append(None)
+            failures.append((attr.keyword, exc))
+    return values, failures
+
+
+def _warn_undecodable(keyword: str, exc: Exception, stacklevel: int) -> None:
+    warnings.warn(
+        f"{keyword} could not be decoded ({exc}); it is empty in that "
+        "row and the rest of the frame is kept.",
+        MalformedValueWarning,
+        stacklevel=stacklevel + 1,
+    )
+
+
+def _as_text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, list):
+        return "\\".join(t for t in (_as_text(v) for v in value) if t is not None) or None
+    if type(value) is float:
+        # repr round-trips every binary float exactly; to_series reads it back.
+        return repr(value)
+    # pydicom's DSfloat and IS (from a dataset built in memory) quote themselves in
+    # repr; their str is the DICOM string.
+    return str(value)
+
+
+def dicom_strings(ds: Dataset, keywords: Sequence[str]) -> dict[str, str | None]:
+    """The DICOM string form of each keyword in ``ds`` (None when absent or empty).
+
+    Text is decoded with the dataset's Specific Character Set, multiple values are
+    joined with backslashes and binary numbers are written out, so the strings
+    become typed columns again with :func:`to_series`. The dataset's values are
+    read raw, without pydicom's value conversion.
+
+    Examples
+    --------
+    >>> from pydicom import Dataset
+    >>> ds = Dataset()
+    >>> ds.PatientName, ds.Rows, ds.ImageType = "Doe^Jane", 512, ["ORIGINAL", "PRIMARY"]
+    >>> dicom_strings(ds, ["PatientName", "Rows", "ImageType", "StudyDate"])
+    {'PatientName': 'Doe^Jane', 'Rows': '512', 'ImageType': 'ORIGINAL\\\\PRIMARY', \
+'StudyDate': None}
+    >>> ds.PixelSpacing = [0.5, "0.75"]
+    >>> dicom_strings(ds, ["PixelSpacing"])
+    {'PixelSpacing': '0.5\\\\0.75'}
+    """
+    attributes = [attribute(k) for k in keywords]
+    values, failures = _decode_all(ds, attributes)
+    for keyword, exc in failures:
+        _warn_undecodable(keyword, exc, stacklevel=2)
+    return {a.keyword: _as_text(v) for a, v in zip(attributes, values, strict=True)}
+
+
 # --- strings -> typed columns -----------------------------------------------------------
 
 _TM_RE = r"^(\d{2})(\d{2})?(\d{2})?(?:\.(\d{1,6}))?$"
@@ -379,25 +450,13 @@ class FrameBuilder:
 
     def add(self, ds: Dataset) -> None:
         """Reduce one identifier to DICOM strings, one per column."""
-        encodings = _encodings_of(ds)
-        for attr, cells in zip(self.attributes, self._cells, strict=True):
-            elem = ds.get_item(attr.tag)
-            if elem is None:
-                cells.append(None)
-                continue
-            vr = elem.VR if elem.VR and elem.VR not in ("UN", "SQ") else attr.vr
-            try:
-                cells.append(_decode_raw(elem, vr, encodings))
-            except (PacsFrameError, ValueError, struct.error, LookupError) as exc:
-                cells.append(None)
-                if attr.keyword not in self._warned:
-                    self._warned.add(attr.keyword)
-                    warnings.warn(
-                        f"{attr.keyword} could not be decoded ({exc}); it is empty in that "
-                        "row and the rest of the frame is kept.",
-                        MalformedValueWarning,
-                        stacklevel=2,
-                    )
+        values, failures = _decode_all(ds, self.attributes)
+        for cells, value in zip(self._cells, values, strict=True):
+            cells.append(value)
+        for keyword, exc in failures:
+            if keyword not in self._warned:
+                self._warned.add(keyword)
+                _warn_undecodable(keyword, exc, stacklevel=2)
 
     def add_strings(self, row: Mapping[str, Any]) -> None:
         """Add a row already in DICOM string form (keyword -> string)."""

@@ -52,6 +52,13 @@ The rules, per key:
 
 A query value that cannot be read as its VR (an impossible date, a malformed range,
 text in a number) raises :class:`~pacsframe.errors.QueryError`.
+
+Above the rules sit the levels. An archive (the demo PACS, the cache) indexes one
+row per instance with the :data:`INDEX_KEYWORDS`; :func:`level_frame` derives the
+patient, study and series rows from it (attributes from each entity's first
+instance, plus the computed counts and ``ModalitiesInStudy``), and :func:`answer`
+runs a whole :class:`~pacsframe.query.Query` over it, so every archive answers a
+query with the same rows and columns.
 """
 
 from __future__ import annotations
@@ -60,6 +67,7 @@ import datetime as _dt
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -67,7 +75,18 @@ import pandas as pd
 from . import frames
 from .errors import QueryError
 
-__all__ = ["NOT_MATCHED", "is_universal", "match"]
+if TYPE_CHECKING:
+    from .query import Query
+
+__all__ = [
+    "INDEX_KEYWORDS",
+    "LEVEL_KEYWORDS",
+    "NOT_MATCHED",
+    "answer",
+    "is_universal",
+    "level_frame",
+    "match",
+]
 
 #: Keywords that are never matching keys, whatever value they carry.
 NOT_MATCHED = frozenset({"QueryRetrieveLevel", "SpecificCharacterSet"})
@@ -96,6 +115,120 @@ _PN_EMPTY_AT_END = r"\^+$"
 _TS_MIN, _TS_MAX = pd.Timestamp.min.ceil("D"), pd.Timestamp.max.floor("D")
 
 Test = Callable[[pd.Series], np.ndarray]
+
+# --- what an archive indexes, per level ----------------------------------------------------
+
+_PATIENT = (
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientBirthTime",
+    "PatientSex",
+    "OtherPatientIDs",
+    "OtherPatientNames",
+    "EthnicGroup",
+    "PatientComments",
+)
+_STUDY = (
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDescription",
+    "ReferringPhysicianName",
+    "NameOfPhysiciansReadingStudy",
+    "AdmittingDiagnosesDescription",
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
+)
+_SERIES = (
+    "SeriesInstanceUID",
+    "SeriesNumber",
+    "SeriesDate",
+    "SeriesTime",
+    "Modality",
+    "SeriesDescription",
+    "BodyPartExamined",
+    "ProtocolName",
+    "Laterality",
+    "PatientPosition",
+    "Manufacturer",
+    "ManufacturerModelName",
+    "InstitutionName",
+    "StationName",
+    "PerformingPhysicianName",
+    "OperatorsName",
+    "FrameOfReferenceUID",
+)
+_INSTANCE = (
+    "SOPInstanceUID",
+    "SOPClassUID",
+    "InstanceNumber",
+    "ImageType",
+    "Rows",
+    "Columns",
+    "BitsAllocated",
+    "BitsStored",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "NumberOfFrames",
+    "ContentDate",
+    "ContentTime",
+    "AcquisitionDate",
+    "AcquisitionTime",
+    "AcquisitionDateTime",
+    "AcquisitionNumber",
+    "InstanceCreationDate",
+    "InstanceCreationTime",
+    "SliceThickness",
+    "SpacingBetweenSlices",
+    "SliceLocation",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "PixelSpacing",
+    "WindowCenter",
+    "WindowWidth",
+    "RescaleIntercept",
+    "RescaleSlope",
+)
+_CHARSET = "SpecificCharacterSet"
+
+#: Attributes an archive indexes per instance (the IMAGE level's columns).
+INDEX_KEYWORDS: tuple[str, ...] = (*_PATIENT, *_STUDY, *_SERIES, *_INSTANCE, _CHARSET)
+
+#: The columns of each query level, in order (computed attributes included).
+LEVEL_KEYWORDS: dict[str, tuple[str, ...]] = {
+    "PATIENT": (
+        *_PATIENT,
+        "NumberOfPatientRelatedStudies",
+        "NumberOfPatientRelatedSeries",
+        "NumberOfPatientRelatedInstances",
+        _CHARSET,
+    ),
+    "STUDY": (
+        *_PATIENT,
+        *_STUDY,
+        "ModalitiesInStudy",
+        "SOPClassesInStudy",
+        "NumberOfStudyRelatedSeries",
+        "NumberOfStudyRelatedInstances",
+        _CHARSET,
+    ),
+    "SERIES": (
+        "PatientID",
+        "StudyInstanceUID",
+        *_SERIES,
+        "NumberOfSeriesRelatedInstances",
+        _CHARSET,
+    ),
+    "IMAGE": INDEX_KEYWORDS,
+}
+
+# The attribute that identifies one entity of each level above IMAGE.
+_LEVEL_KEY = {"PATIENT": "PatientID", "STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID"}
 
 
 def is_universal(value: str | Iterable[str] | None) -> bool:
@@ -175,6 +308,200 @@ def match(frame: pd.DataFrame, keys: Mapping[str, str | list[str] | None]) -> pd
         if not mask.any():
             break
     return pd.Series(mask, index=frame.index, dtype=bool)
+
+
+# --- levels --------------------------------------------------------------------------------
+
+
+def _entities(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Codes of the entity each instance belongs to, and each entity's first instance."""
+    codes, _ = pd.factorize(column, use_na_sentinel=False)
+    first = np.unique(codes, return_index=True)[1]
+    return codes, first
+
+
+def _count_distinct(codes: np.ndarray, other: pd.Series, size: int) -> np.ndarray:
+    other_codes, _ = pd.factorize(other, use_na_sentinel=False)
+    pairs = np.unique(np.stack([codes, other_codes]), axis=1)
+    return np.bincount(pairs[0], minlength=size)
+
+
+def _collect(codes: np.ndarray, values: pd.Series, size: int) -> list[list[str]]:
+    """Per entity, the sorted distinct non-empty values (ModalitiesInStudy and kin)."""
+    pairs = pd.DataFrame({"code": codes, "value": values.to_numpy(dtype=object)})
+    pairs = pairs[values.notna().to_numpy()].drop_duplicates().sort_values(["code", "value"])
+    out: list[list[str]] = [[] for _ in range(size)]
+    for code, value in zip(pairs["code"].tolist(), pairs["value"].tolist(), strict=True):
+        out[code].append(value)
+    return out
+
+
+def _check_level(level: str) -> None:
+    if level not in LEVEL_KEYWORDS:
+        raise QueryError(
+            f"QueryRetrieveLevel {level!r} is not one of {', '.join(LEVEL_KEYWORDS)}."
+        )
+
+
+def level_frame(instances: pd.DataFrame, level: str) -> pd.DataFrame:
+    """One row per entity of ``level``, derived from an instance-level frame.
+
+    Each patient, study or series takes its attributes from its first instance
+    (in frame order) and gains the computed attributes of its level: the
+    ``NumberOf...Related...`` counts, and at the STUDY level ``ModalitiesInStudy``
+    and ``SOPClassesInStudy`` (sorted distinct values). Columns follow
+    :data:`LEVEL_KEYWORDS`; those the instances lack are left out, as are the
+    computed attributes whose source column is missing. Instances with an empty
+    identifying key (e.g. no PatientID) are grouped as one entity.
+
+    Parameters
+    ----------
+    instances : pandas.DataFrame
+        One typed row per instance (columns from :data:`INDEX_KEYWORDS`, extra
+        columns such as ``path`` allowed), e.g. a demo server's or the cache's index.
+    level : {"PATIENT", "STUDY", "SERIES", "IMAGE"}
+        The query level. ``"IMAGE"`` returns the instances unchanged (a shallow
+        copy, with every column).
+
+    Returns
+    -------
+    pandas.DataFrame
+        The level's rows, with a fresh ``RangeIndex``.
+
+    Raises
+    ------
+    QueryError
+        For an unknown level, or when the level's identifying column is missing.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> from pacsframe.frames import to_series
+    >>> instances = pd.DataFrame({
+    ...     k: to_series(v, k) for k, v in {
+    ...         "PatientID": ["P1", "P1", "P1"],
+    ...         "StudyInstanceUID": ["1.2", "1.2", "1.2"],
+    ...         "SeriesInstanceUID": ["1.2.1", "1.2.1", "1.2.2"],
+    ...         "SOPInstanceUID": ["1.2.1.1", "1.2.1.2", "1.2.2.1"],
+    ...         "Modality": ["CT", "CT", "MR"],
+    ...     }.items()
+    ... })
+    >>> level_frame(instances, "SERIES")["NumberOfSeriesRelatedInstances"].tolist()
+    [2, 1]
+    >>> study = level_frame(instances, "STUDY")
+    >>> study["ModalitiesInStudy"].tolist(), study["NumberOfStudyRelatedSeries"].tolist()
+    ([['CT', 'MR']], [2])
+    """
+    _check_level(level)
+    if level == "IMAGE":
+        return instances.reset_index(drop=True)
+    key = _LEVEL_KEY[level]
+    if key not in instances.columns:
+        raise QueryError(f"the instance frame has no {key} column to group the {level} level by.")
+    codes, first = _entities(instances[key])
+    size = len(first)
+    columns = [c for c in LEVEL_KEYWORDS[level] if c in instances.columns]
+    out = instances[columns].iloc[first].reset_index(drop=True)
+    count = np.bincount(codes, minlength=size)
+
+    def distinct(keyword: str) -> np.ndarray | None:
+        if keyword not in instances.columns:
+            return None
+        return _count_distinct(codes, instances[keyword], size)
+
+    counts: dict[str, np.ndarray | None]
+    if level == "PATIENT":
+        counts = {
+            "NumberOfPatientRelatedStudies": distinct("StudyInstanceUID"),
+            "NumberOfPatientRelatedSeries": distinct("SeriesInstanceUID"),
+            "NumberOfPatientRelatedInstances": count,
+        }
+    elif level == "STUDY":
+        for keyword, source in (
+            ("ModalitiesInStudy", "Modality"),
+            ("SOPClassesInStudy", "SOPClassUID"),
+        ):
+            if source in instances.columns:
+                out[keyword] = pd.Series(_collect(codes, instances[source], size), dtype=object)
+        counts = {
+            "NumberOfStudyRelatedSeries": distinct("SeriesInstanceUID"),
+            "NumberOfStudyRelatedInstances": count,
+        }
+    else:
+        counts = {"NumberOfSeriesRelatedInstances": count}
+    for keyword, values in counts.items():
+        if values is not None:
+            out[keyword] = frames.to_series(values.tolist(), keyword)
+    return out[[c for c in LEVEL_KEYWORDS[level] if c in out.columns]]
+
+
+def answer(instances: pd.DataFrame, query: Query) -> pd.DataFrame:
+    """Answer a C-FIND query from an instance-level frame, as a PACS would.
+
+    The rows of :func:`level_frame` at ``query.level`` that :func:`match`
+    ``query.matching``, with exactly ``query.columns`` as columns, in that order;
+    a column the archive does not hold comes back empty (``<NA>``, ``NaT`` or
+    empty lists), as it would from a PACS that returns the key without a value.
+    The frame is typed like a C-FIND answer and its ``attrs["pacsframe"]`` holds
+    the query (``Query.to_json``).
+
+    Parameters
+    ----------
+    instances : pandas.DataFrame
+        One typed row per instance (see :func:`level_frame`).
+    query : pacsframe.query.Query
+        The validated query (level, model and keys in DICOM string form).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per match, with a fresh ``RangeIndex``.
+
+    Raises
+    ------
+    QueryError
+        For an unknown level, or a matching value that cannot be read as its VR.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> from pacsframe.frames import to_series
+    >>> from pacsframe.query import Query
+    >>> instances = pd.DataFrame({
+    ...     k: to_series(v, k) for k, v in {
+    ...         "PatientID": ["P1", "P2"],
+    ...         "StudyInstanceUID": ["1.2", "1.3"],
+    ...         "SeriesInstanceUID": ["1.2.1", "1.3.1"],
+    ...         "SOPInstanceUID": ["1.2.1.1", "1.3.1.1"],
+    ...         "Modality": ["CT", "MR"],
+    ...         "StudyDate": ["20260301", "20260406"],
+    ...     }.items()
+    ... })
+    >>> query = Query("STUDY", "study", {"StudyDate": "20260401-", "StudyInstanceUID": "",
+    ...                                  "ModalitiesInStudy": "", "AccessionNumber": ""})
+    >>> found = answer(instances, query)
+    >>> found.columns.tolist()
+    ['StudyDate', 'StudyInstanceUID', 'ModalitiesInStudy', 'AccessionNumber']
+    >>> found["StudyInstanceUID"].tolist(), found["ModalitiesInStudy"].tolist()
+    (['1.3'], [['MR']])
+    >>> str(found["AccessionNumber"].dtype)
+    'string'
+    """
+    rows = level_frame(instances, query.level)
+    mask = match(rows, query.matching).to_numpy()
+    rows = rows[mask].reset_index(drop=True)
+    size = len(rows)
+    out = pd.DataFrame(
+        {
+            keyword: rows[keyword]
+            if keyword in rows.columns
+            else frames.to_series([None] * size, keyword)
+            for keyword in query.columns
+        },
+        index=pd.RangeIndex(size),
+    )
+    out.attrs["pacsframe"] = query.to_json()
+    return out
 
 
 # --- compiling a key ---------------------------------------------------------------------

@@ -1,13 +1,12 @@
-"""C-STORE SCU: send files, frames of files, or datasets to a peer.
-
-(The storage SCP that receives C-MOVE sub-operations comes with retrieval.)
+"""C-STORE both ways: the SCU that sends files, frames of files or datasets to a
+peer, and the storage SCP that receives C-MOVE sub-operations for the cache.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,19 +15,37 @@ import pandas as pd
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000TransferSyntaxes,
+    JPEGLSTransferSyntaxes,
+    JPEGTransferSyntaxes,
+    RLETransferSyntaxes,
+)
+from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
 
-from .errors import QueryError
+from .errors import AssociationError, QueryError
 
 if TYPE_CHECKING:
     from .connection import PACS
 
-__all__ = ["StoreResult", "store"]
+__all__ = ["StorageSCP", "StoreResult", "TransferResult", "storage_contexts", "store"]
 
 LOGGER = logging.getLogger("pacsframe")
 
+# Uncompressed first (every peer can send them), then the compressed syntaxes a
+# PACS may hold objects in, so those arrive as stored instead of transcoded.
+_TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    *JPEGTransferSyntaxes,
+    *JPEGLSTransferSyntaxes,
+    *JPEG2000TransferSyntaxes,
+    *RLETransferSyntaxes,
+]
 # A peer may accept at most 128 presentation contexts on one association (PS3.8).
 _MAX_CONTEXTS = 128
 _COLUMNS = (
@@ -43,13 +60,8 @@ _COLUMNS = (
 
 
 @dataclass
-class StoreResult:
-    """What a :meth:`PACS.store` call did, one row per object in ``instances``.
-
-    ``instances`` columns: path, SOPInstanceUID, SOPClassUID, TransferSyntaxUID,
-    status (``"completed"``, ``"warning"`` or ``"failed"``), code (the DIMSE
-    status, ``<NA>`` when nothing was sent) and error (a sentence, or ``<NA>``).
-    """
+class TransferResult:
+    """Counts over an ``instances`` frame with a ``status`` column, one row per object."""
 
     instances: pd.DataFrame
 
@@ -58,17 +70,17 @@ class StoreResult:
 
     @property
     def completed(self) -> int:
-        """Objects the peer stored (status 0x0000)."""
+        """Objects transferred (status 0x0000)."""
         return self._count("completed")
 
     @property
     def warning(self) -> int:
-        """Objects the peer stored with a warning status."""
+        """Objects transferred with a warning status."""
         return self._count("warning")
 
     @property
     def failed(self) -> int:
-        """Objects that were not stored (refused, unreadable, or not sent)."""
+        """Objects that were not transferred."""
         return self._count("failed")
 
     @property
@@ -76,11 +88,82 @@ class StoreResult:
         """The rows of ``instances`` that failed, with their error."""
         return self.instances[self.instances["status"] == "failed"]
 
+
+@dataclass
+class StoreResult(TransferResult):
+    """What a :meth:`PACS.store` call did, one row per object in ``instances``.
+
+    ``instances`` columns: path, SOPInstanceUID, SOPClassUID, TransferSyntaxUID,
+    status (``"completed"``, ``"warning"`` or ``"failed"``), code (the DIMSE
+    status, ``<NA>`` when nothing was sent) and error (a sentence, or ``<NA>``).
+    """
+
     def __repr__(self) -> str:
         return (
             f"StoreResult(completed={self.completed}, warning={self.warning}, "
             f"failed={self.failed})"
         )
+
+
+def storage_contexts() -> list[PresentationContext]:
+    """Storage contexts we accept: for C-GET sub-operations and our storage SCP.
+
+    pynetdicom's 120 commonest storage SOP classes (CT, MR, enhanced, SC, SR, PR,
+    SEG, RT, ...), leaving room for the retrieve context within the 128 allowed,
+    each with the uncompressed and the common compressed transfer syntaxes so
+    compressed objects can arrive as they are stored.
+    """
+    return [
+        build_context(cx.abstract_syntax, _TRANSFER_SYNTAXES) for cx in StoragePresentationContexts
+    ]
+
+
+class StorageSCP:
+    """Our own storage SCP, running for the duration of a C-MOVE.
+
+    It listens as the PACS's ``calling_ae`` on ``pacs.scp_port``: the peer must
+    know that AE title with our host and that port. It binds loopback when the
+    peer is on this machine, every interface otherwise.
+    """
+
+    def __init__(self, pacs: PACS, on_store: Callable[[evt.Event], int]) -> None:
+        self.pacs = pacs
+        self.on_store = on_store
+        self.server: Any = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """Where the SCP listens (host, port)."""
+        loopback = self.pacs.host in ("localhost", "::1") or self.pacs.host.startswith("127.")
+        return ("127.0.0.1" if loopback else "", self.pacs.scp_port)
+
+    def start(self) -> StorageSCP:
+        from .connection import set_nodelay
+
+        ae = AE(ae_title=self.pacs.calling_ae)
+        ae.network_timeout = self.pacs.network_timeout
+        ae.dimse_timeout = self.pacs.dimse_timeout
+        ae.maximum_pdu_size = self.pacs.max_pdu
+        for context in storage_contexts():
+            ae.add_supported_context(context.abstract_syntax, context.transfer_syntax)
+        try:
+            self.server = ae.start_server(
+                self.address,
+                block=False,
+                evt_handlers=[(evt.EVT_C_STORE, self.on_store), (evt.EVT_CONN_OPEN, set_nodelay)],
+            )
+        except OSError as exc:
+            raise AssociationError(
+                f"could not start our storage SCP on port {self.pacs.scp_port}: "
+                f"{exc.strerror or exc}. Choose a free scp_port for the PACS.",
+                reason="refused",
+            ) from None
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
 
 
 @dataclass

@@ -466,13 +466,13 @@ def test_pixel_spacing_scales_with_the_matrix(tmp_path):
 
 def test_files_of_a_series_are_written_in_shuffled_order(tmp_path, monkeypatch):
     order: list[str] = []
-    original = cohort_module._atomic_write
+    original = cohort_module.atomic_write
 
     def recording(path, chunks):
         order.append(path)
         original(path, chunks)
 
-    monkeypatch.setattr(cohort_module, "_atomic_write", recording)
+    monkeypatch.setattr(cohort_module, "atomic_write", recording)
     manifest = make_cohort(tmp_path, 3, seed=5, instances_per_series=8, matrix=8)
     number = dict(zip(manifest.path, manifest.InstanceNumber, strict=True))
     series = dict(zip(manifest.path, manifest.SeriesInstanceUID, strict=True))

@@ -92,3 +92,44 @@ def test_cli_errors_are_sentences(capsys):
     assert err.startswith("pacsframe: error:") and "wildcards" in err
     assert cli.main(["find", "StudyDate=2026"]) == 2
     assert "--peer" in capsys.readouterr().err
+
+
+def test_cli_get_from_query_and_from_saved_frame(demo_server, cohort, tmp_path, capsys):
+    peer = ["--peer", f"127.0.0.1:{demo_server.port}", "--aet", demo_server.ae_title]
+    _, manifest = cohort
+    pid = manifest.PatientID.iloc[0]
+    cache = tmp_path / "cache"
+    args = ["get", *peer, "--cache", str(cache), "--no-progress", f"PatientID={pid}"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    wanted = (manifest.PatientID == pid).sum()
+    assert f"completed={wanted}" in out and str(cache) in out
+    saved = tmp_path / "series.csv"
+    assert cli.main(["find", *peer, "--level", "study", "--csv", str(saved)]) == 0
+    capsys.readouterr()
+    again = ["get", *peer, "--cache", str(cache), "--no-progress", "--from", str(saved)]
+    assert cli.main(again) == 0
+    out = capsys.readouterr().out
+    assert f"cached={wanted}" in out and f"completed={len(manifest) - wanted}" in out
+
+
+def test_cli_move_to_us(demo_server, cohort, tmp_path, capsys):
+    from servers import free_port
+
+    port = free_port()
+    demo_server.add_known_ae("CLIMOVE", "127.0.0.1", port)
+    peer = ["--peer", f"127.0.0.1:{demo_server.port}", "--aet", demo_server.ae_title]
+    peer += ["--calling-aet", "CLIMOVE"]
+    _, manifest = cohort
+    pid = manifest.PatientID.iloc[-1]
+    args = ["move", *peer, "--cache", str(tmp_path / "c"), "--scp-port", str(port)]
+    assert cli.main([*args, "--no-progress", f"PatientID={pid}"]) == 0
+    assert f"completed={(manifest.PatientID == pid).sum()}" in capsys.readouterr().out
+
+
+def test_cli_get_refuses_both_sources(demo_server, tmp_path, capsys):
+    peer = ["--peer", f"127.0.0.1:{demo_server.port}", "--aet", demo_server.ae_title]
+    frame = tmp_path / "f.csv"
+    frame.write_text("StudyInstanceUID\n1.2.3\n")
+    assert cli.main(["get", *peer, "--from", str(frame), "PatientID=1"]) == 2
+    assert "not both" in capsys.readouterr().err

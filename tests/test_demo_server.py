@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import types
 import warnings
@@ -20,8 +21,16 @@ import pytest
 from pydicom import Dataset, dcmread
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
-from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage, Verification
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, build_role, evt
+from pynetdicom.sop_class import (
+    CTImageStorage,
+    MRImageStorage,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
 from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelFind as PATIENT_ROOT
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as STUDY_ROOT
 
@@ -673,3 +682,313 @@ def test_serve_runs_until_interrupted(tmp_path):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+# --- C-GET and C-MOVE ---------------------------------------------------------------------------
+
+PATIENT_GET = PatientRootQueryRetrieveInformationModelGet
+STUDY_GET = StudyRootQueryRetrieveInformationModelGet
+PATIENT_MOVE = PatientRootQueryRetrieveInformationModelMove
+STUDY_MOVE = StudyRootQueryRetrieveInformationModelMove
+
+
+class Received:
+    """What a C-GET requestor (or a storage SCP) received, by SOPInstanceUID."""
+
+    def __init__(self) -> None:
+        self.datasets: dict[str, Dataset] = {}
+        self.lock = threading.Lock()
+
+    def handle_store(self, event) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        with self.lock:
+            self.datasets[str(ds.SOPInstanceUID)] = ds
+        return 0x0000
+
+
+def c_get(
+    server: DemoPACS, model: str, level: str, *, cancel_after: int | None = None, **keys: object
+) -> tuple[list[Dataset], Received]:
+    """Every response status of one C-GET, and the instances received."""
+    received = Received()
+    ae = AE(ae_title="PFTEST")
+    ae.add_requested_context(model)
+    roles = []
+    for sop_class in (CTImageStorage, MRImageStorage):
+        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        roles.append(build_role(sop_class, scp_role=True))
+    state = {"assoc": None}
+
+    def on_store(event):
+        status = received.handle_store(event)
+        if cancel_after is not None and len(received.datasets) == cancel_after:
+            # The C-CANCEL goes out while the SCP is between sub-operations.
+            context = next(
+                cx for cx in state["assoc"].accepted_contexts if cx.abstract_syntax == model
+            )
+            state["assoc"].send_c_cancel(1, context.context_id)
+        return status
+
+    assoc = ae.associate(
+        "127.0.0.1",
+        server.port,
+        ae_title=server.ae_title,
+        ext_neg=roles,
+        evt_handlers=[(evt.EVT_C_STORE, on_store)],
+    )
+    assert assoc.is_established
+    state["assoc"] = assoc
+    statuses = []
+    try:
+        for status, _identifier in assoc.send_c_get(query(level, **keys), model, msg_id=1):
+            statuses.append(status)
+    finally:
+        assoc.release()
+    assert statuses, "the association ended without a response"
+    return statuses, received
+
+
+def get_ok(server: DemoPACS, model: str, level: str, **keys: object) -> Received:
+    statuses, received = c_get(server, model, level, **keys)
+    final = statuses[-1]
+    assert final.Status == 0x0000, final
+    assert final.NumberOfCompletedSuboperations == len(received.datasets)
+    assert final.NumberOfFailedSuboperations == 0
+    return received
+
+
+def assert_as_stored(received: Received, rows: pd.DataFrame) -> None:
+    """Exactly ``rows`` arrived, each with the file's UIDs and pixel bytes."""
+    assert sorted(received.datasets) == sorted(rows.SOPInstanceUID)
+    for row in rows.itertuples():
+        stored = dcmread(row.path)
+        got = received.datasets[row.SOPInstanceUID]
+        assert got.SOPInstanceUID == stored.SOPInstanceUID
+        assert got.SeriesInstanceUID == stored.SeriesInstanceUID
+        assert got.PixelData == stored.PixelData
+        assert got.PatientName == stored.PatientName
+
+
+@pytest.mark.parametrize("model", [PATIENT_GET, STUDY_GET])
+def test_get_a_study(server, manifest, model):
+    study = manifest.StudyInstanceUID.iloc[-1]
+    rows = manifest[manifest.StudyInstanceUID == study]
+    keys = {"StudyInstanceUID": study}
+    if model == PATIENT_GET:
+        keys["PatientID"] = rows.PatientID.iloc[0]
+    assert_as_stored(get_ok(server, model, "STUDY", **keys), rows)
+
+
+@pytest.mark.parametrize("model", [PATIENT_GET, STUDY_GET])
+def test_get_a_series(server, manifest, model):
+    row = manifest.iloc[0]
+    rows = manifest[manifest.SeriesInstanceUID == row.SeriesInstanceUID]
+    keys = {"StudyInstanceUID": row.StudyInstanceUID, "SeriesInstanceUID": row.SeriesInstanceUID}
+    if model == PATIENT_GET:
+        keys["PatientID"] = row.PatientID
+    assert_as_stored(get_ok(server, model, "SERIES", **keys), rows)
+
+
+@pytest.mark.parametrize("model", [PATIENT_GET, STUDY_GET])
+def test_get_a_list_of_instances(server, manifest, model):
+    series = manifest.groupby("SeriesInstanceUID").filter(lambda g: len(g) >= 3)
+    series = series[series.SeriesInstanceUID == series.SeriesInstanceUID.iloc[0]]
+    wanted = series.iloc[[0, 2]]
+    keys = {
+        "StudyInstanceUID": wanted.StudyInstanceUID.iloc[0],
+        "SeriesInstanceUID": wanted.SeriesInstanceUID.iloc[0],
+        "SOPInstanceUID": list(wanted.SOPInstanceUID),
+    }
+    if model == PATIENT_GET:
+        keys["PatientID"] = wanted.PatientID.iloc[0]
+    assert_as_stored(get_ok(server, model, "IMAGE", **keys), wanted)
+
+
+def test_get_a_patient_in_the_patient_root(server, manifest):
+    patient = manifest.PatientID.iloc[0]
+    rows = manifest[manifest.PatientID == patient]
+    assert rows.StudyInstanceUID.nunique() >= 1
+    assert_as_stored(get_ok(server, PATIENT_GET, "PATIENT", PatientID=patient), rows)
+
+
+def test_get_of_nothing_is_success_with_no_sub_operations(server):
+    received = get_ok(server, STUDY_GET, "STUDY", StudyInstanceUID="1.2.3.999")
+    assert received.datasets == {}
+
+
+def test_received_dataset_is_the_stored_dataset(server, manifest):
+    """With the file's transfer syntax accepted, the encoded dataset is the file's."""
+    row = manifest.iloc[0]
+    received = get_ok(
+        server,
+        STUDY_GET,
+        "IMAGE",
+        StudyInstanceUID=row.StudyInstanceUID,
+        SeriesInstanceUID=row.SeriesInstanceUID,
+        SOPInstanceUID=row.SOPInstanceUID,
+    )
+    got = received.datasets[row.SOPInstanceUID]
+    stored = dcmread(row.path)
+    assert got.file_meta.TransferSyntaxUID == stored.file_meta.TransferSyntaxUID
+    for elem in stored:
+        assert got[elem.tag].value == elem.value, elem.keyword
+
+
+@pytest.mark.parametrize(
+    ("model", "level", "keys", "comment"),
+    [
+        (STUDY_GET, "PATIENT", {"PatientID": "X"}, "QueryRetrieveLevel PATIENT"),
+        (STUDY_GET, "FRAME", {"StudyInstanceUID": "1.2"}, "QueryRetrieveLevel FRAME"),
+        (STUDY_GET, "STUDY", {}, "StudyInstanceUID"),
+        (STUDY_GET, "SERIES", {"SeriesInstanceUID": "1.2.3"}, "StudyInstanceUID"),
+        (STUDY_GET, "SERIES", {"StudyInstanceUID": "1.2\\1.3", "SeriesInstanceUID": "1"}, "one"),
+        (STUDY_GET, "STUDY", {"StudyInstanceUID": "1.2.*"}, "wildcards"),
+        (PATIENT_GET, "STUDY", {"StudyInstanceUID": "1.2.3"}, "PatientID"),
+        (PATIENT_GET, "IMAGE", {"PatientID": "P", "StudyInstanceUID": "1.2"}, "SeriesInst"),
+    ],
+)
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+def test_get_with_a_bad_identifier_fails_with_a_comment(server, model, level, keys, comment):
+    statuses, received = c_get(server, model, level, **keys)
+    assert len(statuses) == 1
+    assert statuses[0].Status == 0xA900
+    assert comment in statuses[0].ErrorComment
+    assert received.datasets == {}
+
+
+def test_cancel_stops_a_get(server, manifest):
+    study = manifest.StudyInstanceUID.value_counts().index[0]
+    total = (manifest.StudyInstanceUID == study).sum()
+    assert total >= 3
+    statuses, received = c_get(server, STUDY_GET, "STUDY", cancel_after=1, StudyInstanceUID=study)
+    final = statuses[-1]
+    assert final.Status == 0xFE00
+    assert 1 <= len(received.datasets) < total
+    assert final.NumberOfRemainingSuboperations == total - len(received.datasets)
+    assert final.NumberOfCompletedSuboperations == len(received.datasets)
+
+
+def test_unreadable_file_is_a_failed_sub_operation(tmp_path):
+    folder = tmp_path / "broken"
+    manifest = make_cohort(folder, patients=1, seed=5, studies_per_patient=1,
+                           series_per_study=1, instances_per_series=3, matrix=8)  # fmt: skip
+    with DemoPACS(folder) as pacs:
+        broken = manifest.iloc[1]
+        Path(broken.path).write_bytes(b"not DICOM any more")
+        statuses, received = c_get(
+            pacs, STUDY_GET, "STUDY", StudyInstanceUID=manifest.StudyInstanceUID.iloc[0]
+        )
+    final = statuses[-1]
+    assert final.Status == 0xB000
+    assert final.NumberOfFailedSuboperations == 1
+    assert final.NumberOfCompletedSuboperations == 2
+    assert broken.SOPInstanceUID not in received.datasets
+
+
+@pytest.fixture
+def store_scp() -> Iterator[tuple[Received, int]]:
+    """A pynetdicom storage SCP on a free port, as a C-MOVE destination."""
+    received = Received()
+    ae = AE(ae_title="PFDEST")
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    scp = ae.start_server(
+        ("127.0.0.1", 0),
+        block=False,
+        evt_handlers=[(evt.EVT_C_STORE, received.handle_store)],
+    )
+    try:
+        yield received, scp.server_address[1]
+    finally:
+        ae.shutdown()
+
+
+def c_move(server: DemoPACS, model: str, level: str, destination: str, **keys: object) -> list:
+    assoc = associate(server, model)
+    try:
+        return [s for s, _ in assoc.send_c_move(query(level, **keys), destination, model)]
+    finally:
+        assoc.release()
+
+
+@pytest.mark.parametrize("model", [PATIENT_MOVE, STUDY_MOVE])
+def test_move_a_study_to_a_known_ae(cohort, manifest, store_scp, model):
+    received, port = store_scp
+    study = manifest.StudyInstanceUID.iloc[0]
+    rows = manifest[manifest.StudyInstanceUID == study]
+    keys = {"StudyInstanceUID": study}
+    if model == PATIENT_MOVE:
+        keys["PatientID"] = rows.PatientID.iloc[0]
+    with DemoPACS(cohort[0], known_aes={"PFDEST": ("127.0.0.1", port)}) as pacs:
+        statuses = c_move(pacs, model, "STUDY", "PFDEST", **keys)
+    final = statuses[-1]
+    assert final.Status == 0x0000, final
+    assert final.NumberOfCompletedSuboperations == len(rows)
+    assert_as_stored(received, rows)
+
+
+def test_move_instances_to_an_ae_added_at_runtime(server, manifest, store_scp):
+    received, port = store_scp
+    wanted = manifest.iloc[[0, 1]]
+    wanted = wanted[wanted.SeriesInstanceUID == wanted.SeriesInstanceUID.iloc[0]]
+    server.add_known_ae("PFLATER", "127.0.0.1", port)
+    statuses = c_move(
+        server,
+        STUDY_MOVE,
+        "IMAGE",
+        "PFLATER",
+        StudyInstanceUID=wanted.StudyInstanceUID.iloc[0],
+        SeriesInstanceUID=wanted.SeriesInstanceUID.iloc[0],
+        SOPInstanceUID=list(wanted.SOPInstanceUID),
+    )
+    assert statuses[-1].Status == 0x0000
+    assert_as_stored(received, wanted)
+
+
+def test_move_to_an_unknown_ae_fails_with_a_comment(server, manifest):
+    statuses = c_move(
+        server, STUDY_MOVE, "STUDY", "NOBODY", StudyInstanceUID=manifest.StudyInstanceUID.iloc[0]
+    )
+    assert len(statuses) == 1
+    assert statuses[0].Status == 0xA801
+    assert statuses[0].ErrorComment == "Move destination unknown: NOBODY"
+
+
+def test_move_to_an_ae_that_is_not_listening(server, manifest):
+    server.add_known_ae("GONE", "127.0.0.1", free_port())
+    statuses = c_move(
+        server, STUDY_MOVE, "STUDY", "GONE", StudyInstanceUID=manifest.StudyInstanceUID.iloc[0]
+    )
+    assert statuses[-1].Status == 0xA801
+    assert "GONE" in statuses[-1].ErrorComment
+
+
+def test_move_with_a_bad_identifier_fails_with_a_comment(server, store_scp):
+    _, port = store_scp
+    server.add_known_ae("PFDEST", "127.0.0.1", port)
+    statuses = c_move(server, PATIENT_MOVE, "STUDY", "PFDEST", StudyInstanceUID="1.2.3")
+    assert len(statuses) == 1
+    assert statuses[0].Status == 0xA900
+    assert "PatientID" in statuses[0].ErrorComment
+
+
+def test_several_retrieves_at_once(server, manifest):
+    studies = list(manifest.StudyInstanceUID.unique())
+    results: dict[str, Received] = {}
+    errors: list[BaseException] = []
+
+    def run(study: str) -> None:
+        try:
+            results[study] = get_ok(server, STUDY_GET, "STUDY", StudyInstanceUID=study)
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in studies]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors
+    for study in studies:
+        assert_as_stored(results[study], manifest[manifest.StudyInstanceUID == study])

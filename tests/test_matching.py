@@ -12,9 +12,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pacsframe import matching
 from pacsframe.errors import QueryError
-from pacsframe.frames import to_series
+from pacsframe.frames import empty_frame, to_series
 from pacsframe.matching import is_universal, match
+from pacsframe.query import Query
 
 
 def frame_of(**columns: list) -> pd.DataFrame:
@@ -514,3 +516,163 @@ def test_reference_wildcard_agrees_with_fnmatch_on_plain_text():
     for pattern, text in [("a*b", "axxb"), ("a?b", "ab"), ("*", ""), ("?*", "a"), ("a*", "ba")]:
         assert reference_wildcard(pattern, text) == fnmatch.fnmatchcase(text, pattern)
     assert re.fullmatch(r".*", "") is not None
+
+
+# --- levels and whole queries (level_frame, answer) ----------------------------------------------
+
+
+@pytest.fixture
+def instances() -> pd.DataFrame:
+    """Two patients, three studies, four series, six instances (typed as an index)."""
+    return frame_of(
+        PatientID=["P1", "P1", "P1", "P1", "P2", "P2"],
+        PatientName=["Smith^John"] * 4 + ["Müller^Jürgen"] * 2,
+        StudyInstanceUID=["1.1", "1.1", "1.1", "1.2", "1.3", "1.3"],
+        StudyDate=["20260301", "20260301", "20260301", "20260406", "20250101", "20250101"],
+        SeriesInstanceUID=["1.1.1", "1.1.1", "1.1.2", "1.2.1", "1.3.1", "1.3.1"],
+        Modality=["CT", "CT", "MR", "CT", "MR", "MR"],
+        SeriesNumber=["1", "1", "2", "1", "1", "1"],
+        SOPInstanceUID=["1.1.1.1", "1.1.1.2", "1.1.2.1", "1.2.1.1", "1.3.1.1", "1.3.1.2"],
+        SOPClassUID=["1.2.840.10008.5.1.4.1.1.2"] * 2
+        + ["1.2.840.10008.5.1.4.1.1.4"]
+        + ["1.2.840.10008.5.1.4.1.1.2"]
+        + ["1.2.840.10008.5.1.4.1.1.4"] * 2,
+        InstanceNumber=["1", "2", "1", "1", "1", "2"],
+        SpecificCharacterSet=[None] * 4 + [["ISO_IR 192"]] * 2,
+    )
+
+
+def test_level_keywords_cover_the_index():
+    assert matching.LEVEL_KEYWORDS["IMAGE"] == matching.INDEX_KEYWORDS
+    for level in ("PATIENT", "STUDY", "SERIES"):
+        assert set(matching.LEVEL_KEYWORDS[level]) - set(matching.INDEX_KEYWORDS) <= {
+            "NumberOfPatientRelatedStudies",
+            "NumberOfPatientRelatedSeries",
+            "NumberOfPatientRelatedInstances",
+            "ModalitiesInStudy",
+            "SOPClassesInStudy",
+            "NumberOfStudyRelatedSeries",
+            "NumberOfStudyRelatedInstances",
+            "NumberOfSeriesRelatedInstances",
+        }
+
+
+def test_level_frame_patient(instances):
+    patients = matching.level_frame(instances, "PATIENT")
+    assert patients["PatientID"].tolist() == ["P1", "P2"]
+    assert patients["NumberOfPatientRelatedStudies"].tolist() == [2, 1]
+    assert patients["NumberOfPatientRelatedSeries"].tolist() == [3, 1]
+    assert patients["NumberOfPatientRelatedInstances"].tolist() == [4, 2]
+    assert str(patients["NumberOfPatientRelatedInstances"].dtype) == "Int64"
+    # Columns follow LEVEL_KEYWORDS, restricted to what exists.
+    order = [c for c in matching.LEVEL_KEYWORDS["PATIENT"] if c in patients.columns]
+    assert patients.columns.tolist() == order
+    assert "StudyInstanceUID" not in patients.columns
+
+
+def test_level_frame_study(instances):
+    studies = matching.level_frame(instances, "STUDY")
+    assert studies["StudyInstanceUID"].tolist() == ["1.1", "1.2", "1.3"]
+    assert studies["ModalitiesInStudy"].tolist() == [["CT", "MR"], ["CT"], ["MR"]]
+    assert studies["SOPClassesInStudy"].tolist()[0] == [
+        "1.2.840.10008.5.1.4.1.1.2",
+        "1.2.840.10008.5.1.4.1.1.4",
+    ]
+    assert studies["NumberOfStudyRelatedSeries"].tolist() == [2, 1, 1]
+    assert studies["NumberOfStudyRelatedInstances"].tolist() == [3, 1, 2]
+    assert studies["StudyDate"].dtype.kind == "M"
+    assert studies.index.equals(pd.RangeIndex(3))
+
+
+def test_level_frame_series_and_image(instances):
+    series = matching.level_frame(instances, "SERIES")
+    assert series["SeriesInstanceUID"].tolist() == ["1.1.1", "1.1.2", "1.2.1", "1.3.1"]
+    assert series["NumberOfSeriesRelatedInstances"].tolist() == [2, 1, 1, 2]
+    assert "SOPInstanceUID" not in series.columns and "PatientName" not in series.columns
+    image = matching.level_frame(instances.set_axis(range(10, 16)), "IMAGE")
+    assert image.columns.tolist() == instances.columns.tolist()
+    assert image.index.equals(pd.RangeIndex(6))
+
+
+def test_level_frame_first_instance_wins_and_extra_columns_are_dropped(instances):
+    instances = instances.assign(path=[f"/x/{i}.dcm" for i in range(6)])
+    instances.loc[1, "Modality"] = "OT"  # a later instance of series 1.1.1 disagrees
+    series = matching.level_frame(instances, "SERIES")
+    assert series["Modality"].tolist()[0] == "CT"
+    assert "path" not in series.columns
+    assert "path" in matching.level_frame(instances, "IMAGE").columns
+
+
+def test_level_frame_tolerates_missing_source_columns(instances):
+    slim = instances[["PatientID", "StudyInstanceUID", "SOPInstanceUID"]]
+    studies = matching.level_frame(slim, "STUDY")
+    assert "ModalitiesInStudy" not in studies.columns
+    assert "NumberOfStudyRelatedSeries" not in studies.columns
+    assert studies["NumberOfStudyRelatedInstances"].tolist() == [3, 1, 2]
+    with pytest.raises(QueryError, match="SeriesInstanceUID"):
+        matching.level_frame(slim, "SERIES")
+    with pytest.raises(QueryError, match="FRAME"):
+        matching.level_frame(slim, "FRAME")
+
+
+@pytest.mark.parametrize("level", ["PATIENT", "STUDY", "SERIES", "IMAGE"])
+def test_level_frame_of_an_empty_index(level):
+    rows = matching.level_frame(empty_frame(matching.INDEX_KEYWORDS), level)
+    assert len(rows) == 0
+    assert set(rows.columns) <= set(matching.LEVEL_KEYWORDS[level])
+
+
+def test_answer_selects_rows_and_exactly_the_query_columns(instances):
+    query = Query(
+        "STUDY",
+        "study",
+        {
+            "PatientName": "smith*",
+            "StudyInstanceUID": "",
+            "ModalitiesInStudy": "MR",
+            "NumberOfStudyRelatedInstances": "",
+            "AccessionNumber": "",
+            "StudyTime": "",
+            "ImageComments": "",
+        },
+    )
+    found = matching.answer(instances, query)
+    assert found.columns.tolist() == query.columns
+    assert found["StudyInstanceUID"].tolist() == ["1.1"]
+    assert found["NumberOfStudyRelatedInstances"].tolist() == [3]
+    # Columns the archive does not hold are empty, typed by their VR.
+    assert str(found["AccessionNumber"].dtype) == "string"
+    assert found["AccessionNumber"].isna().all()
+    assert found["StudyTime"].dtype.kind == "m"
+    assert found.index.equals(pd.RangeIndex(1))
+    assert found.attrs["pacsframe"] == query.to_json()
+
+
+def test_answer_uid_lists_and_levels(instances):
+    query = Query(
+        "IMAGE",
+        "study",
+        {
+            "StudyInstanceUID": "1.1",
+            "SeriesInstanceUID": "1.1.1",
+            "SOPInstanceUID": "1.1.1.2\\1.1.2.1\\9.9",
+            "InstanceNumber": "",
+        },
+    )
+    found = matching.answer(instances, query)
+    assert found["SOPInstanceUID"].tolist() == ["1.1.1.2"]
+    assert found["InstanceNumber"].tolist() == [2]
+    assert matching.answer(instances, Query("PATIENT", "patient", {"PatientID": "P9"})).empty
+
+
+def test_answer_with_no_match_keeps_typed_columns(instances):
+    query = Query("SERIES", "study", {"StudyInstanceUID": "1.9", "SeriesDate": "", "Modality": ""})
+    found = matching.answer(instances, query)
+    assert found.empty
+    assert found.columns.tolist() == ["StudyInstanceUID", "SeriesDate", "Modality"]
+    assert found["SeriesDate"].dtype.kind == "M"
+
+
+def test_answer_rejects_bad_values(instances):
+    with pytest.raises(QueryError, match="StudyDate"):
+        matching.answer(instances, Query("STUDY", "study", {"StudyDate": "20261345"}))

@@ -10,10 +10,8 @@ attributes, and the occasional study holding both CT and MR series.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import os
-import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +26,8 @@ from pydicom.dataelem import DataElement
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
+
+from ..cache import atomic_write
 
 __all__ = ["make_cohort"]
 
@@ -980,7 +980,7 @@ class _Writer:
             meta_bytes = b"".join(meta[tag] for tag in sorted(meta))
             group_length = encode([("FileMetaInformationGroupLength", len(meta_bytes))], None)
             path = os.path.join(series_dir, f"{sop_uid}.dcm")
-            _atomic_write(
+            atomic_write(
                 path,
                 [
                     _PREAMBLE,
@@ -1033,18 +1033,3 @@ class _Writer:
 
 # The Part 10 preamble (128 zero bytes, as dcmwrite writes when there is none) and prefix.
 _PREAMBLE = b"\x00" * 128 + b"DICM"
-
-
-def _atomic_write(path: str, chunks: Sequence[bytes]) -> None:
-    # A temporary name in the same folder, then os.replace: readers (and a server
-    # watching the folder) see either no file or a complete one. The name carries the
-    # process and thread so concurrent writers of the same cohort cannot collide.
-    temporary = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-    try:
-        with open(temporary, "wb") as handle:
-            handle.write(b"".join(chunks))
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise

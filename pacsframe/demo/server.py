@@ -1,32 +1,32 @@
 """The embedded demo PACS: a real DICOM server over a folder of files.
 
 :class:`DemoPACS` listens on TCP (loopback by default) with pynetdicom and answers
-C-ECHO, C-FIND in the patient-root and study-root models at every level, and
-C-STORE. On start it reads the header of every ``*.dcm`` file under its folder
-into one typed instance-level DataFrame (:class:`pacsframe.frames.FrameBuilder`);
-the patient, study and series levels are views derived from it, and C-FIND keys
-are matched with :func:`pacsframe.matching.match`, the same engine the offline
-cache uses. Instances received by C-STORE are written to
+C-ECHO; C-FIND, C-GET and C-MOVE (to known AEs) in the patient-root and study-root
+models at every level; and C-STORE. On start it reads the header of every
+``*.dcm`` file under its folder into one typed instance-level DataFrame
+(:class:`pacsframe.frames.FrameBuilder`); the patient, study and series levels are
+views derived from it (:func:`pacsframe.matching.level_frame`), and keys are
+matched with :func:`pacsframe.matching.match`, the same engine the offline cache
+uses. C-GET and C-MOVE send the selected files as stored, without decoding their
+pixel data. Instances received by C-STORE are written to
 ``<folder>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm`` (the
-cache layout) and become visible to the next C-FIND.
+cache layout) and become visible to the next request.
 
 The handlers follow pynetdicom's ``apps/`` idiom: small functions bound to
 events, with the server passed as an extra handler argument.
 
-Not supported (yet): C-GET and C-MOVE (``known_aes`` is stored for C-MOVE),
-relational queries and the other extended negotiation options, sequence
-matching, modality worklist, TLS, and deleting instances.
+Not supported (yet): relational queries and retrieve and the other extended
+negotiation options, sequence matching, modality worklist, TLS, and deleting
+instances.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import socket
 import struct
-import tempfile
 import threading
+import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from io import BytesIO
@@ -42,17 +42,26 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag, Tag
-from pydicom.uid import UID
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.dimse_messages import C_GET_RSP, C_MOVE_RSP
+from pynetdicom.dsutils import encode
+from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
     StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
 
 from .. import frames, matching
-from ..connection import check_ae_title
+from ..cache import atomic_write
+from ..connection import check_ae_title, set_nodelay
 from ..errors import QueryError
+from ..matching import INDEX_KEYWORDS, LEVEL_KEYWORDS
 
 __all__ = [
     "INDEX_KEYWORDS",
@@ -60,120 +69,15 @@ __all__ = [
     "DemoPACS",
     "handle_echo",
     "handle_find",
+    "handle_get",
+    "handle_move",
     "handle_store",
     "serve",
 ]
 
 LOGGER = logging.getLogger(__name__)
 
-_PATIENT = (
-    "PatientID",
-    "IssuerOfPatientID",
-    "PatientName",
-    "PatientBirthDate",
-    "PatientBirthTime",
-    "PatientSex",
-    "OtherPatientIDs",
-    "OtherPatientNames",
-    "EthnicGroup",
-    "PatientComments",
-)
-_STUDY = (
-    "StudyInstanceUID",
-    "StudyDate",
-    "StudyTime",
-    "AccessionNumber",
-    "StudyID",
-    "StudyDescription",
-    "ReferringPhysicianName",
-    "NameOfPhysiciansReadingStudy",
-    "AdmittingDiagnosesDescription",
-    "PatientAge",
-    "PatientSize",
-    "PatientWeight",
-)
-_SERIES = (
-    "SeriesInstanceUID",
-    "SeriesNumber",
-    "SeriesDate",
-    "SeriesTime",
-    "Modality",
-    "SeriesDescription",
-    "BodyPartExamined",
-    "ProtocolName",
-    "Laterality",
-    "PatientPosition",
-    "Manufacturer",
-    "ManufacturerModelName",
-    "InstitutionName",
-    "StationName",
-    "PerformingPhysicianName",
-    "OperatorsName",
-    "FrameOfReferenceUID",
-)
-_INSTANCE = (
-    "SOPInstanceUID",
-    "SOPClassUID",
-    "InstanceNumber",
-    "ImageType",
-    "Rows",
-    "Columns",
-    "BitsAllocated",
-    "BitsStored",
-    "SamplesPerPixel",
-    "PhotometricInterpretation",
-    "NumberOfFrames",
-    "ContentDate",
-    "ContentTime",
-    "AcquisitionDate",
-    "AcquisitionTime",
-    "AcquisitionDateTime",
-    "AcquisitionNumber",
-    "InstanceCreationDate",
-    "InstanceCreationTime",
-    "SliceThickness",
-    "SpacingBetweenSlices",
-    "SliceLocation",
-    "ImagePositionPatient",
-    "ImageOrientationPatient",
-    "PixelSpacing",
-    "WindowCenter",
-    "WindowWidth",
-    "RescaleIntercept",
-    "RescaleSlope",
-)
 _CHARSET = "SpecificCharacterSet"
-
-#: Attributes read from every file into the instance-level frame.
-INDEX_KEYWORDS: tuple[str, ...] = (*_PATIENT, *_STUDY, *_SERIES, *_INSTANCE, _CHARSET)
-
-#: The columns of each query level (computed attributes included).
-LEVEL_KEYWORDS: dict[str, tuple[str, ...]] = {
-    "PATIENT": (
-        *_PATIENT,
-        "NumberOfPatientRelatedStudies",
-        "NumberOfPatientRelatedSeries",
-        "NumberOfPatientRelatedInstances",
-        _CHARSET,
-    ),
-    "STUDY": (
-        *_PATIENT,
-        *_STUDY,
-        "ModalitiesInStudy",
-        "SOPClassesInStudy",
-        "NumberOfStudyRelatedSeries",
-        "NumberOfStudyRelatedInstances",
-        _CHARSET,
-    ),
-    "SERIES": (
-        "PatientID",
-        "StudyInstanceUID",
-        *_SERIES,
-        "NumberOfSeriesRelatedInstances",
-        _CHARSET,
-    ),
-    "IMAGE": INDEX_KEYWORDS,
-}
 
 _MODELS = {
     PatientRootQueryRetrieveInformationModelFind: "patient",
@@ -281,88 +185,32 @@ def _make_view(frame: pd.DataFrame) -> _View:
     return _View(frame, [_charset_term(t) for t in frame[_CHARSET].tolist()])
 
 
-def _entities(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """Codes of the entity each instance belongs to, and each entity's first instance."""
-    codes, _ = pd.factorize(column, use_na_sentinel=False)
-    first = np.unique(codes, return_index=True)[1]
-    return codes, first
-
-
-def _count_distinct(codes: np.ndarray, other: pd.Series, size: int) -> np.ndarray:
-    other_codes, _ = pd.factorize(other, use_na_sentinel=False)
-    pairs = np.unique(np.stack([codes, other_codes]), axis=1)
-    return np.bincount(pairs[0], minlength=size)
-
-
-def _collect(codes: np.ndarray, values: pd.Series, size: int) -> list[list[str]]:
-    """Per entity, the sorted distinct non-empty values (ModalitiesInStudy and kin)."""
-    pairs = pd.DataFrame({"code": codes, "value": values.to_numpy(dtype=object)})
-    pairs = pairs[values.notna().to_numpy()].drop_duplicates().sort_values(["code", "value"])
-    out: list[list[str]] = [[] for _ in range(size)]
-    for code, value in zip(pairs["code"].tolist(), pairs["value"].tolist(), strict=True):
-        out[code].append(value)
-    return out
-
-
-def _level_frame(instances: pd.DataFrame, level: str) -> pd.DataFrame:
-    """Derive one level's rows from the instances; attributes come from the first instance."""
-    if level == "IMAGE":
-        return instances
-    key = {"PATIENT": "PatientID", "STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID"}
-    codes, first = _entities(instances[key[level]])
-    size = len(first)
-    columns = [c for c in LEVEL_KEYWORDS[level] if c in instances.columns]
-    out = instances[columns].iloc[first].reset_index(drop=True)
-    count = np.bincount(codes, minlength=size)
-
-    if level == "PATIENT":
-        counts = {
-            "NumberOfPatientRelatedStudies": _count_distinct(
-                codes, instances["StudyInstanceUID"], size
-            ),
-            "NumberOfPatientRelatedSeries": _count_distinct(
-                codes, instances["SeriesInstanceUID"], size
-            ),
-            "NumberOfPatientRelatedInstances": count,
-        }
-    elif level == "STUDY":
-        out["ModalitiesInStudy"] = pd.Series(
-            _collect(codes, instances["Modality"], size), dtype=object
-        )
-        out["SOPClassesInStudy"] = pd.Series(
-            _collect(codes, instances["SOPClassUID"], size), dtype=object
-        )
-        counts = {
-            "NumberOfStudyRelatedSeries": _count_distinct(
-                codes, instances["SeriesInstanceUID"], size
-            ),
-            "NumberOfStudyRelatedInstances": count,
-        }
-    else:
-        counts = {"NumberOfSeriesRelatedInstances": count}
-    for keyword, values in counts.items():
-        out[keyword] = frames.to_series(values.tolist(), keyword)
-    return out[[c for c in LEVEL_KEYWORDS[level] if c in out.columns]]
-
-
 class _Index:
     """The instance frame plus cached level views, safe to share between associations.
 
     New instances are collected in a FrameBuilder and merged when the next query
     needs them, so a burst of C-STOREs costs one concatenation, not one each.
+    Besides the DICOM columns, each row has the file's ``path`` and
+    ``transfer_syntax`` (from its file meta; C-MOVE proposes it to the destination).
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._instances = frames.empty_frame(INDEX_KEYWORDS).assign(path=pd.Series(dtype=str))
+        self._instances = frames.empty_frame(INDEX_KEYWORDS).assign(
+            path=pd.Series(dtype=str), transfer_syntax=pd.Series(dtype=str)
+        )
         self._pending = frames.FrameBuilder(INDEX_KEYWORDS)
         self._pending_paths: list[str] = []
+        self._pending_syntaxes: list[str] = []
         self._views: dict[str, _View] = {}
 
     def add(self, ds: Dataset, path: str) -> None:
+        meta = getattr(ds, "file_meta", None)
+        syntax = str(getattr(meta, "TransferSyntaxUID", "") or "")
         with self._lock:
             self._pending.add(ds)
             self._pending_paths.append(path)
+            self._pending_syntaxes.append(syntax)
             self._views.clear()
 
     def scan(self, folder: Path) -> int:
@@ -402,7 +250,7 @@ class _Index:
             self._merge()
             view = self._views.get(level)
             if view is None:
-                view = _make_view(_level_frame(self._instances, level))
+                view = _make_view(matching.level_frame(self._instances, level))
                 self._views[level] = view
             return view
 
@@ -411,8 +259,10 @@ class _Index:
             return
         new = self._pending.frame()
         new["path"] = pd.Series(self._pending_paths, dtype=str)
+        new["transfer_syntax"] = pd.Series(self._pending_syntaxes, dtype=str)
         self._pending = frames.FrameBuilder(INDEX_KEYWORDS)
         self._pending_paths = []
+        self._pending_syntaxes = []
         merged = (
             pd.concat([self._instances, new], ignore_index=True) if len(self._instances) else new
         )
@@ -665,21 +515,303 @@ def handle_find(event: evt.Event, server: DemoPACS) -> Iterator[tuple[int | Data
         yield 0xFF00, encode(row)
 
 
-# --- C-STORE and C-ECHO ---------------------------------------------------------------------
+# --- C-GET and C-MOVE ------------------------------------------------------------------------
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The temporary name does not end in .dcm, so a scan never indexes half a file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".part")
+_RETRIEVE_MODELS = {
+    PatientRootQueryRetrieveInformationModelGet: "patient",
+    StudyRootQueryRetrieveInformationModelGet: "study",
+    PatientRootQueryRetrieveInformationModelMove: "patient",
+    StudyRootQueryRetrieveInformationModelMove: "study",
+}
+_LEVEL_UNIQUE_KEY = {
+    "PATIENT": "PatientID",
+    "STUDY": "StudyInstanceUID",
+    "SERIES": "SeriesInstanceUID",
+    "IMAGE": "SOPInstanceUID",
+}
+_UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+_MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are odd numbers 1 to 255
+
+
+def _parse_retrieve(identifier: Dataset, model: str) -> tuple[str, dict[str, str]]:
+    """The level and the unique keys of a C-GET/C-MOVE identifier (PS3.4 C.4.2.2.1).
+
+    The unique keys of the levels above must be single values; the retrieve
+    level's own key may be a list (``\\``-separated). Other keys are ignored, as
+    the hierarchical model does not use them to select instances.
+    """
+    level = _query_value(identifier, _TAG_LEVEL, "CS")
+    levels = _MODEL_LEVELS[model]
+    if level not in levels:
+        raise _Refused(
+            0xA900,
+            f"QueryRetrieveLevel {level or '(missing)'} is not one of {', '.join(levels)}",
+        )
+    keys: dict[str, str] = {}
+    for keyword in (*_UPPER_KEYS[(model, level)], _LEVEL_UNIQUE_KEY[level]):
+        attr = frames.attribute(keyword)
+        try:
+            value = _query_value(identifier, attr.tag, attr.vr)
+        except (ValueError, TypeError, LookupError) as exc:
+            raise _Refused(0xA900, f"cannot read the value of {keyword}: {exc}") from None
+        if not value or any(c in value for c in "*?"):
+            raise _Refused(0xA900, f"{level} level retrieve needs {keyword} (no wildcards)")
+        if keyword != _LEVEL_UNIQUE_KEY[level] and "\\" in value:
+            raise _Refused(0xA900, f"{level} level retrieve needs one {keyword} value")
+        keys[keyword] = value
+    return level, keys
+
+
+def _select(server: DemoPACS, event: evt.Event, model: str) -> pd.DataFrame:
+    """The indexed instances a C-GET/C-MOVE request asks for (or raise _Refused)."""
     try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+        identifier = event.identifier
+    except (ValueError, TypeError, LookupError, EOFError, struct.error) as exc:
+        raise _Refused(0xA900, f"the identifier could not be decoded: {exc}") from None
+    level, keys = _parse_retrieve(identifier, model)
+    # Every instance row carries the UIDs of its patient, study and series, so
+    # matching the unique keys on the instance frame selects the same instances
+    # as matching the level's frame and expanding each match.
+    instances = server._index.instances()
+    try:
+        mask = matching.match(instances, keys).to_numpy()
+    except QueryError as exc:
+        raise _Refused(0xC000, str(exc)) from None
+    selected = instances.loc[mask, ["SOPClassUID", "SOPInstanceUID", "path", "transfer_syntax"]]
+    LOGGER.info("%s %s level: %d instance(s)", event.event.name, level, len(selected))
+    return selected.reset_index(drop=True)
+
+
+class _Notes:
+    """Error Comments (and statuses) for final C-GET/C-MOVE responses.
+
+    pynetdicom's retrieve handlers cannot fail a request with an Error Comment
+    before the sub-operations start: a C-MOVE handler must yield the destination
+    first, and ``(None, None)`` makes pynetdicom answer 0xA801 with no comment; a
+    C-GET handler can only end early with a count of 0, which is answered as
+    Success. So the handler leaves a note keyed by association and Message ID and
+    takes that "no-op" route, and :func:`_annotate` (bound to ``EVT_DIMSE_SENT``,
+    which fires after the response is built and before it is encoded) puts the
+    status and comment into that final response.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._notes: weakref.WeakKeyDictionary[Any, dict[int, tuple[int | None, str]]]
+        self._notes = weakref.WeakKeyDictionary()
+
+    def leave(self, event: evt.Event, status: int | None, comment: str) -> None:
+        """Note ``comment`` for the final response (``status`` None: keep pynetdicom's)."""
+        with self._lock:
+            notes = self._notes.setdefault(event.assoc, {})
+            notes[int(event.request.MessageID)] = (status, comment)
+
+    def take(self, assoc: Any, message_id: int) -> tuple[int | None, str] | None:
+        with self._lock:
+            notes = self._notes.get(assoc)
+            return notes.pop(message_id, None) if notes else None
+
+
+def _annotate(event: evt.Event, server: DemoPACS) -> None:
+    """Complete a final C-GET/C-MOVE response with the handler's note (see _Notes)."""
+    message = event.message
+    if not isinstance(message, (C_GET_RSP, C_MOVE_RSP)):
+        return
+    command = message.command_set
+    status = int(command.get("Status", 0))
+    if status in (0xFF00, 0xFF01):
+        return
+    note = server._notes.take(event.assoc, int(command.MessageIDBeingRespondedTo))
+    if note is None:
+        return
+    wanted, comment = note
+    if wanted is None:
+        if status != 0xA801 or "ErrorComment" in command:
+            return  # the note was for a failure that did not happen
+        wanted = status
+    command.Status = wanted
+    command.ErrorComment = _status(wanted, comment).ErrorComment
+    # The Command Group Length was computed before the comment was added.
+    del command.CommandGroupLength
+    command.CommandGroupLength = len(encode(command, True, True) or b"")
+
+
+def _stand_in(row: dict[str, Any]) -> Dataset:
+    # An instance whose file cannot be read: a dataset without file meta, which
+    # pynetdicom's send_c_store refuses, so it counts one failed sub-operation
+    # and lists the SOPInstanceUID, and the other sub-operations go on.
+    ds = Dataset()
+    ds.SOPClassUID = row["SOPClassUID"] or "1.2.840.10008.5.1.4.1.1.7"
+    ds.SOPInstanceUID = row["SOPInstanceUID"]
+    return ds
+
+
+def _sub_operations(event: evt.Event, selected: pd.DataFrame) -> Iterator[tuple[int, Any]]:
+    """One Pending (status, dataset) per instance; 0xFE00 once the peer cancels."""
+    for row in selected.to_dict("records"):
+        if event.is_cancelled:
+            LOGGER.info("%s cancelled by the peer", event.event.name)
+            yield 0xFE00, None
+            return
+        try:
+            # No pixel decoding: the elements stay raw and are written back as read
+            # when the transfer syntax is the file's.
+            ds = dcmread(row["path"])
+        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+            LOGGER.error("%s: cannot read %s (%s)", event.event.name, row["path"], exc)
+            ds = _stand_in(row)
+        yield 0xFF00, ds
+
+
+def handle_get(event: evt.Event, server: DemoPACS) -> Iterator[Any]:
+    """Answer a C-GET request (``evt.EVT_C_GET``) with C-STOREs on the same association.
+
+    The identifier names a level and the unique keys down to it (PS3.4 C.4.2.2.1):
+    the upper levels' keys one value each, the level's own key one value or a list
+    (e.g. several SOPInstanceUIDs at the IMAGE level). The selected files are read
+    without decoding their pixel data and sent over the presentation contexts the
+    requestor offered in the SCP role.
+
+    Parameters
+    ----------
+    event : pynetdicom.events.Event
+        The C-GET request event.
+    server : DemoPACS
+        The server whose index and files answer (bound as an extra handler argument).
+
+    Yields
+    ------
+    int, then (int, pydicom.dataset.Dataset or None)
+        pynetdicom's C-GET handler protocol: the number of sub-operations, then a
+        Pending ``0xFF00`` and the dataset per instance, or ``0xFE00`` when the peer
+        cancels. pynetdicom then answers Success ``0x0000``, Warning ``0xB000``
+        (some sub-operations failed) or Failure ``0xA702`` (all failed), with the
+        counts and the Failed SOP Instance UID List. A request that cannot be
+        served is answered ``0xA900`` (a bad identifier) or ``0xC000`` with an
+        Error Comment.
+
+    Examples
+    --------
+    >>> from pynetdicom import evt
+    >>> server = DemoPACS("/tmp/nowhere")
+    >>> handlers = [(evt.EVT_C_GET, handle_get, [server])]
+    """
+    model = _RETRIEVE_MODELS.get(event.request.AffectedSOPClassUID)
+    try:
+        if model is None:
+            raise _Refused(0x0122, "SOP class not supported")
+        selected = _select(server, event, model)
+    except _Refused as exc:
+        LOGGER.info("C-GET refused (0x%04X): %s", exc.status, exc.comment)
+        server._notes.leave(event, exc.status, exc.comment)
+        yield 0
+        return
+    yield len(selected)
+    yield from _sub_operations(event, selected)
+
+
+def _move_contexts(selected: pd.DataFrame) -> list[PresentationContext]:
+    """Presentation contexts for a C-MOVE sub-association: each file's own syntax.
+
+    Per SOP class one context offers the uncompressed syntaxes (the files' first);
+    each compressed syntax gets a context of its own, so the destination accepting
+    one does not hide the others.
+    """
+    pairs = selected[["SOPClassUID", "transfer_syntax"]].drop_duplicates()
+    plain: dict[str, list[str]] = {}
+    compressed: list[tuple[str, str]] = []
+    for sop_class, syntax in pairs.itertuples(index=False):
+        if not isinstance(sop_class, str) or not sop_class:
+            continue
+        syntaxes = plain.setdefault(sop_class, [])
+        if not syntax or UID(syntax) in _UNCOMPRESSED or not UID(syntax).is_compressed:
+            if syntax:
+                syntaxes.append(syntax)
+        else:
+            compressed.append((sop_class, syntax))
+    contexts = [
+        build_context(sop_class, list(dict.fromkeys([*syntaxes, *_UNCOMPRESSED])))
+        for sop_class, syntaxes in plain.items()
+    ]
+    contexts += [build_context(sop_class, syntax) for sop_class, syntax in compressed]
+    if len(contexts) > _MAX_CONTEXTS:
+        LOGGER.warning(
+            "C-MOVE needs %d presentation contexts; only %d fit in one association, "
+            "instances needing the others will fail",
+            len(contexts),
+            _MAX_CONTEXTS,
+        )
+    return contexts[:_MAX_CONTEXTS]
+
+
+def handle_move(event: evt.Event, server: DemoPACS) -> Iterator[Any]:
+    """Answer a C-MOVE request (``evt.EVT_C_MOVE``) with C-STOREs to a known AE.
+
+    The identifier is read as for :func:`handle_get`. The Move Destination must be
+    one of the server's known AEs (``known_aes`` or :meth:`DemoPACS.add_known_ae`);
+    the sub-association to it proposes, per SOP class, the files' own transfer
+    syntaxes plus the uncompressed ones, and has TCP_NODELAY set.
+
+    Parameters
+    ----------
+    event : pynetdicom.events.Event
+        The C-MOVE request event.
+    server : DemoPACS
+        The server whose index, files and known AEs answer (bound as an extra
+        handler argument).
+
+    Yields
+    ------
+    (str, int, dict), then int, then (int, pydicom.dataset.Dataset or None)
+        pynetdicom's C-MOVE handler protocol: the destination's address, port and
+        association arguments, the number of sub-operations, then a Pending
+        ``0xFF00`` and the dataset per instance, or ``0xFE00`` when the peer
+        cancels. Final statuses are as for :func:`handle_get`; an unknown
+        destination, or one that refuses the association, is answered ``0xA801``
+        with an Error Comment naming the AE.
+
+    Examples
+    --------
+    >>> from pynetdicom import evt
+    >>> server = DemoPACS("/tmp/nowhere", known_aes={"STORESCP": ("127.0.0.1", 11113)})
+    >>> handlers = [(evt.EVT_C_MOVE, handle_move, [server])]
+    """
+    model = _RETRIEVE_MODELS.get(event.request.AffectedSOPClassUID)
+    destination = str(event.request.MoveDestination or "").strip()
+    try:
+        if model is None:
+            raise _Refused(0x0122, "SOP class not supported")
+        address = server.known_aes.get(destination)
+        if address is None:
+            raise _Refused(0xA801, f"Move destination unknown: {destination or '(empty)'}")
+        selected = _select(server, event, model)
+    except _Refused as exc:
+        LOGGER.info("C-MOVE refused (0x%04X): %s", exc.status, exc.comment)
+        server._notes.leave(event, exc.status, exc.comment)
+        yield None, None  # pynetdicom answers at once; _annotate sets status and comment
+        return
+    if len(selected) == 0:
+        # No sub-operations: pynetdicom answers Success without associating.
+        yield address[0], address[1]
+        yield 0
+        return
+    host, port = address
+    # Noted in case the destination refuses the association (pynetdicom then
+    # answers 0xA801 on its own, without a comment).
+    server._notes.leave(
+        event, None, f"Move destination {destination} at {host}:{port} refused the association"
+    )
+    options = {
+        "contexts": _move_contexts(selected),
+        "evt_handlers": [(evt.EVT_CONN_OPEN, set_nodelay)],
+    }
+    yield host, port, options
+    yield len(selected)
+    yield from _sub_operations(event, selected)
+
+
+# --- C-STORE and C-ECHO ---------------------------------------------------------------------
 
 
 def handle_store(event: evt.Event, server: DemoPACS) -> int | Dataset:
@@ -735,7 +867,7 @@ def handle_store(event: evt.Event, server: DemoPACS) -> int | Dataset:
     if not path.resolve().is_relative_to(folder):  # defence in depth after the UID check
         return _status(0xC000, "refusing to write outside the storage folder")
     try:
-        _write_atomically(path, data)
+        atomic_write(path, data)
     except OSError as exc:
         LOGGER.error("C-STORE could not write %s: %s", path, exc)
         return _status(0xA700, f"out of resources: {exc.strerror or exc}")
@@ -756,15 +888,6 @@ def handle_echo(event: evt.Event) -> int:
     return 0x0000
 
 
-def _set_nodelay(event: evt.Event) -> None:
-    # A C-FIND answer is thousands of small writes; Nagle's algorithm plus the
-    # peer's delayed ACK would stall them.
-    sock = getattr(event.assoc.dul.socket, "socket", None)
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
 # --- the server ----------------------------------------------------------------------------
 
 
@@ -783,7 +906,8 @@ class DemoPACS:
     port : int, default 0
         The TCP port; 0 picks a free one, readable from :attr:`port` after start.
     known_aes : mapping of str to (host, port), optional
-        C-MOVE destinations by AE title (kept for C-MOVE; not used yet).
+        The valid C-MOVE destinations, by AE title; more can be added while the
+        server runs with :meth:`add_known_ae`.
 
     Examples
     --------
@@ -813,10 +937,13 @@ class DemoPACS:
         self.ae_title = check_ae_title(ae_title, "ae_title")
         self.host = host
         self.port = int(port)
-        self.known_aes: dict[str, tuple[str, int]] = dict(known_aes or {})
+        self.known_aes: dict[str, tuple[str, int]] = {}
+        for aet, (ae_host, ae_port) in (known_aes or {}).items():
+            self.add_known_ae(aet, ae_host, ae_port)
         self._ae: AE | None = None
         self._server: Any = None
         self._index = _Index()
+        self._notes = _Notes()
 
     def __repr__(self) -> str:
         state = f"listening on {self.host}:{self.port}" if self.running else "stopped"
@@ -835,6 +962,32 @@ class DemoPACS:
     def running(self) -> bool:
         """True between :meth:`start` and :meth:`stop`."""
         return self._server is not None
+
+    def add_known_ae(self, ae_title: str, host: str, port: int) -> None:
+        """Register (or replace) a C-MOVE destination; takes effect at once.
+
+        Parameters
+        ----------
+        ae_title : str
+            The destination's AE title, as C-MOVE requests name it.
+        host : str
+            Its address.
+        port : int
+            Its port.
+
+        Examples
+        --------
+        >>> server = DemoPACS("/tmp/nowhere")
+        >>> server.add_known_ae("STORESCP", "127.0.0.1", 11113)
+        >>> server.known_aes["STORESCP"]
+        ('127.0.0.1', 11113)
+        """
+        title = check_ae_title(ae_title, "ae_title")
+        port = int(port)
+        if not 0 < port < 65536:
+            raise ValueError(f"port must be 1 to 65535, got {port}.")
+        # One assignment: handlers on other threads see the old entry or the new one.
+        self.known_aes[title] = (str(host), port)
 
     def instances(self) -> pd.DataFrame:
         """The typed instance-level frame (one row per indexed file, plus ``path``).
@@ -858,14 +1011,25 @@ class DemoPACS:
         self._index = index
         ae = AE(ae_title=self.ae_title)
         ae.add_supported_context(Verification)
-        for model in _MODELS:
+        for model in (*_MODELS, *_RETRIEVE_MODELS):
             ae.add_supported_context(model)
+        # The acceptor's order decides which proposed syntax is accepted. Explicit VR
+        # Little Endian first: it is what most files (and the demo cohort) are
+        # stored in, so C-GET sends them as stored and C-STORE keeps the VRs.
+        syntaxes = list(dict.fromkeys([ExplicitVRLittleEndian, *ALL_TRANSFER_SYNTAXES]))
         for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+            # Accepting the SCP role the requestor proposes is what lets C-GET send
+            # C-STOREs back on the same association.
+            ae.add_supported_context(
+                context.abstract_syntax, syntaxes, scu_role=True, scp_role=True
+            )
         handlers = [
-            (evt.EVT_CONN_OPEN, _set_nodelay),
+            (evt.EVT_CONN_OPEN, set_nodelay),
+            (evt.EVT_DIMSE_SENT, _annotate, [self]),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_FIND, handle_find, [self]),
+            (evt.EVT_C_GET, handle_get, [self]),
+            (evt.EVT_C_MOVE, handle_move, [self]),
             (evt.EVT_C_STORE, handle_store, [self]),
         ]
         self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)

@@ -1,0 +1,1256 @@
+"""The on-disk cache: a safe file layout, atomic writes and a SQLite index.
+
+Retrieved objects live at
+``<root>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``, where every
+UID is checked against the UI grammar before it becomes a path part, so a peer that
+sends ``../../x`` as a UID never gets anything written outside the root.
+
+Every object is written to a temporary file in its final folder
+(``.<SOPInstanceUID>.<random>.part``, a name no instance can have), its header is
+checked, and only then is it renamed into place (``os.replace``, atomic on POSIX
+and Windows) and given one row in ``<root>/index.sqlite``. A reader therefore sees
+either no file or a complete one, and an index row always points at a complete
+file. An interrupted run leaves at most stray ``.part`` files, which
+:meth:`Cache.verify` removes; no fsync is done (a power cut may lose the last
+objects, which a re-run fetches again, as pooch and joblib also accept).
+
+The index holds one row per instance with the DICOM string form of every
+attribute of :data:`pacsframe.matching.INDEX_KEYWORDS`, so "what is cached" is one
+query, and :meth:`Cache.find` answers C-FIND-style queries offline with the same
+validation (:func:`pacsframe.query.build_query`) and matching engine
+(:func:`pacsframe.matching.answer`) as the demo PACS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import io
+import math
+import os
+import secrets
+import sqlite3
+import threading
+import warnings
+import weakref
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import pandas as pd
+import platformdirs
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.tag import Tag
+
+from . import frames, matching
+from .errors import CacheError, QueryError
+from .query import build_query, normalize_level
+
+__all__ = [
+    "Cache",
+    "Volume",
+    "atomic_write",
+]
+
+#: The environment variable that overrides the default cache root.
+ENV_VAR = "PACSFRAME_CACHE"
+INDEX_NAME = "index.sqlite"
+
+_BUSY_SECONDS = 60.0
+# SQLite's historical limit on bound parameters is 999; stay under it.
+_CHUNK = 900
+_UID_KEYS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+_FIXED = (
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPClassUID",
+    "TransferSyntaxUID",
+    "path",
+    "size",
+    "stored_at",
+)
+_KEYWORD_COLUMNS = tuple(k for k in matching.INDEX_KEYWORDS if k not in _FIXED)
+_ALL_COLUMNS = (*_FIXED, *_KEYWORD_COLUMNS)
+# Columns of instances(): the indexed keywords, then what the cache adds.
+_FRAME_KEYWORDS = (*matching.INDEX_KEYWORDS, "TransferSyntaxUID")
+_HEADER_TAGS = [Tag(frames.attribute(k).tag) for k in matching.INDEX_KEYWORDS]
+_INSERT = (
+    f"INSERT OR REPLACE INTO instances ({', '.join(_ALL_COLUMNS)}) "
+    f"VALUES ({', '.join('?' * len(_ALL_COLUMNS))})"
+)
+_ORDER = (
+    "ORDER BY StudyInstanceUID, SeriesInstanceUID, CAST(InstanceNumber AS INTEGER), SOPInstanceUID"
+)
+_LEVEL_COLUMN = {
+    "PATIENT": "PatientID",
+    "STUDY": "StudyInstanceUID",
+    "SERIES": "SeriesInstanceUID",
+}
+_LEVEL_COLUMN["IMAGE"] = "SOPInstanceUID"
+_READ_ERRORS = (InvalidDicomError, EOFError, ValueError, OSError, KeyError, TypeError)
+
+
+def _schema() -> str:
+    keyword_columns = "".join(f",\n    {k} TEXT" for k in _KEYWORD_COLUMNS)
+    return f"""
+CREATE TABLE IF NOT EXISTS instances (
+    SOPInstanceUID TEXT PRIMARY KEY,
+    StudyInstanceUID TEXT NOT NULL,
+    SeriesInstanceUID TEXT NOT NULL,
+    SOPClassUID TEXT,
+    TransferSyntaxUID TEXT,
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    stored_at TEXT NOT NULL{keyword_columns}
+);
+CREATE INDEX IF NOT EXISTS instances_by_study ON instances (StudyInstanceUID);
+CREATE INDEX IF NOT EXISTS instances_by_series ON instances (SeriesInstanceUID);
+"""
+
+
+class _Connection(sqlite3.Connection):
+    """A connection that can be weakly referenced (the base class cannot)."""
+
+
+def _chunks(items: Sequence[str], size: int = _CHUNK) -> Iterator[Sequence[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB"  # pragma: no cover
+
+
+def _uid_list(values: Iterable[Any]) -> list[str]:
+    """Distinct non-empty strings, in first-seen order."""
+    if isinstance(values, str):
+        values = [values]
+    out = (str(v).strip() for v in values if not frames.is_missing(v))
+    return list(dict.fromkeys(v for v in out if v))
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes | Iterable[bytes]) -> None:
+    """Write ``data`` to ``path`` so that readers see either no file or all of it.
+
+    The bytes go to a hidden ``.part`` file in the same folder, then
+    ``os.replace`` puts it in place; on any error the temporary file is removed.
+
+    Examples
+    --------
+    >>> import pathlib, tempfile
+    >>> target = pathlib.Path(tempfile.mkdtemp()) / "a" / "b.dcm"
+    >>> atomic_write(target, [b"DI", b"CM"])
+    >>> target.read_bytes(), [p.name for p in target.parent.iterdir()]
+    (b'DICM', ['b.dcm'])
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.part"
+    chunks = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
+    try:
+        with open(tmp, "xb") as out:
+            for chunk in chunks:
+                out.write(chunk)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@dataclass(eq=False)
+class Volume:
+    """A series as one array, in patient coordinates (what :meth:`Cache.load_series` returns).
+
+    Attributes
+    ----------
+    array : numpy.ndarray
+        ``(slices, rows, columns)`` float32, with RescaleSlope and RescaleIntercept
+        applied (Hounsfield units for CT).
+    spacing : tuple of 3 floats
+        Millimetres between slices (from the positions), between rows and between
+        columns.
+    origin : tuple of 3 floats
+        ImagePositionPatient of the first slice (NaN when the files have none).
+    orientation : numpy.ndarray
+        3x3: the row direction, the column direction and the slice normal.
+    sop_instance_uids : list of str
+        The SOPInstanceUID of each slice, in array order.
+    """
+
+    array: np.ndarray
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    orientation: np.ndarray
+    sop_instance_uids: list[str] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        spacing = ", ".join(f"{s:g}" for s in self.spacing)
+        origin = ", ".join(f"{s:g}" for s in self.origin)
+        if self.array.size:
+            values = f", values {self.array.min():g} to {self.array.max():g}"
+        else:
+            values = ""
+        return (
+            f"Volume(shape={self.array.shape}, spacing=({spacing}) mm, origin=({origin}){values})"
+        )
+
+
+class Cache:
+    """Retrieved DICOM objects on disk, with a SQLite index that answers queries.
+
+    Parameters
+    ----------
+    root : str or os.PathLike, optional
+        The cache folder. Default: the ``PACSFRAME_CACHE`` environment variable,
+        else the platform's user cache directory
+        (``platformdirs.user_cache_dir("pacsframe")``). Created on first use.
+
+    Notes
+    -----
+    One Cache may be used from several threads (each gets its own SQLite
+    connection) and several processes may share one root: the index runs in WAL
+    mode with a busy timeout, and files are only ever renamed into place.
+
+    Examples
+    --------
+    >>> import pathlib, tempfile
+    >>> from pacsframe.demo import make_cohort
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> manifest = make_cohort(f"{tmp.name}/src", patients=1, matrix=16,
+    ...     studies_per_patient=1, series_per_study=1, instances_per_series=3)
+    >>> cache = Cache(f"{tmp.name}/cache")
+    >>> for row in manifest.itertuples():
+    ...     _ = cache.write(row.StudyInstanceUID, row.SeriesInstanceUID,
+    ...                     row.SOPInstanceUID, pathlib.Path(row.path).read_bytes())
+    >>> len(cache), cache.size_bytes > 3 * 16 * 16 * 2
+    (3, True)
+    >>> cache.find_studies().PatientID.tolist()
+    ['PF000001']
+    >>> cache.close(); tmp.cleanup()
+    """
+
+    def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
+        if root is None:
+            root = os.environ.get(ENV_VAR) or platformdirs.user_cache_dir("pacsframe")
+        self.root = Path(os.path.abspath(os.path.expanduser(os.fspath(root))))
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        # Weak, so a worker thread's connection closes when the thread ends.
+        self._connections: weakref.WeakSet[_Connection] = weakref.WeakSet()
+        self._schema_ready = False
+        self._resolved_root: Path | None = None
+
+    def __repr__(self) -> str:
+        if not (self.root / INDEX_NAME).exists():
+            return f"Cache({str(self.root)!r}, empty)"
+        try:
+            n, size = len(self), self.size_bytes
+        except (sqlite3.Error, OSError):
+            return f"Cache({str(self.root)!r})"
+        return f"Cache({str(self.root)!r}, {n} instances, {_human(size)})"
+
+    def __len__(self) -> int:
+        return int(self._db().execute("SELECT COUNT(*) FROM instances").fetchone()[0])
+
+    @property
+    def size_bytes(self) -> int:
+        """Total size of the cached files, in bytes, from the index."""
+        row = self._db().execute("SELECT COALESCE(SUM(size), 0) FROM instances").fetchone()
+        return int(row[0])
+
+    def __enter__(self) -> Cache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close every index connection this Cache opened (they reopen on next use)."""
+        with self._lock:
+            connections = list(self._connections)
+            self._connections = weakref.WeakSet()
+        for conn in connections:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+        self._local = threading.local()
+
+    # --- the index ---------------------------------------------------------------------
+
+    def _db(self) -> _Connection:
+        # One connection per thread (and per process: a forked child must not reuse
+        # its parent's SQLite handle).
+        entry = getattr(self._local, "entry", None)
+        if entry is not None and entry[0] == os.getpid():
+            return entry[1]
+        conn = self._connect()
+        self._local.entry = (os.getpid(), conn)
+        return conn
+
+    def _connect(self) -> _Connection:
+        index = self.root / INDEX_NAME
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(
+                index,
+                timeout=_BUSY_SECONDS,
+                isolation_level=None,  # autocommit: each INSERT is its own transaction
+                check_same_thread=False,  # only so close() may close it from any thread
+                factory=_Connection,
+            )
+        except (OSError, sqlite3.Error) as exc:
+            raise CacheError(
+                f"cannot open the cache index at {index} ({exc}); check that the folder "
+                f"is writable, or choose another root with {ENV_VAR}."
+            ) from exc
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(_BUSY_SECONDS * 1000)}")
+            with self._lock:
+                if not self._schema_ready:
+                    conn.execute("PRAGMA journal_mode = WAL")
+                    conn.executescript(_schema())
+                    have = {r[1] for r in conn.execute("PRAGMA table_info(instances)")}
+                    for keyword in _KEYWORD_COLUMNS:
+                        if keyword not in have:
+                            # An index from before a keyword was indexed: old rows stay
+                            # empty in that column until they are written again.
+                            conn.execute(f"ALTER TABLE instances ADD COLUMN {keyword} TEXT")
+                    self._schema_ready = True
+                self._connections.add(conn)
+            # In WAL mode NORMAL never corrupts the index; it only skips fsync per commit.
+            conn.execute("PRAGMA synchronous = NORMAL")
+        except sqlite3.Error as exc:
+            conn.close()
+            raise CacheError(
+                f"the cache index {index} cannot be used ({exc}); if it is damaged, "
+                "delete it: the files stay, and a re-run of the retrieval indexes them again."
+            ) from exc
+        return conn
+
+    def _existing(self, sop: str) -> str | None:
+        row = (
+            self._db()
+            .execute("SELECT path FROM instances WHERE SOPInstanceUID = ?", (sop,))
+            .fetchone()
+        )
+        return row[0] if row else None
+
+    def _rows_where(self, column: str, uids: Sequence[str], fields: str) -> list[tuple[Any, ...]]:
+        db = self._db()
+        rows: list[tuple[Any, ...]] = []
+        for chunk in _chunks(uids):
+            marks = ", ".join("?" * len(chunk))
+            rows += db.execute(
+                f"SELECT {fields} FROM instances WHERE {column} IN ({marks})", list(chunk)
+            ).fetchall()
+        return rows
+
+    # --- layout and writing ------------------------------------------------------------
+
+    def path_for(self, study: str, series: str, sop: str) -> Path:
+        """The path of an instance in the cache, after checking every UID.
+
+        Raises
+        ------
+        CacheError
+            When a UID does not follow the UI grammar (so it could name a path
+            outside the root), or the path would resolve outside the root.
+
+        Examples
+        --------
+        >>> cache = Cache("/tmp/pacsframe-example")
+        >>> cache.path_for("1.2.3", "1.2.3.4", "1.2.3.4.5").relative_to(cache.root).as_posix()
+        '1.2.3/1.2.3.4/1.2.3.4.5.dcm'
+        >>> cache.path_for("1.2.3", "../../x", "1.2.3.4.5")
+        Traceback (most recent call last):
+        ...
+        pacsframe.errors.CacheError: refused to write into the cache: SeriesInstanceUID '../../x' is not a valid UID (digits and dots, at most 64 characters); nothing was written.
+        """  # noqa: E501
+        for name, uid in zip(_UID_KEYS, (study, series, sop), strict=True):
+            if not frames.is_uid(uid):
+                shown = repr(uid) if not isinstance(uid, str) or len(uid) <= 70 else "a long value"
+                raise CacheError(
+                    f"refused to write into the cache: {name} {shown} is not a valid UID "
+                    "(digits and dots, at most 64 characters); nothing was written."
+                )
+        path = self.root / study / series / f"{sop}.dcm"
+        if self._resolved_root is None:
+            self._resolved_root = self.root.resolve()
+        # Defence in depth: a symlinked folder inside the root must not lead outside it.
+        if not path.resolve().is_relative_to(self._resolved_root):
+            raise CacheError(
+                f"refused to write {sop}: {path} resolves outside the cache root "
+                f"{self.root} (a symbolic link?); nothing was written."
+            )
+        return path
+
+    def _absolute(self, relative: str) -> Path:
+        path = self.root / relative
+        if self._resolved_root is None:
+            self._resolved_root = self.root.resolve()
+        if not path.resolve().is_relative_to(self._resolved_root):
+            raise CacheError(
+                f"the cache index points outside its root ({relative!r}); the index was "
+                "tampered with: delete index.sqlite and re-run the retrieval."
+            )
+        return path
+
+    @contextlib.contextmanager
+    def _temporary(self, path: Path) -> Iterator[tuple[Path, IO[bytes]]]:
+        """A new file next to ``path``, removed on exit unless it was renamed into place."""
+        # O_EXCL with a random name instead of mkstemp: mkstemp's 0600 mode would
+        # ignore the user's umask for files that are meant to be shared.
+        tmp = path.parent / f".{path.stem}.{secrets.token_hex(8)}.part"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+        made_folder = False
+        for attempt in range(3):
+            try:
+                fd = os.open(tmp, flags, 0o666)
+                break
+            except FileNotFoundError:
+                # The folder is made only when missing: one failed open is cheaper than
+                # a mkdir call per object. Retried, as a failing writer next door may
+                # remove the empty folder it made in between.
+                if attempt == 2:
+                    raise
+                path.parent.mkdir(parents=True, exist_ok=True)
+                made_folder = True
+        handle = os.fdopen(fd, "wb")
+        try:
+            yield tmp, handle
+        except BaseException:
+            handle.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            if made_folder:
+                self._prune([path.parent])  # leave no empty folders behind either
+            raise
+        finally:
+            handle.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    def _header(self, source: Any, sop: str) -> tuple[dict[str, str | None], str]:
+        """Read an object's header: its index strings and transfer syntax."""
+        try:
+            ds = dcmread(source, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+            syntax = ds.file_meta.get("TransferSyntaxUID") if ds.file_meta else None
+        except _READ_ERRORS as exc:
+            raise CacheError(
+                f"refused to cache {sop}: it is not a readable DICOM Part-10 file ({exc}); "
+                "pass the encoded file (preamble, 'DICM' and file meta), e.g. "
+                "event.encoded_dataset(); nothing was written."
+            ) from exc
+        if not syntax:
+            raise CacheError(
+                f"refused to cache {sop}: its file meta has no TransferSyntaxUID, so it "
+                "cannot be read back; nothing was written."
+            )
+        # An undecodable value is indexed as empty, with a MalformedValueWarning (not
+        # silenced here: catch_warnings is not thread-safe).
+        return frames.dicom_strings(ds, matching.INDEX_KEYWORDS), str(syntax)
+
+    def _row(
+        self,
+        header: tuple[dict[str, str | None], str],
+        study: str,
+        series: str,
+        sop: str,
+        path: Path,
+    ) -> list[Any]:
+        """Check a header against the UIDs given and build the object's index row."""
+        strings, syntax = header
+        for keyword, given in zip(_UID_KEYS, (study, series, sop), strict=True):
+            if strings[keyword] != given:
+                raise CacheError(
+                    f"refused to cache {sop}: its header has {keyword} "
+                    f"{strings[keyword]!r}, not {given!r} as the caller said; nothing was "
+                    "written."
+                )
+        stored_at = _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds")
+        relative = path.relative_to(self.root).as_posix()
+        fixed = {
+            "SOPInstanceUID": sop,
+            "StudyInstanceUID": study,
+            "SeriesInstanceUID": series,
+            "SOPClassUID": strings["SOPClassUID"],
+            "TransferSyntaxUID": syntax,
+            "path": relative,
+            "size": 0,  # set once the file is complete
+            "stored_at": stored_at,
+        }
+        return [*fixed.values(), *(strings[k] for k in _KEYWORD_COLUMNS)]
+
+    def _commit(self, row: list[Any], tmp: Path, path: Path, old: str | None) -> None:
+        row[_FIXED.index("size")] = os.stat(tmp).st_size
+        os.replace(tmp, path)
+        # The file is complete and in place before the row exists, so a row always
+        # points at a whole file; a crash in between only means a re-fetch.
+        self._db().execute(_INSERT, row)
+        if old is not None and old != row[_FIXED.index("path")]:
+            # The same instance re-filed under other parents: drop the old copy.
+            with contextlib.suppress(OSError, CacheError):
+                self._absolute(old).unlink()
+
+    def write(
+        self,
+        study: str,
+        series: str,
+        sop: str,
+        data: bytes | bytearray | memoryview | Iterable[bytes],
+        *,
+        overwrite: bool = False,
+        _header: tuple[dict[str, str | None], str] | None = None,
+    ) -> Path:
+        """Store one encoded DICOM file atomically and index it.
+
+        Parameters
+        ----------
+        study, series, sop : str
+            The object's StudyInstanceUID, SeriesInstanceUID and SOPInstanceUID;
+            they must be valid UIDs and equal to the ones in its header.
+        data : bytes-like or iterable of bytes
+            A DICOM Part-10 file (preamble, ``DICM``, file meta, dataset), e.g. what
+            ``pynetdicom``'s ``Event.encoded_dataset()`` returns, whole or in chunks.
+        overwrite : bool, default False
+            Write even when the object is already cached.
+
+        Returns
+        -------
+        pathlib.Path
+            Where the object is (or already was) cached.
+
+        Raises
+        ------
+        CacheError
+            For an invalid UID, data that is not a Part-10 file, or a header whose
+            UIDs differ from the ones given. Nothing is left on disk.
+
+        Examples
+        --------
+        >>> import pathlib, tempfile
+        >>> from pacsframe.demo import make_cohort
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> row = make_cohort(f"{tmp.name}/src", patients=1, matrix=16,
+        ...     studies_per_patient=1, series_per_study=1, instances_per_series=1).iloc[0]
+        >>> data = pathlib.Path(row.path).read_bytes()
+        >>> cache = Cache(f"{tmp.name}/cache")
+        >>> path = cache.write(row.StudyInstanceUID, row.SeriesInstanceUID, row.SOPInstanceUID, data)
+        >>> path.read_bytes() == data, path.name == f"{row.SOPInstanceUID}.dcm"
+        (True, True)
+        >>> cache.cached([row.SOPInstanceUID]) == {row.SOPInstanceUID}
+        True
+        >>> cache.close(); tmp.cleanup()
+        """  # noqa: E501
+        path = self.path_for(study, series, sop)
+        old = self._existing(sop)
+        if old is not None and not overwrite:
+            existing = self._absolute(old)
+            if existing.exists():
+                return existing
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            view = memoryview(data).cast("B") if isinstance(data, memoryview) else data
+            if bytes(view[128:132]) != b"DICM":
+                raise CacheError(
+                    f"refused to cache {sop}: the data is not a DICOM Part-10 file (no "
+                    "'DICM' after the 128-byte preamble); pass the encoded file, e.g. "
+                    "event.encoded_dataset(); nothing was written."
+                )
+            # Checked before anything touches the disk.
+            header = _header or self._header(io.BytesIO(view), sop)
+            row = self._row(header, study, series, sop, path)
+            chunks: Iterable[Any] = (view,)
+        else:
+            row = []
+            chunks = data
+        with self._temporary(path) as (tmp, handle):
+            for chunk in chunks:
+                handle.write(chunk)
+            handle.close()
+            if not row:
+                row = self._row(self._header(tmp, sop), study, series, sop, path)
+            self._commit(row, tmp, path, old)
+        return path
+
+    def add(
+        self, data: bytes | bytearray, *, overwrite: bool = False
+    ) -> tuple[Path, dict[str, str | None]]:
+        """Store one encoded DICOM file under the UIDs in its own header.
+
+        What a storage SCP or C-GET receiver calls: the header is read once, both
+        to place the file and to index it.
+
+        Returns
+        -------
+        (pathlib.Path, dict)
+            Where the object is cached, and its header's index strings by keyword.
+
+        Raises
+        ------
+        CacheError
+            For data that is not a Part-10 file or a header whose UIDs are not
+            valid (``../../x``); nothing is written.
+        """
+        view = memoryview(data).cast("B") if isinstance(data, memoryview) else data
+        header = self._header(io.BytesIO(view), "the received object")
+        strings = header[0]
+        study, series, sop = (strings[k] or "" for k in _UID_KEYS)
+        path = self.write(study, series, sop, view, overwrite=overwrite, _header=header)
+        return path, strings
+
+    @contextlib.contextmanager
+    def open_writer(
+        self, study: str, series: str, sop: str, *, overwrite: bool = False
+    ) -> Iterator[IO[bytes]]:
+        """A binary file to stream one object into; it is filed atomically on exit.
+
+        On a clean exit the file is checked like :meth:`write` does, renamed into
+        place and indexed; on an exception it is removed and nothing is visible.
+        When the object is already cached and ``overwrite`` is False, what was
+        written is discarded and the cached copy kept.
+
+        Examples
+        --------
+        >>> import pathlib, tempfile
+        >>> from pacsframe.demo import make_cohort
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> row = make_cohort(f"{tmp.name}/src", patients=1, matrix=16,
+        ...     studies_per_patient=1, series_per_study=1, instances_per_series=1).iloc[0]
+        >>> data = pathlib.Path(row.path).read_bytes()
+        >>> cache = Cache(f"{tmp.name}/cache")
+        >>> with cache.open_writer(row.StudyInstanceUID, row.SeriesInstanceUID,
+        ...                        row.SOPInstanceUID) as out:
+        ...     _ = out.write(data[:1000])
+        ...     _ = out.write(data[1000:])
+        >>> len(cache)
+        1
+        >>> cache.close(); tmp.cleanup()
+        """
+        path = self.path_for(study, series, sop)
+        with self._temporary(path) as (tmp, handle):
+            yield handle
+            handle.close()
+            old = self._existing(sop)
+            if old is not None and not overwrite and self._absolute(old).exists():
+                return
+            row = self._row(self._header(tmp, sop), study, series, sop, path)
+            self._commit(row, tmp, path, old)
+
+    # --- what is cached ------------------------------------------------------------------
+
+    def instances(self, **keys: Any) -> pd.DataFrame:
+        """The whole index as a typed frame: one row per cached instance.
+
+        Columns: every attribute of :data:`pacsframe.matching.INDEX_KEYWORDS` typed
+        by its VR (as in a C-FIND answer), then ``TransferSyntaxUID``, ``path``
+        (absolute), ``size`` (bytes, ``Int64``) and ``stored_at`` (UTC).
+
+        Parameters
+        ----------
+        **keys
+            Optional filters on UID columns, e.g. ``SeriesInstanceUID="1.2.3"`` or
+            a list of UIDs, applied in SQL before the frame is built.
+
+        Examples
+        --------
+        >>> import pathlib, tempfile
+        >>> from pacsframe.demo import make_cohort
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> manifest = make_cohort(f"{tmp.name}/src", patients=1, matrix=16,
+        ...     studies_per_patient=1, series_per_study=1, instances_per_series=2)
+        >>> cache = Cache(f"{tmp.name}/cache")
+        >>> for row in manifest.itertuples():
+        ...     _ = cache.write(row.StudyInstanceUID, row.SeriesInstanceUID,
+        ...                     row.SOPInstanceUID, pathlib.Path(row.path).read_bytes())
+        >>> frame = cache.instances()
+        >>> frame.InstanceNumber.tolist(), str(frame.StudyDate.dtype), str(frame["size"].dtype)
+        ([1, 2], 'datetime64[ns]', 'Int64')
+        >>> cache.close(); tmp.cleanup()
+        """
+        where = []
+        params: list[str] = []
+        for name, value in keys.items():
+            keyword = frames.normalize_keyword(name)
+            if keyword not in _LEVEL_COLUMN.values():
+                raise QueryError(
+                    f"instances() filters on PatientID, StudyInstanceUID, "
+                    f"SeriesInstanceUID or SOPInstanceUID, not {keyword}; use find_instances "
+                    "for other keys."
+                )
+            uids = _uid_list(value)
+            where.append(f"{keyword} IN ({', '.join('?' * len(uids))})" if uids else "0")
+            params += uids
+        sql = f"SELECT {', '.join(_ALL_COLUMNS)} FROM instances"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        rows = self._db().execute(f"{sql} {_ORDER}", params).fetchall()
+        columns = dict(zip(_ALL_COLUMNS, zip(*rows, strict=True), strict=True)) if rows else {}
+        frame = pd.DataFrame(
+            {k: frames.to_series(list(columns.get(k, ())), k) for k in _FRAME_KEYWORDS}
+        )
+        root = self.root
+        frame["path"] = pd.Series([str(root / p) for p in columns.get("path", ())], dtype="string")
+        frame["size"] = pd.Series(list(columns.get("size", ())), dtype="Int64")
+        stored = pd.Series(list(columns.get("stored_at", ())), dtype=object)
+        frame["stored_at"] = pd.to_datetime(stored, utc=True, format="ISO8601").astype(
+            "datetime64[ns, UTC]"
+        )
+        return frame
+
+    def cached(self, sop_uids: Iterable[str]) -> set[str]:
+        """The SOPInstanceUIDs among ``sop_uids`` that are in the cache.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> cache = Cache(tmp.name)
+        >>> cache.cached(["1.2.3", "1.2.4"])
+        set()
+        >>> cache.close(); tmp.cleanup()
+        """
+        uids = _uid_list(sop_uids)
+        return {r[0] for r in self._rows_where("SOPInstanceUID", uids, "SOPInstanceUID")}
+
+    def count(self, level: str, uids: Iterable[str] | None = None) -> dict[str, int]:
+        """Cached instances per patient, study or series.
+
+        Parameters
+        ----------
+        level : {"patient", "study", "series"}
+            What the UIDs are: PatientIDs, StudyInstanceUIDs or SeriesInstanceUIDs.
+        uids : iterable of str, optional
+            The entities to count; each appears in the result, with 0 when nothing
+            of it is cached. Default: every cached entity of the level.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> cache = Cache(tmp.name)
+        >>> cache.count("series", ["1.2.3"])
+        {'1.2.3': 0}
+        >>> cache.close(); tmp.cleanup()
+        """
+        lv = normalize_level(level)
+        if lv == "IMAGE":
+            raise QueryError(
+                "count() counts instances per patient, study or series; use cached() to "
+                "ask about single instances."
+            )
+        column = _LEVEL_COLUMN[lv]
+        if uids is None:
+            rows = (
+                self._db()
+                .execute(f"SELECT {column}, COUNT(*) FROM instances GROUP BY {column}")
+                .fetchall()
+            )
+            return {r[0]: int(r[1]) for r in rows if r[0] is not None}
+        wanted = _uid_list(uids)
+        counts = dict.fromkeys(wanted, 0)
+        db = self._db()
+        for chunk in _chunks(wanted):
+            marks = ", ".join("?" * len(chunk))
+            for uid, n in db.execute(
+                f"SELECT {column}, COUNT(*) FROM instances WHERE {column} IN ({marks}) "
+                f"GROUP BY {column}",
+                list(chunk),
+            ):
+                counts[uid] = int(n)
+        return counts
+
+    # --- offline queries -------------------------------------------------------------------
+
+    def find(
+        self,
+        level: str,
+        model: str = "study",
+        return_keys: Sequence[str] | None = None,
+        **keys: Any,
+    ) -> pd.DataFrame:
+        """Query the cache like a PACS: same validation, same matching, same columns.
+
+        Keys are validated by :func:`pacsframe.query.build_query` (so bad input
+        raises :class:`~pacsframe.errors.QueryError` exactly as ``PACS.find``
+        does) and matched by :func:`pacsframe.matching.answer` over
+        :meth:`instances`. Unlike a PACS, the cache answers relational queries:
+        the keys of the levels above need not be given (``find_series`` with no
+        StudyInstanceUID searches every cached series) and may be lists of UIDs.
+        Computed attributes (``NumberOfStudyRelatedInstances``,
+        ``ModalitiesInStudy``...) describe what is cached. Drilling down from a
+        frame is not supported: filter the frame with pandas, or pass
+        ``StudyInstanceUID=frame.StudyInstanceUID.tolist()``.
+
+        Examples
+        --------
+        >>> import pathlib, tempfile
+        >>> from pacsframe.demo import make_cohort
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> manifest = make_cohort(f"{tmp.name}/src", patients=2, matrix=16,
+        ...     studies_per_patient=1, series_per_study=1, instances_per_series=2)
+        >>> cache = Cache(f"{tmp.name}/cache")
+        >>> for row in manifest.itertuples():
+        ...     _ = cache.write(row.StudyInstanceUID, row.SeriesInstanceUID,
+        ...                     row.SOPInstanceUID, pathlib.Path(row.path).read_bytes())
+        >>> cache.find("study", PatientID="PF000002").NumberOfStudyRelatedInstances.tolist()
+        [2]
+        >>> cache.find("study", StudyDate="2026-13-01")
+        Traceback (most recent call last):
+        ...
+        pacsframe.errors.QueryError: StudyDate='20261301' is not a real date; give a date such as '2026-03-01' or '20260301'.
+        >>> cache.close(); tmp.cleanup()
+        """  # noqa: E501
+        if not isinstance(model, str) or not (return_keys is None or _is_keys(return_keys)):
+            raise QueryError(
+                "the cache does not drill down from a frame; filter the frame with pandas, "
+                "or pass the parents' UIDs, e.g. StudyInstanceUID=studies.StudyInstanceUID"
+                ".tolist()."
+            )
+        query = build_query(level, model, keys, return_keys)
+        result = matching.answer(self.instances(), query)
+        result.attrs["pacsframe"] = {**query.to_json(), "peer": None, "cache": str(self.root)}
+        return result
+
+    def find_patients(self, **keys: Any) -> pd.DataFrame:
+        """Cached patients (patient-root PATIENT level). See :meth:`find`."""
+        return self.find("PATIENT", "patient", **keys)
+
+    def find_studies(self, parents: Any = None, **keys: Any) -> pd.DataFrame:
+        """Cached studies. See :meth:`find`."""
+        _no_parents(parents)
+        return self.find("STUDY", **keys)
+
+    def find_series(self, parents: Any = None, **keys: Any) -> pd.DataFrame:
+        """Cached series. See :meth:`find`."""
+        _no_parents(parents)
+        return self.find("SERIES", **keys)
+
+    def find_instances(self, parents: Any = None, **keys: Any) -> pd.DataFrame:
+        """Cached instances (IMAGE level). See :meth:`find`."""
+        _no_parents(parents)
+        return self.find("IMAGE", **keys)
+
+    # --- reading ---------------------------------------------------------------------------
+
+    def _selection(
+        self, frame_or_uids: pd.DataFrame | pd.Series | Iterable[str], verb: str
+    ) -> tuple[str, list[str]]:
+        """The index column and the UIDs a frame (any level) or a list of SOP UIDs names."""
+        if isinstance(frame_or_uids, (pd.DataFrame, pd.Series)):
+            column = _LEVEL_COLUMN[frames.infer_level(frame_or_uids)]
+            if isinstance(frame_or_uids, pd.Series):
+                return column, _uid_list(frame_or_uids)
+            return column, _uid_list(frame_or_uids[column])
+        if isinstance(frame_or_uids, (str, bytes)) or not isinstance(frame_or_uids, Iterable):
+            raise CacheError(
+                f"{verb} takes a frame from find_* or a list of SOPInstanceUIDs, not "
+                f"{type(frame_or_uids).__name__}; wrap a single UID in a list."
+            )
+        return "SOPInstanceUID", _uid_list(frame_or_uids)
+
+    def read(self, frame_or_uids: pd.DataFrame | pd.Series | Iterable[str]) -> list[Dataset]:
+        """The cached datasets of a frame at any level, or of a list of SOPInstanceUIDs.
+
+        Study, series and patient rows expand to all their cached instances, ordered
+        by study, series and InstanceNumber; a list of SOPInstanceUIDs keeps its order.
+
+        Raises
+        ------
+        CacheError
+            When something asked for is not cached (nothing is read then).
+
+        Examples
+        --------
+        >>> import pathlib, tempfile
+        >>> from pacsframe.demo import make_cohort
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> manifest = make_cohort(f"{tmp.name}/src", patients=1, matrix=16,
+        ...     studies_per_patient=1, series_per_study=1, instances_per_series=2)
+        >>> cache = Cache(f"{tmp.name}/cache")
+        >>> for row in manifest.itertuples():
+        ...     _ = cache.write(row.StudyInstanceUID, row.SeriesInstanceUID,
+        ...                     row.SOPInstanceUID, pathlib.Path(row.path).read_bytes())
+        >>> [int(ds.InstanceNumber) for ds in cache.read(cache.find_series())]
+        [1, 2]
+        >>> cache.close(); tmp.cleanup()
+        """
+        column, uids = self._selection(frame_or_uids, "read()")
+        rows = self._rows_where(
+            column,
+            uids,
+            f"{column}, SOPInstanceUID, path, StudyInstanceUID, SeriesInstanceUID, "
+            "CAST(InstanceNumber AS INTEGER)",
+        )
+        missing = set(uids) - {r[0] for r in rows}
+        if missing:
+            shown = ", ".join(sorted(missing)[:3]) + (", ..." if len(missing) > 3 else "")
+            raise CacheError(
+                f"{len(missing)} of the {len(uids)} {column} value(s) asked for have nothing "
+                f"in the cache ({shown}); retrieve them first with pacs.get(...)."
+            )
+        if column == "SOPInstanceUID":
+            position = {uid: i for i, uid in enumerate(uids)}
+            rows.sort(key=lambda r: position[r[1]])
+        else:
+            rows.sort(key=lambda r: (r[3], r[4], r[5] if r[5] is not None else math.inf, r[1]))
+        return [self._read_file(r[2], r[1]) for r in rows]
+
+    def _read_file(self, relative: str, sop: str, **kwargs: Any) -> Dataset:
+        path = self._absolute(relative)
+        try:
+            return dcmread(path, **kwargs)
+        except _READ_ERRORS as exc:
+            raise CacheError(
+                f"cached instance {sop} at {path} cannot be read ({exc}); run cache.verify() "
+                "to drop damaged files, then retrieve again."
+            ) from exc
+
+    def load_series(self, series_uid: str) -> Volume:
+        """A cached series as a :class:`Volume`: slices sorted along the normal, rescaled.
+
+        Slices are ordered by their ImagePositionPatient projected on the slice
+        normal (the cross product of the ImageOrientationPatient directions), or by
+        InstanceNumber when a slice has no position. The slice spacing is the median
+        distance between neighbouring positions (else SpacingBetweenSlices, else
+        SliceThickness, else NaN); a warning says when it is not uniform.
+
+        Raises
+        ------
+        CacheError
+            When the series is not cached, or its slices cannot be stacked
+            (different shapes, multi-frame or colour images).
+
+        Examples
+        --------
+        >>> import pathlib, tempfile
+        >>> from pacsframe.demo import make_cohort
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> manifest = make_cohort(f"{tmp.name}/src", patients=1, matrix=16, modalities=["CT"],
+        ...     studies_per_patient=1, series_per_study=1, instances_per_series=4)
+        >>> cache = Cache(f"{tmp.name}/cache")
+        >>> for row in manifest.itertuples():
+        ...     _ = cache.write(row.StudyInstanceUID, row.SeriesInstanceUID,
+        ...                     row.SOPInstanceUID, pathlib.Path(row.path).read_bytes())
+        >>> volume = cache.load_series(manifest.SeriesInstanceUID.iloc[0])
+        >>> volume.array.shape, volume.array.dtype.name, float(volume.array.min()) >= -1024
+        ((4, 16, 16), 'float32', True)
+        >>> volume.sop_instance_uids == manifest.SOPInstanceUID.tolist()
+        True
+        >>> cache.close(); tmp.cleanup()
+        """
+        if not isinstance(series_uid, str):
+            raise CacheError(
+                f"load_series takes one SeriesInstanceUID (a str), not "
+                f"{type(series_uid).__name__}; e.g. series.SeriesInstanceUID.iloc[0]."
+            )
+        rows = self._rows_where("SeriesInstanceUID", [series_uid], "SOPInstanceUID, path")
+        if not rows:
+            raise CacheError(
+                f"series {series_uid} is not in the cache at {self.root}; retrieve it "
+                "first, e.g. pacs.get(series_frame), then load it."
+            )
+        slices = [self._read_file(path, sop) for sop, path in sorted(rows)]
+        return _stack(series_uid, slices)
+
+    # --- upkeep ----------------------------------------------------------------------------
+
+    def _walk_series_folders(self) -> Iterator[Path]:
+        """Every ``<root>/<study>/<series>`` folder (UID-named ones only)."""
+        if not self.root.is_dir():
+            return
+        for study in os.scandir(self.root):
+            if not (study.is_dir(follow_symlinks=False) and frames.is_uid(study.name)):
+                continue
+            for series in os.scandir(study.path):
+                if series.is_dir(follow_symlinks=False) and frames.is_uid(series.name):
+                    yield Path(series.path)
+
+    def _prune(self, folders: Iterable[Path]) -> None:
+        """Remove series and study folders left empty (never the root)."""
+        for folder in set(folders):
+            for candidate in (folder, folder.parent):
+                if candidate != self.root and candidate.is_relative_to(self.root):
+                    with contextlib.suppress(OSError):
+                        candidate.rmdir()  # fails, as wanted, when not empty
+
+    def _delete_rows(self, pairs: Sequence[tuple[str, str]]) -> None:
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            # Only rows still pointing at what was checked: a concurrent re-write wins.
+            db.executemany("DELETE FROM instances WHERE SOPInstanceUID = ? AND path = ?", pairs)
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def verify(self) -> pd.DataFrame:
+        """Find and drop damaged entries, so that a re-run retrieves them again.
+
+        Checks every index row's file: ``missing``, ``truncated`` (its size differs
+        from the index), or ``not DICOM`` (its header cannot be read); and looks for
+        stray temporary files (``.part``) left by an interrupted write. Damaged
+        files and their rows are removed. Do not run it while a retrieval is
+        writing into the same cache: its temporary files would count as stray.
+
+        Returns
+        -------
+        pandas.DataFrame
+            One row per problem: ``path``, ``SOPInstanceUID`` (``<NA>`` for a
+            temporary file) and ``problem``.
+
+        Examples
+        --------
+        >>> import pathlib, tempfile
+        >>> from pacsframe.demo import make_cohort
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> manifest = make_cohort(f"{tmp.name}/src", patients=1, matrix=16,
+        ...     studies_per_patient=1, series_per_study=1, instances_per_series=2)
+        >>> cache = Cache(f"{tmp.name}/cache")
+        >>> paths = [cache.write(r.StudyInstanceUID, r.SeriesInstanceUID, r.SOPInstanceUID,
+        ...                      pathlib.Path(r.path).read_bytes()) for r in manifest.itertuples()]
+        >>> paths[0].unlink()
+        >>> cache.verify().problem.tolist(), len(cache)
+        (['missing'], 1)
+        >>> cache.close(); tmp.cleanup()
+        """
+        rows = self._db().execute(f"SELECT SOPInstanceUID, path, size FROM instances {_ORDER}")
+        problems: list[tuple[str, str | None, str]] = []
+        dropped: list[tuple[str, str]] = []
+        folders: list[Path] = []
+        for sop, relative, size in rows.fetchall():
+            try:
+                path = self._absolute(relative)
+            except CacheError:
+                problems.append((str(self.root / relative), sop, "outside the cache root"))
+                dropped.append((sop, relative))
+                continue
+            try:
+                actual = path.stat().st_size
+            except FileNotFoundError:
+                problems.append((str(path), sop, "missing"))
+                dropped.append((sop, relative))
+                continue
+            problem = None
+            if actual != size:
+                problem = "truncated"
+            else:
+                try:
+                    dcmread(path, stop_before_pixels=True, specific_tags=[Tag(0x00080018)])
+                except _READ_ERRORS:
+                    problem = "not DICOM"
+            if problem:
+                problems.append((str(path), sop, problem))
+                dropped.append((sop, relative))
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                folders.append(path.parent)
+        if dropped:
+            self._delete_rows(dropped)
+        for folder in self._walk_series_folders():
+            for entry in os.scandir(folder):
+                if entry.name.startswith(".") and entry.name.endswith(".part"):
+                    problems.append((entry.path, None, "stray temporary file"))
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+                    folders.append(folder)
+        self._prune(folders)
+        return pd.DataFrame(
+            {
+                "path": pd.Series([p[0] for p in problems], dtype="string"),
+                "SOPInstanceUID": pd.Series([p[1] for p in problems], dtype="string"),
+                "problem": pd.Series([p[2] for p in problems], dtype="string"),
+            }
+        )
+
+    def clear(self, frame_or_uids: pd.DataFrame | pd.Series | Iterable[str] | None = None) -> int:
+        """Remove cached objects: all of them, or those of a frame or SOPInstanceUID list.
+
+        Only files of the cache layout (``<uid>/<uid>/<uid>.dcm`` and temporary
+        files) and the index rows are removed, never anything else, so a root
+        pointed at the wrong folder by mistake loses nothing but cache files.
+
+        Returns
+        -------
+        int
+            The number of index rows removed.
+
+        Examples
+        --------
+        >>> import pathlib, tempfile
+        >>> from pacsframe.demo import make_cohort
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> manifest = make_cohort(f"{tmp.name}/src", patients=2, matrix=16,
+        ...     studies_per_patient=1, series_per_study=1, instances_per_series=2)
+        >>> cache = Cache(f"{tmp.name}/cache")
+        >>> for row in manifest.itertuples():
+        ...     _ = cache.write(row.StudyInstanceUID, row.SeriesInstanceUID,
+        ...                     row.SOPInstanceUID, pathlib.Path(row.path).read_bytes())
+        >>> cache.clear(cache.find_studies(PatientID="PF000001")), len(cache)
+        (2, 2)
+        >>> cache.clear(), len(cache)
+        (2, 0)
+        >>> cache.close(); tmp.cleanup()
+        """
+        if frame_or_uids is None:
+            db = self._db()
+            n = int(db.execute("SELECT COUNT(*) FROM instances").fetchone()[0])
+            db.execute("DELETE FROM instances")
+            folders = list(self._walk_series_folders())
+            for folder in folders:
+                for entry in os.scandir(folder):
+                    name = entry.name
+                    ours = (name.endswith(".dcm") and frames.is_uid(name[:-4])) or (
+                        name.startswith(".") and name.endswith(".part")
+                    )
+                    if ours and entry.is_file(follow_symlinks=False):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(entry.path)
+            self._prune(folders)
+            return n
+        column, uids = self._selection(frame_or_uids, "clear()")
+        rows = self._rows_where(column, uids, "SOPInstanceUID, path")
+        folders = []
+        for _sop, relative in rows:
+            try:
+                path = self._absolute(relative)
+            except CacheError:
+                continue  # a tampered row: drop it, touch nothing
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            folders.append(path.parent)
+        self._delete_rows(rows)
+        self._prune(folders)
+        return len(rows)
+
+
+def _is_keys(value: Any) -> bool:
+    if isinstance(value, str):
+        return True
+    if isinstance(value, (pd.DataFrame, pd.Series)):
+        return False
+    return isinstance(value, Iterable)
+
+
+def _no_parents(parents: Any) -> None:
+    if parents is not None:
+        raise QueryError(
+            "the cache does not drill down from a frame; filter the frame with pandas, or "
+            "pass the parents' UIDs, e.g. StudyInstanceUID=studies.StudyInstanceUID.tolist()."
+        )
+
+
+# --- stacking a series --------------------------------------------------------------------
+
+
+def _floats(ds: Dataset, keyword: str, n: int) -> np.ndarray | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    try:
+        numbers = np.asarray([float(v) for v in (value if n > 1 else [value])], dtype=float)
+    except (TypeError, ValueError):
+        return None
+    return numbers if numbers.shape == (n,) and np.all(np.isfinite(numbers)) else None
+
+
+def _number(ds: Dataset, keyword: str, default: float) -> float:
+    found = _floats(ds, keyword, 1)
+    return float(found[0]) if found is not None else default
+
+
+def _stack(series_uid: str, slices: list[Dataset]) -> Volume:
+    orientation_values = next(
+        (o for o in (_floats(ds, "ImageOrientationPatient", 6) for ds in slices) if o is not None),
+        None,
+    )
+    if orientation_values is None:
+        row_dir, col_dir = np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])
+    else:
+        row_dir, col_dir = orientation_values[:3], orientation_values[3:]
+    normal = np.cross(row_dir, col_dir)
+    length = np.linalg.norm(normal)
+    normal = normal / length if length > 0 else np.array([0.0, 0.0, 1.0])
+
+    positions = [_floats(ds, "ImagePositionPatient", 3) for ds in slices]
+    numbers = [_number(ds, "InstanceNumber", math.inf) for ds in slices]
+    uids = [str(ds.get("SOPInstanceUID", "")) for ds in slices]
+    have_positions = all(p is not None for p in positions)
+    if have_positions:
+        along = [float(np.dot(p, normal)) for p in positions]  # type: ignore[arg-type]
+        order = sorted(range(len(slices)), key=lambda i: (along[i], numbers[i], uids[i]))
+    else:
+        order = sorted(range(len(slices)), key=lambda i: (numbers[i], uids[i]))
+
+    first = slices[order[0]]
+    if have_positions and len(order) > 1:
+        steps = np.diff([along[i] for i in order])
+        step = float(np.median(steps))
+        if step <= 0 or np.max(np.abs(steps - step)) > 0.01 * max(step, 1e-6):
+            warnings.warn(
+                f"series {series_uid} has unevenly spaced slices (steps from "
+                f"{steps.min():g} to {steps.max():g} mm); spacing[0] is the median, "
+                f"{step:g} mm.",
+                stacklevel=3,
+            )
+    else:
+        step = _number(first, "SpacingBetweenSlices", _number(first, "SliceThickness", math.nan))
+    pixel_spacing = _floats(first, "PixelSpacing", 2)
+    row_spacing, col_spacing = (
+        (float(pixel_spacing[0]), float(pixel_spacing[1]))
+        if pixel_spacing is not None
+        else (math.nan, math.nan)
+    )
+    origin_values = positions[order[0]] if have_positions else None
+    origin = (
+        tuple(float(v) for v in origin_values)
+        if origin_values is not None
+        else (math.nan, math.nan, math.nan)
+    )
+
+    array: np.ndarray | None = None
+    for k, i in enumerate(order):
+        ds = slices[i]
+        if int(_number(ds, "NumberOfFrames", 1)) > 1 or int(_number(ds, "SamplesPerPixel", 1)) > 1:
+            raise CacheError(
+                f"series {series_uid} holds multi-frame or colour images, which load_series "
+                "does not stack; use cache.read(...) and each dataset's pixel_array."
+            )
+        try:
+            pixels = ds.pixel_array
+        except (AttributeError, ValueError, RuntimeError, NotImplementedError) as exc:
+            raise CacheError(
+                f"the pixel data of {uids[i]} in series {series_uid} cannot be decoded "
+                f"({exc}); a compressed transfer syntax may need a pydicom pixel plugin "
+                "(e.g. pylibjpeg)."
+            ) from exc
+        if array is None:
+            array = np.empty((len(order), *pixels.shape), dtype=np.float32)
+        elif pixels.shape != array.shape[1:]:
+            raise CacheError(
+                f"series {series_uid} cannot be stacked: slice {uids[i]} is "
+                f"{pixels.shape[0]}x{pixels.shape[1]} but the first is "
+                f"{array.shape[1]}x{array.shape[2]}; read the slices with cache.read(...) "
+                "instead."
+            )
+        slope = _number(ds, "RescaleSlope", 1.0)
+        intercept = _number(ds, "RescaleIntercept", 0.0)
+        np.multiply(pixels, slope, out=array[k], casting="unsafe")
+        array[k] += intercept
+    assert array is not None
+    return Volume(
+        array=array,
+        spacing=(step, row_spacing, col_spacing),
+        origin=origin,  # type: ignore[arg-type]
+        orientation=np.stack([row_dir, col_dir, normal]).astype(float),
+        sop_instance_uids=[uids[i] for i in order],
+    )

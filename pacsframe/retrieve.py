@@ -1,0 +1,651 @@
+"""C-GET and C-MOVE drivers: from a (filtered) frame to objects in the cache.
+
+A frame at any level is turned into *work units* (one C-GET or C-MOVE request
+each), after subtracting what the cache already holds: a fully cached series costs
+one index query and no request; a partly cached one is listed with one C-FIND and
+only its missing instances are requested. Units are spread over ``workers``
+parallel associations. Every received object goes from the association straight
+to an atomic write in the cache; nothing partial is ever visible there.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+from pynetdicom import build_role, evt
+from pynetdicom.association import Association
+from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+from pynetdicom.status import code_to_category
+
+from . import frames
+from .errors import CacheError, DimseError, MoveDestinationUnknown, NotSupported, QueryError
+from .query import LEVELS, UNIQUE_KEY, build_query, normalize_model, required_keys
+from .storage import StorageSCP, TransferResult, storage_contexts
+
+if TYPE_CHECKING:
+    from .cache import Cache
+    from .connection import PACS
+
+__all__ = ["RetrieveResult", "get", "move"]
+
+LOGGER = logging.getLogger("pacsframe")
+
+GET_MODELS = {
+    "study": StudyRootQueryRetrieveInformationModelGet,
+    "patient": PatientRootQueryRetrieveInformationModelGet,
+}
+MOVE_MODELS = {
+    "study": StudyRootQueryRetrieveInformationModelMove,
+    "patient": PatientRootQueryRetrieveInformationModelMove,
+}
+_COUNT_KEY = {
+    "STUDY": "NumberOfStudyRelatedInstances",
+    "SERIES": "NumberOfSeriesRelatedInstances",
+}
+# Identifiers stay well under any peer's limits when a long list of SOP UIDs is
+# split into requests of this many.
+_UIDS_PER_REQUEST = 200
+_COLUMNS = (
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "SOPClassUID",
+    "path",
+    "status",
+    "error",
+)
+
+
+@dataclass
+class RetrieveResult(TransferResult):
+    """What a ``get`` or ``move`` did.
+
+    ``instances`` has one row per object: StudyInstanceUID, SeriesInstanceUID,
+    SOPInstanceUID, SOPClassUID, path (in the cache), status (``completed``,
+    ``cached``, ``warning``, ``failed``) and error. ``requests`` counts the C-GET
+    or C-MOVE requests sent (0 when everything was cached already).
+    """
+
+    requests: int = 0
+    remote: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def cached(self) -> int:
+        """Objects already in the cache, not fetched again."""
+        return self._count("cached")
+
+    @property
+    def completed(self) -> int:
+        """Objects received (or, for a move to another AE, the peer's completed count)."""
+        return self._count("completed") + self.remote.get("completed", 0)
+
+    @property
+    def failed(self) -> int:
+        """Objects that could not be retrieved or stored."""
+        return self._count("failed") + self.remote.get("failed", 0)
+
+    @property
+    def warning(self) -> int:
+        """Objects the peer sent with a warning status."""
+        return self._count("warning") + self.remote.get("warning", 0)
+
+    def __repr__(self) -> str:
+        return (
+            f"RetrieveResult(completed={self.completed}, cached={self.cached}, "
+            f"warning={self.warning}, failed={self.failed}, requests={self.requests})"
+        )
+
+
+@dataclass
+class _Unit:
+    """One C-GET/C-MOVE request: its level and identifier keys (DICOM strings)."""
+
+    level: str
+    keys: dict[str, str]
+    expected: int | None = None
+
+
+class _Receiver:
+    """Files each received object into the cache; shared by C-GET and the storage SCP."""
+
+    def __init__(
+        self,
+        cache: Cache,
+        *,
+        overwrite: bool,
+        on_received: Callable[[str, dict[str, Any]], Any] | None,
+        bar: Any,
+    ) -> None:
+        self.cache = cache
+        self.overwrite = overwrite
+        self.on_received = on_received
+        self.bar = bar
+        self.rows: list[dict[str, Any]] = []
+        self.error: BaseException | None = None
+        self.stop = threading.Event()
+        self.bytes = 0
+        self.started = time.monotonic()
+        self._lock = threading.Lock()
+
+    def __call__(self, event: evt.Event) -> int:
+        sop = str(event.request.AffectedSOPInstanceUID or "")
+        sop_class = str(event.request.AffectedSOPClassUID or "")
+        try:
+            data = event.encoded_dataset()
+            path, header = self.cache.add(data, overwrite=self.overwrite)
+            study = header["StudyInstanceUID"] or ""
+            series = header["SeriesInstanceUID"] or ""
+        except CacheError as exc:
+            self._record(sop_class, sop, None, "failed", str(exc), header=None)
+            # 0xA700 family would invite a retry; the object itself is unacceptable.
+            return 0xC000
+        except Exception as exc:
+            LOGGER.warning("could not file object %s: %s", sop, exc)
+            self._record(sop_class, sop, None, "failed", f"could not be stored: {exc}", None)
+            return 0xC001
+        meta = {
+            "StudyInstanceUID": study,
+            "SeriesInstanceUID": series,
+            "SOPInstanceUID": sop,
+            "SOPClassUID": sop_class,
+            "TransferSyntaxUID": str(event.context.transfer_syntax),
+            "size": len(data),
+        }
+        self._record(sop_class, sop, str(path), "completed", None, header=meta)
+        with self._lock:
+            self.bytes += len(data)
+            if self.bar is not None:
+                self.bar.update(1)
+                elapsed = max(time.monotonic() - self.started, 1e-6)
+                self.bar.set_postfix_str(f"{self.bytes / elapsed / 1e6:.1f} MB/s", refresh=False)
+        if self.on_received is not None and not self.stop.is_set():
+            try:
+                self.on_received(str(path), meta)
+            except BaseException as exc:
+                # The object is safely cached; stop the retrieval and let the driver
+                # cancel, release and re-raise the caller's exception.
+                with self._lock:
+                    self.error = self.error or exc
+                self.stop.set()
+        return 0x0000
+
+    def _record(
+        self,
+        sop_class: str,
+        sop: str,
+        path: str | None,
+        status: str,
+        error: str | None,
+        header: dict[str, Any] | None,
+    ) -> None:
+        row = {
+            "StudyInstanceUID": (header or {}).get("StudyInstanceUID"),
+            "SeriesInstanceUID": (header or {}).get("SeriesInstanceUID"),
+            "SOPInstanceUID": sop or None,
+            "SOPClassUID": sop_class or None,
+            "path": path,
+            "status": status,
+            "error": error,
+        }
+        with self._lock:
+            self.rows.append(row)
+
+
+def _result(rows: list[dict[str, Any]], requests: int, remote: dict[str, int]) -> RetrieveResult:
+    frame = pd.DataFrame(
+        {c: pd.array([r.get(c) for r in rows], dtype="string") for c in _COLUMNS},
+        columns=list(_COLUMNS),
+    )
+    return RetrieveResult(frame, requests=requests, remote=remote)
+
+
+# --- planning ---------------------------------------------------------------------------------
+
+
+def _as_frame(frame: pd.DataFrame | pd.Series | Sequence[str]) -> pd.DataFrame:
+    if isinstance(frame, pd.DataFrame):
+        return frame
+    if isinstance(frame, pd.Series):
+        if frame.name not in UNIQUE_KEY.values():
+            raise QueryError(
+                "a Series to retrieve must be a UID column (StudyInstanceUID, "
+                f"SeriesInstanceUID, SOPInstanceUID, PatientID); got {frame.name!r}."
+            )
+        return frame.to_frame()
+    if isinstance(frame, (str, bytes)):
+        raise QueryError(
+            "give a frame, a Series of UIDs, or a list of StudyInstanceUIDs, not one string; "
+            f"e.g. pacs.get([{frame!r}])."
+        )
+    values = list(frame)
+    return pd.DataFrame({"StudyInstanceUID": frames.to_series(values, "StudyInstanceUID")})
+
+
+def _keys_of(row: dict[str, Any], level: str, model: str) -> dict[str, str] | None:
+    wanted = [*required_keys(level, model), UNIQUE_KEY[level]]
+    keys = {k: frames.to_dicom(row.get(k), k) for k in wanted}
+    return keys if all(keys.values()) else None
+
+
+class _Planner:
+    """Turns a frame into work units, subtracting what the cache holds."""
+
+    def __init__(self, pacs: PACS, cache: Cache, model: str, overwrite: bool) -> None:
+        self.pacs = pacs
+        self.cache = cache
+        self.model = model
+        self.overwrite = overwrite
+        self.units: list[_Unit] = []
+        self.cached_rows: list[dict[str, Any]] = []
+        self.expected = 0
+        self.expected_known = True
+
+    def plan(self, frame: pd.DataFrame) -> None:
+        level = frames.infer_level(frame)
+        if level == "PATIENT" and self.model != "patient":
+            raise QueryError(
+                "a frame of patients is retrieved in the patient-root model; pass "
+                "model='patient' (the frame from find_patients is)."
+            )
+        missing = [k for k in required_keys(level, self.model) if k not in frame.columns]
+        if missing:
+            raise QueryError(
+                f"retrieving at {level} level in the {self.model}-root model needs the "
+                f"column(s) {missing}; pass a frame returned by a find_* call."
+            )
+        rows = frame.drop_duplicates(subset=[UNIQUE_KEY[level]]).to_dict("records")
+        if level == "IMAGE":
+            self._plan_instances(rows)
+        else:
+            for row in rows:
+                self._plan_entity(level, row)
+
+    def _note_expected(self, n: int | None) -> None:
+        if n is None:
+            self.expected_known = False
+        else:
+            self.expected += n
+
+    def _plan_entity(self, level: str, row: dict[str, Any]) -> None:
+        keys = _keys_of(row, level, self.model)
+        if keys is None:
+            return
+        uid = keys[UNIQUE_KEY[level]]
+        expected = row.get(_COUNT_KEY.get(level, ""))
+        expected = None if expected is None or frames.is_missing(expected) else int(expected)
+        have = 0 if self.overwrite else self.cache.count(level, [uid]).get(uid, 0)
+        if have == 0:
+            self.units.append(_Unit(level, keys, expected))
+            self._note_expected(expected)
+            return
+        if expected is not None and have >= expected:
+            self.cached_rows.extend(self._cached_under(level, uid))
+            self._note_expected(expected)
+            return
+        # Partly cached: list the level below and recurse, so that only what is
+        # missing is requested.
+        child = LEVELS[LEVELS.index(level) + 1]
+        below = self.pacs.find(child, pd.DataFrame([row]), model=self.model)
+        if child == "IMAGE":
+            self._plan_instances(below.to_dict("records"))
+        else:
+            for child_row in below.to_dict("records"):
+                self._plan_entity(child, child_row)
+
+    def _cached_under(self, level: str, uid: str) -> list[dict[str, Any]]:
+        held = self.cache.instances(**{UNIQUE_KEY[level]: [uid]})
+        return [_cached_row(r) for r in held.to_dict("records")]
+
+    def _plan_instances(self, rows: list[dict[str, Any]]) -> None:
+        sops = [frames.to_dicom(r.get("SOPInstanceUID"), "SOPInstanceUID") for r in rows]
+        have = set() if self.overwrite else self.cache.cached([s for s in sops if s])
+        if have:
+            held = self.cache.instances(SOPInstanceUID=sorted(have))
+            self.cached_rows.extend(_cached_row(r) for r in held.to_dict("records"))
+        self.expected += len(rows)
+        by_series: dict[tuple[str, ...], list[str]] = {}
+        for row, sop in zip(rows, sops, strict=True):
+            if not sop or sop in have:
+                continue
+            keys = _keys_of(row, "IMAGE", self.model)
+            if keys is None:
+                continue
+            parent = tuple(v for k, v in keys.items() if k != "SOPInstanceUID")
+            by_series.setdefault(parent, []).append(sop)
+        parent_names = [k for k in required_keys("IMAGE", self.model)]
+        for parent, uids in by_series.items():
+            for start in range(0, len(uids), _UIDS_PER_REQUEST):
+                chunk = uids[start : start + _UIDS_PER_REQUEST]
+                keys = dict(zip(parent_names, parent, strict=True))
+                keys["SOPInstanceUID"] = "\\".join(chunk)
+                self.units.append(_Unit("IMAGE", keys, len(chunk)))
+
+
+def _cached_row(record: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "StudyInstanceUID": record.get("StudyInstanceUID"),
+        "SeriesInstanceUID": record.get("SeriesInstanceUID"),
+        "SOPInstanceUID": record.get("SOPInstanceUID"),
+        "SOPClassUID": record.get("SOPClassUID"),
+        "path": record.get("path"),
+        "status": "cached",
+        "error": None,
+    }
+
+
+# --- running ---------------------------------------------------------------------------------
+
+
+def _identifier(unit: _Unit, model: str) -> Any:
+    query = build_query(unit.level, model, defaults=False)
+    return query.with_keys(**unit.keys).dataset()
+
+
+def _final_status(status: Any, what: str, pacs: PACS, destination: str | None) -> dict[str, int]:
+    code = int(status.Status)
+    counts = {
+        "completed": int(status.get("NumberOfCompletedSuboperations") or 0),
+        "failed": int(status.get("NumberOfFailedSuboperations") or 0),
+        "warning": int(status.get("NumberOfWarningSuboperations") or 0),
+    }
+    category = code_to_category(code)
+    if code == 0x0000 or category == "Warning":
+        return counts
+    comment = status.get("ErrorComment")
+    detail = f" The peer says: {comment}." if comment else ""
+    if code == 0xA801 or (
+        destination is not None and code == 0xC000 and not comment and not any(counts.values())
+    ):
+        raise MoveDestinationUnknown(
+            f"{pacs.ae_title} answered the C-MOVE to {destination!r} with 0x{code:04X}"
+            f"{' (move destination unknown)' if code == 0xA801 else ' and no comment'}."
+            f"{detail} The peer must know {destination!r} with its host and port (register "
+            "the AE at the PACS, e.g. Orthanc's DicomModalities); check that registration.",
+            status=code,
+            comment=str(comment) if comment else None,
+        )
+    if code == 0xFE00:
+        raise DimseError(f"the {what} was cancelled.", status=code)
+    raise DimseError(
+        f"{pacs.ae_title} answered the {what} with 0x{code:04X} ({category}).{detail}",
+        status=code,
+        comment=str(comment) if comment else None,
+    )
+
+
+class _Worker(threading.Thread):
+    """One association, many units: C-GET each and let the receiver file the objects."""
+
+    def __init__(
+        self,
+        pacs: PACS,
+        units: queue.Queue[_Unit],
+        receiver: _Receiver,
+        model: str,
+        contexts: list[PresentationContext],
+        roles: list[Any],
+        name: str,
+    ) -> None:
+        super().__init__(name=name, daemon=True)
+        self.pacs = pacs
+        self.units = units
+        self.receiver = receiver
+        self.model = model
+        self.contexts = contexts
+        self.roles = roles
+        self.requests = 0
+        self.failures: list[BaseException] = []
+        self.assoc: Association | None = None
+        self.msg_id = 0
+
+    def run(self) -> None:
+        try:
+            with self.pacs.association(
+                self.contexts,
+                purpose=self.name,
+                ext_neg=self.roles,
+                handlers=[(evt.EVT_C_STORE, self.receiver)],
+                keep=False,
+            ) as assoc:
+                self.assoc = assoc
+                model_uid = GET_MODELS[self.model]
+                if not any(cx.abstract_syntax == model_uid for cx in assoc.accepted_contexts):
+                    raise NotSupported(
+                        f"{self.pacs.ae_title} accepts no C-GET in the {self.model}-root model "
+                        "from us; retrieve with pacs.move(frame) instead (C-MOVE to our "
+                        "storage SCP).",
+                        status=0x0122,
+                    )
+                while not self.receiver.stop.is_set():
+                    try:
+                        unit = self.units.get_nowait()
+                    except queue.Empty:
+                        return
+                    self._get(assoc, unit, model_uid)
+        except BaseException as exc:
+            self.failures.append(exc)
+            self.receiver.stop.set()
+
+    def _get(self, assoc: Association, unit: _Unit, model_uid: str) -> None:
+        self.requests += 1
+        self.msg_id = self.requests
+        what = f"{unit.level}-level C-GET"
+        last = time.monotonic()
+        final = None
+        for status, _ in assoc.send_c_get(
+            _identifier(unit, self.model), model_uid, msg_id=self.msg_id
+        ):
+            if not status or "Status" not in status:
+                raise self.pacs._lost(assoc, what, time.monotonic() - last)
+            last = time.monotonic()
+            if code_to_category(int(status.Status)) != "Pending":
+                final = status
+                break
+            if self.receiver.stop.is_set():
+                self.cancel()
+        if final is None:
+            raise self.pacs._lost(assoc, what, time.monotonic() - last)
+        if int(final.Status) == 0xFE00 and self.receiver.stop.is_set():
+            return
+        _final_status(final, what, self.pacs, None)
+
+    def cancel(self) -> None:
+        """Ask the peer to stop the C-GET in flight (C-CANCEL)."""
+        assoc = self.assoc
+        if assoc is None or not assoc.is_established or not self.msg_id:
+            return
+        model_uid = GET_MODELS[self.model]
+        for cx in assoc.accepted_contexts:
+            if cx.abstract_syntax == model_uid:
+                try:
+                    assoc.send_c_cancel(self.msg_id, cx.context_id)
+                except Exception as exc:
+                    LOGGER.debug("C-CANCEL failed: %s", exc)
+                return
+
+
+def _progress(total: int | None, enabled: bool, what: str) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="obj", desc=what, leave=True)
+
+
+def get(
+    pacs: PACS,
+    frame: pd.DataFrame | pd.Series | Sequence[str],
+    *,
+    workers: int = 4,
+    progress: bool = True,
+    on_received: Callable[[str, dict[str, Any]], Any] | None = None,
+    overwrite: bool = False,
+    model: str | None = None,
+) -> RetrieveResult:
+    """C-GET everything ``frame`` describes into ``pacs.cache``. See :meth:`PACS.get`."""
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise QueryError(f"workers={workers!r} must be a whole number of at least 1.")
+    frame = _as_frame(frame)
+    model = normalize_model(model or _model_of(frame))
+    cache = pacs.cache
+    planner = _Planner(pacs, cache, model, overwrite)
+    planner.plan(frame)
+    total = planner.expected if planner.expected_known else None
+    bar = _progress(total, progress, f"C-GET from {pacs.ae_title}")
+    if bar is not None and planner.cached_rows:
+        bar.update(len(planner.cached_rows))
+    receiver = _Receiver(cache, overwrite=overwrite, on_received=on_received, bar=bar)
+    units: queue.Queue[_Unit] = queue.Queue()
+    for unit in planner.units:
+        units.put(unit)
+    contexts = [build_context(GET_MODELS[model]), *storage_contexts()]
+    roles = [build_role(cx.abstract_syntax, scp_role=True) for cx in contexts[1:]]
+    threads = [
+        _Worker(pacs, units, receiver, model, contexts, roles, f"pacsframe-get-{i}")
+        for i in range(min(workers, len(planner.units)))
+    ]
+    LOGGER.info(
+        "C-GET from %s: %d request(s) over %d association(s), %d object(s) already cached",
+        pacs.ae_title,
+        len(planner.units),
+        len(threads),
+        len(planner.cached_rows),
+    )
+    try:
+        _run(threads, receiver)
+    finally:
+        if bar is not None:
+            bar.close()
+    result = _result(planner.cached_rows + receiver.rows, sum(t.requests for t in threads), {})
+    failures = [f for t in threads for f in t.failures]
+    if receiver.error is not None:
+        raise receiver.error
+    if failures:
+        first = failures[0]
+        if isinstance(first, Exception):
+            first.result = result  # type: ignore[attr-defined]
+        raise first
+    return result
+
+
+def _run(threads: list[_Worker], receiver: _Receiver) -> None:
+    for thread in threads:
+        thread.start()
+    try:
+        for thread in threads:
+            # Short joins keep the main thread responsive to Ctrl-C.
+            while thread.is_alive():
+                thread.join(0.1)
+    except KeyboardInterrupt:
+        receiver.stop.set()
+        for thread in threads:
+            thread.cancel()
+        deadline = time.monotonic() + 10
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive() and thread.assoc is not None:
+                thread.assoc.abort()
+        raise
+
+
+def _model_of(frame: pd.DataFrame) -> str:
+    attrs = frame.attrs.get("pacsframe", {}) if isinstance(frame, pd.DataFrame) else {}
+    if isinstance(attrs, dict) and attrs.get("model") in ("study", "patient"):
+        return str(attrs["model"])
+    return "patient" if frames.infer_level(frame) == "PATIENT" else "study"
+
+
+def move(
+    pacs: PACS,
+    frame: pd.DataFrame | pd.Series | Sequence[str],
+    *,
+    destination: str | None = None,
+    progress: bool = True,
+    on_received: Callable[[str, dict[str, Any]], Any] | None = None,
+    overwrite: bool = False,
+    model: str | None = None,
+) -> RetrieveResult:
+    """C-MOVE everything ``frame`` describes. See :meth:`PACS.move`."""
+    frame = _as_frame(frame)
+    model = normalize_model(model or _model_of(frame))
+    ours = destination is None or destination.strip() == pacs.calling_ae
+    target = pacs.calling_ae if ours else destination.strip()  # type: ignore[union-attr]
+    cache = pacs.cache if ours else None
+    planner = _Planner(pacs, cache if cache is not None else _NoCache(), model, overwrite)
+    planner.plan(frame)
+    total = planner.expected if planner.expected_known else None
+    bar = _progress(total, progress and ours, f"C-MOVE from {pacs.ae_title}")
+    if bar is not None and planner.cached_rows:
+        bar.update(len(planner.cached_rows))
+    receiver = (
+        _Receiver(cache, overwrite=overwrite, on_received=on_received, bar=bar) if ours else None
+    )
+    remote = {"completed": 0, "failed": 0, "warning": 0}
+    requests = 0
+    scp = StorageSCP(pacs, receiver) if receiver is not None else None
+    try:
+        if scp is not None:
+            scp.start()
+        model_uid = MOVE_MODELS[model]
+        with pacs.association([build_context(model_uid)], purpose="move", keep=False) as assoc:
+            if not assoc.accepted_contexts:
+                raise NotSupported(
+                    f"{pacs.ae_title} accepts no C-MOVE in the {model}-root model.", status=0x0122
+                )
+            for unit in planner.units:
+                if receiver is not None and receiver.stop.is_set():
+                    break
+                requests += 1
+                what = f"{unit.level}-level C-MOVE"
+                last = time.monotonic()
+                final = None
+                for status, _ in assoc.send_c_move(
+                    _identifier(unit, model), target, model_uid, msg_id=requests
+                ):
+                    if not status or "Status" not in status:
+                        raise pacs._lost(assoc, what, time.monotonic() - last)
+                    last = time.monotonic()
+                    if code_to_category(int(status.Status)) != "Pending":
+                        final = status
+                        break
+                if final is None:
+                    raise pacs._lost(assoc, what, time.monotonic() - last)
+                counts = _final_status(final, what, pacs, target)
+                if not ours:
+                    for key, value in counts.items():
+                        remote[key] += value
+    finally:
+        if scp is not None:
+            scp.stop()
+        if bar is not None:
+            bar.close()
+    if receiver is not None and receiver.error is not None:
+        raise receiver.error
+    rows = planner.cached_rows + (receiver.rows if receiver is not None else [])
+    return _result(rows, requests, {} if ours else remote)
+
+
+class _NoCache:
+    """Stands in for the cache when moving to another AE: nothing is held locally."""
+
+    def count(self, level: str, uids: Iterable[str]) -> dict[str, int]:
+        return {}
+
+    def cached(self, uids: Iterable[str]) -> set[str]:
+        return set()
+
+    def instances(self, **keys: Any) -> pd.DataFrame:
+        return pd.DataFrame(columns=list(_COLUMNS))
