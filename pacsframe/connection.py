@@ -367,10 +367,13 @@ class PACS:
                 reason="refused",
             )
         if assoc.rejected_contexts and not assoc.accepted_contexts and assoc.acceptor.primitive:
-            names = sorted({str(cx.abstract_syntax.name) for cx in assoc.rejected_contexts})
+            names = [str(cx.abstract_syntax.name) for cx in assoc.rejected_contexts]
+            shown = ", ".join(names[:3]) + (
+                f" and {len(names) - 3} more" if len(names) > 3 else ""
+            )
             return NotSupported(
                 f"{self.ae_title} at {where} accepted none of the presentation contexts "
-                f"proposed ({', '.join(names)}); the peer does not offer this service to "
+                f"proposed ({shown}); the peer does not offer this service to "
                 f"{self.calling_ae!r}.",
                 status=0x0122,
             )

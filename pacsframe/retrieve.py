@@ -102,6 +102,23 @@ class RetrieveResult(TransferResult):
         """Objects the peer sent with a warning status."""
         return self._count("warning") + self.remote.get("warning", 0)
 
+    def _repr_html_(self) -> str:
+        counts = "".join(
+            f"<td>{getattr(self, name)}</td>"
+            for name in ("completed", "cached", "warning", "failed", "requests")
+        )
+        failed = self.failed_instances
+        detail = (
+            "<p>Failed:</p>" + failed[["SOPInstanceUID", "error"]].head(10).to_html(index=False)
+            if len(failed)
+            else ""
+        )
+        return (
+            "<div><b>RetrieveResult</b><table><tr><th>completed</th><th>cached</th>"
+            f"<th>warning</th><th>failed</th><th>requests</th></tr><tr>{counts}</tr>"
+            f"</table>{detail}</div>"
+        )
+
     def __repr__(self) -> str:
         return (
             f"RetrieveResult(completed={self.completed}, cached={self.cached}, "
@@ -153,6 +170,7 @@ class _Receiver:
             # 0xA700 family would invite a retry; the object itself is unacceptable.
             return 0xC000
         except Exception as exc:
+            # The peer must get a status back, never our traceback.
             LOGGER.warning("could not file object %s: %s", sop, exc)
             self._record(sop_class, sop, None, "failed", f"could not be stored: {exc}", None)
             return 0xC001
@@ -305,6 +323,38 @@ class _Planner:
             for child_row in below.to_dict("records"):
                 self._plan_entity(child, child_row)
 
+    def spread(self, workers: int) -> None:
+        """Split patient/study units into their series while workers would sit idle.
+
+        One C-FIND per split unit buys parallel C-GETs of its series.
+        """
+        for _ in range(2):  # PATIENT -> STUDY -> SERIES at most
+            if len(self.units) >= workers or not any(
+                u.level in ("PATIENT", "STUDY") for u in self.units
+            ):
+                return
+            spread: list[_Unit] = []
+            for unit in self.units:
+                if unit.level not in ("PATIENT", "STUDY"):
+                    spread.append(unit)
+                    continue
+                child = LEVELS[LEVELS.index(unit.level) + 1]
+                try:
+                    below = self.pacs.find(child, pd.DataFrame([unit.keys]), model=self.model)
+                except DimseError as exc:
+                    # Splitting only buys parallelism; a peer that will not list the
+                    # level below still gets the whole unit in one request.
+                    LOGGER.info("not splitting a %s request: %s", unit.level, exc)
+                    spread.append(unit)
+                    continue
+                for row in below.to_dict("records"):
+                    keys = _keys_of(row, child, self.model)
+                    if keys is not None:
+                        count = row.get(_COUNT_KEY.get(child, ""))
+                        known = count is not None and not frames.is_missing(count)
+                        spread.append(_Unit(child, keys, int(count) if known else None))
+            self.units = spread
+
     def _cached_under(self, level: str, uid: str) -> list[dict[str, Any]]:
         held = self.cache.instances(**{UNIQUE_KEY[level]: [uid]})
         return [_cached_row(r) for r in held.to_dict("records")]
@@ -411,33 +461,44 @@ class _Worker(threading.Thread):
         self.assoc: Association | None = None
         self.msg_id = 0
 
+    def _unsupported(self) -> NotSupported:
+        return NotSupported(
+            f"{self.pacs.ae_title} accepts no C-GET in the {self.model}-root model from "
+            f"{self.pacs.calling_ae!r}; retrieve with pacs.move(frame) instead (C-MOVE to "
+            "our storage SCP).",
+            status=0x0122,
+        )
+
     def run(self) -> None:
         try:
-            with self.pacs.association(
-                self.contexts,
-                purpose=self.name,
-                ext_neg=self.roles,
-                handlers=[(evt.EVT_C_STORE, self.receiver)],
-                keep=False,
-            ) as assoc:
-                self.assoc = assoc
-                model_uid = GET_MODELS[self.model]
-                if not any(cx.abstract_syntax == model_uid for cx in assoc.accepted_contexts):
-                    raise NotSupported(
-                        f"{self.pacs.ae_title} accepts no C-GET in the {self.model}-root model "
-                        "from us; retrieve with pacs.move(frame) instead (C-MOVE to our "
-                        "storage SCP).",
-                        status=0x0122,
-                    )
-                while not self.receiver.stop.is_set():
-                    try:
-                        unit = self.units.get_nowait()
-                    except queue.Empty:
-                        return
-                    self._get(assoc, unit, model_uid)
+            self._run()
+        except NotSupported as exc:
+            # Refused outright (no context at all) reads better as "no C-GET here".
+            self.failures.append(self._unsupported() if exc.status == 0x0122 else exc)
+            self.receiver.stop.set()
         except BaseException as exc:
+            # Handed to the driver thread, which re-raises it after stopping the others.
             self.failures.append(exc)
             self.receiver.stop.set()
+
+    def _run(self) -> None:
+        with self.pacs.association(
+            self.contexts,
+            purpose=self.name,
+            ext_neg=self.roles,
+            handlers=[(evt.EVT_C_STORE, self.receiver)],
+            keep=False,
+        ) as assoc:
+            self.assoc = assoc
+            model_uid = GET_MODELS[self.model]
+            if not any(cx.abstract_syntax == model_uid for cx in assoc.accepted_contexts):
+                raise self._unsupported()
+            while not self.receiver.stop.is_set():
+                try:
+                    unit = self.units.get_nowait()
+                except queue.Empty:
+                    return
+                self._get(assoc, unit, model_uid)
 
     def _get(self, assoc: Association, unit: _Unit, model_uid: str) -> None:
         self.requests += 1
@@ -473,6 +534,7 @@ class _Worker(threading.Thread):
                 try:
                     assoc.send_c_cancel(self.msg_id, cx.context_id)
                 except Exception as exc:
+                    # Best effort while stopping: the association is aborted if need be.
                     LOGGER.debug("C-CANCEL failed: %s", exc)
                 return
 
@@ -503,6 +565,7 @@ def get(
     cache = pacs.cache
     planner = _Planner(pacs, cache, model, overwrite)
     planner.plan(frame)
+    planner.spread(workers)
     total = planner.expected if planner.expected_known else None
     bar = _progress(total, progress, f"C-GET from {pacs.ae_title}")
     if bar is not None and planner.cached_rows:

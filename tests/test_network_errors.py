@@ -185,3 +185,16 @@ def test_abort_during_find(aborting_find_peer):
     with pytest.raises(pf.AssociationError, match="aborted the association during") as info:
         pacs.find_studies()
     assert info.value.reason == "aborted"
+
+
+def test_peer_without_c_get_says_use_move(tmp_path):
+    ae = AE(ae_title="FINDONLY")
+    ae.add_supported_context(Verification)
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+    server = ae.start_server(("127.0.0.1", 0), block=False)
+    try:
+        pacs = pf.PACS("127.0.0.1", server.server_address[1], "FINDONLY", cache=tmp_path)
+        with pytest.raises(pf.NotSupported, match=r"pacs\.move\(frame\)"):
+            pacs.get(["1.2.3"], progress=False)
+    finally:
+        server.shutdown()

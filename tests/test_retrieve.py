@@ -141,3 +141,44 @@ def test_retrieve_input_errors_before_sending(client):
         client.get(pd.DataFrame({"Modality": ["CT"]}))
     with pytest.raises(pf.QueryError, match="patient-root"):
         client.get(pd.DataFrame({"PatientID": ["X"]}), model="study")
+
+
+def test_workers_split_one_study_by_series(client, peer):
+    per_study = peer.manifest.groupby("StudyInstanceUID").SeriesInstanceUID.nunique()
+    study = per_study[per_study > 1].index[0]
+    studies = client.find_studies(StudyInstanceUID=study)
+    result = client.get(studies, workers=4, progress=False)
+    assert result.requests == per_study[study]  # one C-GET per series, in parallel
+    assert result.completed == (peer.manifest.StudyInstanceUID == study).sum()
+
+
+def test_load_series_matches_the_cohort_geometry(client, peer):
+    m = peer.manifest
+    uid = m.groupby("SeriesInstanceUID").size().idxmax()
+    client.get(
+        client.find_series(
+            client.find_studies(
+                StudyInstanceUID=m[m.SeriesInstanceUID == uid].StudyInstanceUID.iloc[0]
+            )
+        ),
+        progress=False,
+    )
+    volume = client.cache.load_series(uid)
+    rows = m[m.SeriesInstanceUID == uid].sort_values("InstanceNumber")
+    assert volume.array.shape == (len(rows), rows.Rows.iloc[0], rows.Columns.iloc[0])
+    z = [p[2] for p in rows.ImagePositionPatient]
+    assert volume.origin[2] == pytest.approx(min(z))
+    assert volume.spacing[0] == pytest.approx(abs(z[1] - z[0]))
+    assert volume.spacing[1:] == pytest.approx(rows.PixelSpacing.iloc[0])
+    order = client.cache.instances(SOPInstanceUID=volume.sop_instance_uids).set_index(
+        "SOPInstanceUID"
+    )
+    numbers = [order.InstanceNumber[s] for s in volume.sop_instance_uids]
+    assert numbers == sorted(numbers) or numbers == sorted(numbers, reverse=True)
+
+
+def test_progress_bar_and_html(client, capsys):
+    result = client.get(client.find_series(client.find_studies()).iloc[:1], progress=True)
+    assert "C-GET from" in capsys.readouterr().err
+    html = result._repr_html_()
+    assert "RetrieveResult" in html and f"<td>{result.completed}</td>" in html
