@@ -1,4 +1,4 @@
-"""Command line: ``pacsframe echo|find|get|move|demo|serve``.
+"""Command line: ``pacsframe echo|find|get|move|store|demo|serve``.
 
 Examples
 --------
@@ -92,6 +92,10 @@ def _setup_argparser() -> argparse.ArgumentParser:
             retrieve.add_argument("--destination", help="another AE title (default: ourselves)")
             retrieve.add_argument("--scp-port", type=int, default=0, help="our storage SCP port")
         retrieve.add_argument("keys", nargs="*", metavar="KEY=VALUE", help="matching keys")
+
+    store = commands.add_parser("store", help="C-STORE files or folders to a peer")
+    _add_peer_arguments(store)
+    store.add_argument("paths", nargs="+", type=Path, help="DICOM files or folders")
 
     serve = commands.add_parser("serve", help="run the demo PACS over a folder until Ctrl-C")
     serve.add_argument("folder", type=Path, help="folder of DICOM files (created if missing)")
@@ -222,6 +226,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             extra = [k for k in args.return_keys.split(",") if k.strip()]
             frame = pacs.find(args.level, model=args.model, return_keys=extra, **_keys(args.keys))
             _write(frame, args)
+        elif args.command == "store":
+            result = _pacs(args).store([str(p) for p in args.paths])
+            print(result)
+            for row in result.failed_instances.itertuples():
+                print(f"failed: {row.path}: {row.error}", file=sys.stderr)
+            return 0 if result.failed == 0 else 1
         elif args.command in ("get", "move"):
             _retrieve(args)
         elif args.command == "serve":

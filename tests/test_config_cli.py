@@ -133,3 +133,18 @@ def test_cli_get_refuses_both_sources(demo_server, tmp_path, capsys):
     frame.write_text("StudyInstanceUID\n1.2.3\n")
     assert cli.main(["get", *peer, "--from", str(frame), "PatientID=1"]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_cli_store_reports_failures_with_exit_status(tmp_path, capsys):
+    from pacsframe.demo import DemoPACS, make_cohort
+
+    source = tmp_path / "src"
+    manifest = make_cohort(source, patients=1, seed=61, studies_per_patient=1, matrix=8)
+    (source / "junk.txt").write_text("not DICOM")
+    with DemoPACS(tmp_path / "dest") as server:
+        peer = ["--peer", f"127.0.0.1:{server.port}", "--aet", server.ae_title]
+        assert cli.main(["store", *peer, str(source)]) == 1
+        captured = capsys.readouterr()
+        assert f"completed={len(manifest)}" in captured.out
+        assert "junk.txt" in captured.err and "not a readable DICOM file" in captured.err
+        assert len(server.instances()) == len(manifest)
