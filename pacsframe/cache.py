@@ -706,6 +706,32 @@ class Cache:
         )
         return frame
 
+    def locate(self, level: str, uids: Iterable[str]) -> pd.DataFrame:
+        """Where the cached instances under some entities are: a lean, fast lookup.
+
+        Only the UIDs, SOPClassUID and absolute ``path`` (all strings), so a
+        retrieval can report what it skipped without building the full typed
+        frame of :meth:`instances`.
+
+        Parameters
+        ----------
+        level : {"patient", "study", "series", "image"}
+            What ``uids`` are: PatientIDs, Study-, Series- or SOPInstanceUIDs.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> Cache(tempfile.mkdtemp()).locate("series", ["1.2.3"]).columns.tolist()
+        ['StudyInstanceUID', 'SeriesInstanceUID', 'SOPInstanceUID', 'SOPClassUID', 'path']
+        """
+        column = _LEVEL_COLUMN[normalize_level(level)]
+        fields = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "path")
+        rows = self._rows_where(column, _uid_list(uids), ", ".join(fields))
+        frame = pd.DataFrame(rows, columns=list(fields), dtype="string")
+        root = self.root
+        frame["path"] = pd.array([str(root / p) for p in frame["path"]], dtype="string")
+        return frame
+
     def cached(self, sop_uids: Iterable[str]) -> set[str]:
         """The SOPInstanceUIDs among ``sop_uids`` that are in the cache.
 

@@ -356,14 +356,14 @@ class _Planner:
             self.units = spread
 
     def _cached_under(self, level: str, uid: str) -> list[dict[str, Any]]:
-        held = self.cache.instances(**{UNIQUE_KEY[level]: [uid]})
+        held = self.cache.locate(level, [uid])
         return [_cached_row(r) for r in held.to_dict("records")]
 
     def _plan_instances(self, rows: list[dict[str, Any]]) -> None:
         sops = [frames.to_dicom(r.get("SOPInstanceUID"), "SOPInstanceUID") for r in rows]
         have = set() if self.overwrite else self.cache.cached([s for s in sops if s])
         if have:
-            held = self.cache.instances(SOPInstanceUID=sorted(have))
+            held = self.cache.locate("IMAGE", sorted(have))
             self.cached_rows.extend(_cached_row(r) for r in held.to_dict("records"))
         self.expected += len(rows)
         by_series: dict[tuple[str, ...], list[str]] = {}
@@ -575,7 +575,8 @@ def get(
     for unit in planner.units:
         units.put(unit)
     contexts = [build_context(GET_MODELS[model]), *storage_contexts()]
-    roles = [build_role(cx.abstract_syntax, scp_role=True) for cx in contexts[1:]]
+    classes = dict.fromkeys(cx.abstract_syntax for cx in contexts[1:])
+    roles = [build_role(uid, scp_role=True) for uid in classes]
     threads = [
         _Worker(pacs, units, receiver, model, contexts, roles, f"pacsframe-get-{i}")
         for i in range(min(workers, len(planner.units)))
@@ -710,5 +711,5 @@ class _NoCache:
     def cached(self, uids: Iterable[str]) -> set[str]:
         return set()
 
-    def instances(self, **keys: Any) -> pd.DataFrame:
+    def locate(self, level: str, uids: Iterable[str]) -> pd.DataFrame:
         return pd.DataFrame(columns=list(_COLUMNS))

@@ -16,12 +16,17 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import (
+    JPEG2000,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000TransferSyntaxes,
-    JPEGLSTransferSyntaxes,
-    JPEGTransferSyntaxes,
-    RLETransferSyntaxes,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
 )
 from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.presentation import PresentationContext, build_context
@@ -36,15 +41,42 @@ __all__ = ["StorageSCP", "StoreResult", "TransferResult", "storage_contexts", "s
 
 LOGGER = logging.getLogger("pacsframe")
 
-# Uncompressed first (every peer can send them), then the compressed syntaxes a
-# PACS may hold objects in, so those arrive as stored instead of transcoded.
-_TRANSFER_SYNTAXES = [
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    *JPEGTransferSyntaxes,
-    *JPEGLSTransferSyntaxes,
-    *JPEG2000TransferSyntaxes,
-    *RLETransferSyntaxes,
+_UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+_LOSSLESS = [JPEGLosslessSV1, JPEG2000Lossless, JPEGLSLossless, RLELossless, JPEGLossless]
+_LOSSY = [JPEGBaseline8Bit, JPEGExtended12Bit, JPEG2000, JPEGLSNearLossless]
+# Retired, print and trial classes that no PACS sends: their context slots go to
+# compressed twins of the commonest image classes (128 contexts at most, PS3.8).
+_SKIPPED_CLASSES = {
+    "1.2.840.10008.5.1.1.27",  # Stored Print
+    "1.2.840.10008.5.1.1.29",  # Hardcopy Grayscale Image
+    "1.2.840.10008.5.1.1.30",  # Hardcopy Color Image
+    "1.2.840.10008.5.1.4.1.1.10",  # Standalone Modality LUT
+    "1.2.840.10008.5.1.4.1.1.11",  # Standalone VOI LUT
+    "1.2.840.10008.5.1.4.1.1.129",  # Standalone PET Curve
+    "1.2.840.10008.5.1.4.1.1.77.1",  # VL Image - Trial
+    "1.2.840.10008.5.1.4.1.1.77.2",  # VL Multi-frame Image - Trial
+    "1.2.840.10008.5.1.4.1.1.8",  # Standalone Overlay
+    "1.2.840.10008.5.1.4.1.1.9",  # Standalone Curve
+}
+# The image classes a PACS most often holds compressed.
+_COMPRESSED_CLASSES = [
+    "1.2.840.10008.5.1.4.1.1.2",  # CT
+    "1.2.840.10008.5.1.4.1.1.4",  # MR
+    "1.2.840.10008.5.1.4.1.1.1",  # CR
+    "1.2.840.10008.5.1.4.1.1.1.1",  # DX for presentation
+    "1.2.840.10008.5.1.4.1.1.1.1.1",  # DX for processing
+    "1.2.840.10008.5.1.4.1.1.1.2",  # MG for presentation
+    "1.2.840.10008.5.1.4.1.1.1.2.1",  # MG for processing
+    "1.2.840.10008.5.1.4.1.1.6.1",  # US
+    "1.2.840.10008.5.1.4.1.1.3.1",  # US multi-frame
+    "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture
+    "1.2.840.10008.5.1.4.1.1.12.1",  # XA
+    "1.2.840.10008.5.1.4.1.1.20",  # NM
+    "1.2.840.10008.5.1.4.1.1.128",  # PET
+    "1.2.840.10008.5.1.4.1.1.2.1",  # Enhanced CT
+    "1.2.840.10008.5.1.4.1.1.4.1",  # Enhanced MR
+    "1.2.840.10008.5.1.4.1.1.13.1.3",  # Breast Tomosynthesis
+    "1.2.840.10008.5.1.4.1.1.77.1.4",  # VL Photographic
 ]
 # A peer may accept at most 128 presentation contexts on one association (PS3.8).
 _MAX_CONTEXTS = 128
@@ -105,17 +137,30 @@ class StoreResult(TransferResult):
         )
 
 
-def storage_contexts() -> list[PresentationContext]:
-    """Storage contexts we accept: for C-GET sub-operations and our storage SCP.
+def storage_contexts(role: str = "requestor") -> list[PresentationContext]:
+    """Storage contexts for C-GET sub-operations (``"requestor"``) or our SCP.
 
-    pynetdicom's 120 commonest storage SOP classes (CT, MR, enhanced, SC, SR, PR,
-    SEG, RT, ...), leaving room for the retrieve context within the 128 allowed,
-    each with the uncompressed and the common compressed transfer syntaxes so
-    compressed objects can arrive as they are stored.
+    As requestor (C-GET) the peer picks one transfer syntax per context, so each
+    of 110 storage classes gets an uncompressed-only context (an uncompressed
+    object is never recompressed, least of all lossily) and the 17 classes most
+    often stored compressed get a second, compressed-only context, so such
+    objects can arrive as stored: 127 contexts with the retrieve one.
+
+    As acceptor (our storage SCP for C-MOVE) we choose: lossless compressed
+    syntaxes first (an object offered in one arrives as stored), then
+    uncompressed, lossy last (accepted only when nothing else is offered).
     """
-    return [
-        build_context(cx.abstract_syntax, _TRANSFER_SYNTAXES) for cx in StoragePresentationContexts
+    classes = [
+        cx.abstract_syntax
+        for cx in StoragePresentationContexts
+        if cx.abstract_syntax not in _SKIPPED_CLASSES
     ]
+    if role == "acceptor":
+        syntaxes = [*_LOSSLESS, *_UNCOMPRESSED, *_LOSSY]
+        return [build_context(uid, syntaxes) for uid in classes]
+    contexts = [build_context(uid, _UNCOMPRESSED) for uid in classes]
+    contexts += [build_context(uid, [*_LOSSLESS, *_LOSSY]) for uid in _COMPRESSED_CLASSES]
+    return contexts
 
 
 class StorageSCP:
@@ -144,7 +189,7 @@ class StorageSCP:
         ae.network_timeout = self.pacs.network_timeout
         ae.dimse_timeout = self.pacs.dimse_timeout
         ae.maximum_pdu_size = self.pacs.max_pdu
-        for context in storage_contexts():
+        for context in storage_contexts("acceptor"):
             ae.add_supported_context(context.abstract_syntax, context.transfer_syntax)
         try:
             self.server = ae.start_server(

@@ -657,11 +657,37 @@ def _sub_operations(event: evt.Event, selected: pd.DataFrame) -> Iterator[tuple[
         try:
             # No pixel decoding: the elements stay raw and are written back as read
             # when the transfer syntax is the file's.
-            ds = dcmread(row["path"])
+            ds = _fit_to_contexts(event, dcmread(row["path"]))
         except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
             LOGGER.error("%s: cannot read %s (%s)", event.event.name, row["path"], exc)
             ds = _stand_in(row)
         yield 0xFF00, ds
+
+
+def _fit_to_contexts(event: evt.Event, ds: Dataset) -> Dataset:
+    """Decompress an object the requestor accepted no context for in its own syntax.
+
+    A C-GET requestor negotiates one syntax per context; as Orthanc does, an object
+    stored in another compressed syntax is sent decoded rather than not at all.
+    Only possible where pydicom decodes the syntax itself (RLE, or JPEG with a
+    plugin installed); otherwise the sub-operation fails and is counted so.
+    """
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if syntax is None or not syntax.is_compressed or event.event.name != "EVT_C_GET":
+        return ds
+    sop_class = ds.get("SOPClassUID")
+    if any(
+        cx.abstract_syntax == sop_class and cx.transfer_syntax[0] == syntax
+        for cx in event.assoc.accepted_contexts
+    ):
+        return ds
+    try:
+        # Lossless decoding keeps the instance's identity (pydicom would re-issue it).
+        ds.decompress(generate_instance_uid=False)
+    except Exception as exc:
+        # No decoder for this syntax here: send as stored and let it fail visibly.
+        LOGGER.warning("cannot decompress %s from %s: %s", ds.get("SOPInstanceUID"), syntax, exc)
+    return ds
 
 
 def handle_get(event: evt.Event, server: DemoPACS) -> Iterator[Any]:
