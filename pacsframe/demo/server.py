@@ -323,7 +323,8 @@ def _query_value(identifier: Dataset, tag: int, vr: str) -> str | None:
     return text.strip(" \x00") or None
 
 
-def _parse_request(identifier: Dataset, model: str) -> _Request:
+def _level_of(identifier: Dataset, model: str) -> str:
+    """The QueryRetrieveLevel of a request, refused (0xA900) when the model lacks it."""
     level = _query_value(identifier, _TAG_LEVEL, "CS")
     levels = _MODEL_LEVELS[model]
     if level not in levels:
@@ -331,6 +332,11 @@ def _parse_request(identifier: Dataset, model: str) -> _Request:
             0xA900,
             f"QueryRetrieveLevel {level or '(missing)'} is not one of {', '.join(levels)}",
         )
+    return level
+
+
+def _parse_request(identifier: Dataset, model: str) -> _Request:
+    level = _level_of(identifier, model)
     keys: dict[str, str] = {}
     returned: list[tuple[int, str, str | None]] = []
     # Iterating a Dataset yields elements; the tags are what is needed here.
@@ -541,13 +547,7 @@ def _parse_retrieve(identifier: Dataset, model: str) -> tuple[str, dict[str, str
     level's own key may be a list (``\\``-separated). Other keys are ignored, as
     the hierarchical model does not use them to select instances.
     """
-    level = _query_value(identifier, _TAG_LEVEL, "CS")
-    levels = _MODEL_LEVELS[model]
-    if level not in levels:
-        raise _Refused(
-            0xA900,
-            f"QueryRetrieveLevel {level or '(missing)'} is not one of {', '.join(levels)}",
-        )
+    level = _level_of(identifier, model)
     keys: dict[str, str] = {}
     for keyword in (*_UPPER_KEYS[(model, level)], _LEVEL_UNIQUE_KEY[level]):
         attr = frames.attribute(keyword)
