@@ -20,6 +20,9 @@ test: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest
 
+lab: $(VENV)/.installed
+	$(VENV)/bin/pip install --quiet -e '.[lab]' && $(VENV)/bin/jupyter lab notebooks/
+
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

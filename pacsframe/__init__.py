@@ -24,6 +24,7 @@ from .errors import (
 from .frames import MalformedValueWarning
 from .retrieve import RetrieveResult
 from .storage import StoreResult
+from .widgets import QueryForm
 
 __all__ = [
     "PACS",
@@ -36,6 +37,7 @@ __all__ = [
     "NotSupported",
     "PacsFrameError",
     "QueryError",
+    "QueryForm",
     "RetrieveResult",
     "StoreResult",
     "Volume",

@@ -259,6 +259,35 @@ class Cache:
             return f"Cache({str(self.root)!r})"
         return f"Cache({str(self.root)!r}, {n} instances, {_human(size)})"
 
+    def _repr_html_(self) -> str:
+        from html import escape
+
+        root = escape(str(self.root))
+        # Like __repr__, do not create an index just to describe an empty cache.
+        if not (self.root / INDEX_NAME).exists():
+            return f"<div><b>Cache</b> at <code>{root}</code>: empty</div>"
+        try:
+            n, size = len(self), self.size_bytes
+            counts = (
+                self._db()
+                .execute(
+                    "SELECT COALESCE(Modality, ''), COUNT(*) FROM instances "
+                    "GROUP BY Modality ORDER BY COUNT(*) DESC"
+                )
+                .fetchall()
+            )
+        except (sqlite3.Error, OSError) as exc:
+            return (
+                f"<div><b>Cache</b> at <code>{root}</code>: unreadable ({escape(str(exc))})</div>"
+            )
+        by_modality = "".join(
+            f"<tr><td>{escape(m or '(none)')}</td><td>{c}</td></tr>" for m, c in counts
+        )
+        return (
+            f"<div><b>Cache</b> at <code>{root}</code>: {n} instances, {_human(size)}"
+            f"<table><tr><th>Modality</th><th>instances</th></tr>{by_modality}</table></div>"
+        )
+
     def __len__(self) -> int:
         return int(self._db().execute("SELECT COUNT(*) FROM instances").fetchone()[0])
 

@@ -242,6 +242,23 @@ class PACS:
             f"calling_ae={self.calling_ae!r})"
         )
 
+    def _repr_html_(self) -> str:
+        # Never connects: a notebook repr must not block on an unreachable peer
+        # (call echo() to check reachability).
+        from html import escape
+
+        rows = {
+            "peer": f"{self.host}:{self.port}",
+            "called AE (ae_title)": self.ae_title,
+            "calling AE (calling_ae)": self.calling_ae,
+            "cache": str(self.cache.root),
+        }
+        body = "".join(
+            f"<tr><th style='text-align:left'>{escape(k)}</th><td>{escape(v)}</td></tr>"
+            for k, v in rows.items()
+        )
+        return f"<div><b>PACS</b> <i>(not checked; echo() tests it)</i><table>{body}</table></div>"
+
     @property
     def peer(self) -> dict[str, Any]:
         """JSON-safe description of the peer (for ``DataFrame.attrs``)."""

@@ -46,6 +46,8 @@ LOOPBACK = "127.0.0.1"
 # Debian package per executable, for the "apt-get install" hint of require_tool.
 _DEBIAN_PACKAGES = {
     "Orthanc": "orthanc",
+    # Debian's browser package; the browser test drives it with Playwright.
+    "chromium": "chromium",
     **{
         tool: "dcmtk"
         for tool in (
