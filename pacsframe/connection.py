@@ -34,7 +34,7 @@ from pynetdicom.sop_class import (
 from pynetdicom.status import QR_FIND_SERVICE_CLASS_STATUS, code_to_category
 
 from . import frames
-from .errors import AssociationError, DimseError, NotSupported, QueryError
+from .errors import AssociationError, DimseError, NotSupported, PacsFrameError, QueryError
 from .query import LEVELS, UNIQUE_KEY, Query, build_query, normalize_model
 
 if TYPE_CHECKING:
@@ -176,6 +176,7 @@ class PACS:
         self._scp_port = scp_port
         self._cache_setting = cache
         self._cache: Cache | None = None
+        self._checked: str | None = None  # what the last echo() found, for the HTML repr
         self._held: dict[str, Association] = {}
         self._depth = 0
         self._lock = threading.RLock()
@@ -257,7 +258,8 @@ class PACS:
             f"<tr><th style='text-align:left'>{escape(k)}</th><td>{escape(v)}</td></tr>"
             for k, v in rows.items()
         )
-        return f"<div><b>PACS</b> <i>(not checked; echo() tests it)</i><table>{body}</table></div>"
+        checked = escape(self._checked or "not checked; echo() tests it")
+        return f"<div><b>PACS</b> <i>({checked})</i><table>{body}</table></div>"
 
     @property
     def peer(self) -> dict[str, Any]:
@@ -466,6 +468,15 @@ class PACS:
         DimseError
             When the peer answers with a failure status.
         """
+        try:
+            seconds = self._echo()
+        except PacsFrameError as exc:
+            self._checked = f"not reachable at the last echo(): {exc}"
+            raise
+        self._checked = "reachable: it answered the last echo()"
+        return seconds
+
+    def _echo(self) -> float:
         started = time.monotonic()
         with self.association(self._query_contexts()) as assoc:
             sent = time.monotonic()

@@ -254,3 +254,13 @@ def test_reprs(pacs, manifest):
     assert f"{len(manifest)} instances" in html
     for modality, n in manifest.Modality.value_counts().items():
         assert f"<td>{modality}</td><td>{n}</td>" in html
+
+
+def test_pacs_repr_reports_reachability_only_after_echo(tmp_path):
+    from servers import free_port
+
+    pacs = pf.PACS("127.0.0.1", free_port(), "NOBODY", cache=tmp_path, connect_timeout=2)
+    assert "not checked" in pacs._repr_html_()
+    with pytest.raises(pf.AssociationError):
+        pacs.echo()
+    assert "not reachable at the last echo()" in pacs._repr_html_()
