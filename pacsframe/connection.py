@@ -50,6 +50,8 @@ FIND_MODELS = {
     "patient": PatientRootQueryRetrieveInformationModelFind,
 }
 _PENDING = (0xFF00, 0xFF01)
+# Pauses before retrying an association the peer rejected as transient (busy).
+_TRANSIENT_RETRY_DELAYS = (0.25, 0.5, 1.0, 2.0)
 _SETTING_TYPES: dict[str, type] = {
     "host": str,
     "port": int,
@@ -320,14 +322,30 @@ class PACS:
                 rejections.append(event.pdu)
 
         started = time.monotonic()
-        assoc = ae.associate(
-            self.host,
-            self.port,
-            ae_title=self.ae_title,
-            max_pdu=self.max_pdu,
-            ext_neg=list(ext_neg) or None,
-            evt_handlers=[(evt.EVT_CONN_OPEN, on_open), (evt.EVT_PDU_RECV, on_pdu), *handlers],
-        )
+        for delay in (*_TRANSIENT_RETRY_DELAYS, None):
+            opened.clear()
+            rejections.clear()
+            assoc = ae.associate(
+                self.host,
+                self.port,
+                ae_title=self.ae_title,
+                max_pdu=self.max_pdu,
+                ext_neg=list(ext_neg) or None,
+                evt_handlers=[
+                    (evt.EVT_CONN_OPEN, on_open),
+                    (evt.EVT_PDU_RECV, on_pdu),
+                    *handlers,
+                ],
+            )
+            transient = [r for r in rejections if r.result == 0x02] or (
+                assoc.is_rejected and getattr(assoc.acceptor.primitive, "result", None) == 0x02
+            )
+            if assoc.is_established or not transient or delay is None:
+                break
+            # A busy peer rejects "transient" (e.g. its association limit); it says
+            # to try again, so we do, a few times with growing pauses.
+            LOGGER.info("%s rejected the association as transient; retrying", self.ae_title)
+            time.sleep(delay)
         if assoc.is_established:
             LOGGER.info(
                 "association %s -> %s at %s:%s established for %s",
@@ -351,11 +369,21 @@ class PACS:
             reason = getattr(prim, "reason_str", "unknown reason")
             source = getattr(prim, "source_str", "unknown source")
             result = getattr(prim, "result_str", "Rejected")
+            if getattr(prim, "result", None) == 0x02:
+                advice = (
+                    f"The peer is busy and said to try later; pacsframe tried "
+                    f"{len(_TRANSIENT_RETRY_DELAYS) + 1} times. Try again later, or use "
+                    "fewer parallel associations (workers=)."
+                )
+            else:
+                advice = (
+                    "Check that ae_title is the peer's AE title and that the peer knows "
+                    f"{self.calling_ae!r}."
+                )
             return AssociationError(
                 f"the peer at {where} rejected the association ({result}; source: {source}; "
                 f"reason: {reason}) for called AE {self.ae_title!r} from calling AE "
-                f"{self.calling_ae!r}. Check that ae_title is the peer's AE title and that "
-                f"the peer knows {self.calling_ae!r}.",
+                f"{self.calling_ae!r}. {advice}",
                 reason="rejected",
             )
         if not connected:

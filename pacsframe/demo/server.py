@@ -934,6 +934,9 @@ class DemoPACS:
     known_aes : mapping of str to (host, port), optional
         The valid C-MOVE destinations, by AE title; more can be added while the
         server runs with :meth:`add_known_ae`.
+    max_associations : int, default 64
+        Associations served at once; more are rejected as transient ("local
+        limit exceeded"), as a busy PACS does.
 
     Examples
     --------
@@ -958,8 +961,10 @@ class DemoPACS:
         host: str = "127.0.0.1",
         port: int = 0,
         known_aes: Mapping[str, tuple[str, int]] | None = None,
+        max_associations: int = 64,
     ) -> None:
         self.folder = Path(folder)
+        self.max_associations = int(max_associations)
         self.ae_title = check_ae_title(ae_title, "ae_title")
         self.host = host
         self.port = int(port)
@@ -1036,6 +1041,7 @@ class DemoPACS:
         count = index.scan(self.folder)
         self._index = index
         ae = AE(ae_title=self.ae_title)
+        ae.maximum_associations = self.max_associations
         ae.add_supported_context(Verification)
         for model in (*_MODELS, *_RETRIEVE_MODELS):
             ae.add_supported_context(model)
