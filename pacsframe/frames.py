@@ -19,7 +19,7 @@ import math
 import re
 import struct
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -457,11 +457,6 @@ class FrameBuilder:
             if keyword not in self._warned:
                 self._warned.add(keyword)
                 _warn_undecodable(keyword, exc, stacklevel=2)
-
-    def add_strings(self, row: Mapping[str, Any]) -> None:
-        """Add a row already in DICOM string form (keyword -> string)."""
-        for attr, cells in zip(self.attributes, self._cells, strict=True):
-            cells.append(row.get(attr.keyword))
 
     def frame(self) -> pd.DataFrame:
         """Build the typed frame from everything added so far."""

@@ -24,6 +24,7 @@ from .errors import QueryError
 
 __all__ = [
     "DEFAULT_KEYS",
+    "INSTANCE_COUNT_KEY",
     "LEVELS",
     "MODELS",
     "Query",
@@ -54,6 +55,13 @@ UNIQUE_KEY = {
     "STUDY": "StudyInstanceUID",
     "SERIES": "SeriesInstanceUID",
     "IMAGE": "SOPInstanceUID",
+}
+
+#: The count column that says how many instances an entity of each level holds.
+INSTANCE_COUNT_KEY = {
+    "PATIENT": "NumberOfPatientRelatedInstances",
+    "STUDY": "NumberOfStudyRelatedInstances",
+    "SERIES": "NumberOfSeriesRelatedInstances",
 }
 
 #: Columns returned by default at each level, in this order.

@@ -32,7 +32,14 @@ from pynetdicom.status import code_to_category
 
 from . import frames
 from .errors import CacheError, DimseError, MoveDestinationUnknown, NotSupported, QueryError
-from .query import LEVELS, UNIQUE_KEY, build_query, normalize_model, required_keys
+from .query import (
+    INSTANCE_COUNT_KEY,
+    LEVELS,
+    UNIQUE_KEY,
+    build_query,
+    normalize_model,
+    required_keys,
+)
 from .storage import StorageSCP, TransferResult, storage_contexts
 
 if TYPE_CHECKING:
@@ -50,10 +57,6 @@ GET_MODELS = {
 MOVE_MODELS = {
     "study": StudyRootQueryRetrieveInformationModelMove,
     "patient": PatientRootQueryRetrieveInformationModelMove,
-}
-_COUNT_KEY = {
-    "STUDY": "NumberOfStudyRelatedInstances",
-    "SERIES": "NumberOfSeriesRelatedInstances",
 }
 # Identifiers stay well under any peer's limits when a long list of SOP UIDs is
 # split into requests of this many.
@@ -302,7 +305,7 @@ class _Planner:
         if keys is None:
             return
         uid = keys[UNIQUE_KEY[level]]
-        expected = row.get(_COUNT_KEY.get(level, ""))
+        expected = row.get(INSTANCE_COUNT_KEY.get(level, ""))
         expected = None if expected is None or frames.is_missing(expected) else int(expected)
         have = 0 if self.overwrite else self.cache.count(level, [uid]).get(uid, 0)
         if have == 0:
@@ -350,7 +353,7 @@ class _Planner:
                 for row in below.to_dict("records"):
                     keys = _keys_of(row, child, self.model)
                     if keys is not None:
-                        count = row.get(_COUNT_KEY.get(child, ""))
+                        count = row.get(INSTANCE_COUNT_KEY.get(child, ""))
                         known = count is not None and not frames.is_missing(count)
                         spread.append(_Unit(child, keys, int(count) if known else None))
             self.units = spread

@@ -33,7 +33,7 @@ import pandas as pd
 from . import frames
 from .errors import PacsFrameError, QueryError
 from .matching import LEVEL_KEYWORDS
-from .query import UNIQUE_KEY, build_query, encode_value, normalize_level
+from .query import INSTANCE_COUNT_KEY, UNIQUE_KEY, build_query, encode_value, normalize_level
 
 if TYPE_CHECKING:
     from .connection import PACS
@@ -95,13 +95,6 @@ _DISPLAY: dict[str, tuple[tuple[str, str, int], ...]] = {
         ("Columns", "Cols", 5),
         ("SOPInstanceUID", "SOP Instance UID", 64),
     ),
-}
-
-# Per-level count column that tells how many objects a retrieval will bring.
-_COUNT_COLUMN = {
-    "PATIENT": "NumberOfPatientRelatedInstances",
-    "STUDY": "NumberOfStudyRelatedInstances",
-    "SERIES": "NumberOfSeriesRelatedInstances",
 }
 
 _NOUNS = {
@@ -395,7 +388,7 @@ class QueryModel:
             rows = rows.drop_duplicates(key)
         if level == "IMAGE":
             return len(rows)
-        column = _COUNT_COLUMN[level]
+        column = INSTANCE_COUNT_KEY[level]
         if column not in rows.columns or rows[column].isna().any():
             return None
         return int(rows[column].sum())
