@@ -229,9 +229,7 @@ class Cache:
     >>> manifest = make_cohort(f"{tmp.name}/src", patients=1, matrix=16,
     ...     studies_per_patient=1, series_per_study=1, instances_per_series=3)
     >>> cache = Cache(f"{tmp.name}/cache")
-    >>> for row in manifest.itertuples():
-    ...     _ = cache.write(row.StudyInstanceUID, row.SeriesInstanceUID,
-    ...                     row.SOPInstanceUID, pathlib.Path(row.path).read_bytes())
+    >>> _ = [cache.add(pathlib.Path(p).read_bytes()) for p in manifest.path]
     >>> len(cache), cache.size_bytes > 3 * 16 * 16 * 2
     (3, True)
     >>> cache.find_studies().PatientID.tolist()
@@ -697,9 +695,7 @@ class Cache:
         >>> manifest = make_cohort(f"{tmp.name}/src", patients=1, matrix=16,
         ...     studies_per_patient=1, series_per_study=1, instances_per_series=2)
         >>> cache = Cache(f"{tmp.name}/cache")
-        >>> for row in manifest.itertuples():
-        ...     _ = cache.write(row.StudyInstanceUID, row.SeriesInstanceUID,
-        ...                     row.SOPInstanceUID, pathlib.Path(row.path).read_bytes())
+        >>> _ = [cache.add(pathlib.Path(p).read_bytes()) for p in manifest.path]
         >>> frame = cache.instances()
         >>> frame.InstanceNumber.tolist(), str(frame.StudyDate.dtype), str(frame["size"].dtype)
         ([1, 2], 'datetime64[ns]', 'Int64')
@@ -853,9 +849,7 @@ class Cache:
         >>> manifest = make_cohort(f"{tmp.name}/src", patients=2, matrix=16,
         ...     studies_per_patient=1, series_per_study=1, instances_per_series=2)
         >>> cache = Cache(f"{tmp.name}/cache")
-        >>> for row in manifest.itertuples():
-        ...     _ = cache.write(row.StudyInstanceUID, row.SeriesInstanceUID,
-        ...                     row.SOPInstanceUID, pathlib.Path(row.path).read_bytes())
+        >>> _ = [cache.add(pathlib.Path(p).read_bytes()) for p in manifest.path]
         >>> cache.find("study", PatientID="PF000002").NumberOfStudyRelatedInstances.tolist()
         [2]
         >>> cache.find("study", StudyDate="2026-13-01")
@@ -931,9 +925,7 @@ class Cache:
         >>> manifest = make_cohort(f"{tmp.name}/src", patients=1, matrix=16,
         ...     studies_per_patient=1, series_per_study=1, instances_per_series=2)
         >>> cache = Cache(f"{tmp.name}/cache")
-        >>> for row in manifest.itertuples():
-        ...     _ = cache.write(row.StudyInstanceUID, row.SeriesInstanceUID,
-        ...                     row.SOPInstanceUID, pathlib.Path(row.path).read_bytes())
+        >>> _ = [cache.add(pathlib.Path(p).read_bytes()) for p in manifest.path]
         >>> [int(ds.InstanceNumber) for ds in cache.read(cache.find_series())]
         [1, 2]
         >>> cache.close(); tmp.cleanup()
@@ -992,9 +984,7 @@ class Cache:
         >>> manifest = make_cohort(f"{tmp.name}/src", patients=1, matrix=16, modalities=["CT"],
         ...     studies_per_patient=1, series_per_study=1, instances_per_series=4)
         >>> cache = Cache(f"{tmp.name}/cache")
-        >>> for row in manifest.itertuples():
-        ...     _ = cache.write(row.StudyInstanceUID, row.SeriesInstanceUID,
-        ...                     row.SOPInstanceUID, pathlib.Path(row.path).read_bytes())
+        >>> _ = [cache.add(pathlib.Path(p).read_bytes()) for p in manifest.path]
         >>> volume = cache.load_series(manifest.SeriesInstanceUID.iloc[0])
         >>> volume.array.shape, volume.array.dtype.name, float(volume.array.min()) >= -1024
         ((4, 16, 16), 'float32', True)
@@ -1147,9 +1137,7 @@ class Cache:
         >>> manifest = make_cohort(f"{tmp.name}/src", patients=2, matrix=16,
         ...     studies_per_patient=1, series_per_study=1, instances_per_series=2)
         >>> cache = Cache(f"{tmp.name}/cache")
-        >>> for row in manifest.itertuples():
-        ...     _ = cache.write(row.StudyInstanceUID, row.SeriesInstanceUID,
-        ...                     row.SOPInstanceUID, pathlib.Path(row.path).read_bytes())
+        >>> _ = [cache.add(pathlib.Path(p).read_bytes()) for p in manifest.path]
         >>> cache.clear(cache.find_studies(PatientID="PF000001")), len(cache)
         (2, 2)
         >>> cache.clear(), len(cache)
