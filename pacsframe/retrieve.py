@@ -288,11 +288,18 @@ class _Planner:
                 f"column(s) {missing}; pass a frame returned by a find_* call."
             )
         rows = frame.drop_duplicates(subset=[UNIQUE_KEY[level]]).to_dict("records")
+        self._plan_rows(level, rows)
+
+    def _plan_rows(self, level: str, rows: list[dict[str, Any]]) -> None:
         if level == "IMAGE":
             self._plan_instances(rows)
-        else:
-            for row in rows:
-                self._plan_entity(level, row)
+            return
+        # One index query for every entity of these rows, not one per row.
+        key = UNIQUE_KEY[level]
+        uids = [frames.to_dicom(r.get(key), key) for r in rows]
+        held = {} if self.overwrite else self.cache.count(level, [u for u in uids if u])
+        for row in rows:
+            self._plan_entity(level, row, held)
 
     def _note_expected(self, n: int | None) -> None:
         if n is None:
@@ -300,14 +307,14 @@ class _Planner:
         else:
             self.expected += n
 
-    def _plan_entity(self, level: str, row: dict[str, Any]) -> None:
+    def _plan_entity(self, level: str, row: dict[str, Any], held: dict[str, int]) -> None:
         keys = _keys_of(row, level, self.model)
         if keys is None:
             return
         uid = keys[UNIQUE_KEY[level]]
         expected = row.get(INSTANCE_COUNT_KEY.get(level, ""))
         expected = None if expected is None or frames.is_missing(expected) else int(expected)
-        have = 0 if self.overwrite else self.cache.count(level, [uid]).get(uid, 0)
+        have = held.get(uid, 0)
         if have == 0:
             self.units.append(_Unit(level, keys, expected))
             self._note_expected(expected)
@@ -320,11 +327,7 @@ class _Planner:
         # missing is requested.
         child = LEVELS[LEVELS.index(level) + 1]
         below = self.pacs.find(child, pd.DataFrame([row]), model=self.model)
-        if child == "IMAGE":
-            self._plan_instances(below.to_dict("records"))
-        else:
-            for child_row in below.to_dict("records"):
-                self._plan_entity(child, child_row)
+        self._plan_rows(child, below.to_dict("records"))
 
     def spread(self, workers: int) -> None:
         """Split patient/study units into their series while workers would sit idle.
