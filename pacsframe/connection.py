@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import platformdirs
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.pdu import A_ASSOCIATE_RJ
 from pynetdicom.presentation import PresentationContext, build_context
@@ -44,6 +44,15 @@ if TYPE_CHECKING:
 __all__ = ["PACS", "check_ae_title", "config_path", "set_nodelay"]
 
 LOGGER = logging.getLogger("pacsframe")
+
+# pynetdicom writes every request and response identifier to its INFO log, patient
+# names, IDs and birth dates included, and formats them even when no handler
+# listens (about 0.25 ms per C-FIND answer). pacsframe's own logs name AE titles,
+# levels, counts and UIDs only; to debug a peer's identifiers, set these back to
+# True after importing pacsframe. Unlike pydicom's datetime_conversion, these
+# flags change what is logged, never what is sent or returned.
+_config.LOG_REQUEST_IDENTIFIERS = False
+_config.LOG_RESPONSE_IDENTIFIERS = False
 
 FIND_MODELS = {
     "study": StudyRootQueryRetrieveInformationModelFind,
