@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import subprocess
+import time
+from io import BytesIO
 
 import pandas as pd
 import pydicom
 import pytest
+from pynetdicom import AE
+from pynetdicom.dsutils import decode, encode
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 from servers import dcmtk_env, require_tool
 
 import pacsframe as pf
 from pacsframe.demo import DemoPACS, make_cohort
 from pacsframe.frames import FrameBuilder
+from pacsframe.query import build_query
 
 KEYS = [
     "PatientID",
@@ -108,3 +114,39 @@ def test_five_thousand_row_result(large_server):
     march = pacs.find_studies(StudyDate=("2026-03-01", "2026-03-31"))
     expected = manifest[manifest.StudyDate.between("20260301", "20260331")]
     assert len(march) == len(expected) > 0
+
+
+def _converted_seconds(encoded: list[bytes], rows: int) -> float:
+    """Time the per-answer work of a C-FIND: decode each identifier, then build the frame."""
+    builder = FrameBuilder(KEYS)
+    start = time.perf_counter()
+    for i in range(rows):
+        builder.add(decode(BytesIO(encoded[i % len(encoded)]), True, True))
+    frame = builder.frame()
+    elapsed = time.perf_counter() - start
+    assert len(frame) == rows
+    return elapsed
+
+
+def test_conversion_grows_linearly_to_100k_rows(large_server):
+    """100,000 answers convert in about ten times what 10,000 take, not a hundred.
+
+    The identifiers are the demo server's own answers to a study-level C-FIND, kept
+    as the bytes that crossed the wire; 20 passes over its 5,000 make 100,000 rows.
+    Only the ratio is bounded (loosely), never a wall-clock time.
+    """
+    server, _ = large_server
+    ae = AE(ae_title="PACSFRAME")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", server.port, ae_title=server.ae_title)
+    assert assoc.is_established
+    try:
+        query = build_query("STUDY", return_keys=KEYS).dataset()
+        responses = assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind)
+        encoded = [encode(ds, True, True) for status, ds in responses if ds is not None]
+    finally:
+        assoc.release()
+    assert len(encoded) == 5000
+    small = min(_converted_seconds(encoded, 10_000) for _ in range(2))
+    large = _converted_seconds(encoded, 100_000)
+    assert large / small < 25, f"10k rows: {small:.2f} s, 100k rows: {large:.2f} s"
