@@ -11,7 +11,7 @@ PACS('127.0.0.1', 4242, ae_title='ORTHANC', calling_ae='PACSFRAME')
 """
 
 from .cache import Cache, Volume
-from .connection import PACS
+from .connection import PACS, TLS
 from .errors import (
     AssociationError,
     CacheError,
@@ -28,6 +28,7 @@ from .widgets import QueryForm
 
 __all__ = [
     "PACS",
+    "TLS",
     "AssociationError",
     "Cache",
     "CacheError",

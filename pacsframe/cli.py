@@ -12,6 +12,11 @@ a saved frame into the cache; ``pacsframe move ... --destination OTHER_AE`` move
 
 ``pacsframe serve ./folder --port 11112`` runs the demo PACS over a folder;
 ``pacsframe demo`` makes a synthetic cohort, serves it and runs a short tour.
+
+DICOM TLS: ``--tls-ca ca.pem [--tls-cert me.pem --tls-key me.key]`` on the client
+commands; ``pacsframe serve ./folder --tls-cert server.pem --tls-key server.key
+[--tls-ca ca.pem]`` serves TLS only (with ``--tls-ca``, client certificates signed
+by that CA are required).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from typing import Any
 
 import pandas as pd
 
-from .connection import PACS
+from .connection import PACS, TLS
 from .errors import PacsFrameError, QueryError
 
 __all__ = ["main"]
@@ -46,6 +51,29 @@ def _add_peer_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--calling-aet", default="PACSFRAME", help="our AE title")
     group.add_argument("--config", metavar="NAME", help="a named peer from the config file")
     group.add_argument("--timeout", type=float, default=30.0, help="seconds per response")
+    tls = parser.add_argument_group("DICOM TLS")
+    tls.add_argument("--tls", action="store_true", help="use TLS (implied by any --tls-* file)")
+    _add_tls_files(tls, "the CA (PEM) that signed the peer's certificate", "our certificate")
+    tls.add_argument(
+        "--tls-no-check-hostname",
+        action="store_true",
+        help="do not require the peer's certificate to name the host (the CA still must sign it)",
+    )
+
+
+def _add_tls_files(group: Any, ca_help: str, cert_help: str) -> None:
+    group.add_argument("--tls-ca", type=Path, metavar="PEM", help=ca_help)
+    group.add_argument("--tls-cert", type=Path, metavar="PEM", help=f"{cert_help} (PEM)")
+    group.add_argument("--tls-key", type=Path, metavar="PEM", help="its private key (PEM)")
+
+
+def _tls(args: argparse.Namespace) -> TLS | None:
+    """The TLS settings the --tls-* options ask for, or None."""
+    files = {"ca": args.tls_ca, "cert": args.tls_cert, "key": args.tls_key}
+    if not any(files.values()) and not getattr(args, "tls", False):
+        return None
+    check = not getattr(args, "tls_no_check_hostname", False)
+    return TLS(**files, check_hostname=check)
 
 
 def _setup_argparser() -> argparse.ArgumentParser:
@@ -105,17 +133,30 @@ def _setup_argparser() -> argparse.ArgumentParser:
         "--cohort", type=int, default=0, metavar="N", help="first write N synthetic patients"
     )
     serve.add_argument("--seed", type=int, default=0)
+    _add_tls_files(
+        serve.add_argument_group("DICOM TLS (serve TLS only)"),
+        "the CA (PEM) that signs client certificates; they are then required",
+        "the server's certificate",
+    )
 
     demo = commands.add_parser("demo", help="serve a synthetic cohort and run a short tour")
     demo.add_argument("--patients", type=int, default=12)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--folder", type=Path, help="where to write the cohort (default: temp)")
+    _add_tls_files(
+        demo.add_argument_group("DICOM TLS (the tour's client uses the same files)"),
+        "the CA (PEM) that signed the certificate; client certificates are then required",
+        "the server's certificate, also the tour client's",
+    )
     return parser
 
 
 def _pacs(args: argparse.Namespace, **settings: Any) -> PACS:
     """The peer from --config or --peer/--aet, with extra settings (cache, scp_port)."""
     settings = {k: v for k, v in settings.items() if v}
+    tls = _tls(args)
+    if tls is not None:
+        settings["tls"] = tls
     if args.config:
         return PACS.from_config(args.config, **settings)
     if args.peer is None:
@@ -187,9 +228,16 @@ def _demo(args: argparse.Namespace) -> None:
     folder = args.folder or Path(tempfile.mkdtemp(prefix="pacsframe-demo-"))
     manifest = make_cohort(folder, patients=args.patients, seed=args.seed)
     print(f"Wrote {len(manifest)} synthetic instances for {args.patients} patients to {folder}")
-    with DemoPACS(folder) as server:
-        print(f"Demo PACS {server.ae_title!r} listening on 127.0.0.1:{server.port}\n")
-        pacs = PACS("127.0.0.1", server.port, ae_title=server.ae_title)
+    tls = _tls(args)
+    client_tls = None
+    if tls is not None:
+        # The tour's client trusts the CA (or the self-signed server certificate)
+        # and, when client certificates are required, presents the same one.
+        client_tls = TLS(ca=tls.ca or tls.cert, cert=tls.cert, key=tls.key)
+    with DemoPACS(folder, tls=tls) as server:
+        secure = " (TLS)" if tls is not None else ""
+        print(f"Demo PACS {server.ae_title!r} listening on 127.0.0.1:{server.port}{secure}\n")
+        pacs = PACS("127.0.0.1", server.port, ae_title=server.ae_title, tls=client_tls)
         print(f"C-ECHO: {pacs.echo() * 1000:.1f} ms\n")
         with pd.option_context("display.width", 160, "display.max_columns", 12):
             # C-FIND answers come in the server's order; sort for reading.
@@ -239,9 +287,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             if args.cohort:
                 make_cohort(args.folder, patients=args.cohort, seed=args.seed)
+            tls = _tls(args)
+            if tls is not None:
+                tls.server_context()  # a missing --tls-cert fails before "Serving"
             args.folder.mkdir(parents=True, exist_ok=True)
-            print(f"Serving {args.folder} as {args.aet!r} on 127.0.0.1:{args.port}; Ctrl-C stops.")
-            serve(args.folder, ae_title=args.aet, port=args.port)
+            secure = " over TLS" if tls is not None else ""
+            print(
+                f"Serving {args.folder} as {args.aet!r} on 127.0.0.1:{args.port}{secure}; "
+                "Ctrl-C stops."
+            )
+            serve(args.folder, ae_title=args.aet, port=args.port, tls=tls)
         elif args.command == "demo":
             _demo(args)
     except PacsFrameError as exc:

@@ -31,7 +31,9 @@ class AssociationError(PacsFrameError, ConnectionError):
     Attributes
     ----------
     reason : str
-        One of ``"refused"``, ``"timeout"``, ``"rejected"``, ``"aborted"``.
+        One of ``"refused"``, ``"timeout"``, ``"rejected"``, ``"aborted"``, or
+        ``"tls"`` (the TLS handshake failed: an untrusted or wrong certificate, a
+        missing client certificate, or TLS on one side only).
     """
 
     def __init__(self, message: str, *, reason: str) -> None:

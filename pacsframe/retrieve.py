@@ -410,6 +410,20 @@ def _identifier(unit: _Unit, model: str) -> Any:
     return query.with_keys(**unit.keys).dataset()
 
 
+def _tls_scp_hint(pacs: PACS, destination: str | None) -> str:
+    """A hint when the failed destination is our storage SCP and it speaks only TLS."""
+    from .connection import TLS
+
+    tls = pacs.tls
+    if destination != pacs.calling_ae or not isinstance(tls, TLS) or tls.cert is None:
+        return ""
+    return (
+        " Our storage SCP speaks only DICOM TLS (tls.cert is set): the peer must deliver to "
+        'it with TLS (Orthanc: "UseDicomTls": true for this modality) and trust the CA '
+        "that signed tls.cert."
+    )
+
+
 def _final_status(status: Any, what: str, pacs: PACS, destination: str | None) -> dict[str, int]:
     code = int(status.Status)
     counts = {
@@ -429,7 +443,8 @@ def _final_status(status: Any, what: str, pacs: PACS, destination: str | None) -
             f"{pacs.ae_title} answered the C-MOVE to {destination!r} with 0x{code:04X}"
             f"{' (move destination unknown)' if code == 0xA801 else ' and no comment'}."
             f"{detail} The peer must know {destination!r} with its host and port (register "
-            "the AE at the PACS, e.g. Orthanc's DicomModalities); check that registration.",
+            "the AE at the PACS, e.g. Orthanc's DicomModalities); check that registration."
+            f"{_tls_scp_hint(pacs, destination)}",
             status=code,
             comment=str(comment) if comment else None,
         )

@@ -169,6 +169,10 @@ class StorageSCP:
     It listens as the PACS's ``calling_ae`` on ``pacs.scp_port``: the peer must
     know that AE title with our host and that port. It binds loopback when the
     peer is on this machine, every interface otherwise.
+
+    When the PACS has ``tls=TLS(cert=..., key=...)`` the SCP speaks only TLS,
+    with that certificate; with ``tls.ca`` too it requires the peer's client
+    certificate to be signed by that CA.
     """
 
     def __init__(self, pacs: PACS, on_store: Callable[[evt.Event], int]) -> None:
@@ -181,6 +185,16 @@ class StorageSCP:
         """Where the SCP listens (host, port)."""
         loopback = self.pacs.host in ("localhost", "::1") or self.pacs.host.startswith("127.")
         return ("127.0.0.1" if loopback else "", self.pacs.scp_port)
+
+    @property
+    def ssl_context(self) -> Any:
+        """The server-side TLS the SCP uses (None: plain DICOM)."""
+        from .connection import TLS, BoundedHandshake
+
+        tls = self.pacs.tls
+        if not isinstance(tls, TLS) or tls.cert is None:
+            return None
+        return BoundedHandshake(tls.server_context())
 
     def start(self) -> StorageSCP:
         from .connection import set_nodelay
@@ -196,6 +210,7 @@ class StorageSCP:
                 self.address,
                 block=False,
                 evt_handlers=[(evt.EVT_C_STORE, self.on_store), (evt.EVT_CONN_OPEN, set_nodelay)],
+                ssl_context=self.ssl_context,
             )
         except OSError as exc:
             raise AssociationError(

@@ -15,8 +15,12 @@ cache layout) and become visible to the next request.
 The handlers follow pynetdicom's ``apps/`` idiom: small functions bound to
 events, with the server passed as an extra handler argument.
 
+With ``tls=`` the server speaks only DICOM TLS (and, given a CA, requires client
+certificates); C-MOVE sub-associations use TLS towards destinations added with
+``add_known_ae(..., tls=...)``.
+
 Not supported (yet): relational queries and retrieve and the other extended
-negotiation options, sequence matching, modality worklist, TLS, and deleting
+negotiation options, sequence matching, modality worklist, and deleting
 instances.
 """
 
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 import struct
 import threading
 import weakref
@@ -59,7 +64,7 @@ from pynetdicom.sop_class import (
 
 from .. import frames, matching
 from ..cache import atomic_write
-from ..connection import check_ae_title, set_nodelay
+from ..connection import TLS, BoundedHandshake, check_ae_title, set_nodelay
 from ..errors import QueryError
 from ..matching import INDEX_KEYWORDS, LEVEL_KEYWORDS
 
@@ -828,10 +833,13 @@ def handle_move(event: evt.Event, server: DemoPACS) -> Iterator[Any]:
     server._notes.leave(
         event, None, f"Move destination {destination} at {host}:{port} refused the association"
     )
-    options = {
+    options: dict[str, Any] = {
         "contexts": _move_contexts(selected),
         "evt_handlers": [(evt.EVT_CONN_OPEN, set_nodelay)],
     }
+    tls = server._known_tls.get(destination)
+    if tls is not None:
+        options["tls_args"] = (tls, host)
     yield host, port, options
     yield len(selected)
     yield from _sub_operations(event, selected)
@@ -917,6 +925,34 @@ def handle_echo(event: evt.Event) -> int:
 # --- the server ----------------------------------------------------------------------------
 
 
+def _server_tls_context(
+    tls: TLS | ssl.SSLContext | None, require_client_cert: bool | None
+) -> ssl.SSLContext | None:
+    """The server-side context for ``DemoPACS(tls=...)``, or a QueryError."""
+    if tls is None:
+        if require_client_cert:
+            raise QueryError(
+                "require_client_cert=True needs tls=pacsframe.TLS(ca=..., cert=..., key=...)."
+            )
+        return None
+    if isinstance(tls, TLS):
+        return tls.server_context(require_client_cert)
+    if isinstance(tls, ssl.SSLContext):
+        if tls.protocol == ssl.PROTOCOL_TLS_CLIENT:
+            raise QueryError(
+                "tls= is a client-side ssl.SSLContext; give a server one "
+                "(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER) with load_cert_chain), or "
+                "pacsframe.TLS(cert=..., key=...)."
+            )
+        if require_client_cert is not None:
+            raise QueryError(
+                "require_client_cert applies to tls=pacsframe.TLS(...); with an "
+                "ssl.SSLContext set its verify_mode instead."
+            )
+        return tls
+    raise QueryError(f"tls={tls!r} must be a pacsframe.TLS, an ssl.SSLContext or None.")
+
+
 class DemoPACS:
     """A DICOM server over a folder of DICOM files, for demos, notebooks and tests.
 
@@ -937,6 +973,13 @@ class DemoPACS:
     max_associations : int, default 64
         Associations served at once; more are rejected as transient ("local
         limit exceeded"), as a busy PACS does.
+    tls : pacsframe.TLS or ssl.SSLContext, optional
+        Speak only DICOM TLS: a :class:`~pacsframe.TLS` with the server's
+        ``cert`` and ``key`` (and ``ca`` to verify client certificates), or a
+        server-side ``ssl.SSLContext`` used as given.
+    require_client_cert : bool, optional
+        With a :class:`~pacsframe.TLS`: refuse clients without a certificate
+        signed by ``tls.ca``. Default: True when ``tls.ca`` is given.
 
     Examples
     --------
@@ -962,8 +1005,13 @@ class DemoPACS:
         port: int = 0,
         known_aes: Mapping[str, tuple[str, int]] | None = None,
         max_associations: int = 64,
+        tls: TLS | ssl.SSLContext | None = None,
+        require_client_cert: bool | None = None,
     ) -> None:
         self.folder = Path(folder)
+        self.tls = tls
+        self._ssl_context = _server_tls_context(tls, require_client_cert)
+        self._known_tls: dict[str, ssl.SSLContext] = {}
         self.max_associations = int(max_associations)
         self.ae_title = check_ae_title(ae_title, "ae_title")
         self.host = host
@@ -978,6 +1026,8 @@ class DemoPACS:
 
     def __repr__(self) -> str:
         state = f"listening on {self.host}:{self.port}" if self.running else "stopped"
+        if self.running and self._ssl_context is not None:
+            state += " (TLS)"
         return (
             f"DemoPACS({self.ae_title!r}, {state}, folder={str(self.folder)!r}, "
             f"{len(self._index.instances())} instances)"
@@ -994,7 +1044,9 @@ class DemoPACS:
         """True between :meth:`start` and :meth:`stop`."""
         return self._server is not None
 
-    def add_known_ae(self, ae_title: str, host: str, port: int) -> None:
+    def add_known_ae(
+        self, ae_title: str, host: str, port: int, *, tls: TLS | ssl.SSLContext | None = None
+    ) -> None:
         """Register (or replace) a C-MOVE destination; takes effect at once.
 
         Parameters
@@ -1005,6 +1057,9 @@ class DemoPACS:
             Its address.
         port : int
             Its port.
+        tls : pacsframe.TLS or ssl.SSLContext, optional
+            Deliver over DICOM TLS: the CA that signed the destination's
+            certificate, and the certificate we present (a client-side context).
 
         Examples
         --------
@@ -1017,6 +1072,13 @@ class DemoPACS:
         port = int(port)
         if not 0 < port < 65536:
             raise ValueError(f"port must be 1 to 65535, got {port}.")
+        context = tls.client_context() if isinstance(tls, TLS) else tls
+        if context is not None and not isinstance(context, ssl.SSLContext):
+            raise QueryError(f"tls={tls!r} must be a pacsframe.TLS, an ssl.SSLContext or None.")
+        if context is None:
+            self._known_tls.pop(title, None)
+        else:
+            self._known_tls[title] = context
         # One assignment: handlers on other threads see the old entry or the new one.
         self.known_aes[title] = (str(host), port)
 
@@ -1064,16 +1126,22 @@ class DemoPACS:
             (evt.EVT_C_MOVE, handle_move, [self]),
             (evt.EVT_C_STORE, handle_store, [self]),
         ]
-        self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
+        ssl_context = None
+        if self._ssl_context is not None:
+            ssl_context = BoundedHandshake(self._ssl_context)
+        self._server = ae.start_server(
+            (self.host, self.port), block=False, evt_handlers=handlers, ssl_context=ssl_context
+        )
         self._ae = ae
         self.port = int(self._server.server_address[1])
         LOGGER.info(
-            "Demo PACS %r serving %d instance(s) from %s on %s:%d",
+            "Demo PACS %r serving %d instance(s) from %s on %s:%d%s",
             self.ae_title,
             count,
             self.folder,
             self.host,
             self.port,
+            " (TLS)" if ssl_context is not None else "",
         )
         return self
 
@@ -1092,6 +1160,8 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 11112,
     known_aes: Mapping[str, tuple[str, int]] | None = None,
+    tls: TLS | ssl.SSLContext | None = None,
+    require_client_cert: bool | None = None,
 ) -> None:
     """Serve ``folder`` as a demo PACS until interrupted (Ctrl-C), then shut down.
 
@@ -1102,7 +1172,7 @@ def serve(
     ----------
     folder : str or os.PathLike
         The folder of DICOM files to serve (created when missing).
-    ae_title, host, port, known_aes
+    ae_title, host, port, known_aes, tls, require_client_cert
         As for :class:`DemoPACS`; the port defaults to 11112 here.
 
     Examples
@@ -1112,7 +1182,15 @@ def serve(
         from pacsframe.demo import serve
         serve("./dicom", port=11112)  # Ctrl-C stops it
     """
-    server = DemoPACS(folder, ae_title=ae_title, host=host, port=port, known_aes=known_aes)
+    server = DemoPACS(
+        folder,
+        ae_title=ae_title,
+        host=host,
+        port=port,
+        known_aes=known_aes,
+        tls=tls,
+        require_client_cert=require_client_cert,
+    )
     with server:
         # Waiting on an Event (not a sleep loop) keeps the main thread interruptible.
         threading.Event().wait()
