@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import platformdirs
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.pdu import A_ASSOCIATE_RJ
 from pynetdicom.presentation import PresentationContext, build_context
@@ -50,6 +50,16 @@ FIND_MODELS = {
     "patient": PatientRootQueryRetrieveInformationModelFind,
 }
 _PENDING = (0xFF00, 0xFF01)
+# What to do about a C-FIND failure, by status class (the high byte).
+_FIND_ADVICE = {
+    0: "Check the matching keys against what the peer supports.",
+    0xA700: "The peer ran out of resources: narrow the query (more matching keys, a "
+    "shorter date range) or try again later.",
+    0xA900: "The peer says the identifier does not fit the information model: check the "
+    "level and model= ('study' or 'patient').",
+    0xC000: "The peer could not process the query: check the matching keys against what "
+    "the peer supports, and the peer's log.",
+}
 # Pauses before retrying an association the peer rejected as transient (busy).
 _TRANSIENT_RETRY_DELAYS = (0.25, 0.5, 1.0, 2.0)
 _SETTING_TYPES: dict[str, type] = {
@@ -96,6 +106,37 @@ def set_nodelay(event: evt.Event) -> None:
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+_QUIET_LOCK = threading.Lock()
+_quiet_users = 0
+_quiet_saved = True
+
+
+@contextlib.contextmanager
+def _raw_identifiers() -> Iterator[None]:
+    """Keep pynetdicom from rendering C-FIND answers for a log that shows nothing.
+
+    With LOG_RESPONSE_IDENTIFIERS on, pynetdicom formats every response identifier
+    for its log even when the log is off, and so converts each value with pydicom
+    before pacsframe reads it: slower, and undecodable bytes are silently replaced.
+    Turned off only while pynetdicom's logger would not show them, and restored by
+    the last C-FIND to finish.
+    """
+    global _quiet_users, _quiet_saved
+    with _QUIET_LOCK:
+        if _quiet_users == 0:
+            _quiet_saved = _config.LOG_RESPONSE_IDENTIFIERS
+        _quiet_users += 1
+        if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+            _config.LOG_RESPONSE_IDENTIFIERS = False
+    try:
+        yield
+    finally:
+        with _QUIET_LOCK:
+            _quiet_users -= 1
+            if _quiet_users == 0:
+                _config.LOG_RESPONSE_IDENTIFIERS = _quiet_saved
 
 
 def _status_text(code: int, table: dict[int, tuple[str, str]]) -> str:
@@ -666,6 +707,7 @@ class PACS:
                 self._find_one(assoc, request, model_uid, builder)
                 owners.extend([owner] * (len(builder) - before))
         result = builder.frame()
+        _check_answer(result, query.level, self.ae_title)
         LOGGER.info(
             "C-FIND %s level (%s root) at %s: %d request(s), %d match(es)",
             query.level,
@@ -718,7 +760,18 @@ class PACS:
         model_uid: str,
         builder: frames.FrameBuilder,
     ) -> None:
+        with _raw_identifiers():
+            self._receive(assoc, query, model_uid, builder)
+
+    def _receive(
+        self,
+        assoc: Association,
+        query: Query,
+        model_uid: str,
+        builder: frames.FrameBuilder,
+    ) -> None:
         last = time.monotonic()
+        undecodable: set[int] = set()
         for status, identifier in assoc.send_c_find(query.dataset(), model_uid):
             if not status or "Status" not in status:
                 raise self._lost(assoc, f"{query.level}-level C-FIND", time.monotonic() - last)
@@ -727,7 +780,18 @@ class PACS:
             if code in _PENDING:
                 if identifier is not None:
                     builder.add(identifier)
+                else:
+                    # pynetdicom could not decode it (and yields that response twice).
+                    undecodable.add(id(status))
                 continue
+            if undecodable:
+                warnings.warn(
+                    f"{len(undecodable)} match(es) in the {query.level}-level C-FIND answer "
+                    f"from {self.ae_title} could not be decoded and are missing from the "
+                    "frame; the peer sent malformed identifiers (pynetdicom's log says how).",
+                    frames.MalformedValueWarning,
+                    stacklevel=5,
+                )
             if code == 0x0000:
                 return
             comment = status.get("ErrorComment")
@@ -737,7 +801,7 @@ class PACS:
                 warnings.warn(
                     f"{self.ae_title} ended the C-FIND with "
                     f"{_status_text(code, QR_FIND_SERVICE_CLASS_STATUS)}.{detail}",
-                    stacklevel=4,
+                    stacklevel=5,
                 )
                 return
             if code == 0xFE00:
@@ -746,8 +810,8 @@ class PACS:
                 )
             raise DimseError(
                 f"{self.ae_title} answered the {query.level}-level C-FIND with "
-                f"{_status_text(code, QR_FIND_SERVICE_CLASS_STATUS)}.{detail} Check the "
-                "matching keys against what the peer supports.",
+                f"{_status_text(code, QR_FIND_SERVICE_CLASS_STATUS)}.{detail} "
+                f"{_FIND_ADVICE.get(code & 0xFF00, _FIND_ADVICE[0])}",
                 status=code,
                 comment=str(comment) if comment else None,
             )
@@ -899,3 +963,42 @@ def _carry_parents(result: pd.DataFrame, parents: pd.DataFrame, owners: list[int
         if result[column].dtype == out[column].dtype and out[column].isna().any():
             out[column] = out[column].where(out[column].notna(), result[column].to_numpy())
     return out
+
+
+def _check_answer(frame: pd.DataFrame, level: str, peer: str) -> None:
+    """Warn about rows a retrieval or drill-down trips over: no, invalid or repeated UIDs."""
+    what = f"the {level}-level C-FIND answer from {peer}"
+    key = UNIQUE_KEY[level]
+    if key in frame.columns:
+        missing = int(frame[key].isna().sum())
+        if missing:
+            warnings.warn(
+                f"{missing} row(s) of {what} have no {key}, the level's unique key; the "
+                "peer sent malformed data. They are kept, but cannot be retrieved or "
+                "drilled down from.",
+                frames.MalformedValueWarning,
+                stacklevel=5,
+            )
+        values = frame[key].dropna()
+        repeated = values[values.duplicated()].unique()
+        if len(repeated) and level != "PATIENT":  # one PatientID may have two issuers
+            warnings.warn(
+                f"{len(repeated)} {key} value(s) appear in more than one row of {what} "
+                f"(e.g. {repeated[0]!r}); the peer sent malformed data. All rows are "
+                "kept; a retrieval requests each UID once.",
+                frames.MalformedValueWarning,
+                stacklevel=5,
+            )
+    for column in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        if column not in frame.columns:
+            continue
+        values = pd.Series(frame[column].dropna().unique(), dtype="string")
+        bad = values[~(values.str.len().le(64) & values.str.fullmatch(frames.UID_PATTERN))]
+        if len(bad):
+            warnings.warn(
+                f"{len(bad)} distinct {column} value(s) in {what} are not valid UIDs (e.g. "
+                f"{bad.iloc[0][:70]!r}); the peer sent malformed data. They are kept as "
+                "sent, but objects under them cannot be cached.",
+                frames.MalformedValueWarning,
+                stacklevel=5,
+            )
