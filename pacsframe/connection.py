@@ -61,6 +61,16 @@ FIND_MODELS = {
     "patient": PatientRootQueryRetrieveInformationModelFind,
 }
 _PENDING = (0xFF00, 0xFF01)
+# What to do about a C-FIND failure, by status class (the high byte).
+_FIND_ADVICE = {
+    0: "Check the matching keys against what the peer supports.",
+    0xA700: "The peer ran out of resources: narrow the query (more matching keys, a "
+    "shorter date range) or try again later.",
+    0xA900: "The peer says the identifier does not fit the information model: check the "
+    "level and model= ('study' or 'patient').",
+    0xC000: "The peer could not process the query: check the matching keys against what "
+    "the peer supports, and the peer's log.",
+}
 # Pauses before retrying an association the peer rejected as transient (busy).
 _TRANSIENT_RETRY_DELAYS = (0.25, 0.5, 1.0, 2.0)
 _SETTING_TYPES: dict[str, type] = {
@@ -1163,6 +1173,7 @@ class PACS:
                 self._find_one(assoc, request, model_uid, builder)
                 owners.extend([owner] * (len(builder) - before))
         result = builder.frame()
+        _check_answer(result, query.level, self.ae_title)
         LOGGER.info(
             "C-FIND %s level (%s root) at %s: %d request(s), %d match(es)",
             query.level,
@@ -1216,6 +1227,7 @@ class PACS:
         builder: frames.FrameBuilder,
     ) -> None:
         last = time.monotonic()
+        undecodable: set[int] = set()
         for status, identifier in assoc.send_c_find(query.dataset(), model_uid):
             if not status or "Status" not in status:
                 raise self._lost(assoc, f"{query.level}-level C-FIND", time.monotonic() - last)
@@ -1224,7 +1236,18 @@ class PACS:
             if code in _PENDING:
                 if identifier is not None:
                     builder.add(identifier)
+                else:
+                    # pynetdicom could not decode it (and yields that response twice).
+                    undecodable.add(id(status))
                 continue
+            if undecodable:
+                warnings.warn(
+                    f"{len(undecodable)} match(es) in the {query.level}-level C-FIND answer "
+                    f"from {self.ae_title} could not be decoded and are missing from the "
+                    "frame; the peer sent malformed identifiers (pynetdicom's log says how).",
+                    frames.MalformedValueWarning,
+                    stacklevel=5,
+                )
             if code == 0x0000:
                 return
             comment = status.get("ErrorComment")
@@ -1234,7 +1257,7 @@ class PACS:
                 warnings.warn(
                     f"{self.ae_title} ended the C-FIND with "
                     f"{_status_text(code, QR_FIND_SERVICE_CLASS_STATUS)}.{detail}",
-                    stacklevel=4,
+                    stacklevel=5,
                 )
                 return
             if code == 0xFE00:
@@ -1243,8 +1266,8 @@ class PACS:
                 )
             raise DimseError(
                 f"{self.ae_title} answered the {query.level}-level C-FIND with "
-                f"{_status_text(code, QR_FIND_SERVICE_CLASS_STATUS)}.{detail} Check the "
-                "matching keys against what the peer supports.",
+                f"{_status_text(code, QR_FIND_SERVICE_CLASS_STATUS)}.{detail} "
+                f"{_FIND_ADVICE.get(code & 0xFF00, _FIND_ADVICE[0])}",
                 status=code,
                 comment=str(comment) if comment else None,
             )
@@ -1396,3 +1419,42 @@ def _carry_parents(result: pd.DataFrame, parents: pd.DataFrame, owners: list[int
         if result[column].dtype == out[column].dtype and out[column].isna().any():
             out[column] = out[column].where(out[column].notna(), result[column].to_numpy())
     return out
+
+
+def _check_answer(frame: pd.DataFrame, level: str, peer: str) -> None:
+    """Warn about rows a retrieval or drill-down trips over: no, invalid or repeated UIDs."""
+    what = f"the {level}-level C-FIND answer from {peer}"
+    key = UNIQUE_KEY[level]
+    if key in frame.columns:
+        missing = int(frame[key].isna().sum())
+        if missing:
+            warnings.warn(
+                f"{missing} row(s) of {what} have no {key}, the level's unique key; the "
+                "peer sent malformed data. They are kept, but cannot be retrieved or "
+                "drilled down from.",
+                frames.MalformedValueWarning,
+                stacklevel=5,
+            )
+        values = frame[key].dropna()
+        repeated = values[values.duplicated()].unique()
+        if len(repeated) and level != "PATIENT":  # one PatientID may have two issuers
+            warnings.warn(
+                f"{len(repeated)} {key} value(s) appear in more than one row of {what} "
+                f"(e.g. {repeated[0]!r}); the peer sent malformed data. All rows are "
+                "kept; a retrieval requests each UID once.",
+                frames.MalformedValueWarning,
+                stacklevel=5,
+            )
+    for column in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        if column not in frame.columns:
+            continue
+        values = pd.Series(frame[column].dropna().unique(), dtype="string")
+        bad = values[~(values.str.len().le(64) & values.str.fullmatch(frames.UID_PATTERN))]
+        if len(bad):
+            warnings.warn(
+                f"{len(bad)} distinct {column} value(s) in {what} are not valid UIDs (e.g. "
+                f"{bad.iloc[0][:70]!r}); the peer sent malformed data. They are kept as "
+                "sent, but objects under them cannot be cached.",
+                frames.MalformedValueWarning,
+                stacklevel=5,
+            )

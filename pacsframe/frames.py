@@ -161,7 +161,9 @@ def attribute(name: str) -> Attribute:
     return Attribute(keyword, tag, vr, datadict.dictionary_VM(tag))
 
 
-_UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+#: The UI grammar (PS3.5 9.1) without the length limit, as a regular expression.
+UID_PATTERN = r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*"
+_UID_RE = re.compile(UID_PATTERN)
 
 
 def is_uid(text: str) -> bool:
@@ -187,29 +189,54 @@ def _decode_raw(elem: Any, vr: str, encodings: list[str] | None) -> Any:
         if vr in BINARY_INT_VRS or vr in BINARY_FLOAT_VRS:
             code = BINARY_INT_VRS.get(vr) or BINARY_FLOAT_VRS[vr]
             endian = "<" if getattr(elem, "is_little_endian", True) else ">"
-            count = len(value) // struct.calcsize(code)
-            numbers = struct.unpack(
-                f"{endian}{count}{code}", value[: count * struct.calcsize(code)]
-            )
+            # Standard sizes ("<L" is 4 bytes; a bare "L" is the platform's 8).
+            size = struct.calcsize(endian + code)
+            count, extra = divmod(len(value), size)
+            if extra:
+                raise ValueError(f"{len(value)} bytes are not a whole number of {vr} values")
+            numbers = struct.unpack(f"{endian}{count}{code}", value)
             return list(numbers) if count != 1 else numbers[0]
+        codec = "ascii"
         if vr in CHARSET_VRS and encodings:
             if len(encodings) == 1 and encodings[0] != "iso8859" and b"\x1b" not in value:
-                text = value.decode(encodings[0], errors="replace")
+                codec = encodings[0]
             else:
                 delims = {0x5E, 0x3D} if vr == "PN" else {0x0D, 0x0A, 0x09, 0x0C}
+                codec = ""
                 text = decode_bytes(value, encodings, delims | {0x5C})
-        else:
-            text = value.decode("ascii", errors="replace")
+        if codec:
+            try:
+                text = value.decode(codec)
+            except UnicodeDecodeError as exc:
+                if codec != "ascii":
+                    why = f"is not valid in its character set ({codec})"
+                elif vr in CHARSET_VRS:
+                    why = "is not ASCII and no known SpecificCharacterSet says how to read it"
+                else:
+                    why = f"is not ASCII, which {vr} values must be"
+                lossy = _Lossy(f"byte 0x{value[exc.start]:02X} at position {exc.start} {why}")
+                lossy.value = _trim(value.decode(codec, errors="replace"), vr)
+                raise lossy from None
     elif isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
         return [str(v) if not isinstance(v, (int, float)) else v for v in value]
     elif isinstance(value, (int, float)):
         return value
     else:
         text = str(value)
+    return _trim(text, vr)
+
+
+def _trim(text: str, vr: str) -> str | None:
     text = text.rstrip(" \x00")
     if vr not in KEEP_LEADING_SPACE_VRS:
         text = text.lstrip(" ")
     return text or None
+
+
+class _Lossy(ValueError):
+    """Text with bytes its character set cannot decode; ``value`` has U+FFFD for them."""
+
+    value: str | None = None
 
 
 def _encodings_of(ds: Dataset) -> list[str] | None:
@@ -226,16 +253,20 @@ def _encodings_of(ds: Dataset) -> list[str] | None:
     if terms and not terms[0]:
         # An empty first value means the default repertoire, with extensions after it.
         terms[0] = "ISO_IR 6"
-    with warnings.catch_warnings():
-        # Unknown terms fall back to the default repertoire with a pydicom warning
-        # that would otherwise repeat for every row.
-        warnings.simplefilter("ignore")
-        return _cached_encodings(tuple(terms))
+    return _cached_encodings(tuple(terms))
 
 
 @functools.cache
 def _cached_encodings(terms: tuple[str, ...]) -> list[str]:
-    return convert_encodings(list(terms))
+    with warnings.catch_warnings(record=True) as caught:
+        # Once per distinct value, not a pydicom warning per row.
+        warnings.simplefilter("always")
+        encodings = convert_encodings(list(terms))
+    if any("Unknown encoding" in str(w.message) for w in caught):
+        # pydicom would read the text as Latin-1 without a word; as no encoding at
+        # all, non-ASCII text is decoded with U+FFFD and reported instead.
+        return []
+    return encodings
 
 
 def _decode_all(
@@ -253,6 +284,9 @@ def _decode_all(
         vr = elem.VR if elem.VR and elem.VR not in ("UN", "SQ") else attr.vr
         try:
             values.append(_decode_raw(elem, vr, encodings))
+        except _Lossy as exc:
+            values.append(exc.value)
+            failures.append((attr.keyword, exc))
         except (PacsFrameError, ValueError, struct.error, LookupError) as exc:
             values.append(None)
             failures.append((attr.keyword, exc))
@@ -260,9 +294,13 @@ def _decode_all(
 
 
 def _warn_undecodable(keyword: str, exc: Exception, stacklevel: int) -> None:
+    what = (
+        "those bytes are U+FFFD in that row"
+        if isinstance(exc, _Lossy)
+        else "it is empty in that row"
+    )
     warnings.warn(
-        f"{keyword} could not be decoded ({exc}); it is empty in that "
-        "row and the rest of the frame is kept.",
+        f"{keyword} could not be decoded ({exc}); {what} and the rest of the frame is kept.",
         MalformedValueWarning,
         stacklevel=stacklevel + 1,
     )

@@ -14,6 +14,7 @@ import logging
 import queue
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -31,7 +32,15 @@ from pynetdicom.sop_class import (
 from pynetdicom.status import code_to_category
 
 from . import frames
-from .errors import CacheError, DimseError, MoveDestinationUnknown, NotSupported, QueryError
+from .errors import (
+    AssociationError,
+    CacheError,
+    DimseError,
+    MoveDestinationUnknown,
+    NotSupported,
+    PacsFrameError,
+    QueryError,
+)
 from .query import (
     INSTANCE_COUNT_KEY,
     LEVELS,
@@ -159,6 +168,7 @@ class _Receiver:
         self.bytes = 0
         self.started = time.monotonic()
         self._lock = threading.Lock()
+        self._filed: set[str] = set()
 
     def __call__(self, event: evt.Event) -> int:
         sop = str(event.request.AffectedSOPInstanceUID or "")
@@ -168,6 +178,7 @@ class _Receiver:
             path, header = self.cache.add(data, overwrite=self.overwrite)
             study = header["StudyInstanceUID"] or ""
             series = header["SeriesInstanceUID"] or ""
+            sop = header["SOPInstanceUID"] or sop  # what the file is filed under
         except CacheError as exc:
             self._record(sop_class, sop, None, "failed", str(exc), header=None)
             # 0xA700 family would invite a retry; the object itself is unacceptable.
@@ -177,6 +188,13 @@ class _Receiver:
             LOGGER.warning("could not file object %s: %s", sop, exc)
             self._record(sop_class, sop, None, "failed", f"could not be stored: {exc}", None)
             return 0xC001
+        with self._lock:
+            again = sop in self._filed
+            self._filed.add(sop)
+        if again:
+            # A peer that sends one object twice: one row, one count, one file.
+            LOGGER.warning("%s arrived twice in one retrieval; counted once", sop)
+            return 0x0000
         meta = {
             "StudyInstanceUID": study,
             "SeriesInstanceUID": series,
@@ -202,6 +220,11 @@ class _Receiver:
                     self.error = self.error or exc
                 self.stop.set()
         return 0x0000
+
+    def extend(self, rows: list[dict[str, Any]]) -> None:
+        """Add rows the driver knows of (objects the peer failed to send)."""
+        with self._lock:
+            self.rows.extend(rows)
 
     def _record(
         self,
@@ -286,6 +309,18 @@ class _Planner:
             raise QueryError(
                 f"retrieving at {level} level in the {self.model}-root model needs the "
                 f"column(s) {missing}; pass a frame returned by a find_* call."
+            )
+        needed = list(dict.fromkeys([*required_keys(level, self.model), UNIQUE_KEY[level]]))
+        absent = frame[needed].isna() | (frame[needed].astype("string") == "")
+        if absent.any(axis=None):
+            # Nothing can be requested for them; say so rather than skip in silence.
+            names = " or ".join(c for c in needed if absent[c].any())
+            warnings.warn(
+                f"{int(absent.any(axis=1).sum())} row(s) of the frame have no {names}; "
+                "nothing was requested for them (the peer's find_* answer lacked the "
+                "UIDs; ask it again, or drop those rows).",
+                frames.MalformedValueWarning,
+                stacklevel=4,
             )
         rows = frame.drop_duplicates(subset=[UNIQUE_KEY[level]]).to_dict("records")
         self._plan_rows(level, rows)
@@ -424,6 +459,95 @@ def _tls_scp_hint(pacs: PACS, destination: str | None) -> str:
     )
 
 
+# What to do about a C-GET/C-MOVE failure, by status class (the high byte).
+_ADVICE = {
+    0: "Check the peer's log.",
+    0xA700: "The peer ran out of resources: try again later, or with fewer parallel "
+    "associations (workers=).",
+    0xA900: "The peer says the identifier does not fit the information model: pass a frame "
+    "from this peer's find_* answer, and check model= ('study' or 'patient').",
+    0xC000: "The peer could not process the request: its log says why; retrieving smaller "
+    "parts (series instead of studies) may get past it.",
+}
+
+
+def _peer_failures(
+    pacs: PACS,
+    final: Any,
+    identifier: Any,
+    seen: list[tuple[str, bool]],
+    unit: _Unit,
+    what: str,
+) -> list[dict[str, Any]]:
+    """Rows for the sub-operations the peer counts as failed that never reached us.
+
+    ``seen`` holds (SOPInstanceUID, refused by us) for each object that arrived for
+    this request. Objects the peer names in its Failed SOP Instance UID List get a
+    row each; failures it counts without naming get anonymous rows, never more than
+    the request can still be missing when its size is known.
+    """
+    arrived = {sop for sop, _ in seen}
+    ours = sum(refused for _, refused in seen)
+    filed = len({sop for sop, refused in seen if not refused})
+    listed = ""
+    if identifier is not None:
+        listed = (
+            frames.dicom_strings(identifier, ["FailedSOPInstanceUIDList"])[
+                "FailedSOPInstanceUIDList"
+            ]
+            or ""
+        )
+    named = [u for u in dict.fromkeys(listed.split("\\")) if u and u not in arrived]
+    code = int(final.Status)
+    unnamed = int(final.get("NumberOfFailedSuboperations") or 0) - ours - len(named)
+    if unit.expected is not None:
+        room = unit.expected - len(arrived) - len(named)
+        # A request that failed failed for all it did not deliver, counted or not.
+        unnamed = room if code_to_category(code) == "Failure" else min(unnamed, room)
+    study = unit.keys.get("StudyInstanceUID")
+    series = unit.keys.get("SeriesInstanceUID")
+    base = {"StudyInstanceUID": study, "SeriesInstanceUID": series, "SOPClassUID": None}
+    base |= {"path": None, "status": "failed"}
+    rows = [
+        {
+            **base,
+            "SOPInstanceUID": uid,
+            "error": f"{pacs.ae_title} could not send it: its C-STORE sub-operation of the "
+            f"{what} failed (final status 0x{code:04X}).",
+        }
+        for uid in named
+    ]
+    rows += [
+        {
+            **base,
+            "SOPInstanceUID": None,
+            "error": f"not received: {pacs.ae_title} ended the {what} with 0x{code:04X} "
+            "without naming the objects it did not send.",
+        }
+        for _ in range(unnamed)
+    ]
+    completed = final.get("NumberOfCompletedSuboperations")
+    if completed is not None and int(completed) != filed:
+        # The counts reported are what arrived, whatever the peer says.
+        LOGGER.warning(
+            "%s counted %s completed sub-operation(s) of the %s; %d object(s) arrived",
+            pacs.ae_title,
+            completed,
+            what,
+            filed,
+        )
+    return rows
+
+
+def _ours_only(final: Any, seen: list[tuple[str, bool]], missed: list[dict[str, Any]]) -> bool:
+    """True for "all sub-operations failed" (0xA702) when we refused every object.
+
+    The rows already say why (e.g. a UID that is not valid); the peer's "out of
+    resources" would only mislead.
+    """
+    return int(final.Status) == 0xA702 and not missed and bool(seen) and all(r for _, r in seen)
+
+
 def _final_status(status: Any, what: str, pacs: PACS, destination: str | None) -> dict[str, int]:
     code = int(status.Status)
     counts = {
@@ -436,8 +560,8 @@ def _final_status(status: Any, what: str, pacs: PACS, destination: str | None) -
         return counts
     comment = status.get("ErrorComment")
     detail = f" The peer says: {comment}." if comment else ""
-    if code == 0xA801 or (
-        destination is not None and code == 0xC000 and not comment and not any(counts.values())
+    if destination is not None and (
+        code == 0xA801 or (code == 0xC000 and not comment and not any(counts.values()))
     ):
         raise MoveDestinationUnknown(
             f"{pacs.ae_title} answered the C-MOVE to {destination!r} with 0x{code:04X}"
@@ -451,7 +575,8 @@ def _final_status(status: Any, what: str, pacs: PACS, destination: str | None) -
     if code == 0xFE00:
         raise DimseError(f"the {what} was cancelled.", status=code)
     raise DimseError(
-        f"{pacs.ae_title} answered the {what} with 0x{code:04X} ({category}).{detail}",
+        f"{pacs.ae_title} answered the {what} with 0x{code:04X} ({category}).{detail} "
+        f"{_ADVICE.get(code & 0xFF00, _ADVICE[0])}",
         status=code,
         comment=str(comment) if comment else None,
     )
@@ -481,6 +606,7 @@ class _Worker(threading.Thread):
         self.failures: list[BaseException] = []
         self.assoc: Association | None = None
         self.msg_id = 0
+        self.seen: list[tuple[str, bool]] = []  # what arrived for the request in flight
 
     def _unsupported(self) -> NotSupported:
         return NotSupported(
@@ -507,7 +633,7 @@ class _Worker(threading.Thread):
             self.contexts,
             purpose=self.name,
             ext_neg=self.roles,
-            handlers=[(evt.EVT_C_STORE, self.receiver)],
+            handlers=[(evt.EVT_C_STORE, self._store)],
             keep=False,
         ) as assoc:
             self.assoc = assoc
@@ -521,26 +647,37 @@ class _Worker(threading.Thread):
                     return
                 self._get(assoc, unit, model_uid)
 
+    def _store(self, event: evt.Event) -> int:
+        # C-STOREs of a C-GET arrive on this thread, inside send_c_get.
+        code = self.receiver(event)
+        self.seen.append((str(event.request.AffectedSOPInstanceUID or ""), code != 0))
+        return code
+
     def _get(self, assoc: Association, unit: _Unit, model_uid: str) -> None:
         self.requests += 1
         self.msg_id = self.requests
+        self.seen = []
         what = f"{unit.level}-level C-GET"
         last = time.monotonic()
-        final = None
-        for status, _ in assoc.send_c_get(
+        final = final_identifier = None
+        for status, identifier in assoc.send_c_get(
             _identifier(unit, self.model), model_uid, msg_id=self.msg_id
         ):
             if not status or "Status" not in status:
                 raise self.pacs._lost(assoc, what, time.monotonic() - last)
             last = time.monotonic()
             if code_to_category(int(status.Status)) != "Pending":
-                final = status
+                final, final_identifier = status, identifier
                 break
             if self.receiver.stop.is_set():
                 self.cancel()
         if final is None:
             raise self.pacs._lost(assoc, what, time.monotonic() - last)
         if int(final.Status) == 0xFE00 and self.receiver.stop.is_set():
+            return
+        missed = _peer_failures(self.pacs, final, final_identifier, self.seen, unit, what)
+        self.receiver.extend(missed)
+        if _ours_only(final, self.seen, missed):
             return
         _final_status(final, what, self.pacs, None)
 
@@ -619,11 +756,23 @@ def get(
     if receiver.error is not None:
         raise receiver.error
     if failures:
-        first = failures[0]
-        if isinstance(first, Exception):
-            first.result = result  # type: ignore[attr-defined]
-        raise first
+        raise _with_result(failures[0], result, "get")
     return result
+
+
+def _with_result(exc: BaseException, result: RetrieveResult, call: str) -> BaseException:
+    """Attach what was retrieved to a failure, and say that a re-run resumes."""
+    if not isinstance(exc, Exception):
+        return exc
+    exc.result = result  # type: ignore[attr-defined]
+    if isinstance(exc, (DimseError, AssociationError)) and exc.args and result.completed:
+        exc.args = (
+            f"{exc.args[0]} The {result.completed} object(s) that arrived are in the cache "
+            f"(this error's .result lists them); pacs.{call}() with the same frame fetches "
+            "only what is missing.",
+            *exc.args[1:],
+        )
+    return exc
 
 
 def _run(threads: list[_Worker], receiver: _Receiver) -> None:
@@ -681,6 +830,7 @@ def move(
     remote = {"completed": 0, "failed": 0, "warning": 0}
     requests = 0
     scp = StorageSCP(pacs, receiver) if receiver is not None else None
+    failure: PacsFrameError | None = None
     try:
         if scp is not None:
             scp.start()
@@ -696,22 +846,35 @@ def move(
                 requests += 1
                 what = f"{unit.level}-level C-MOVE"
                 last = time.monotonic()
-                final = None
-                for status, _ in assoc.send_c_move(
+                final = final_identifier = None
+                first = len(receiver.rows) if receiver is not None else 0
+                for status, identifier in assoc.send_c_move(
                     _identifier(unit, model), target, model_uid, msg_id=requests
                 ):
                     if not status or "Status" not in status:
                         raise pacs._lost(assoc, what, time.monotonic() - last)
                     last = time.monotonic()
                     if code_to_category(int(status.Status)) != "Pending":
-                        final = status
+                        final, final_identifier = status, identifier
                         break
                 if final is None:
                     raise pacs._lost(assoc, what, time.monotonic() - last)
+                if receiver is not None:
+                    # Our SCP filed this request's objects before the final response.
+                    seen = [
+                        (r["SOPInstanceUID"] or "", r["status"] == "failed")
+                        for r in receiver.rows[first:]
+                    ]
+                    missed = _peer_failures(pacs, final, final_identifier, seen, unit, what)
+                    receiver.extend(missed)
+                    if _ours_only(final, seen, missed):
+                        continue
                 counts = _final_status(final, what, pacs, target)
                 if not ours:
                     for key, value in counts.items():
                         remote[key] += value
+    except PacsFrameError as exc:
+        failure = exc
     finally:
         if scp is not None:
             scp.stop()
@@ -720,7 +883,10 @@ def move(
     if receiver is not None and receiver.error is not None:
         raise receiver.error
     rows = planner.cached_rows + (receiver.rows if receiver is not None else [])
-    return _result(rows, requests, {} if ours else remote)
+    result = _result(rows, requests, {} if ours else remote)
+    if failure is not None:
+        raise _with_result(failure, result, "move")
+    return result
 
 
 class _NoCache:
