@@ -6,13 +6,15 @@ UID is checked against the UI grammar before it becomes a path part, so a peer t
 sends ``../../x`` as a UID never gets anything written outside the root.
 
 Every object is written to a temporary file in its final folder
-(``.<SOPInstanceUID>.<random>.part``, a name no instance can have), its header is
-checked, and only then is it renamed into place (``os.replace``, atomic on POSIX
-and Windows) and given one row in ``<root>/index.sqlite``. A reader therefore sees
-either no file or a complete one, and an index row always points at a complete
-file. An interrupted run leaves at most stray ``.part`` files, which
-:meth:`Cache.verify` removes; no fsync is done (a power cut may lose the last
-objects, which a re-run fetches again, as pooch and joblib also accept).
+(``.<SOPInstanceUID>.<host>-<pid>-<random>.part``, a name no instance can have and
+that says which process writes it), its header is checked, and only then is it
+renamed into place (``os.replace``, atomic on POSIX and Windows) and given one row
+in ``<root>/index.sqlite``. A reader therefore sees either no file or a complete
+one, and an index row always points at a complete file. A killed run leaves at
+most stray ``.part`` files and a complete file not yet indexed, which
+:meth:`Cache.verify` removes and indexes, also while other processes write; no
+fsync is done (a power cut may lose the last objects, which a re-run fetches
+again, as pooch and joblib also accept).
 
 The index holds one row per instance with the DICOM string form of every
 attribute of :data:`pacsframe.matching.INDEX_KEYWORDS`, so "what is cached" is one
@@ -25,12 +27,17 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import functools
+import hashlib
 import io
 import math
 import os
+import re
 import secrets
+import socket
 import sqlite3
 import threading
+import time
 import warnings
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
@@ -93,6 +100,77 @@ _LEVEL_COLUMN = {
 }
 _LEVEL_COLUMN["IMAGE"] = "SOPInstanceUID"
 _READ_ERRORS = (InvalidDicomError, EOFError, ValueError, OSError, KeyError, TypeError)
+_INSERT_NEW = _INSERT.replace("INSERT OR REPLACE", "INSERT OR IGNORE", 1)
+
+# Temporary files are named ``.<name>.<host>-<pid>-<random>.part``: <host> tells
+# whether <pid> is a process of this machine (and PID namespace), so that verify()
+# can ask whether the writer still runs. One untouched for this long is stray
+# whoever wrote it (a writer streams into it, so a live one keeps touching it).
+_STALE_SECONDS = 3600.0
+_TEMP_RE = re.compile(r"^\.(.+)\.(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)-[0-9a-f]{16}\.part$")
+# Names of the temporary files this process is writing now.
+_LIVE_TEMPS: set[str] = set()
+_LIVE_LOCK = threading.Lock()
+
+
+@functools.cache
+def _host_tag() -> str:
+    """This machine, boot and PID namespace, as 8 hex digits."""
+    parts = [socket.gethostname()]
+    with contextlib.suppress(OSError):
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+    with contextlib.suppress(OSError):
+        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
+    return hashlib.blake2s("\0".join(parts).encode(), digest_size=4).hexdigest()
+
+
+def _temp_path(path: Path, base: str) -> Path:
+    """A new temporary name next to ``path`` that says which process writes it."""
+    name = f".{base}.{_host_tag()}-{os.getpid()}-{secrets.token_hex(8)}.part"
+    return path.parent / name
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # e.g. another user's process: it exists
+    return True
+
+
+def _listing(folder: str | os.PathLike[str]) -> list[os.DirEntry[str]]:
+    """A folder's entries; none when it was removed meanwhile (a concurrent prune)."""
+    try:
+        with os.scandir(folder) as entries:
+            return list(entries)
+    except FileNotFoundError:
+        return []
+
+
+def _stray(entry: os.DirEntry[str], now: float) -> str | None:
+    """Why a temporary file is stray (its writer is gone), or None while it may be written."""
+    try:
+        age = now - entry.stat(follow_symlinks=False).st_mtime
+    except FileNotFoundError:
+        return None  # renamed into place or removed meanwhile
+    found = _TEMP_RE.match(entry.name)
+    if found and found["host"] == _host_tag():
+        pid = int(found["pid"])
+        if pid == os.getpid():
+            with _LIVE_LOCK:
+                if entry.name in _LIVE_TEMPS:
+                    return None
+            return "its writer, this process, no longer writes it"
+        # os.kill(pid, 0) would terminate the process on Windows: POSIX only.
+        if os.name == "posix" and not _pid_alive(pid):
+            return f"its writer, process {pid}, is gone"
+    if age > _STALE_SECONDS:
+        return f"untouched for {age / 3600:.1f} hours"
+    return None
 
 
 def _schema() -> str:
@@ -154,8 +232,10 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | Iterable[bytes]) ->
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.part"
+    tmp = _temp_path(path, path.name)
     chunks = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
+    with _LIVE_LOCK:
+        _LIVE_TEMPS.add(tmp.name)
     try:
         with open(tmp, "xb") as out:
             for chunk in chunks:
@@ -165,6 +245,9 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | Iterable[bytes]) ->
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    finally:
+        with _LIVE_LOCK:
+            _LIVE_TEMPS.discard(tmp.name)
 
 
 @dataclass(eq=False)
@@ -219,7 +302,8 @@ class Cache:
     -----
     One Cache may be used from several threads (each gets its own SQLite
     connection) and several processes may share one root: the index runs in WAL
-    mode with a busy timeout, and files are only ever renamed into place.
+    mode with a busy timeout, files are only ever renamed into place, and
+    :meth:`verify` may run while they write.
 
     Examples
     --------
@@ -436,21 +520,28 @@ class Cache:
         """A new file next to ``path``, removed on exit unless it was renamed into place."""
         # O_EXCL with a random name instead of mkstemp: mkstemp's 0600 mode would
         # ignore the user's umask for files that are meant to be shared.
-        tmp = path.parent / f".{path.stem}.{secrets.token_hex(8)}.part"
+        tmp = _temp_path(path, path.stem)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
         made_folder = False
-        for attempt in range(3):
-            try:
-                fd = os.open(tmp, flags, 0o666)
-                break
-            except FileNotFoundError:
-                # The folder is made only when missing: one failed open is cheaper than
-                # a mkdir call per object. Retried, as a failing writer next door may
-                # remove the empty folder it made in between.
-                if attempt == 2:
-                    raise
-                path.parent.mkdir(parents=True, exist_ok=True)
-                made_folder = True
+        with _LIVE_LOCK:
+            _LIVE_TEMPS.add(tmp.name)  # before it exists: verify() here leaves it alone
+        try:
+            for attempt in range(3):
+                try:
+                    fd = os.open(tmp, flags, 0o666)
+                    break
+                except FileNotFoundError:
+                    # The folder is made only when missing: one failed open is cheaper
+                    # than a mkdir call per object. Retried, as a failing writer next
+                    # door may remove the empty folder it made in between.
+                    if attempt == 2:
+                        raise
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    made_folder = True
+        except BaseException:
+            with _LIVE_LOCK:
+                _LIVE_TEMPS.discard(tmp.name)
+            raise
         handle = os.fdopen(fd, "wb")
         try:
             yield tmp, handle
@@ -465,6 +556,8 @@ class Cache:
             handle.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+            with _LIVE_LOCK:
+                _LIVE_TEMPS.discard(tmp.name)
 
     def _header(self, source: Any, sop: str) -> tuple[dict[str, str | None], str]:
         """Read an object's header: its index strings and transfer syntax."""
@@ -1012,10 +1105,10 @@ class Cache:
         """Every ``<root>/<study>/<series>`` folder (UID-named ones only)."""
         if not self.root.is_dir():
             return
-        for study in os.scandir(self.root):
+        for study in _listing(self.root):
             if not (study.is_dir(follow_symlinks=False) and frames.is_uid(study.name)):
                 continue
-            for series in os.scandir(study.path):
+            for series in _listing(study.path):
                 if series.is_dir(follow_symlinks=False) and frames.is_uid(series.name):
                     yield Path(series.path)
 
@@ -1038,20 +1131,84 @@ class Cache:
             raise
         db.execute("COMMIT")
 
+    def _drop_unchanged(self, rows: Sequence[tuple[str, str, int, str]]) -> list[bool]:
+        """Delete rows still as they were read (SOP, path, size, stored_at); which were."""
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            # A row written again since it was checked (a concurrent re-write) stays.
+            hits = [
+                db.execute(
+                    "DELETE FROM instances WHERE SOPInstanceUID = ? AND path = ? AND size = ? "
+                    "AND stored_at = ?",
+                    row,
+                ).rowcount
+                == 1
+                for row in rows
+            ]
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        return hits
+
+    def _adopt(self, path: Path, relative: str) -> tuple[str, str] | None:
+        """Index a layout file that has no index row, or remove it; what was found."""
+        sop = path.name[:-4]
+        series, study = path.parent.name, path.parent.parent.name
+        db = self._db()
+        held = db.execute("SELECT path FROM instances WHERE SOPInstanceUID = ?", (sop,)).fetchone()
+        if held is not None and held[0] == relative:
+            return None  # indexed since the index was read
+        if held is not None:
+            # Left by a re-filing stopped between indexing the new copy and removing this.
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            return "duplicate", f"the instance is indexed at {held[0]}; this copy was removed"
+        try:
+            row = self._row(self._header(path, sop), study, series, sop, path)
+            row[_FIXED.index("size")] = path.stat().st_size
+        except (CacheError, OSError) as exc:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            detail = f"a file without index row that cannot be indexed ({exc}); removed"
+            return "not indexed", detail
+        db.execute(_INSERT_NEW, row)
+        return "not indexed", (
+            "a complete file without index row (its writer stopped between renaming it "
+            "into place and indexing it); indexed"
+        )
+
     def verify(self) -> pd.DataFrame:
-        """Find and drop damaged entries, so that a re-run retrieves them again.
+        """Find and repair what the index and the files disagree on; a re-run fetches the rest.
 
         Checks every index row's file: ``missing``, ``truncated`` (its size differs
-        from the index), or ``not DICOM`` (its header cannot be read); and looks for
-        stray temporary files (``.part``) left by an interrupted write. Damaged
-        files and their rows are removed. Do not run it while a retrieval is
-        writing into the same cache: its temporary files would count as stray.
+        from the index) or ``not DICOM`` (its header cannot be read); such rows are
+        dropped and such files removed, so that the next retrieval fetches them
+        again. Then checks every file of the layout: a ``.dcm`` file with no index
+        row (``not indexed``, from a process killed between renaming it into place
+        and indexing it) is indexed when its header matches its folders and removed
+        otherwise; a second copy of an instance indexed elsewhere (``duplicate``) is
+        removed; a temporary ``.part`` file is removed when its writer is gone
+        (``stray temporary file``).
+
+        Safe to run while other threads or processes retrieve into the same cache.
+        A temporary file is removed only when the process that writes it (named in
+        the file name) no longer runs on this machine, or when nothing has touched
+        it for an hour (a writer on another machine sharing the folder, or on a
+        system where processes cannot be asked). A row is dropped only if it is
+        still the one that was checked, and an unindexed file is indexed, never
+        removed, when it is complete. Only damaged objects that a concurrent
+        ``overwrite=True`` retrieval rewrites at the same moment may need another
+        ``verify()``.
 
         Returns
         -------
         pandas.DataFrame
-            One row per problem: ``path``, ``SOPInstanceUID`` (``<NA>`` for a
-            temporary file) and ``problem``.
+            One row per problem found and repaired: ``path``, ``SOPInstanceUID``
+            (``<NA>`` for a temporary file), ``problem`` (one of the names above, or
+            ``outside the cache root`` for a tampered row) and ``detail`` (what was
+            found and what was done, as a sentence).
 
         Examples
         --------
@@ -1059,61 +1216,99 @@ class Cache:
         >>> from pacsframe.demo import make_cohort
         >>> tmp = tempfile.TemporaryDirectory()
         >>> manifest = make_cohort(f"{tmp.name}/src", patients=1, matrix=16,
-        ...     studies_per_patient=1, series_per_study=1, instances_per_series=2)
+        ...     studies_per_patient=1, series_per_study=1, instances_per_series=3)
         >>> cache = Cache(f"{tmp.name}/cache")
-        >>> paths = [cache.write(r.StudyInstanceUID, r.SeriesInstanceUID, r.SOPInstanceUID,
-        ...                      pathlib.Path(r.path).read_bytes()) for r in manifest.itertuples()]
+        >>> paths = [cache.add(pathlib.Path(p).read_bytes())[0] for p in manifest.path]
         >>> paths[0].unlink()
-        >>> cache.verify().problem.tolist(), len(cache)
-        (['missing'], 1)
+        >>> _ = paths[1].write_bytes(paths[1].read_bytes()[:1000])
+        >>> report = cache.verify()
+        >>> report.problem.tolist(), len(cache)
+        (['missing', 'truncated'], 1)
+        >>> report.detail[1].split(" but ")[0], report.detail[1].split("; ")[1]
+        ('1000 bytes on disk', 'file and row removed')
+        >>> cache.verify().empty
+        True
         >>> cache.close(); tmp.cleanup()
         """
-        rows = self._db().execute(f"SELECT SOPInstanceUID, path, size FROM instances {_ORDER}")
-        problems: list[tuple[str, str | None, str]] = []
-        dropped: list[tuple[str, str]] = []
-        folders: list[Path] = []
-        for sop, relative, size in rows.fetchall():
+        rows = self._db().execute(
+            f"SELECT SOPInstanceUID, path, size, stored_at FROM instances {_ORDER}"
+        )
+        problems: list[tuple[str, str | None, str, str]] = []
+        # (the row as read, where, problem, detail, the file to remove if the row goes)
+        damaged: list[tuple[tuple[str, str, int, str], str, str, str, Path | None]] = []
+        indexed: set[str] = set()
+        for sop, relative, size, stored_at in rows.fetchall():
+            indexed.add(relative)
+            read = (sop, relative, size, stored_at)
             try:
                 path = self._absolute(relative)
             except CacheError:
-                problems.append((str(self.root / relative), sop, "outside the cache root"))
-                dropped.append((sop, relative))
+                damaged.append(
+                    (
+                        read,
+                        str(self.root / relative),
+                        "outside the cache root",
+                        "the index row points outside the cache root (a tampered index); "
+                        "row dropped, nothing removed",
+                        None,
+                    )
+                )
                 continue
             try:
                 actual = path.stat().st_size
             except FileNotFoundError:
-                problems.append((str(path), sop, "missing"))
-                dropped.append((sop, relative))
+                detail = "the indexed file is gone; row dropped"
+                damaged.append((read, str(path), "missing", detail, None))
                 continue
-            problem = None
             if actual != size:
-                problem = "truncated"
-            else:
-                try:
-                    dcmread(path, stop_before_pixels=True, specific_tags=[Tag(0x00080018)])
-                except _READ_ERRORS:
-                    problem = "not DICOM"
-            if problem:
-                problems.append((str(path), sop, problem))
-                dropped.append((sop, relative))
+                detail = f"{actual} bytes on disk but {size} in the index; file and row removed"
+                damaged.append((read, str(path), "truncated", detail, path))
+                continue
+            try:
+                dcmread(path, stop_before_pixels=True, specific_tags=[Tag(0x00080018)])
+            except _READ_ERRORS as exc:
+                detail = f"its header cannot be read ({exc}); file and row removed"
+                damaged.append((read, str(path), "not DICOM", detail, path))
+        folders: list[Path] = []
+        hits = self._drop_unchanged([d[0] for d in damaged]) if damaged else []
+        for (read, where, problem, detail, remove), hit in zip(damaged, hits, strict=True):
+            if not hit:
+                continue  # written again since it was checked
+            problems.append((where, read[0], problem, detail))
+            if remove is not None:
                 with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                folders.append(path.parent)
-        if dropped:
-            self._delete_rows(dropped)
+                    remove.unlink()
+                folders.append(remove.parent)
+        now = time.time()
         for folder in self._walk_series_folders():
-            for entry in os.scandir(folder):
-                if entry.name.startswith(".") and entry.name.endswith(".part"):
-                    problems.append((entry.path, None, "stray temporary file"))
+            for entry in _listing(folder):
+                name = entry.name
+                if name.startswith(".") and name.endswith(".part"):
+                    why = _stray(entry, now)
+                    if why is None:
+                        continue  # being written
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(entry.path)
+                    problems.append((entry.path, None, "stray temporary file", f"{why}; removed"))
                     folders.append(folder)
+                elif (
+                    name.endswith(".dcm")
+                    and frames.is_uid(name[:-4])
+                    and entry.is_file(follow_symlinks=False)
+                ):
+                    path = Path(entry.path)
+                    relative = path.relative_to(self.root).as_posix()
+                    if relative in indexed:
+                        continue
+                    found = self._adopt(path, relative)
+                    if found is not None:
+                        problems.append((entry.path, name[:-4], *found))
+                        folders.append(folder)
         self._prune(folders)
         return pd.DataFrame(
             {
-                "path": pd.Series([p[0] for p in problems], dtype="string"),
-                "SOPInstanceUID": pd.Series([p[1] for p in problems], dtype="string"),
-                "problem": pd.Series([p[2] for p in problems], dtype="string"),
+                name: pd.Series([p[i] for p in problems], dtype="string")
+                for i, name in enumerate(("path", "SOPInstanceUID", "problem", "detail"))
             }
         )
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 import gc
 import os
 import sqlite3
+import subprocess
+import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
 from pathlib import Path
@@ -60,6 +63,9 @@ def cache(tmp_path: Path, manifest: pd.DataFrame) -> Cache:
     fill(cache, manifest)
     yield cache
     cache.close()
+
+
+TEXT = {"capture_output": True, "text": True, "check": True}
 
 
 def files_under(folder: Path) -> dict[str, int]:
@@ -592,6 +598,9 @@ def test_verify_reports_and_drops_damaged_entries(cache, manifest):
     Path(paths[junk]).write_bytes(b"\0" * len(Path(paths[junk]).read_bytes()))
     stray = Path(paths[manifest.SOPInstanceUID.iloc[1]]).parent / ".1.2.3.abc.part"
     stray.write_bytes(b"partial")
+    # A name that does not say who writes it: stray once untouched for an hour.
+    two_hours_ago = stray.stat().st_mtime - 7200
+    os.utime(stray, (two_hours_ago, two_hours_ago))
 
     report = cache.verify()
     assert len(report) == 4
@@ -601,6 +610,14 @@ def test_verify_reports_and_drops_damaged_entries(cache, manifest):
     assert found["not DICOM"] == junk
     assert pd.isna(found["stray temporary file"])
     assert report.set_index("problem").loc["stray temporary file", "path"] == str(stray)
+    details = dict(zip(report.problem, report.detail, strict=True))
+    assert details["missing"] == "the indexed file is gone; row dropped"
+    half = len(data) // 2
+    assert details["truncated"] == (
+        f"{half} bytes on disk but {len(data)} in the index; file and row removed"
+    )
+    assert details["not DICOM"].startswith("its header cannot be read (")
+    assert details["stray temporary file"] == "untouched for 2.0 hours; removed"
     assert not stray.exists() and not Path(paths[truncated]).exists()
     assert not Path(paths[junk]).exists()
     dropped = {missing, truncated, junk}
@@ -610,6 +627,85 @@ def test_verify_reports_and_drops_damaged_entries(cache, manifest):
     # A re-run fetches what was dropped.
     fill(cache, manifest)
     assert len(cache) == len(manifest) and cache.verify().empty
+
+
+def test_verify_indexes_files_without_rows_and_removes_leftover_copies(cache, manifest):
+    before = cache.instances().set_index("SOPInstanceUID")
+    orphan, junk, copied = manifest.SOPInstanceUID.iloc[[0, 2, 4]]
+    db = sqlite3.connect(cache.root / INDEX_NAME)
+    with db:  # as if a process was killed between renaming into place and indexing
+        db.execute("DELETE FROM instances WHERE SOPInstanceUID IN (?, ?)", (orphan, junk))
+    db.close()
+    Path(before.path[junk]).write_bytes(b"\0" * 300)
+    # A second copy under another series folder, as a stopped re-filing leaves it.
+    copy = cache.root / before.StudyInstanceUID[copied] / "1.2.3" / f"{copied}.dcm"
+    copy.parent.mkdir()
+    copy.write_bytes(Path(before.path[copied]).read_bytes())
+
+    report = cache.verify().set_index("SOPInstanceUID")
+    assert report.problem.to_dict() == {
+        orphan: "not indexed",
+        junk: "not indexed",
+        copied: "duplicate",
+    }
+    assert report.detail[orphan].endswith("; indexed")
+    assert report.detail[junk].startswith("a file without index row that cannot be indexed")
+    assert report.path[copied] == str(copy)
+    assert not Path(before.path[junk]).exists()
+    assert not copy.parent.exists()  # the folder it left empty is gone too
+    after = cache.instances().set_index("SOPInstanceUID")
+    assert len(after) == len(manifest) - 1
+    columns = [c for c in after.columns if c != "stored_at"]
+    pd.testing.assert_series_equal(after.loc[orphan, columns], before.loc[orphan, columns])
+    assert cache.verify().empty
+
+
+@pytest.mark.skipif(os.name != "posix", reason="writers are asked with os.kill(pid, 0)")
+def test_verify_removes_temporary_files_only_when_their_writer_is_gone(cache, manifest):
+    from pacsframe import cache as cache_module
+
+    row = manifest.iloc[0]
+    uids = (row.StudyInstanceUID, row.SeriesInstanceUID, row.SOPInstanceUID)
+    folder = cache.path_for(*uids).parent
+    tag = cache_module._host_tag()
+    other_host = "0" * 8 if tag != "0" * 8 else "1" * 8
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], **TEXT)
+    gone_pid = int(finished.stdout)
+    names = {
+        "gone": f".1.2.3.{tag}-{gone_pid}-{'a' * 16}.part",
+        "us, not writing": f".1.2.3.{tag}-{os.getpid()}-{'b' * 16}.part",
+        "alive": f".1.2.3.{tag}-{os.getppid()}-{'c' * 16}.part",
+        "another host": f".1.2.3.{other_host}-{gone_pid}-{'d' * 16}.part",
+    }
+    for name in names.values():
+        (folder / name).write_bytes(b"partial")
+    data = Path(row.path).read_bytes()
+    with cache.open_writer(*uids, overwrite=True) as out:
+        out.write(data[:1000])
+        out.flush()
+        (writing,) = [
+            p
+            for p in folder.iterdir()
+            if p.name.endswith(".part") and p.name not in names.values()
+        ]
+        assert f"{tag}-{os.getpid()}-" in writing.name
+        report = cache.verify()
+        assert writing.exists()
+        out.write(data[1000:])
+    assert cache.path_for(*uids).read_bytes() == data
+    removed = dict(zip(report.path, report.detail, strict=True))
+    assert removed == {
+        str(folder / names["gone"]): f"its writer, process {gone_pid}, is gone; removed",
+        str(folder / names["us, not writing"]): (
+            "its writer, this process, no longer writes it; removed"
+        ),
+    }
+    assert (folder / names["alive"]).exists() and (folder / names["another host"]).exists()
+    hour_ago = time.time() - 3700
+    os.utime(folder / names["another host"], (hour_ago, hour_ago))
+    assert cache.verify().path.tolist() == [str(folder / names["another host"])]
+    (folder / names["alive"]).unlink()
+    assert cache.verify().empty
 
 
 def test_clear_removes_only_cache_files(cache, manifest, tmp_path):
