@@ -191,6 +191,21 @@ CREATE INDEX IF NOT EXISTS instances_by_series ON instances (SeriesInstanceUID);
 """
 
 
+def _use_wal(conn: sqlite3.Connection) -> None:
+    """Put the index in WAL mode, retrying while another process opens it too."""
+    deadline = time.monotonic() + _BUSY_SECONDS
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            # Changing the journal mode fails at once, without the busy timeout, when
+            # another connection opens a new index at the same moment.
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 class _Connection(sqlite3.Connection):
     """A connection that can be weakly referenced (the base class cannot)."""
 
@@ -427,7 +442,7 @@ class Cache:
             conn.execute(f"PRAGMA busy_timeout = {int(_BUSY_SECONDS * 1000)}")
             with self._lock:
                 if not self._schema_ready:
-                    conn.execute("PRAGMA journal_mode = WAL")
+                    _use_wal(conn)
                     conn.executescript(_schema())
                     have = {r[1] for r in conn.execute("PRAGMA table_info(instances)")}
                     for keyword in _KEYWORD_COLUMNS:
