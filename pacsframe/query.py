@@ -8,7 +8,9 @@ raised as a :class:`~pacsframe.errors.QueryError` that says what to do instead.
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import re
+import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -119,9 +121,20 @@ _NO_WILDCARD_VRS = frozenset(
     {"DA", "TM", "DT", "UI", "AS", "IS", "DS", "SS", "US", "SL", "UL", "SV", "UV", "FL", "FD"}
 )
 _RANGE_VRS = frozenset({"DA", "TM", "DT"})
+# Values of these VRs are bytes or tags, not text: nothing to match with a string.
+_UNMATCHED_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "AT"})
 # Maximum value lengths (PS3.5 Table 6.2-1) for the VRs users type into queries.
 _MAX_LENGTH = {"AE": 16, "AS": 4, "CS": 16, "DS": 16, "IS": 12, "LO": 64, "PN": 64 * 5, "SH": 16}
 _MAX_LENGTH.update({"UI": 64, "ST": 1024, "LT": 10240})
+
+
+def _int_range(code: str) -> tuple[int, int]:
+    bits = 8 * struct.calcsize("<" + code)  # standard sizes, as on the wire
+    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if code.islower() else (0, 2**bits - 1)
+
+
+_BINARY_RANGE = {vr: _int_range(code) for vr, code in frames.BINARY_INT_VRS.items()}
+_FL_MAX = float(np.finfo(np.float32).max)
 _CS_RE = re.compile(r"^[A-Z0-9 _*?]*$")
 _ISO_DATE = re.compile(r"^(\d{4})-(\d{2})-(\d{2})$")
 _ISO_TIME = re.compile(r"^(\d{2}):(\d{2})(?::(\d{2})(\.\d{1,6})?)?$")
@@ -200,6 +213,12 @@ def _one_temporal(value: Any, vr: str, keyword: str) -> str:
         text = value.strip()
         if not text:
             return ""
+        if not text.isascii():
+            # \d would match other scripts' digits, which a DICOM date cannot hold.
+            raise QueryError(
+                f"{keyword}={value!r} holds characters other than ASCII; write dates and "
+                "times with the digits 0-9, e.g. '2026-03-01' or '08:30'."
+            )
         if vr == "DA":
             m = _ISO_DATE.match(text)
             if m:
@@ -311,6 +330,11 @@ def _check_string(text: str, attr: frames.Attribute) -> str:
             f"{keyword}={text!r}: code strings (CS) hold upper-case letters, digits, space "
             f"and underscore only; use the upper-case code{hint}."
         )
+    if vr not in frames.CHARSET_VRS and not text.isascii():
+        raise QueryError(
+            f"{keyword}={text!r}: {vr} values hold ASCII characters only (only names and "
+            "texts follow the character set); use ASCII letters and digits 0-9."
+        )
     if vr in ("IS", "DS"):
         try:
             number = float(text)
@@ -320,9 +344,28 @@ def _check_string(text: str, attr: frames.Attribute) -> str:
             raise QueryError(f"{keyword}={text!r} is an integer attribute; give a whole number.")
     if vr in frames.BINARY_INT_VRS or vr in frames.BINARY_FLOAT_VRS:
         try:
-            float(text)
+            number = float(text)
         except ValueError:
             raise QueryError(f"{keyword}={text!r} is not a number; give a number.") from None
+        if vr in frames.BINARY_INT_VRS:
+            # Sent as a binary number of the VR's size: whole and in range, or it
+            # could not be encoded at all.
+            low, high = _BINARY_RANGE[vr]
+            try:
+                whole: int | None = int(text)
+            except ValueError:
+                whole = int(number) if number.is_integer() else None
+            if whole is None or not low <= whole <= high:
+                raise QueryError(
+                    f"{keyword}={text!r}: {keyword} is {vr}, a whole number from {low} to "
+                    f"{high}; give one."
+                )
+            return str(whole)
+        if vr == "FL" and math.isfinite(number) and abs(number) > _FL_MAX:
+            raise QueryError(
+                f"{keyword}={text!r} is too large for {vr} (a 32-bit float, at most "
+                f"{_FL_MAX:.6g}); give a smaller number."
+            )
     limit = _MAX_LENGTH.get(vr)
     if limit and len(text) > limit:
         raise QueryError(
@@ -388,6 +431,11 @@ def encode_value(keyword: str, value: Any) -> str:
         if any(not p for p in parts):
             raise QueryError(f"{keyword} list has an empty item; remove it.")
         return "\\".join(parts)
+    if vr in _UNMATCHED_VRS:
+        raise QueryError(
+            f"{keyword} is {vr} (binary data or a tag), which C-FIND cannot match on; pass "
+            f"None to return it, or filter the frame with pandas."
+        )
     if vr in _RANGE_VRS:
         return _temporal(value, vr, keyword)
     if isinstance(value, tuple):
@@ -468,7 +516,7 @@ class Query:
             attr = frames.attribute(keyword)
             value: Any
             if attr.vr in frames.BINARY_INT_VRS:
-                value = [int(float(v)) for v in text.split("\\")] if text else None
+                value = [_whole(v) for v in text.split("\\")] if text else None
             elif attr.vr in frames.BINARY_FLOAT_VRS:
                 value = [float(v) for v in text.split("\\")] if text else None
             else:
@@ -484,6 +532,11 @@ class Query:
     def to_json(self) -> dict[str, Any]:
         """JSON-safe description, for ``DataFrame.attrs``."""
         return {"level": self.level, "model": self.model, "keys": self.matching}
+
+
+def _whole(text: str) -> int:
+    # Exact for the canonical integers _check_string makes, even beyond 2**53.
+    return int(text) if text.lstrip("+-").isdigit() else int(float(text))
 
 
 def _missing_key_message(level: str, model: str, key: str) -> str:
@@ -535,6 +588,11 @@ def build_query(
         encoded[keyword] = encode_value(keyword, value)
     if isinstance(return_keys, str):
         return_keys = [return_keys]
+    if return_keys is not None and not isinstance(return_keys, Iterable):
+        raise QueryError(
+            f"return_keys takes a list of keywords, e.g. ['BodyPartExamined'], not "
+            f"{type(return_keys).__name__}."
+        )
     extra = [frames.normalize_keyword(k) for k in (return_keys or ())]
     for keyword in extra:
         frames.attribute(keyword)
