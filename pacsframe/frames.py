@@ -12,6 +12,7 @@ dictionary VM is not ``"1"`` becomes a column of lists.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import difflib
 import functools
@@ -198,12 +199,21 @@ def _decode_raw(elem: Any, vr: str, encodings: list[str] | None) -> Any:
             return list(numbers) if count != 1 else numbers[0]
         codec = "ascii"
         if vr in CHARSET_VRS and encodings:
-            if len(encodings) == 1 and encodings[0] != "iso8859" and b"\x1b" not in value:
+            if b"\x1b" not in value:
+                # decode_bytes reads all of it with the first encoding then, too.
                 codec = encodings[0]
             else:
                 delims = {0x5E, 0x3D} if vr == "PN" else {0x0D, 0x0A, 0x09, 0x0C}
                 codec = ""
-                text = decode_bytes(value, encodings, delims | {0x5C})
+                with warnings.catch_warnings(record=True) as caught:
+                    # pydicom warns (per row) and puts U+FFFD for what it cannot
+                    # decode: reported like the other undecodable text below.
+                    warnings.simplefilter("always")
+                    text = decode_bytes(value, encodings, delims | {0x5C})
+                if caught:
+                    lossy = _Lossy(f"not valid in its character sets ({', '.join(encodings)})")
+                    lossy.value = _trim(text, vr)
+                    raise lossy
         if codec:
             try:
                 text = value.decode(codec)
@@ -258,10 +268,14 @@ def _encodings_of(ds: Dataset) -> list[str] | None:
 
 @functools.cache
 def _cached_encodings(terms: tuple[str, ...]) -> list[str]:
-    with warnings.catch_warnings(record=True) as caught:
-        # Once per distinct value, not a pydicom warning per row.
-        warnings.simplefilter("always")
-        encodings = convert_encodings(list(terms))
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            # Once per distinct value, not a pydicom warning per row.
+            warnings.simplefilter("always")
+            encodings = convert_encodings(list(terms))
+    except (ValueError, LookupError, TypeError):
+        # A term Python cannot even look up (e.g. with a NUL in it): as an unknown one.
+        return []
     if any("Unknown encoding" in str(w.message) for w in caught):
         # pydicom would read the text as Latin-1 without a word; as no encoding at
         # all, non-ASCII text is decoded with U+FFFD and reported instead.
@@ -366,13 +380,25 @@ def _warn_malformed(keyword: str, bad: pd.Series) -> None:
 def _scalar_column(values: Sequence[Any], vr: str, keyword: str) -> pd.Series:
     """Convert DICOM strings (or numbers) of one VR to a typed Series."""
     if vr in STRING_VRS or vr not in DTYPES:
-        return pd.Series(values, dtype="string" if vr in STRING_VRS else "object")
+        try:
+            return pd.Series(values, dtype="string" if vr in STRING_VRS else "object")
+        except UnicodeDecodeError:
+            # bytes that are not UTF-8 (e.g. a list of raw UIDs from a caller)
+            values = [v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in values]
+            return pd.Series(values, dtype="string")
     if vr in BINARY_INT_VRS or vr in BINARY_FLOAT_VRS:
-        out = pd.array(
-            [None if v is None or isinstance(v, list) else v for v in values],
-            dtype=DTYPES[vr],
-        )
-        return pd.Series(out)
+        cells = [None if v is None or isinstance(v, list) else v for v in values]
+        if vr in BINARY_INT_VRS:
+            fits = all(v is None or (type(v) is int and -(2**63) <= v < 2**63) for v in cells)
+        else:
+            fits = all(v is None or type(v) in (int, float) for v in cells)
+        if fits:
+            with contextlib.suppress(TypeError, ValueError, OverflowError):
+                return pd.Series(pd.array(cells, dtype=DTYPES[vr]))
+        # Text or a fraction (a wrong VR on the wire) or a number beyond Int64: read
+        # each as an IS or DS string, so that what cannot be typed becomes empty.
+        text = [None if v is None else str(v) for v in cells]
+        return _scalar_column(text, "IS" if vr in BINARY_INT_VRS else "DS", keyword)
     raw = pd.Series(values, dtype="object")
     present = raw.notna()
     text = raw.where(present, "").astype(str).str.strip()
@@ -380,7 +406,9 @@ def _scalar_column(values: Sequence[Any], vr: str, keyword: str) -> pd.Series:
         numbers = pd.to_numeric(text.where(present, None), errors="coerce")
         bad = present & numbers.isna()
         if vr in INT_STRING_VRS:
+            # A fraction, or a number Int64 cannot hold (IS is at most 12 characters).
             fractional = numbers.notna() & (numbers != np.floor(numbers.fillna(0)))
+            fractional |= numbers.notna() & ~(numbers.abs() < 2.0**63)
             bad |= fractional
             numbers = numbers.where(~fractional)
         _warn_malformed(keyword, pd.Series(bad.to_numpy(), index=raw.astype(str)))
