@@ -1,0 +1,558 @@
+"""Fuzzing (issue 5 item 6): whatever a user or a peer sends, no exception but ours.
+
+Two properties, each over bounded, derandomized Hypothesis runs:
+
+* query building: arbitrary keywords and values passed to ``build_query`` and to the
+  ``find_*`` argument path (with the network replaced) either give an identifier that
+  encodes, in both VR encodings, and decodes back to the query's own strings, or raise
+  :class:`pacsframe.QueryError`;
+* frame conversion: arbitrary identifiers as they arrive off the wire (any
+  keywords, raw bytes, declared or undeclared character sets, wrong VRs, over-long
+  values, either byte order) go through ``FrameBuilder`` without an exception, with
+  :class:`~pacsframe.frames.MalformedValueWarning` as the only warning, and each
+  column has the dtype of DESIGN.md's table whatever came in.
+
+The explicit ``@example`` cases are the bugs these properties found.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import math
+import os
+import re
+import struct
+import warnings
+from decimal import Decimal
+
+import numpy as np
+import pandas as pd
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from pydicom import datadict
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.tag import Tag
+from pynetdicom.dsutils import decode
+
+import pacsframe as pf
+from pacsframe import frames
+from pacsframe.frames import FrameBuilder, MalformedValueWarning
+from pacsframe.query import build_query
+
+# CI runs the same 200 examples each time; PACSFRAME_FUZZ_EXAMPLES=20000 searches
+# further, with fresh random examples.
+_EXAMPLES = int(os.environ.get("PACSFRAME_FUZZ_EXAMPLES", "200"))
+FUZZ = settings(
+    max_examples=_EXAMPLES,
+    deadline=None,
+    derandomize=_EXAMPLES <= 200,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+def _usable(keyword: str) -> bool:
+    try:
+        frames.attribute(keyword)
+    except pf.QueryError:
+        return False
+    return True
+
+
+# Every keyword of the dictionary (repeating groups such as 60xx have none).
+KEYWORDS = sorted(k for k in datadict.keyword_dict if k)
+ATTRIBUTES = [k for k in KEYWORDS if _usable(k)]  # no sequences
+# Keys people query on, and a few of every VR family, so that valid queries are common.
+COMMON = [
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "PatientAge",
+    "StudyDate",
+    "StudyTime",
+    "AcquisitionDateTime",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "AccessionNumber",
+    "StudyDescription",
+    "ModalitiesInStudy",
+    "Modality",
+    "ImageType",
+    "InstanceNumber",
+    "SeriesNumber",
+    "SliceThickness",
+    "PixelSpacing",
+    "WindowCenter",
+    "Rows",
+    "Columns",
+    "SmallestImagePixelValue",
+    "LUTDescriptor",
+    "ReferencedFrameNumber",
+    "FrameTime",
+    "SelectorSSValue",
+    "SelectorULValue",
+    "SelectorSVValue",
+    "SelectorUVValue",
+    "SelectorFLValue",
+    "SelectorFDValue",
+    "SelectorATValue",
+    "SelectorOBValue",
+    "PixelData",
+    "RetrieveAETitle",
+    "TextValue",
+    "PatientComments",
+    "URNCodeValue",
+    "LongCodeValue",
+    "NumberOfStudyRelatedInstances",
+]
+
+
+def _snake(keyword: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", keyword).lower()
+
+
+def _near_miss(parts: tuple[str, int, str, int]) -> str:
+    keyword, at, char, how = parts
+    at %= len(keyword) + 1
+    return [
+        keyword[:at] + char + keyword[at:],
+        keyword[:at] + keyword[at + 1 :],
+        keyword.upper(),
+        keyword[:at] + keyword[at:].swapcase(),
+    ][how]
+
+
+keywords = st.one_of(
+    st.sampled_from(COMMON),
+    st.sampled_from(KEYWORDS),
+    st.sampled_from(COMMON).map(_snake),
+    st.tuples(st.sampled_from(COMMON), st.integers(0, 40), st.characters(), st.integers(0, 3)).map(
+        _near_miss
+    ),
+    st.text(max_size=20),
+)
+
+_TRICKY = "AZaz09*?\\\x00-^ .:,+=éß山\u200b\r\n\t\x1b２"
+texts = st.one_of(
+    st.text(max_size=70),
+    st.text(alphabet=st.sampled_from(_TRICKY), max_size=30),
+    st.from_regex(r"[0-9.]{1,70}", fullmatch=True),  # UIDs and near-UIDs
+    st.from_regex(r"-?[0-9]{1,22}(\.[0-9]{0,5})?([eE][+-]?[0-9]{1,3})?", fullmatch=True),
+    st.from_regex(r"[0-9]{8}-[0-9]{0,8}", fullmatch=True),  # DICOM ranges
+    st.from_regex(
+        r"[0-9]{4}-[0-9]{2}-[0-9]{2}([T ][0-9]{2}:[0-9]{2}(:[0-9]{2})?)?", fullmatch=True
+    ),
+    st.from_regex(r"[0-9]{2}:?[0-9]{2}(:?[0-9]{2}(\.[0-9]{1,7})?)?", fullmatch=True),
+)
+odd_things = st.sampled_from(
+    [
+        pd.NA,
+        pd.NaT,
+        np.nan,
+        np.int64(3),
+        np.uint16(7),
+        np.float32(1.5),
+        np.bool_(True),
+        pd.Timestamp("2026-03-01 08:30"),
+        pd.Timestamp("2026-03-01", tz="UTC"),
+        np.datetime64("2026-03-01"),
+        np.datetime64("NaT"),
+        pd.Timedelta("1h"),
+        Decimal("1.5"),
+        complex(1, 2),
+        np.array([1, 2]),
+        np.array([]),
+        pd.Series(["1.2", "1.3"]),
+        pd.Index(["1.4"]),
+        pd.Period("2026-03"),
+        bytearray(b"CT"),
+        Ellipsis,
+        object(),
+    ]
+)
+scalars = st.one_of(
+    st.none(),
+    texts,
+    st.integers(),
+    st.integers(-(2**70), 2**70),
+    st.floats(),
+    st.booleans(),
+    st.dates(),
+    st.datetimes(),
+    st.datetimes(timezones=st.just(dt.UTC)),
+    st.times(),
+    st.timedeltas(),
+    st.binary(max_size=20),
+    odd_things,
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4),
+        st.tuples(inner),
+        st.tuples(inner, inner),
+        st.tuples(inner, inner, inner),
+        st.frozensets(st.sampled_from(["1.2", "1.3", "CT", 4])),
+        st.dictionaries(st.text(max_size=3), inner, max_size=2),
+        st.iterables(inner, max_size=3),
+    ),
+    max_leaves=6,
+)
+levels = st.one_of(
+    st.sampled_from(["patient", "study", "series", "image", "STUDY", "instances"]),
+    st.text(max_size=8),
+    st.integers(),
+    st.none(),
+)
+models = st.one_of(
+    st.sampled_from(["study", "patient", "Patient-Root", "study root"]),
+    st.text(max_size=8),
+    st.none(),
+)
+return_keys = st.one_of(
+    st.none(),
+    keywords,
+    st.lists(keywords, max_size=3),
+    st.lists(st.one_of(st.integers(), st.none(), st.binary(max_size=4)), max_size=2),
+    st.integers(),
+)
+
+
+def _encoded(ds: Dataset, implicit: bool) -> bytes:
+    out = DicomBytesIO()
+    out.is_implicit_VR = implicit
+    out.is_little_endian = True
+    write_dataset(out, ds)
+    return out.parent.getvalue()
+
+
+def _same_number(sent: str, back: str, vr: str) -> bool:
+    cast = np.float32 if vr == "FL" else float
+    a, b = (cast(float(v)) for v in (sent, back))
+    return bool(a == b or (math.isnan(a) and math.isnan(b)))
+
+
+def assert_encodes_and_round_trips(query) -> None:
+    """The identifier writes in both VR encodings and reads back as the query's strings."""
+    ds = query.dataset()
+    for implicit in (True, False):
+        back = decode(io.BytesIO(_encoded(ds, implicit)), implicit, True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no malformed value in what we send
+            strings = frames.dicom_strings(back, query.columns)
+        assert str(back.QueryRetrieveLevel) == query.level
+        for keyword, sent in query.keys.items():
+            got = strings[keyword]
+            vr = frames.attribute(keyword).vr
+            if not sent:
+                assert got is None, (keyword, got)
+            elif vr in frames.BINARY_FLOAT_VRS:
+                parts = zip(sent.split("\\"), got.split("\\"), strict=True)
+                assert all(_same_number(a, b, vr) for a, b in parts), (keyword, sent, got)
+            else:
+                # Trailing NULs and spaces are padding on the wire, never data.
+                assert got == sent.rstrip(" \x00"), (keyword, sent, got)
+
+
+@FUZZ
+@given(levels, models, st.dictionaries(keywords, values, max_size=4), return_keys)
+@example("series", "patient", {}, 349)  # return_keys=349 raised TypeError
+def test_build_query_gives_a_valid_identifier_or_a_query_error(level, model, keys, extra):
+    try:
+        query = build_query(level, model, keys, extra)
+    except pf.QueryError:
+        return
+    assert_encodes_and_round_trips(query)
+
+
+@FUZZ
+@given(
+    st.sampled_from(["patient", "study", "series", "image"]),
+    st.sampled_from(["study", "patient"]),
+    st.one_of(st.sampled_from(COMMON), st.sampled_from(KEYWORDS)),
+    values,
+)
+# Digits of other scripts matched \d, then could not be written as a DT.
+@example("study", "patient", "AcquisitionDateTime", "-৯༥០𑋳")
+@example("study", "study", "StudyDate", "２０２６０３０１")
+@example("series", "study", "InstanceNumber", "１２")
+# Binary numbers out of their VR's range, or fractions, failed at encoding.
+@example("image", "study", "Rows", -9998)
+@example("image", "study", "Rows", 1.5)
+@example("image", "study", "SelectorSVValue", 2**80)
+@example("image", "study", "SelectorUVValue", str(2**64 - 1))
+@example("image", "study", "SelectorFLValue", 1e300)
+# Tags and binary data cannot be matched on; strings for them failed at encoding.
+@example("series", "study", "SelectorATValue", "1.2")
+@example("series", "study", "SelectorATValue", frozenset({"1.2", "1.3"}))
+@example("patient", "patient", "PixelData", "07802929.875534")
+def test_one_key_of_any_value_gives_a_valid_identifier_or_a_query_error(
+    level, model, keyword, value
+):
+    try:
+        query = build_query(level, model, {keyword: value})
+    except pf.QueryError:
+        return
+    assert_encodes_and_round_trips(query)
+
+
+def test_the_largest_unsigned_64_bit_value_is_sent_exactly():
+    query = build_query("image", keys={"SelectorUVValue": 2**64 - 1})
+    assert query.keys["SelectorUVValue"] == str(2**64 - 1)
+    assert query.dataset().SelectorUVValue == 2**64 - 1
+    assert_encodes_and_round_trips(query)
+
+
+parents = st.one_of(
+    st.none(),
+    st.lists(st.one_of(texts, st.integers(), st.none(), st.binary(max_size=4)), max_size=3),
+    texts,
+    st.builds(pd.Series, st.lists(texts, max_size=2), name=st.sampled_from(frames.UID_COLUMNS)),
+    st.dictionaries(
+        st.sampled_from(["Modality", *frames.UID_COLUMNS]),
+        st.lists(st.one_of(st.none(), texts, st.integers()), min_size=2, max_size=2),
+        min_size=1,
+    ).map(pd.DataFrame),
+)
+
+
+@FUZZ
+@given(
+    st.sampled_from(["find_patients", "find_studies", "find_series", "find_instances"]),
+    parents,
+    st.dictionaries(keywords, values, max_size=3),
+)
+def test_find_arguments_give_a_valid_identifier_or_a_query_error(method, parent, keys):
+    """The ``find_*`` path up to the network: keyword arguments, drilling down, models."""
+    sent = []
+
+    def offline(query, parents):
+        sent.append((query, parents))
+        return frames.empty_frame(query.columns)
+
+    pacs = pf.PACS("127.0.0.1", 9, "NOWHERE")  # nothing is ever sent
+    pacs._run = offline
+    args = () if method == "find_patients" else (parent,)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "parent row has no ..." warnings are fine
+            getattr(pacs, method)(*args, **keys)
+    except pf.QueryError:
+        return
+    for query, _ in sent:
+        assert_encodes_and_round_trips(query)
+
+
+# --- identifiers off the wire ------------------------------------------------------------
+
+VRS = ["AE", "AS", "AT", "CS", "DA", "DS", "DT", "FL", "FD", "IS", "LO", "LT", "OB", "OD"]
+VRS += ["OF", "OL", "OV", "OW", "PN", "SH", "SL", "SQ", "SS", "ST", "SV", "TM", "UC", "UI"]
+VRS += ["UL", "UN", "UR", "US", "UT", "UV"]
+# Explicit VR elements with a 4-byte length (PS3.5 7.1.2).
+LONG_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
+CHARSETS = [
+    "ISO_IR 100",
+    "ISO_IR 192",
+    "ISO_IR 13",
+    "ISO_IR 144",
+    "ISO_IR 166",
+    "GB18030",
+    "GBK",
+    "ISO 2022 IR 87",
+    "ISO 2022 IR 6\\ISO 2022 IR 87",
+    "ISO 2022 IR 13\\ISO 2022 IR 87",
+    "\\ISO 2022 IR 149",
+    "ISO 2022 IR 58",
+    "ISO_IR 100\\ISO_IR 192",
+    "ISO_IR 6",
+    "ISO_IR 999",
+    "utf-8",
+    "",
+    "\\",
+]
+raw_values = st.one_of(
+    st.binary(max_size=40),
+    st.text(max_size=30).map(lambda t: t.encode("utf-8")),
+    st.text(max_size=20).map(lambda t: t.encode("latin-1", "replace")),
+    st.sampled_from(
+        [
+            b"20260301",
+            b"2026.03.01",
+            b"083000.123456",
+            b"20260301083000+0100",
+            b"1.5\\2.5",
+            b"CT\\MR",
+            b"Yamada^Tarou=\x1b$B;3ED\x1b(B^\x1b$BB@O:\x1b(B",
+            b"\x1b$)C\xc7\xd1",
+            b"99999999999999999999",
+            b"-0",
+            b"nan",
+            b"inf",
+            b"1e400",
+            b"  12 ",
+            b"\x00\x00",
+            b"253000",
+            b"99999",
+            b"030Y",
+            b"\xff" * 9,
+            b"1" * 300,  # over-long for every short VR
+            b"A" * 70000,  # over the 2-byte length of explicit short VRs
+        ]
+    ),
+)
+
+
+@st.composite
+def identifiers(draw):
+    """(columns, elements, implicit, little endian): an identifier as raw elements."""
+    columns = draw(
+        st.lists(
+            st.one_of(
+                st.sampled_from([k for k in COMMON if _usable(k)]), st.sampled_from(ATTRIBUTES)
+            ),
+            min_size=1,
+            max_size=8,
+            unique=True,
+        )
+    )
+    tags = [frames.attribute(k).tag for k in columns]
+    others = st.sampled_from(KEYWORDS).map(datadict.tag_for_keyword)
+    element = st.tuples(
+        st.one_of(st.sampled_from(tags), others, st.integers(0x00090010, 0x0009FFFF)),
+        st.one_of(st.none(), st.sampled_from(VRS)),  # None: the dictionary's VR
+        raw_values,
+    )
+    elements = draw(st.lists(element, max_size=10))
+    charset = draw(
+        st.one_of(st.none(), st.sampled_from(CHARSETS).map(str.encode), st.binary(max_size=12))
+    )
+    if charset is not None:
+        elements.append((0x00080005, draw(st.sampled_from(["CS", "CS", "LO", "UN"])), charset))
+    implicit = draw(st.booleans())
+    little = True if implicit else draw(st.booleans())
+    return columns, elements, implicit, little
+
+
+def _vr_of(tag: int, declared: str | None) -> str:
+    if declared:
+        return declared
+    try:
+        return datadict.dictionary_VR(tag).split(" or ")[0]
+    except KeyError:
+        return "UN"
+
+
+def wire_bytes(elements, implicit: bool, little: bool) -> bytes:
+    end = "<" if little else ">"
+    out = []
+    for tag, declared, value in sorted(elements, key=lambda e: e[0]):
+        head = struct.pack(f"{end}HH", tag >> 16, tag & 0xFFFF)
+        vr = _vr_of(tag, declared)
+        if implicit:
+            out.append(head + struct.pack(f"{end}I", len(value)) + value)
+        elif vr in LONG_VRS:
+            out.append(head + vr.encode() + struct.pack(f"{end}HI", 0, len(value)) + value)
+        else:
+            value = value[:0xFFFF]
+            out.append(head + vr.encode() + struct.pack(f"{end}H", len(value)) + value)
+    return b"".join(out)
+
+
+def in_memory(elements, implicit: bool, little: bool) -> Dataset:
+    """The same elements as RawDataElements set directly (a VR that may be wrong)."""
+    ds = Dataset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom's own charset warnings while building
+        for tag, declared, value in elements:
+            vr = None if implicit else _vr_of(tag, declared)
+            raw = RawDataElement(Tag(tag), vr, len(value), value, 0, implicit, little)
+            try:
+                ds[tag] = raw
+            except Exception:
+                # pydicom converts private elements on the way in, and may fail there.
+                ds._dict[Tag(tag)] = raw
+    return ds
+
+
+def _cell_ok(cell, vr: str) -> bool:
+    if cell is None or cell is pd.NA or cell is pd.NaT:
+        return True
+    if vr in frames.DATE_VRS | frames.DATETIME_VRS:
+        return isinstance(cell, pd.Timestamp)
+    if vr in frames.TIME_VRS:
+        return isinstance(cell, pd.Timedelta)
+    if vr in frames.INT_VRS:
+        return isinstance(cell, (int, np.integer))
+    if vr in frames.FLOAT_VRS:
+        return isinstance(cell, (float, np.floating))
+    if vr in frames.STRING_VRS:
+        return isinstance(cell, str)
+    return True  # OB, AT...: no dtype in DESIGN.md's table
+
+
+def check_frame(frame: pd.DataFrame, columns: list[str], rows: int) -> None:
+    assert list(frame.columns) == columns and len(frame) == rows
+    for keyword in columns:
+        attr = frames.attribute(keyword)
+        column = frame[keyword]
+        if attr.multivalued:
+            assert column.dtype == object
+            assert all(isinstance(cell, list) for cell in column), keyword
+            assert all(_cell_ok(v, attr.vr) for cell in column for v in cell), keyword
+        else:
+            assert str(column.dtype) == frames.DTYPES.get(attr.vr, "object"), keyword
+            assert all(_cell_ok(cell, attr.vr) for cell in column), keyword
+
+
+def build_frame(columns, ds: Dataset, rows: int = 2) -> pd.DataFrame:
+    builder = FrameBuilder(columns)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(rows):
+            builder.add(ds)
+        frame = builder.frame()
+    unexpected = [w for w in caught if not issubclass(w.category, MalformedValueWarning)]
+    assert not unexpected, [str(w.message) for w in unexpected]
+    return frame
+
+
+@FUZZ
+@given(identifiers())
+# A number in a column whose declared VR is text (wrong VR on the wire) or that
+# Int64 cannot hold raised ValueError/TypeError; a charset with a NUL raised
+# ValueError ("embedded null character").
+@example((["SmallestImagePixelValue"], [(0x00280106, "IS", b"\xec?\x96\x99")], False, False))
+@example((["SelectorUVValue"], [(0x00720083, "UV", b"\xff" * 8)], True, True))
+@example(
+    (["NumberOfStudyRelatedInstances"], [(0x00201208, None, b"99999999999999999999")], True, True)
+)
+@example((["Rows"], [(0x00280010, "FD", struct.pack("<d", 1.5))], False, True))
+@example(
+    (["AcquisitionDateTime"], [(0x00080005, "CS", b"\xa3m\x00\x87\x98\x03\xf3K")], False, True)
+)
+def test_any_identifier_off_the_wire_becomes_a_typed_frame(identifier):
+    columns, elements, implicit, little = identifier
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom's, while pynetdicom decodes
+            ds = decode(io.BytesIO(wire_bytes(elements, implicit, little)), implicit, little)
+    except Exception:
+        return  # pynetdicom logs an identifier it cannot decode and hands on None
+    check_frame(build_frame(columns, ds), columns, 2)
+
+
+@FUZZ
+@given(identifiers())
+def test_any_dataset_of_raw_elements_becomes_a_typed_frame(identifier):
+    columns, elements, implicit, little = identifier
+    check_frame(build_frame(columns, in_memory(elements, implicit, little)), columns, 2)
+
+
+def test_an_empty_builder_has_the_design_dtypes():
+    check_frame(FrameBuilder(ATTRIBUTES[:50]).frame(), ATTRIBUTES[:50], 0)
