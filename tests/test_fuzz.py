@@ -28,6 +28,7 @@ from decimal import Decimal
 
 import numpy as np
 import pandas as pd
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from pydicom import datadict
@@ -41,7 +42,7 @@ from pynetdicom.dsutils import decode
 import pacsframe as pf
 from pacsframe import frames
 from pacsframe.frames import FrameBuilder, MalformedValueWarning
-from pacsframe.query import build_query
+from pacsframe.query import _BINARY_RANGE, build_query
 
 # CI runs the same 200 examples each time; PACSFRAME_FUZZ_EXAMPLES=20000 searches
 # further, with fresh random examples.
@@ -288,6 +289,8 @@ def test_build_query_gives_a_valid_identifier_or_a_query_error(level, model, key
 @example("image", "study", "SelectorSVValue", 2**80)
 @example("image", "study", "SelectorUVValue", str(2**64 - 1))
 @example("image", "study", "SelectorFLValue", 1e300)
+# SL and UL values read back empty: frames unpacked them with native sizes (8 bytes).
+@example("patient", "patient", "SelectorULValue", frozenset([4]))
 # Tags and binary data cannot be matched on; strings for them failed at encoding.
 @example("series", "study", "SelectorATValue", "1.2")
 @example("series", "study", "SelectorATValue", frozenset({"1.2", "1.3"}))
@@ -552,6 +555,19 @@ def test_any_identifier_off_the_wire_becomes_a_typed_frame(identifier):
 def test_any_dataset_of_raw_elements_becomes_a_typed_frame(identifier):
     columns, elements, implicit, little = identifier
     check_frame(build_frame(columns, in_memory(elements, implicit, little)), columns, 2)
+
+
+@pytest.mark.parametrize("little", [True, False])
+@pytest.mark.parametrize("vr", sorted(frames.BINARY_INT_VRS))
+def test_binary_integers_of_every_size_decode_at_both_ends_of_their_range(vr, little):
+    keyword = f"Selector{vr}Value"
+    low, high = _BINARY_RANGE[vr]
+    numbers = [low, min(high, 2**63 - 1)]  # Int64 holds at most 2**63 - 1
+    raw = struct.pack(f"{'<' if little else '>'}2{frames.BINARY_INT_VRS[vr]}", *numbers)
+    element = (frames.attribute(keyword).tag, vr, raw)
+    ds = decode(io.BytesIO(wire_bytes([element], False, little)), False, little)
+    frame = build_frame([keyword], ds, rows=1)
+    assert frame[keyword][0] == numbers
 
 
 def test_an_empty_builder_has_the_design_dtypes():
