@@ -85,3 +85,23 @@ def peer(request, cohort) -> Peer:
         server = request.getfixturevalue("orthanc")
         pacs = pf.PACS(server.host, server.dicom_port, server.aet, dimse_timeout=30)
     return Peer(request.param, pacs, manifest)
+
+
+@pytest.fixture
+def client(peer, tmp_path, request):
+    """A PACS for ``peer`` with its own cache, registered as a C-MOVE destination there."""
+    pacs = pf.PACS(
+        peer.pacs.host,
+        peer.pacs.port,
+        peer.pacs.ae_title,
+        calling_ae="PFCLIENT",
+        cache=tmp_path / "cache",
+        dimse_timeout=30,
+    )
+    if peer.name == "demo":
+        server = request.getfixturevalue("demo_server")
+        server.add_known_ae(pacs.calling_ae, "127.0.0.1", pacs.scp_port)
+    else:
+        server = request.getfixturevalue("orthanc")
+        server.add_modality(pacs.calling_ae, pacs.calling_ae, "127.0.0.1", pacs.scp_port)
+    return pacs

@@ -135,34 +135,34 @@ def _step(server: FaultyPACS, event: evt.Event, n: int) -> Any:
     return None
 
 
-def _find(event: evt.Event, server: FaultyPACS) -> Iterator[Any]:
-    faults = server.faults
-    for n, (status, ds) in enumerate(handle_find(event, server)):
-        if status in (0xFF00, 0xFF01):
+def _inject(
+    event: evt.Event,
+    server: FaultyPACS,
+    answers: Iterator[Any],
+    pending: tuple[int, ...],
+    rewrite: Callable[[int, Any], Any] | None,
+) -> Iterator[Any]:
+    """Pass ``answers`` through, with the configured fault at each pending one."""
+    for n, (status, ds) in enumerate(answers):
+        if status in pending:
             final = _step(server, event, n)
             if final == "abort":
                 return
             if final is not None:
                 yield final, None
                 return
-            if faults.identifier is not None:
-                ds = faults.identifier(n, ds)
+            if rewrite is not None:
+                ds = rewrite(n, ds)
         yield status, ds
+
+
+def _find(event: evt.Event, server: FaultyPACS) -> Iterator[Any]:
+    answers = handle_find(event, server)
+    yield from _inject(event, server, answers, (0xFF00, 0xFF01), server.faults.identifier)
 
 
 def _sub_operations(event: evt.Event, server: FaultyPACS, inner: Iterator[Any]) -> Iterator[Any]:
-    faults = server.faults
-    for n, (status, ds) in enumerate(inner):
-        if status == 0xFF00:
-            final = _step(server, event, n)
-            if final == "abort":
-                return
-            if final is not None:
-                yield final, None
-                return
-            if faults.objects is not None:
-                ds = faults.objects(n, ds)
-        yield status, ds
+    yield from _inject(event, server, inner, (0xFF00,), server.faults.objects)
 
 
 def _get(event: evt.Event, server: FaultyPACS) -> Iterator[Any]:

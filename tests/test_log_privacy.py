@@ -45,25 +45,10 @@ def captured(caplog):
     return caplog
 
 
-@pytest.mark.parametrize("peer", ["demo", "orthanc"], indirect=True)
-def test_a_whole_session_logs_no_patient_data(peer, request, tmp_path, captured):
+def test_a_whole_session_logs_no_patient_data(peer, client, tmp_path, captured):
+    """Against the demo PACS and Orthanc (the ``peer`` fixture's two params)."""
     manifest = peer.manifest
-    pacs = pf.PACS(
-        peer.pacs.host,
-        peer.pacs.port,
-        peer.pacs.ae_title,
-        calling_ae="PFPRIVACY",
-        cache=tmp_path / "cache",
-        dimse_timeout=30,
-    )
-    if peer.name == "demo":
-        request.getfixturevalue("demo_server").add_known_ae(
-            pacs.calling_ae, "127.0.0.1", pacs.scp_port
-        )
-    else:
-        request.getfixturevalue("orthanc").add_modality(
-            pacs.calling_ae, pacs.calling_ae, "127.0.0.1", pacs.scp_port
-        )
+    pacs = client
     first = manifest.iloc[0]
 
     pacs.echo()

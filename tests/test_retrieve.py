@@ -9,26 +9,6 @@ import pytest
 import pacsframe as pf
 
 
-@pytest.fixture
-def client(peer, tmp_path, request):
-    """A PACS for ``peer`` with its own cache, registered as a C-MOVE destination there."""
-    pacs = pf.PACS(
-        peer.pacs.host,
-        peer.pacs.port,
-        peer.pacs.ae_title,
-        calling_ae="PFCLIENT",
-        cache=tmp_path / "cache",
-        dimse_timeout=30,
-    )
-    if peer.name == "demo":
-        server = request.getfixturevalue("demo_server")
-        server.add_known_ae(pacs.calling_ae, "127.0.0.1", pacs.scp_port)
-    else:
-        server = request.getfixturevalue("orthanc")
-        server.add_modality(pacs.calling_ae, pacs.calling_ae, "127.0.0.1", pacs.scp_port)
-    return pacs
-
-
 def no_partial_files(root) -> bool:
     return not [p for p in root.rglob("*") if p.name.endswith(".part")]
 
