@@ -12,6 +12,7 @@ dictionary VM is not ``"1"`` becomes a column of lists.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import datetime as _dt
 import difflib
@@ -28,6 +29,7 @@ import numpy as np
 import pandas as pd
 from pydicom import datadict
 from pydicom.charset import convert_encodings, decode_bytes
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
 from .errors import PacsFrameError, QueryError
@@ -250,7 +252,11 @@ class _Lossy(ValueError):
 
 
 def _encodings_of(ds: Dataset) -> list[str] | None:
-    elem = ds.get_item(0x00080005)
+    return _charset_encodings(ds.get_item(0x00080005))
+
+
+def _charset_encodings(elem: Any) -> list[str] | None:
+    """The Python codecs of a SpecificCharacterSet element (None when absent or empty)."""
     if elem is None or not elem.value:
         return None
     raw = elem.value
@@ -489,11 +495,34 @@ def empty_frame(columns: Iterable[str]) -> pd.DataFrame:
     return pd.DataFrame({c: to_series([], c) for c in columns})
 
 
+_CHARSET_TAG = 0x00080005
+# Joined text is cut at this byte, which no value of a fast-path column may hold.
+_SEPARATOR = b"\x01"
+
+
+@functools.cache
+def _joinable(codec: str) -> bool:
+    """True for codecs where a strict decode of joined values splits at the separator.
+
+    Single-byte codecs and UTF-8 never read the separator byte as part of a character
+    and carry no state from one value to the next; ISO 2022 and the other multi-byte
+    codecs are decoded a value at a time instead.
+    """
+    try:
+        name = codecs.lookup(codec).name
+    except LookupError:
+        return False
+    return name in ("ascii", "utf-8", "tis-620") or name.startswith("iso8859")
+
+
 class FrameBuilder:
     """Collect identifiers as they arrive and build one typed frame at the end.
 
-    Each identifier is reduced to strings at once and dropped, so a long C-FIND
-    answer never holds thousands of pydicom datasets.
+    Adding an identifier is one pass over its elements that keeps the raw element
+    of each column (no value conversion, no pydicom element per cell); the bytes are
+    decoded a column at a time when the frame is built, each run of rows sharing a
+    codec with a single ``bytes.decode``, so a long C-FIND answer costs little more
+    than receiving it.
 
     Examples
     --------
@@ -508,27 +537,127 @@ class FrameBuilder:
 
     def __init__(self, columns: Sequence[str]) -> None:
         self.attributes = [attribute(c) for c in columns]
+        self._index: dict[int, list[int]] = {_CHARSET_TAG: [-1]}
+        for i, attr in enumerate(self.attributes):
+            self._index.setdefault(attr.tag, []).append(i)
         self._cells: list[list[Any]] = [[] for _ in self.attributes]
+        # Per row: the raw SpecificCharacterSet element (None when absent).
+        self._charsets: list[Any] = []
         self._warned: set[str] = set()
 
     def __len__(self) -> int:
-        return len(self._cells[0]) if self._cells else 0
+        return len(self._charsets)
 
     def add(self, ds: Dataset) -> None:
-        """Reduce one identifier to DICOM strings, one per column."""
-        values, failures = _decode_all(ds, self.attributes)
-        for cells, value in zip(self._cells, values, strict=True):
-            cells.append(value)
-        for keyword, exc in failures:
-            if keyword not in self._warned:
-                self._warned.add(keyword)
-                _warn_undecodable(keyword, exc, stacklevel=2)
+        """Keep the raw element of each column of one identifier."""
+        row: list[Any] = [None] * len(self.attributes)
+        charset = None
+        index = self._index
+        for elem in ds.values():
+            where = index.get(elem.tag)
+            if where is None:
+                continue
+            if elem.value is None and not isinstance(elem, DataElement):
+                elem = ds.get_item(elem.tag)  # a deferred read: read it now
+            for i in where:
+                if i < 0:
+                    charset = elem
+                else:
+                    row[i] = elem
+        for cells, elem in zip(self._cells, row, strict=True):
+            cells.append(elem)
+        self._charsets.append(charset)
+
+    def _encodings(self) -> list[list[str] | None]:
+        known: dict[Any, list[str] | None] = {}
+        out: list[list[str] | None] = []
+        for elem in self._charsets:
+            if elem is None:
+                out.append(None)
+                continue
+            value = elem.value
+            key = value if value is None or isinstance(value, (bytes, str)) else tuple(value)
+            if key not in known:
+                known[key] = _charset_encodings(elem)
+            out.append(known[key])
+        return out
+
+    @staticmethod
+    def _kind(attr: Attribute, wire_vr: Any, enc: list[str] | None) -> tuple[str, bool] | None:
+        vr = wire_vr if wire_vr and wire_vr not in ("UN", "SQ") else attr.vr
+        if vr in BINARY_INT_VRS or vr in BINARY_FLOAT_VRS or vr in KEEP_LEADING_SPACE_VRS:
+            return None
+        codec, escapes = "ascii", False
+        if vr in CHARSET_VRS and enc:
+            codec, escapes = enc[0], True
+        return (codec, escapes) if _joinable(codec) else None
+
+    def _column(
+        self, attr: Attribute, elems: list[Any], encodings: list[list[str] | None]
+    ) -> list[Any]:
+        """Decode one column's raw elements into DICOM strings (numbers for binary VRs)."""
+        values: list[Any] = [None] * len(elems)
+        groups: dict[str, list[int]] = {}
+        slow: list[int] = []
+        # (VR on the wire, the row's encodings) -> the codec of the fast path, whether
+        # ISO 2022 escapes must be looked for, or None to decode one at a time.
+        kinds: dict[tuple[Any, int], tuple[str, bool] | None] = {}
+        for r, elem in enumerate(elems):
+            if elem is None:
+                continue
+            value = elem.value
+            if type(value) is not bytes:
+                if not (value is None or value == ""):
+                    slow.append(r)
+                continue
+            if not value:
+                continue
+            enc = encodings[r]
+            key = (elem.VR, id(enc))
+            kind = kinds.get(key, False)
+            if kind is False:
+                kind = kinds[key] = self._kind(attr, elem.VR, enc)
+            if kind is None or (kind[1] and b"\x1b" in value):
+                slow.append(r)
+                continue
+            codec = kind[0]
+            if codec in groups:
+                groups[codec].append(r)
+            else:
+                groups[codec] = [r]
+        for codec, rows in groups.items():
+            joined = _SEPARATOR.join([elems[r].value for r in rows])
+            parts = None
+            if joined.count(_SEPARATOR) == len(rows) - 1:
+                with contextlib.suppress(UnicodeDecodeError):
+                    parts = joined.decode(codec).split("\x01")
+            if parts is None:
+                slow.extend(rows)  # a separator byte or undecodable bytes: one at a time
+                continue
+            for r, text in zip(rows, parts, strict=True):
+                values[r] = text.rstrip(" \x00").lstrip(" ") or None
+        failures: list[Exception] = []
+        for r in sorted(slow):
+            elem = elems[r]
+            vr = elem.VR if elem.VR and elem.VR not in ("UN", "SQ") else attr.vr
+            try:
+                values[r] = _decode_raw(elem, vr, encodings[r])
+            except _Lossy as exc:
+                values[r] = exc.value
+                failures.append(exc)
+            except (PacsFrameError, ValueError, struct.error, LookupError) as exc:
+                failures.append(exc)
+        if failures and attr.keyword not in self._warned:
+            self._warned.add(attr.keyword)
+            _warn_undecodable(attr.keyword, failures[0], stacklevel=4)
+        return values
 
     def frame(self) -> pd.DataFrame:
         """Build the typed frame from everything added so far."""
+        encodings = self._encodings()
         return pd.DataFrame(
             {
-                a.keyword: to_series(cells, a.keyword)
+                a.keyword: to_series(self._column(a, cells, encodings), a.keyword)
                 for a, cells in zip(self.attributes, self._cells, strict=True)
             }
         )

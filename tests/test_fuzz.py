@@ -32,12 +32,14 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from pydicom import datadict
+from pydicom import dcmread as pydicom_dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.tag import Tag
 from pynetdicom.dsutils import decode
+from pynetdicom.dsutils import encode as _encode
 
 import pacsframe as pf
 from pacsframe import frames
@@ -572,3 +574,99 @@ def test_binary_integers_of_every_size_decode_at_both_ends_of_their_range(vr, li
 
 def test_an_empty_builder_has_the_design_dtypes():
     check_frame(FrameBuilder(ATTRIBUTES[:50]).frame(), ATTRIBUTES[:50], 0)
+
+
+# --- the batched FrameBuilder against the cell-by-cell reference --------------------------
+
+
+def _undecodable_keywords(caught) -> set[str]:
+    return {
+        str(w.message).split(" ", 1)[0]
+        for w in caught
+        if issubclass(w.category, MalformedValueWarning)
+        and "could not be decoded" in str(w.message)
+    }
+
+
+def reference_frame(columns, datasets) -> tuple[pd.DataFrame, set[str]]:
+    """What FrameBuilder gave before batching: ``_decode_all`` per identifier, then to_series."""
+    attributes = [frames.attribute(c) for c in columns]
+    cells: list[list] = [[] for _ in attributes]
+    undecodable: set[str] = set()
+    for ds in datasets:
+        values, failures = frames._decode_all(ds, attributes)
+        for column, value in zip(cells, values, strict=True):
+            column.append(value)
+        undecodable.update(keyword for keyword, _ in failures)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        frame = pd.DataFrame(
+            {
+                a.keyword: frames.to_series(c, a.keyword)
+                for a, c in zip(attributes, cells, strict=True)
+            }
+        )
+    return frame, undecodable
+
+
+def assert_same_as_reference(columns, datasets) -> None:
+    builder = FrameBuilder(columns)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for ds in datasets:
+            builder.add(ds)
+        frame = builder.frame()
+    expected, undecodable = reference_frame(columns, datasets)
+    pd.testing.assert_frame_equal(frame, expected)
+    assert _undecodable_keywords(caught) == undecodable
+
+
+@FUZZ
+@given(identifiers(), identifiers())
+def test_batched_builder_equals_the_cell_by_cell_path(first, second):
+    columns = first[0]
+    datasets = []
+    for _, elements, implicit, little in (first, second):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds = decode(io.BytesIO(wire_bytes(elements, implicit, little)), implicit, little)
+        except Exception:
+            continue
+        datasets += [ds, in_memory(elements, implicit, little)]
+    assert_same_as_reference(columns, datasets)
+
+
+def encode_identifier(ds: Dataset, implicit: bool) -> bytes:
+    return _encode(ds, implicit, True)
+
+
+def test_batched_builder_equals_the_cell_by_cell_path_on_a_cohort(tmp_path):
+    from pacsframe.demo import make_cohort
+
+    manifest = make_cohort(tmp_path, patients=6, seed=3, instances_per_series=1, matrix=8)
+    columns = [
+        "SpecificCharacterSet",
+        "PatientID",
+        "PatientName",
+        "StudyInstanceUID",
+        "StudyDate",
+        "StudyTime",
+        "StudyDescription",
+        "Modality",
+        "ImageType",
+        "Rows",
+        "PixelSpacing",
+        "SliceThickness",
+    ]
+    charsets = [None, "ISO_IR 100", "ISO_IR 192", ["ISO 2022 IR 6", "ISO 2022 IR 87"]]
+    datasets = []
+    for i, path in enumerate(manifest.path):
+        ds = pydicom_dcmread(path)
+        del ds.PixelData
+        if charsets[i % 4] is not None:
+            ds.SpecificCharacterSet = charsets[i % 4]
+            ds.PatientName = "Yamada^Tarou=山田^太郎" if i % 4 == 3 else "Gauß^Zoë"
+        for implicit in (True, False):
+            datasets.append(decode(io.BytesIO(encode_identifier(ds, implicit)), implicit, True))
+    assert_same_as_reference(columns, datasets)
