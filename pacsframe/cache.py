@@ -783,8 +783,8 @@ class Cache:
                 specific_tags=_HEADER_TAGS,
             )
             strings = frames.dicom_strings(ds, matching.INDEX_KEYWORDS)
-        except _READ_ERRORS:
-            # Let the whole-file path say what is wrong with it.
+        except Exception:
+            # Let the whole-file path refuse it, with the same error as ever.
             return self.add(head + dataset.getvalue(), overwrite=overwrite)
         study, series, sop = (strings[k] or "" for k in _UID_KEYS)
         with dataset.getbuffer() as body:

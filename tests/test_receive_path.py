@@ -60,3 +60,17 @@ def test_a_received_dataset_is_filed_as_sent(tmp_path):
     assert cache.add_received(head, dataset, syntax)[0] == path
     assert path.stat().st_mtime_ns == before
     cache.close()
+
+
+@pytest.mark.parametrize("junk", [b"\xff" * 11, b"\x08\x00\x18\x00UI\x40\x00" + b"1" * 10])
+def test_a_received_dataset_that_cannot_be_read_fails_as_add_does_and_writes_nothing(
+    tmp_path, junk
+):
+    head = _part10_head("1.2.840.10008.5.1.4.1.1.2", "1.2.3", ExplicitVRLittleEndian)
+    cache = Cache(tmp_path / "cache")
+    with pytest.raises(Exception) as whole:
+        cache.add(head + junk)
+    with pytest.raises(whole.type):
+        cache.add_received(head, io.BytesIO(junk), ExplicitVRLittleEndian)
+    assert [p for p in cache.root.rglob("*") if p.suffix in (".dcm", ".part")] == []
+    cache.close()
