@@ -51,7 +51,9 @@ import platformdirs
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_dataset
 from pydicom.tag import Tag
+from pydicom.uid import UID
 
 from . import frames, matching
 from .errors import CacheError, QueryError
@@ -101,6 +103,10 @@ _LEVEL_COLUMN = {
 _LEVEL_COLUMN["IMAGE"] = "SOPInstanceUID"
 _READ_ERRORS = (InvalidDicomError, EOFError, ValueError, OSError, KeyError, TypeError)
 _INSERT_NEW = _INSERT.replace("INSERT OR REPLACE", "INSERT OR IGNORE", 1)
+# Where a header ends: pydicom's own stop_before_pixels tags.
+_PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00009, 0x7FE00008})
+# Series folders path_for() found inside the root (see there); reset when this large.
+_SAFE_FOLDERS_MAX = 4096
 
 # Temporary files are named ``.<name>.<host>-<pid>-<random>.part``: <host> tells
 # whether <pid> is a process of this machine (and PID namespace), so that verify()
@@ -346,6 +352,7 @@ class Cache:
         self._connections: weakref.WeakSet[_Connection] = weakref.WeakSet()
         self._schema_ready = False
         self._resolved_root: Path | None = None
+        self._safe_folders: dict[tuple[str, str], None] = {}
 
     def __repr__(self) -> str:
         if not (self.root / INDEX_NAME).exists():
@@ -509,6 +516,11 @@ class Cache:
                     "(digits and dots, at most 64 characters); nothing was written."
                 )
         path = self.root / study / series / f"{sop}.dcm"
+        # A folder checked once is not resolved again for each of its objects (one
+        # realpath walks every component of the path); the file itself could still
+        # be a link, which one lstat tells.
+        if (study, series) in self._safe_folders and not os.path.islink(path):
+            return path
         if self._resolved_root is None:
             self._resolved_root = self.root.resolve()
         # Defence in depth: a symlinked folder inside the root must not lead outside it.
@@ -517,6 +529,9 @@ class Cache:
                 f"refused to write {sop}: {path} resolves outside the cache root "
                 f"{self.root} (a symbolic link?); nothing was written."
             )
+        if len(self._safe_folders) >= _SAFE_FOLDERS_MAX:
+            self._safe_folders.clear()
+        self._safe_folders[(study, series)] = None
         return path
 
     def _absolute(self, relative: str) -> Path:
@@ -705,7 +720,8 @@ class Cache:
             row = self._row(header, study, series, sop, path)
             chunks: Iterable[Any] = (view,)
         else:
-            row = []
+            # Chunks are checked once written, unless the caller read the header.
+            row = self._row(_header, study, series, sop, path) if _header else []
             chunks = data
         with self._temporary(path) as (tmp, handle):
             for chunk in chunks:
@@ -740,6 +756,41 @@ class Cache:
         strings = header[0]
         study, series, sop = (strings[k] or "" for k in _UID_KEYS)
         path = self.write(study, series, sop, view, overwrite=overwrite, _header=header)
+        return path, strings
+
+    def add_received(
+        self, head: bytes, dataset: io.BytesIO, syntax: str, *, overwrite: bool = False
+    ) -> tuple[Path, dict[str, str | None]]:
+        """Store one object as a C-STORE delivered it: file meta apart from its dataset.
+
+        ``head`` is the preamble, ``DICM`` and encoded file meta; ``dataset`` the
+        buffer pynetdicom assembled from the PDV fragments, encoded in ``syntax``.
+        The dataset is parsed once, up to its pixel data, for the UIDs and the
+        index, and goes to the temporary file as it is: never joined to the meta,
+        copied or decoded. Otherwise as :meth:`add`.
+        """
+        uid = UID(syntax)
+        if not uid.is_transfer_syntax or uid.is_deflated:
+            # Deflated data must be inflated to be read: pydicom's path does that.
+            return self.add(head + dataset.getvalue(), overwrite=overwrite)
+        try:
+            dataset.seek(0)
+            ds = read_dataset(
+                dataset,
+                uid.is_implicit_VR,
+                uid.is_little_endian,
+                stop_when=lambda tag, vr, length: tag in _PIXEL_TAGS,
+                specific_tags=_HEADER_TAGS,
+            )
+            strings = frames.dicom_strings(ds, matching.INDEX_KEYWORDS)
+        except Exception:
+            # Let the whole-file path refuse it, with the same error as ever.
+            return self.add(head + dataset.getvalue(), overwrite=overwrite)
+        study, series, sop = (strings[k] or "" for k in _UID_KEYS)
+        with dataset.getbuffer() as body:
+            path = self.write(
+                study, series, sop, (head, body), overwrite=overwrite, _header=(strings, syntax)
+            )
         return path, strings
 
     @contextlib.contextmanager
@@ -1129,6 +1180,7 @@ class Cache:
 
     def _prune(self, folders: Iterable[Path]) -> None:
         """Remove series and study folders left empty (never the root)."""
+        self._safe_folders.clear()  # a folder made again is checked again
         for folder in set(folders):
             for candidate in (folder, folder.parent):
                 if candidate != self.root and candidate.is_relative_to(self.root):
