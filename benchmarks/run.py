@@ -242,7 +242,10 @@ class _RawTool:
     def _find(self, assoc: Any, query: Any) -> list[Any]:
         rows = []
         for status, identifier in assoc.send_c_find(query, self.FIND):
-            if status is None or status.Status not in (0x0000, 0xFF00, 0xFF01):
+            if "Status" not in (status or {}):
+                # pynetdicom yields an empty status when the association ended early.
+                raise RuntimeError("C-FIND: association aborted or timed out")
+            if status.Status not in (0x0000, 0xFF00, 0xFF01):
                 raise RuntimeError(f"C-FIND failed: {status}")
             if status.Status in (0xFF00, 0xFF01):
                 rows.append(identifier)  # None if the identifier did not decode
@@ -339,7 +342,8 @@ def worker_main(kind: str) -> int:
         except Exception as exc:  # reported to the harness, which fails the run
             import traceback
 
-            answer = {"ok": False, "error": f"{exc!r}\n{traceback.format_exc()}"}
+            answer = {"ok": False, "error": f"{exc!r}"}
+            traceback.print_exc()  # to the worker's log
         reply.write(json.dumps(answer) + "\n")
     return 0
 
@@ -475,7 +479,10 @@ def start_orthanc(workdir: Path, mode: str) -> tuple[Any, dict[str, Any]]:
     from pacsframe.demo import make_cohort
 
     spec = COHORTS[mode]
-    server = OrthancServer(workdir / "orthanc", extra_config={"DefaultEncoding": "Utf8"})
+    # Orthanc's default DicomScpTimeout (30 s in the test fixture) would close long
+    # associations (a slow load, a drill-down) in the middle.
+    config = {"DefaultEncoding": "Utf8", "DicomScpTimeout": 600}
+    server = OrthancServer(workdir / "orthanc", extra_config=config)
     server.start(timeout=120)
     marker = workdir / "orthanc" / "loaded.json"
     try:
@@ -567,7 +574,7 @@ def _versions(server: Any, pf_info: dict[str, Any]) -> dict[str, str]:
         "pynetdicom": pynetdicom.__version__,
         "pydicom": pydicom.__version__,
         "pandas": pandas.__version__,
-        "dcmtk": dcmtk[0].strip("$ ") if dcmtk else "?",
+        "dcmtk": dcmtk[0].strip("$ ").removeprefix("dcmtk: ") if dcmtk else "?",
         "Orthanc": str(server.system().get("Version")),
     }
 
@@ -821,7 +828,8 @@ def main(argv: list[str] | None = None) -> int:
                     try:
                         r = tool_calls[name]()
                     except RuntimeError as exc:
-                        problems.append(f"{label}: {name}, round {rnd + 1}: {exc}"[:600])
+                        first = str(exc).splitlines()[0][:300]
+                        problems.append(f"{label}: {name}, round {rnd + 1}: {first}")
                         _log(problems[-1])
                         continue
                     # The drill-down's row count is the series found, not the studies.
