@@ -219,7 +219,9 @@ class _RawTool:
         self.move_ae.add_requested_context(self.MOVE)
         self.move_ae.supported_contexts = StoragePresentationContexts
         for ae in (self.find_ae, self.get_ae, self.move_ae):
-            ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 120
+            # A stalled association (seen with many C-FINDs on one association) fails
+            # after 10 s instead of holding up the run.
+            ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
 
     def _associate(self, ae: Any, **kwargs: Any) -> Any:
         import socket
