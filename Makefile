@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint lab clean
+.PHONY: demo test lint lab bench clean
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -m venv $(VENV) || { echo "Creating a virtual environment failed: install Python's venv module (Debian: apt-get install python3-venv) and run make again."; exit 1; }
@@ -19,6 +19,12 @@ test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest
+
+# Side-by-side timings against raw pynetdicom and dcmtk on a local Orthanc (several
+# minutes; the first run also loads the cohorts into benchmarks/.work/). Needs the
+# Debian packages orthanc and dcmtk; installs nothing. Not part of `make test`.
+bench: $(VENV)/.installed
+	$(PY) benchmarks/run.py --results benchmarks/RESULTS.md
 
 lab: $(VENV)/.installed
 	$(VENV)/bin/pip install --quiet -e '.[lab]' && $(VENV)/bin/jupyter lab notebooks/

@@ -1,0 +1,959 @@
+"""Side-by-side benchmark: pacsframe vs raw pynetdicom vs dcmtk, against a real Orthanc.
+
+Run ``make bench`` (or ``python benchmarks/run.py --help``). The harness
+
+* starts Orthanc (``tests/servers.py``, the test fixture code) on a folder under
+  ``--workdir`` that is reused between runs: the cohorts are written and loaded once,
+  and a marker file plus Orthanc's ``/statistics`` say whether the store is complete;
+* runs each work item for ``--rounds`` rounds, the tools alternating within a round
+  (the order rotates every round so no tool always goes first);
+* prints a table of medians, min-max, the ratio pacsframe / fastest other tool and the
+  peak RSS of each tool, and writes it as markdown with ``--results``.
+
+How each tool is timed:
+
+* pacsframe and raw pynetdicom each run in a long-lived worker subprocess that imports
+  once and then executes items on command, so pacsframe is timed in process with its
+  imports done, as a notebook user feels it. Before each timed call the worker resets
+  the kernel's RSS high-water mark (``/proc/self/clear_refs``) and reads ``VmHWM``
+  after it, so the peak RSS is of that call (it includes the interpreter and imports).
+* dcmtk tools are timed as whole processes (start to exit) with ``TCP_NODELAY=1``,
+  their best configuration; peak RSS from ``wait4``'s rusage (and for ``storescp``,
+  its ``VmHWM`` before it is stopped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import select
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+# The repository's pacsframe (not an installed copy) and the tests' server fixtures.
+sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "tests"))
+
+HOST = "127.0.0.1"
+CALL_TIMEOUT = 900.0  # seconds any single timed call may take before the run fails
+
+COHORTS: dict[str, dict[str, dict[str, Any]]] = {
+    "full": {
+        # 2,000 studies of one small instance: 2,001 study rows with the retrieve study.
+        "query": {
+            "patients": 2000,
+            "seed": 601,
+            "studies_per_patient": 1,
+            "series_per_study": 1,
+            "instances_per_series": 1,
+            "matrix": 8,
+            "modalities": ["CT", "MR"],
+        },
+        # One CT study of 500 512x512 instances (about 256 MB).
+        "retrieve": {
+            "patients": 1,
+            "seed": 602,
+            "studies_per_patient": 1,
+            "series_per_study": 1,
+            "instances_per_series": 500,
+            "matrix": 512,
+            "modalities": ["CT"],
+        },
+    },
+    "quick": {
+        "query": {
+            "patients": 20,
+            "seed": 601,
+            "studies_per_patient": 1,
+            "series_per_study": 1,
+            "instances_per_series": 1,
+            "matrix": 8,
+            "modalities": ["CT", "MR"],
+        },
+        "retrieve": {
+            "patients": 1,
+            "seed": 602,
+            "studies_per_patient": 1,
+            "series_per_study": 1,
+            "instances_per_series": 10,
+            "matrix": 64,
+            "modalities": ["CT"],
+        },
+    },
+}
+
+REPEAT = 5  # the study query made REPEAT times over one association: the "x5" item
+ITEMS = (
+    "find-studies",
+    "find-studies-x5",
+    "find-series",
+    "get-cold",
+    "get-cached",
+    "move",
+)
+WORKERS = (1, 2, 4)
+
+
+# --- the worker subprocesses (pacsframe, raw pynetdicom) --------------------------------
+
+
+def _reset_peak() -> None:
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _peak_mb(pid: int | str = "self") -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+class _PacsframeTool:
+    """pacsframe as a notebook user calls it."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        import pacsframe as pf
+
+        self.pf = pf
+        self.cfg = cfg
+        self.pacs = self._pacs(None)
+        self.studies = self.pacs.find_studies()  # untimed: the frame drill-down starts from
+        self.cached_pacs: Any = None
+
+    def _pacs(self, cache: str | None) -> Any:
+        c = self.cfg
+        return self.pf.PACS(
+            HOST,
+            c["port"],
+            c["aet"],
+            calling_ae=c["calling_ae"],
+            scp_port=c["scp_port"],
+            cache=cache or c["scratch"],
+        )
+
+    def prepare(self, op: str, p: dict[str, Any]) -> Any:
+        if op in ("get-cold", "move"):
+            shutil.rmtree(p["out"], ignore_errors=True)
+            pacs = self._pacs(p["out"])
+            pacs.cache  # noqa: B018 - open the cache (a user's cache already exists)
+            frame = self.studies[self.studies.StudyInstanceUID == p["study"]]
+            if op == "get-cold":
+                self.cached_pacs = (pacs, frame)
+            return pacs, frame
+        if op == "find-series":
+            return self.studies[self.studies.StudyInstanceUID.isin(p["studies"])]
+        if op == "get-cached":
+            return self.cached_pacs
+        return None
+
+    def run(self, op: str, p: dict[str, Any], state: Any) -> dict[str, Any]:
+        pacs = self.pacs
+        if op == "find-studies":
+            return {"count": len(pacs.find_studies())}
+        if op == "find-studies-x5":
+            import pandas as pd
+
+            with pacs:
+                frame = pd.concat([pacs.find_studies() for _ in range(REPEAT)])
+            return {"count": len(frame)}
+        if op == "find-series":
+            return {"count": len(pacs.find_series(state))}
+        if op in ("get-cold", "get-cached"):
+            target, frame = state
+            result = target.get(frame, workers=p.get("workers", 4), progress=False)
+            return {
+                "count": result.completed + result.cached,
+                "completed": result.completed,
+                "cached": result.cached,
+                "failed": result.failed,
+                "requests": result.requests,
+            }
+        if op == "move":
+            target, frame = state
+            result = target.move(frame, progress=False)
+            return {"count": result.completed, "failed": result.failed}
+        raise ValueError(op)
+
+
+class _RawTool:
+    """The straightforward pynetdicom code a competent user writes."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        from pydicom.dataset import Dataset
+        from pynetdicom import AE, StoragePresentationContexts, _config, build_role, evt
+        from pynetdicom.sop_class import (
+            CTImageStorage,
+            StudyRootQueryRetrieveInformationModelFind,
+            StudyRootQueryRetrieveInformationModelGet,
+            StudyRootQueryRetrieveInformationModelMove,
+        )
+
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        self.cfg = cfg
+        self.Dataset, self.evt = Dataset, evt
+        self.FIND = StudyRootQueryRetrieveInformationModelFind
+        self.GET = StudyRootQueryRetrieveInformationModelGet
+        self.MOVE = StudyRootQueryRetrieveInformationModelMove
+        self.find_ae = AE(ae_title=cfg["calling_ae"])
+        self.find_ae.add_requested_context(self.FIND)
+        self.get_ae = AE(ae_title=cfg["calling_ae"])
+        self.get_ae.add_requested_context(self.GET)
+        self.get_ae.add_requested_context(CTImageStorage)
+        self.get_roles = [build_role(CTImageStorage, scp_role=True)]
+        self.move_ae = AE(ae_title=cfg["calling_ae"])
+        self.move_ae.add_requested_context(self.MOVE)
+        self.move_ae.supported_contexts = StoragePresentationContexts
+        for ae in (self.find_ae, self.get_ae, self.move_ae):
+            # A stalled association (seen with many C-FINDs on one association) fails
+            # after 10 s instead of holding up the run.
+            ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+
+    def _associate(self, ae: Any, **kwargs: Any) -> Any:
+        import socket
+
+        assoc = ae.associate(HOST, self.cfg["port"], ae_title=self.cfg["aet"], **kwargs)
+        if not assoc.is_established:
+            raise RuntimeError("association not established")
+        assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return assoc
+
+    def _query(self, level: str, keys: list[str], **match: str) -> Any:
+        ds = self.Dataset()
+        ds.QueryRetrieveLevel = level
+        for key in keys:
+            setattr(ds, key, "")
+        for key, value in match.items():
+            setattr(ds, key, value)
+        return ds
+
+    def _find(self, assoc: Any, query: Any) -> list[Any]:
+        rows = []
+        for status, identifier in assoc.send_c_find(query, self.FIND):
+            if "Status" not in (status or {}):
+                # pynetdicom yields an empty status when the association ended early.
+                raise RuntimeError("C-FIND: association aborted or timed out")
+            if status.Status not in (0x0000, 0xFF00, 0xFF01):
+                raise RuntimeError(f"C-FIND failed: {status}")
+            if status.Status in (0xFF00, 0xFF01):
+                rows.append(identifier)  # None if the identifier did not decode
+        return rows
+
+    def prepare(self, op: str, p: dict[str, Any]) -> Any:
+        if op in ("get-cold", "move"):
+            shutil.rmtree(p["out"], ignore_errors=True)
+            Path(p["out"]).mkdir(parents=True)
+        return None
+
+    def _store_handler(self, out: Path, counter: list[int]) -> Any:
+        def handle(event: Any) -> int:
+            uid = event.request.AffectedSOPInstanceUID
+            os.replace(event.dataset_path, out / f"{uid}.dcm")
+            counter[0] += 1
+            return 0x0000
+
+        return handle
+
+    def run(self, op: str, p: dict[str, Any], state: Any) -> dict[str, Any]:
+        keys = p.get("keys", [])
+        if op in ("find-studies", "find-studies-x5"):
+            assoc = self._associate(self.find_ae)
+            try:
+                rows = []
+                for _ in range(REPEAT if op == "find-studies-x5" else 1):
+                    rows += self._find(assoc, self._query("STUDY", keys))
+            finally:
+                assoc.release()
+            return {"count": len(rows), "undecoded": rows.count(None)}
+        if op == "find-series":
+            assoc = self._associate(self.find_ae)
+            try:
+                rows = []
+                for uid in p["studies"]:
+                    rows += self._find(assoc, self._query("SERIES", keys, StudyInstanceUID=uid))
+            finally:
+                assoc.release()
+            return {"count": len(rows)}
+        out = Path(p["out"])
+        counter = [0]
+        handlers = [(self.evt.EVT_C_STORE, self._store_handler(out, counter))]
+        query = self._query("STUDY", [], StudyInstanceUID=p["study"])
+        if op == "get-cold":
+            assoc = self._associate(self.get_ae, ext_neg=self.get_roles, evt_handlers=handlers)
+            try:
+                for status, _ in assoc.send_c_get(query, self.GET):
+                    if status is None:
+                        raise RuntimeError("C-GET: no response")
+            finally:
+                assoc.release()
+            return {"count": counter[0]}
+        if op == "move":
+            server = self.move_ae.start_server(
+                (HOST, self.cfg["scp_port"]), block=False, evt_handlers=handlers
+            )
+            try:
+                assoc = self._associate(self.move_ae)
+                try:
+                    for status, _ in assoc.send_c_move(query, self.cfg["calling_ae"], self.MOVE):
+                        if status is None:
+                            raise RuntimeError("C-MOVE: no response")
+                finally:
+                    assoc.release()
+            finally:
+                server.shutdown()
+            return {"count": counter[0]}
+        raise ValueError(op)
+
+
+def worker_main(kind: str) -> int:
+    """Serve commands (one JSON object per stdin line) until stdin closes."""
+    reply = os.fdopen(os.dup(1), "w", buffering=1)
+    sys.stdout = sys.stderr  # stray prints must not corrupt the protocol
+    tool: Any = None
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        try:
+            if cmd["op"] == "setup":
+                tool = (_PacsframeTool if kind == "pacsframe" else _RawTool)(cmd["cfg"])
+                answer: dict[str, Any] = {"ok": True}
+                if kind == "pacsframe":
+                    answer["version"] = tool.pf.__version__
+                    answer["file"] = tool.pf.__file__
+            else:
+                state = tool.prepare(cmd["op"], cmd)
+                _reset_peak()
+                start = time.perf_counter()
+                answer = tool.run(cmd["op"], cmd, state)
+                answer["seconds"] = time.perf_counter() - start
+                answer["rss_mb"] = _peak_mb()
+                answer["ok"] = True
+        except Exception as exc:  # reported to the harness, which fails the run
+            import traceback
+
+            answer = {"ok": False, "error": f"{exc!r}"}
+            traceback.print_exc()  # to the worker's log
+        reply.write(json.dumps(answer) + "\n")
+    return 0
+
+
+class Worker:
+    """The harness side of one worker subprocess; every wait is bounded."""
+
+    def __init__(self, kind: str, cfg: dict[str, Any], log: Path) -> None:
+        self.kind = kind
+        self._log = open(log, "ab")  # noqa: SIM115 - closed in close()
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--worker", kind],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+            bufsize=1,
+        )
+        self.info = self.call({"op": "setup", "cfg": cfg}, timeout=300)
+
+    def call(self, cmd: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        timeout = timeout or CALL_TIMEOUT
+        assert self.proc.stdin and self.proc.stdout
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            self.close()
+            raise RuntimeError(f"{self.kind} worker: {cmd['op']} took over {timeout:.0f} s")
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.kind} worker died; see {self._log.name}")
+        answer = json.loads(line)
+        if not answer.get("ok"):
+            raise RuntimeError(f"{self.kind} worker: {cmd['op']} failed: {answer['error']}")
+        return answer
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.proc.stdin.close()  # type: ignore[union-attr]
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self._log.close()
+
+
+# --- dcmtk ------------------------------------------------------------------------------
+
+
+GNU_TIME = shutil.which("time", path="/usr/bin:/bin")
+
+
+def run_dcmtk(command: list[str], timeout: float | None = None) -> dict[str, Any]:
+    """Run one dcmtk tool to completion: wall seconds and peak RSS.
+
+    The peak RSS comes from GNU time (``%M``, its ``wait4`` on the tool it forked):
+    ``wait4`` on a child spawned from this Python process would report this process's
+    own high-water mark, since Linux carries the pre-exec mark over ``exec``.
+    """
+    from servers import dcmtk_env
+
+    tmp = Path(os.environ.get("TMPDIR", "/tmp"))
+    rss_file = tmp / f"pacsframe-bench-{os.getpid()}.rss"
+    wrapper = [GNU_TIME, "-f", "%M", "-o", str(rss_file)] if GNU_TIME else []
+    # The tools log each answer (findscu prints every response): to a file, as a pipe
+    # that is not drained while the tool runs would block it.
+    with open(tmp / f"pacsframe-bench-{os.getpid()}.log", "w+b") as log:
+        start = time.perf_counter()
+        proc = subprocess.Popen(
+            [*wrapper, *command],
+            env=dcmtk_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        timer = threading.Timer(timeout or CALL_TIMEOUT, proc.kill)
+        timer.start()
+        try:
+            _, status, _ = os.wait4(proc.pid, 0)
+        finally:
+            timer.cancel()
+        seconds = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        log.seek(0)
+        out = log.read().decode(errors="replace")
+        Path(log.name).unlink()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{Path(command[0]).name} exited {proc.returncode}: {out[-2000:]}")
+    rss = None
+    if GNU_TIME:
+        with contextlib.suppress(OSError, ValueError):
+            rss = int(rss_file.read_text().split()[-1]) / 1024
+            rss_file.unlink()
+    answer: dict[str, Any] = {"seconds": seconds, "rss_mb": rss}
+    if Path(command[0]).name == "findscu":
+        answer["count"] = out.count("(Pending)")
+    return answer
+
+
+def _write_query(path: Path, level: str, keys: list[str], **match: str) -> Path:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level
+    for key in keys:
+        setattr(ds, key, "")
+    for key, value in match.items():
+        setattr(ds, key, value)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.2.2.1"
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3"
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+# --- setup: cohorts and Orthanc ---------------------------------------------------------
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def start_orthanc(workdir: Path, mode: str) -> tuple[Any, dict[str, Any]]:
+    """Start Orthanc on ``workdir/orthanc``; load the cohorts unless already there."""
+    from servers import OrthancServer
+
+    import pacsframe as pf
+    from pacsframe.demo import make_cohort
+
+    spec = COHORTS[mode]
+    # Orthanc's default DicomScpTimeout (30 s in the test fixture) would close long
+    # associations (a slow load, a drill-down) in the middle.
+    config = {"DefaultEncoding": "Utf8", "DicomScpTimeout": 600}
+    server = OrthancServer(workdir / "orthanc", extra_config=config)
+    server.start(timeout=120)
+    marker = workdir / "orthanc" / "loaded.json"
+    try:
+        loaded = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        loaded = None
+    info: dict[str, Any] = {}
+    expected = None
+    if loaded and loaded.get("cohorts") == spec:
+        expected = loaded["instances"]
+    if expected is not None and server.count_instances() == expected:
+        _log(f"Orthanc store in {server.workdir} already holds the cohorts ({expected} objects)")
+        info = loaded
+    else:
+        _log("loading cohorts into Orthanc (once; reused by later runs)")
+        marker.unlink(missing_ok=True)
+        server.clear()
+        manifests = {}
+        for name, params in spec.items():
+            folder = workdir / "cohorts" / f"{mode}-{name}"
+            start = time.monotonic()
+            manifests[name] = make_cohort(
+                folder, **{**params, "modalities": tuple(params["modalities"])}
+            )
+            _log(f"  wrote {name} cohort: {len(manifests[name])} files")
+            client = pf.PACS(server.host, server.dicom_port, server.aet, calling_ae="BENCHLOAD")
+            # Chunks of 250 (one association each) and up to 3 tries for what failed:
+            # Orthanc here sometimes drops a long C-STORE association ("association lost").
+            paths = list(manifests[name].path)
+            for attempt in range(3):
+                failed = []
+                for i in range(0, len(paths), 250):
+                    result = client.store(paths[i : i + 250])
+                    failed += list(result.failed_instances.path)
+                if not failed:
+                    break
+                _log(f"  {len(failed)} failed (try {attempt + 1}); retrying them")
+                paths = failed
+            if failed:
+                raise RuntimeError(f"storing the {name} cohort: {len(failed)} failed")
+            _log(f"  stored {name} cohort in {time.monotonic() - start:.0f} s")
+            shutil.rmtree(folder, ignore_errors=True)
+        info = {
+            "cohorts": spec,
+            "instances": server.count_instances(),
+            "retrieve_study": str(manifests["retrieve"].StudyInstanceUID.iloc[0]),
+            "retrieve_instances": len(manifests["retrieve"]),
+            "studies": int(server.rest("GET", "/statistics")["CountStudies"]),
+        }
+        marker.write_text(json.dumps(info, indent=2))
+    return server, info
+
+
+# --- the run ----------------------------------------------------------------------------
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def _fmt(stat: dict[str, float] | None) -> str:
+    if not stat:
+        return "n/a"
+    return f"{stat['median']:.3f} ({stat['min']:.3f}-{stat['max']:.3f})"
+
+
+def _rss(values: list[float | None]) -> str:
+    real = [v for v in values if v is not None]
+    return f"{max(real):.0f}" if real else "n/a"
+
+
+def _versions(server: Any, pf_info: dict[str, Any]) -> dict[str, str]:
+    import pandas
+    import pydicom
+    import pynetdicom
+
+    dcmtk = subprocess.run(
+        [shutil.which("findscu") or "findscu", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout.splitlines()
+    return {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
+        "load average at start": ", ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "Python": platform.python_version(),
+        "pacsframe": f"{pf_info.get('version')} ({pf_info.get('file')})",
+        "pynetdicom": pynetdicom.__version__,
+        "pydicom": pydicom.__version__,
+        "pandas": pandas.__version__,
+        "dcmtk": dcmtk[0].strip("$ ").removeprefix("dcmtk: ") if dcmtk else "?",
+        "Orthanc": str(server.system().get("Version")),
+    }
+
+
+def _setup_argparser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Benchmark pacsframe against raw pynetdicom and dcmtk on a local Orthanc."
+    )
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        help="folder for Orthanc's store (reused between runs) and scratch output; "
+        "default benchmarks/.work/<full|quick>",
+    )
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per item (default 5)")
+    parser.add_argument(
+        "--items", nargs="+", choices=ITEMS, default=list(ITEMS), help="a subset of the items"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny cohorts (20 studies, a 10-instance 64x64 study) for a smoke run",
+    )
+    parser.add_argument("--results", type=Path, help="write the markdown table to this file")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=CALL_TIMEOUT,
+        help=f"seconds one timed call may take before the run fails (default {CALL_TIMEOUT:.0f})",
+    )
+    parser.add_argument("--load-only", action="store_true", help="load the cohorts and stop")
+    parser.add_argument("--worker", choices=("pacsframe", "pynetdicom"), help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    global CALL_TIMEOUT
+    args = _setup_argparser().parse_args(argv)
+    CALL_TIMEOUT = args.timeout
+    if args.worker:
+        return worker_main(args.worker)
+    from servers import DcmtkStoreSCP, require_tool
+
+    try:
+        tools = {name: require_tool(name) for name in ("Orthanc", "findscu", "getscu", "movescu")}
+        require_tool("storescp")
+    except RuntimeError as exc:
+        print(f"benchmarks: {exc}", file=sys.stderr)
+        return 2
+    mode = "quick" if args.quick else "full"
+    workdir = (args.workdir or ROOT / "benchmarks" / ".work" / mode).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    scratch = workdir / "scratch"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+
+    server, info = start_orthanc(workdir, mode)
+    workers: list[Worker] = []
+    try:
+        if args.load_only:
+            return 0
+        from pacsframe.query import DEFAULT_KEYS, UNIQUE_KEY
+
+        def keys(level: str) -> list[str]:
+            return list(dict.fromkeys([*DEFAULT_KEYS[level], UNIQUE_KEY[level]]))
+
+        from servers import free_port
+
+        cfgs = {
+            "pacsframe": {"calling_ae": "BENCHPF", "scp_port": free_port()},
+            "pynetdicom": {"calling_ae": "BENCHRAW", "scp_port": free_port()},
+        }
+        for name, cfg in cfgs.items():
+            cfg.update(port=server.dicom_port, aet=server.aet, scratch=str(scratch / name))
+            server.add_modality(name, cfg["calling_ae"], HOST, cfg["scp_port"])
+        pfw = Worker("pacsframe", cfgs["pacsframe"], workdir / "pacsframe-worker.log")
+        workers.append(pfw)
+        raw = Worker("pynetdicom", cfgs["pynetdicom"], workdir / "pynetdicom-worker.log")
+        workers.append(raw)
+        versions = _versions(server, pfw.info)
+
+        study = info["retrieve_study"]
+        n_studies = info["studies"]
+        n_instances = info["retrieve_instances"]
+        base = [tools["findscu"], "-S", "-aet", "BENCHDCMTK", "-aec", server.aet]
+        peer = [HOST, str(server.dicom_port)]
+        qdir = scratch / "queries"
+        qdir.mkdir()
+        study_q = _write_query(qdir / "study.dcm", "STUDY", keys("STUDY"))
+        found = server.rest("POST", "/tools/find", {"Level": "Study", "Query": {}, "Expand": True})
+        drill = sorted(s["MainDicomTags"]["StudyInstanceUID"] for s in found)[:200]
+        series_qs = [
+            _write_query(qdir / f"s{i}.dcm", "SERIES", keys("SERIES"), StudyInstanceUID=uid)
+            for i, uid in enumerate(drill)
+        ]
+
+        def dcmtk_out(name: str) -> Path:
+            out = scratch / name
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir(parents=True)
+            return out
+
+        def getscu() -> dict[str, Any]:
+            out = dcmtk_out("getscu")
+            r = run_dcmtk(
+                [
+                    tools["getscu"],
+                    "-S",
+                    "-aet",
+                    "BENCHDCMTK",
+                    "-aec",
+                    server.aet,
+                    "-k",
+                    "QueryRetrieveLevel=STUDY",
+                    "-k",
+                    f"StudyInstanceUID={study}",
+                    "-od",
+                    str(out),
+                    *peer,
+                ]
+            )
+            r["count"] = sum(1 for _ in out.iterdir())
+            return r
+
+        def movescu() -> dict[str, Any]:
+            out = dcmtk_out("storescp")
+            with DcmtkStoreSCP(out, aet="BENCHSTORE") as scp:
+                server.add_modality("storescp", scp.aet, HOST, scp.dicom_port)
+                # Orthanc answers C-MOVE only from registered calling AEs.
+                server.add_modality("movescu", "BENCHDCMTK", HOST, scp.dicom_port)
+                r = run_dcmtk(
+                    [
+                        tools["movescu"],
+                        "-S",
+                        "-aet",
+                        "BENCHDCMTK",
+                        "-aec",
+                        server.aet,
+                        "-aem",
+                        scp.aet,
+                        "-k",
+                        "QueryRetrieveLevel=STUDY",
+                        "-k",
+                        f"StudyInstanceUID={study}",
+                        *peer,
+                    ]
+                )
+                scp_rss = _peak_mb(scp.process.pid) if scp.process else None
+                r["count"] = len(scp.received_files())
+            if r["rss_mb"] is not None and scp_rss is not None:
+                r["rss_mb"] += scp_rss
+            return r
+
+        def pf_call(op: str, **kw: Any) -> Any:
+            return lambda: pfw.call({"op": op, **kw})
+
+        def raw_call(op: str, **kw: Any) -> Any:
+            return lambda: raw.call({"op": op, **kw})
+
+        out_pf = str(scratch / "pf-cache")
+        out_raw = str(scratch / "raw-out")
+        # item -> (label, expected count, {tool: callable}, target text)
+        plan: list[tuple[str, str, int, dict[str, Any]]] = []
+        if "find-studies" in args.items:
+            plan.append(
+                (
+                    "find-studies",
+                    f"C-FIND study level, {n_studies:,} rows",
+                    n_studies,
+                    {
+                        "pacsframe": pf_call("find-studies"),
+                        "pynetdicom": raw_call("find-studies", keys=keys("STUDY")),
+                        "dcmtk": lambda: run_dcmtk([*base, *peer, str(study_q)]),
+                    },
+                )
+            )
+        if "find-studies-x5" in args.items:
+            plan.append(
+                (
+                    "find-studies-x5",
+                    f"C-FIND study level x{REPEAT}, {REPEAT * n_studies:,} rows",
+                    REPEAT * n_studies,
+                    {
+                        "pacsframe": pf_call("find-studies-x5"),
+                        "pynetdicom": raw_call("find-studies-x5", keys=keys("STUDY")),
+                        "dcmtk": lambda: run_dcmtk([*base, *peer, *[str(study_q)] * REPEAT]),
+                    },
+                )
+            )
+        if "find-series" in args.items:
+            plan.append(
+                (
+                    "find-series",
+                    f"C-FIND series drill-down from {len(drill)} studies",
+                    len(drill),
+                    {
+                        "pacsframe": pf_call("find-series", studies=drill),
+                        "pynetdicom": raw_call("find-series", studies=drill, keys=keys("SERIES")),
+                        "dcmtk": lambda: run_dcmtk([*base, *peer, *map(str, series_qs)]),
+                    },
+                )
+            )
+        if "get-cold" in args.items:
+            tools_get: dict[str, Any] = {
+                f"pacsframe w={w}": pf_call("get-cold", study=study, out=out_pf, workers=w)
+                for w in WORKERS
+            }
+            tools_get["pynetdicom"] = raw_call("get-cold", study=study, out=out_raw)
+            tools_get["dcmtk"] = getscu
+            plan.append(
+                ("get-cold", f"C-GET cold, {n_instances} instances", n_instances, tools_get)
+            )
+        if "get-cached" in args.items:
+            plan.append(
+                (
+                    "get-cached",
+                    f"C-GET fully cached re-run, {n_instances} instances",
+                    n_instances,
+                    {
+                        # the cold run fills the cache (untimed here), then the re-run
+                        "pacsframe": lambda: (
+                            pfw.call({"op": "get-cold", "study": study, "out": out_pf}),
+                            pfw.call({"op": "get-cached", "study": study, "out": out_pf}),
+                        )[1],
+                    },
+                )
+            )
+        if "move" in args.items:
+            plan.append(
+                (
+                    "move",
+                    f"C-MOVE to own SCP, {n_instances} instances",
+                    n_instances,
+                    {
+                        "pacsframe": pf_call("move", study=study, out=out_pf + "-move"),
+                        "pynetdicom": raw_call("move", study=study, out=out_raw + "-move"),
+                        "dcmtk": movescu,
+                    },
+                )
+            )
+
+        results: dict[str, dict[str, list[dict[str, Any]]]] = {}
+        problems: list[str] = []
+        for item, label, expected, tool_calls in plan:
+            _log(f"{label}: {args.rounds} rounds")
+            names = list(tool_calls)
+            runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+            for rnd in range(args.rounds):
+                k = rnd % len(names)
+                for name in names[k:] + names[:k]:
+                    try:
+                        r = tool_calls[name]()
+                    except RuntimeError as exc:
+                        first = str(exc).splitlines()[0][:300]
+                        problems.append(f"{label}: {name}, round {rnd + 1}: {first}")
+                        _log(problems[-1])
+                        continue
+                    # The drill-down's row count is the series found, not the studies.
+                    if "count" in r and item != "find-series" and r["count"] != expected:
+                        problems.append(
+                            f"{label}: {name}, round {rnd + 1}, got {r['count']} (not {expected})"
+                        )
+                        _log(problems[-1])
+                    if item == "get-cached" and r.get("requests"):
+                        problems.append(f"{label}: round {rnd + 1} sent requests: {r}")
+                        _log(problems[-1])
+                    runs[name].append(r)
+            results[label] = runs
+
+        table = render(results, versions, mode, args.rounds, problems)
+        print(table)
+        if args.results:
+            write_results(args.results, table)
+            _log(f"wrote {args.results}")
+        return 0
+    finally:
+        for w in workers:
+            w.close()
+        server.stop()
+
+
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def write_results(path: Path, table: str) -> None:
+    """Put ``table`` between the markers of ``path`` (the rest is kept), or write it."""
+    block = f"{START}\n{table}\n{END}"
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        text = ""
+    if START in text and END in text:
+        head, rest = text.split(START, 1)
+        text = head + block + rest.split(END, 1)[1]
+    else:
+        text = block + "\n"
+    path.write_text(text)
+
+
+TARGETS = {
+    f"C-FIND study level x{REPEAT}": ("none (shows scaling)", None),
+    "C-FIND study level": ("<= 1.0x findscu, <= 1.1x raw pynetdicom", None),
+    "C-GET cold": ("<= 1.0x getscu; pacsframe peak RSS < 150 MB", None),
+    "C-GET fully cached": ("< 2% of pacsframe's fastest cold median, zero sub-operations", None),
+    "C-MOVE": ("<= 1.0x movescu + storescp", None),
+}
+
+
+def render(
+    results: dict[str, dict[str, list[dict[str, Any]]]],
+    versions: dict[str, str],
+    mode: str,
+    rounds: int,
+    problems: list[str],
+) -> str:
+    """The markdown table (and context) of one run."""
+    lines = [
+        f"Cohorts: {mode}. Seconds: median (min-max) of {rounds} rounds; tools alternate "
+        "within a round. pacsframe and raw pynetdicom are timed in process with imports "
+        "done (as a notebook user feels it), each in its own long-lived worker; dcmtk "
+        "tools as whole processes, with TCP_NODELAY=1. Peak RSS in MB (max over rounds; "
+        "for workers the VmHWM of the timed call, interpreter included; C-MOVE dcmtk is "
+        "movescu + storescp).",
+        "",
+        "| work item | pacsframe s | raw pynetdicom s | dcmtk s | pacsframe / fastest other "
+        "| target | peak RSS MB pf / raw / dcmtk |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    cold_best = None
+    for label, runs in results.items():
+        if label.startswith("C-GET cold"):
+            cold_best = min(
+                statistics.median(r["seconds"] for r in rs)
+                for name, rs in runs.items()
+                if name.startswith("pacsframe")
+            )
+    for label, runs in results.items():
+        stats = {n: _stats([r["seconds"] for r in rs]) for n, rs in runs.items() if rs}
+        rss = {n: _rss([r.get("rss_mb") for r in rs]) for n, rs in runs.items()}
+        target = next((t for k, (t, _) in TARGETS.items() if label.startswith(k)), "")
+        others = [stats[n]["median"] for n in ("pynetdicom", "dcmtk") if n in stats]
+        for name in [n for n in runs if n.startswith("pacsframe")]:
+            if name not in stats:
+                lines.append(f"| {label} ({name}) | every round failed | | | | {target} | |")
+                continue
+            row_label = label + (f", workers={name.split('=')[1]}" if "=" in name else "")
+            if others:
+                ratio = f"{stats[name]['median'] / min(others):.2f}x"
+            elif label.startswith("C-GET fully cached") and cold_best:
+                ratio = f"{100 * stats[name]['median'] / cold_best:.1f}% of cold"
+            else:
+                ratio = "n/a"
+            lines.append(
+                f"| {row_label} | {_fmt(stats[name])} | {_fmt(stats.get('pynetdicom'))} "
+                f"| {_fmt(stats.get('dcmtk'))} | {ratio} | {target} "
+                f"| {rss[name]} / {rss.get('pynetdicom', 'n/a')} / {rss.get('dcmtk', 'n/a')} |"
+            )
+    lines += [
+        "",
+        f"The x{REPEAT} item is the study-level query made {REPEAT} times over one "
+        f"association (pacsframe: inside `with pacs:`, frames concatenated; findscu: the "
+        f"query file given {REPEAT} times), a 10k-row answer built from the same cohort "
+        "without loading 10,000 objects into Orthanc. The drill-down is one series query "
+        "per study of the frame, over one association. C-GET/C-MOVE rounds start from an "
+        "empty cache/output folder (emptied untimed); the raw pynetdicom C-MOVE starts "
+        "and stops its storage SCP inside the timed call, as pacsframe does.",
+        "",
+        *(
+            ["Wrong answers seen (rows or objects):", *[f"- {p}" for p in problems], ""]
+            if problems
+            else []
+        ),
+        *[f"- {k}: {v}" for k, v in versions.items()],
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

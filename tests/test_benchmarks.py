@@ -1,0 +1,59 @@
+"""The benchmark harness runs end to end (tiny cohorts, one round), so it cannot rot."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from servers import require_tool
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = [pytest.mark.orthanc, pytest.mark.dcmtk]
+
+
+def test_quick_benchmark_prints_and_writes_the_table(tmp_path):
+    for tool in ("Orthanc", "findscu", "getscu", "movescu", "storescp"):
+        require_tool(tool)
+    results = tmp_path / "RESULTS.md"
+    stale = "<!-- bench:start -->\nSTALE TABLE\n<!-- bench:end -->"
+    results.write_text(f"# Kept\n\n{stale}\n\nAlso kept.\n")
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "run.py"),
+            "--quick",
+            "--rounds",
+            "1",
+            "--timeout",
+            "60",
+            "--workdir",
+            str(tmp_path / "work"),
+            "--results",
+            str(results),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout
+    assert "timed in process with imports done" in out
+    for row in (
+        "C-FIND study level, 21 rows",
+        "C-FIND study level x5, 105 rows",
+        "C-FIND series drill-down from 21 studies",
+        "C-GET cold, 10 instances, workers=1",
+        "C-GET cold, 10 instances, workers=4",
+        "C-GET fully cached re-run, 10 instances",
+        "C-MOVE to own SCP, 10 instances",
+    ):
+        assert f"| {row} |" in out, out
+    assert "every round failed" not in out, out
+    assert f"pacsframe: 0.1.0 ({ROOT / 'pacsframe' / '__init__.py'})" in out
+    written = results.read_text()
+    assert written.startswith("# Kept\n") and written.endswith("Also kept.\n")
+    assert "STALE TABLE" not in written and "| C-MOVE to own SCP, 10 instances |" in written
