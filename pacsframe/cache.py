@@ -36,6 +36,7 @@ import re
 import secrets
 import socket
 import sqlite3
+import struct
 import threading
 import time
 import warnings
@@ -54,6 +55,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_dataset
 from pydicom.tag import Tag
 from pydicom.uid import UID
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
 from . import frames, matching
 from .errors import CacheError, QueryError
@@ -307,6 +309,46 @@ class Volume:
         return (
             f"Volume(shape={self.array.shape}, spacing=({spacing}) mm, origin=({origin}){values})"
         )
+
+
+_PLAIN_UID = re.compile(r"[0-9.]{1,64}")
+
+
+def _ui(value: str) -> bytes:
+    data = value.encode("ascii")
+    return data + b"\0" * (len(data) % 2)
+
+
+def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
+    return struct.pack("<HH2sH", 2, element, vr, len(value)) + value
+
+
+_IMPLEMENTATION = _meta_element(0x12, b"UI", _ui(PYNETDICOM_IMPLEMENTATION_UID)) + _meta_element(
+    0x13,
+    b"SH",
+    PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii")
+    + b" " * (len(PYNETDICOM_IMPLEMENTATION_VERSION) % 2),
+)
+
+
+def part10_head(sop_class: str, sop: str, syntax: str) -> bytes | None:
+    """Preamble, ``DICM`` and file meta of a received object, as pynetdicom's
+    ``Event.encoded_dataset()`` writes them (byte for byte), in a few microseconds
+    instead of a pydicom encode per object; None for values only pydicom should
+    encode (empty, or not a plain UID).
+    """
+    if not all(_PLAIN_UID.fullmatch(v) for v in (sop_class, sop, syntax)):
+        return None
+    body = b"".join(
+        (
+            struct.pack("<HH2sHI", 2, 1, b"OB", 0, 2) + b"\x00\x01",
+            _meta_element(0x02, b"UI", _ui(sop_class)),
+            _meta_element(0x03, b"UI", _ui(sop)),
+            _meta_element(0x10, b"UI", _ui(syntax)),
+            _IMPLEMENTATION,
+        )
+    )
+    return b"\0" * 128 + b"DICM" + struct.pack("<HH2sHI", 2, 0, b"UL", 4, len(body)) + body
 
 
 class Cache:

@@ -13,8 +13,6 @@ from __future__ import annotations
 import io
 import logging
 import queue
-import re
-import struct
 import threading
 import time
 import warnings
@@ -23,12 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
-from pynetdicom import (
-    PYNETDICOM_IMPLEMENTATION_UID,
-    PYNETDICOM_IMPLEMENTATION_VERSION,
-    build_role,
-    evt,
-)
+from pynetdicom import build_role, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import (
@@ -40,6 +33,7 @@ from pynetdicom.sop_class import (
 from pynetdicom.status import code_to_category
 
 from . import frames
+from .cache import part10_head
 from .errors import (
     AssociationError,
     CacheError,
@@ -155,46 +149,6 @@ class _Unit:
     expected: int | None = None
 
 
-_PLAIN_UID = re.compile(r"[0-9.]{1,64}")
-
-
-def _ui(value: str) -> bytes:
-    data = value.encode("ascii")
-    return data + b"\0" * (len(data) % 2)
-
-
-def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
-    return struct.pack("<HH2sH", 2, element, vr, len(value)) + value
-
-
-_IMPLEMENTATION = _meta_element(0x12, b"UI", _ui(PYNETDICOM_IMPLEMENTATION_UID)) + _meta_element(
-    0x13,
-    b"SH",
-    PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii")
-    + b" " * (len(PYNETDICOM_IMPLEMENTATION_VERSION) % 2),
-)
-
-
-def _part10_head(sop_class: str, sop: str, syntax: str) -> bytes | None:
-    """Preamble, ``DICM`` and file meta of a received object, as pynetdicom's
-    ``Event.encoded_dataset()`` writes them (byte for byte), in a few microseconds
-    instead of a pydicom encode per object; None for values only pydicom should
-    encode (empty, or not a plain UID).
-    """
-    if not all(_PLAIN_UID.fullmatch(v) for v in (sop_class, sop, syntax)):
-        return None
-    body = b"".join(
-        (
-            struct.pack("<HH2sHI", 2, 1, b"OB", 0, 2) + b"\x00\x01",
-            _meta_element(0x02, b"UI", _ui(sop_class)),
-            _meta_element(0x03, b"UI", _ui(sop)),
-            _meta_element(0x10, b"UI", _ui(syntax)),
-            _IMPLEMENTATION,
-        )
-    )
-    return b"\0" * 128 + b"DICM" + struct.pack("<HH2sHI", 2, 0, b"UL", 4, len(body)) + body
-
-
 def _file_received(
     cache: Cache, event: evt.Event, overwrite: bool
 ) -> tuple[Any, dict[str, str | None], int]:
@@ -207,7 +161,7 @@ def _file_received(
     request = event.request
     syntax = str(event.context.transfer_syntax)
     dataset = request.DataSet
-    head = _part10_head(
+    head = part10_head(
         str(request.AffectedSOPClassUID or ""), str(request.AffectedSOPInstanceUID or ""), syntax
     )
     size = dataset.seek(0, io.SEEK_END) if isinstance(dataset, io.BytesIO) else 0

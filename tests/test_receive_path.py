@@ -11,9 +11,8 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
 
-from pacsframe.cache import Cache
+from pacsframe.cache import Cache, part10_head
 from pacsframe.demo import make_cohort
-from pacsframe.retrieve import _part10_head
 
 
 @pytest.mark.parametrize("sop", ["1.2.3", "1.2.34", "1.2.840.10008.5.1.4.1.1.2", "9" * 64])
@@ -25,12 +24,12 @@ def test_file_meta_is_byte_for_byte_what_pynetdicom_writes(sop, syntax):
         sop_class_uid="1.2.840.10008.5.1.4.1.1.2", sop_instance_uid=sop, transfer_syntax=syntax
     )
     expected = b"\0" * 128 + b"DICM" + encode_file_meta(meta)
-    assert _part10_head("1.2.840.10008.5.1.4.1.1.2", sop, str(syntax)) == expected
+    assert part10_head("1.2.840.10008.5.1.4.1.1.2", sop, str(syntax)) == expected
 
 
 @pytest.mark.parametrize("bad", ["", "1.2.3 ", "1.2.\u00e93", "1" * 65])
 def test_file_meta_of_odd_values_is_left_to_pydicom(bad):
-    assert _part10_head("1.2.3", bad, ExplicitVRLittleEndian) is None
+    assert part10_head("1.2.3", bad, ExplicitVRLittleEndian) is None
 
 
 def test_a_received_dataset_is_filed_as_sent(tmp_path):
@@ -48,7 +47,7 @@ def test_a_received_dataset_is_filed_as_sent(tmp_path):
     write_file_meta_info(buffer, ds.file_meta)
     dataset = io.BytesIO(data[128 + 4 + len(buffer.getvalue()) :])
     syntax = str(ds.file_meta.TransferSyntaxUID)
-    head = _part10_head(str(ds.SOPClassUID), str(ds.SOPInstanceUID), syntax)
+    head = part10_head(str(ds.SOPClassUID), str(ds.SOPInstanceUID), syntax)
     cache = Cache(tmp_path / "cache")
     path, header = cache.add_received(head, dataset, syntax)
     assert path.read_bytes() == head + dataset.getvalue()
@@ -66,7 +65,7 @@ def test_a_received_dataset_is_filed_as_sent(tmp_path):
 def test_a_received_dataset_that_cannot_be_read_fails_as_add_does_and_writes_nothing(
     tmp_path, junk
 ):
-    head = _part10_head("1.2.840.10008.5.1.4.1.1.2", "1.2.3", ExplicitVRLittleEndian)
+    head = part10_head("1.2.840.10008.5.1.4.1.1.2", "1.2.3", ExplicitVRLittleEndian)
     cache = Cache(tmp_path / "cache")
     with pytest.raises(Exception) as whole:
         cache.add(head + junk)
