@@ -544,7 +544,6 @@ class FrameBuilder:
         # Per row: the raw SpecificCharacterSet element (None when absent).
         self._charsets: list[Any] = []
         self._warned: set[str] = set()
-        self._one_charset = False
 
     def __len__(self) -> int:
         return len(self._charsets)
@@ -593,35 +592,10 @@ class FrameBuilder:
             codec, escapes = enc[0], True
         return (codec, escapes) if _joinable(codec) else None
 
-    def _uniform_column(
-        self, attr: Attribute, elems: list[Any], encodings: list[list[str] | None]
-    ) -> list[Any] | None:
-        """The usual column in one go: every value bytes, one VR, one character set."""
-        present = [e for e in elems if e is not None]
-        if not present or not self._one_charset:
-            return None
-        if len({e.VR for e in present}) != 1 or {type(e.value) for e in present} != {bytes}:
-            return None
-        kind = self._kind(attr, present[0].VR, encodings[0])
-        if kind is None:
-            return None
-        raw = [b"" if e is None else e.value for e in elems]
-        joined = _SEPARATOR.join(raw)
-        if joined.count(_SEPARATOR) != len(raw) - 1 or (kind[1] and b"\x1b" in joined):
-            return None
-        try:
-            parts = joined.decode(kind[0]).split("\x01")
-        except UnicodeDecodeError:
-            return None
-        return [t.rstrip(" \x00").lstrip(" ") or None for t in parts]
-
     def _column(
         self, attr: Attribute, elems: list[Any], encodings: list[list[str] | None]
     ) -> list[Any]:
         """Decode one column's raw elements into DICOM strings (numbers for binary VRs)."""
-        fast = self._uniform_column(attr, elems, encodings)
-        if fast is not None:
-            return fast
         values: list[Any] = [None] * len(elems)
         groups: dict[str, list[int]] = {}
         slow: list[int] = []
@@ -681,7 +655,6 @@ class FrameBuilder:
     def frame(self) -> pd.DataFrame:
         """Build the typed frame from everything added so far."""
         encodings = self._encodings()
-        self._one_charset = len({id(enc) for enc in encodings}) == 1
         return pd.DataFrame(
             {
                 a.keyword: to_series(self._column(a, cells, encodings), a.keyword)
