@@ -576,9 +576,20 @@ def _versions(server: Any, pf_info: dict[str, Any]) -> dict[str, str]:
         "pynetdicom": pynetdicom.__version__,
         "pydicom": pydicom.__version__,
         "pandas": pandas.__version__,
+        "pyarrow": _installed("pyarrow"),
         "dcmtk": dcmtk[0].strip("$ ").removeprefix("dcmtk: ") if dcmtk else "?",
         "Orthanc": str(server.system().get("Version")),
     }
+
+
+def _installed(package: str) -> str:
+    """The installed version of ``package`` (it moves pacsframe's peak RSS), if any."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
 
 
 def _setup_argparser() -> argparse.ArgumentParser:
