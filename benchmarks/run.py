@@ -7,6 +7,7 @@ Run ``make bench`` (or ``python benchmarks/run.py --help``). The harness
   and a marker file plus Orthanc's ``/statistics`` say whether the store is complete;
 * runs each work item for ``--rounds`` rounds, the tools alternating within a round
   (the order rotates every round so no tool always goes first);
+* after the C-GET cold rounds, measures the peak RSS of fresh processes (below);
 * prints a table of medians, min-max, the ratio pacsframe / fastest other tool and the
   peak RSS of each tool, and writes it as markdown with ``--results``.
 
@@ -16,7 +17,19 @@ How each tool is timed:
   once and then executes items on command, so pacsframe is timed in process with its
   imports done, as a notebook user feels it. Before each timed call the worker resets
   the kernel's RSS high-water mark (``/proc/self/clear_refs``) and reads ``VmHWM``
-  after it, so the peak RSS is of that call (it includes the interpreter and imports).
+  after it, so the peak RSS is of that call (it includes the interpreter and imports,
+  and whatever the worker's earlier items left allocated: CPython and glibc seldom
+  give freed memory back to the OS).
+* So the cold C-GET also gets a whole-process peak, comparable with dcmtk's and the
+  one its RSS target is judged on: after its timed rounds, untimed, one fresh process
+  per probe (``--rss-probe KIND``, the worker code measuring exactly one command)
+  does the cold C-GET into an emptied folder and reports its ``VmHWM``: pacsframe
+  (query the study, then ``get(..., workers=1)``), pacsframe without pyarrow
+  (``sys.modules["pyarrow"] = None`` before anything imports pandas: its base install,
+  as pyarrow is only the optional ``parquet`` extra, yet pandas 3 imports it whenever
+  it is installed) and raw pynetdicom; two more probes only import pacsframe, with and
+  without pyarrow, for the baseline. Probes run this script, whose own standard-library
+  imports add under 1 MB to a bare ``python -c "import pacsframe"``.
 * dcmtk tools are timed as whole processes (start to exit) with ``TCP_NODELAY=1``,
   their best configuration; peak RSS from ``wait4``'s rusage (and for ``storescp``,
   its ``VmHWM`` before it is stopped).
@@ -27,6 +40,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import importlib
 import json
 import os
 import platform
@@ -103,6 +117,16 @@ ITEMS = (
     "move",
 )
 WORKERS = (1, 2, 4)
+# The fresh-process peak-RSS probes run after the get-cold rounds: name -> (kind, op).
+RSS_PROBES = {
+    "pacsframe": ("pacsframe", "get-cold"),
+    "pacsframe-base": ("pacsframe-base", "get-cold"),
+    "pynetdicom": ("pynetdicom", "get-cold"),
+    "pacsframe import": ("pacsframe", "import"),
+    "pacsframe-base import": ("pacsframe-base", "import"),
+}
+PROBE_WORKERS = 1  # pacsframe's workers= in its probe: the fewest buffers in flight
+RSS_TARGET_MB = 150  # the issue's target for pacsframe's cold C-GET
 
 
 # --- the worker subprocesses (pacsframe, raw pynetdicom) --------------------------------
@@ -126,13 +150,15 @@ def _peak_mb(pid: int | str = "self") -> float | None:
 class _PacsframeTool:
     """pacsframe as a notebook user calls it."""
 
-    def __init__(self, cfg: dict[str, Any]) -> None:
+    def __init__(self, cfg: dict[str, Any], find_all: bool = True) -> None:
         import pacsframe as pf
 
         self.pf = pf
         self.cfg = cfg
         self.pacs = self._pacs(None)
-        self.studies = self.pacs.find_studies()  # untimed: the frame drill-down starts from
+        # Untimed: the frame the drill-downs start from. A fresh-process probe skips it,
+        # as a 2,001-row frame would count in its peak RSS; it queries just its study.
+        self.studies = self.pacs.find_studies() if find_all else None
         self.cached_pacs: Any = None
 
     def _pacs(self, cache: str | None) -> Any:
@@ -151,7 +177,10 @@ class _PacsframeTool:
             shutil.rmtree(p["out"], ignore_errors=True)
             pacs = self._pacs(p["out"])
             pacs.cache  # noqa: B018 - open the cache (a user's cache already exists)
-            frame = self.studies[self.studies.StudyInstanceUID == p["study"]]
+            if self.studies is None:
+                frame = pacs.find_studies(StudyInstanceUID=p["study"])
+            else:
+                frame = self.studies[self.studies.StudyInstanceUID == p["study"]]
             if op == "get-cold":
                 self.cached_pacs = (pacs, frame)
             return pacs, frame
@@ -319,28 +348,80 @@ class _RawTool:
         raise ValueError(op)
 
 
-def worker_main(kind: str) -> int:
-    """Serve commands (one JSON object per stdin line) until stdin closes."""
+# What a worker or probe runs. "pacsframe-base" is pacsframe without pyarrow, its
+# optional `parquet` extra that pandas 3 imports whenever it is installed.
+KINDS = ("pacsframe", "pacsframe-base", "pynetdicom")
+
+
+def _make_tool(kind: str, cfg: dict[str, Any], find_all: bool = True) -> Any:
+    return _RawTool(cfg) if kind == "pynetdicom" else _PacsframeTool(cfg, find_all)
+
+
+def _timed_call(tool: Any, cmd: dict[str, Any]) -> dict[str, Any]:
+    """One call in a long-lived worker: seconds and the peak RSS of that call."""
+    state = tool.prepare(cmd["op"], cmd)
+    _reset_peak()
+    start = time.perf_counter()
+    answer = tool.run(cmd["op"], cmd, state)
+    answer["seconds"] = time.perf_counter() - start
+    answer["rss_mb"] = _peak_mb()
+    return answer
+
+
+def _probe_call(kind: str, cfg: dict[str, Any], cmd: dict[str, Any]) -> dict[str, Any]:
+    """The one command of a fresh-process probe: the whole process's peak RSS.
+
+    ``import`` only imports the library; a retrieve op builds the tool and does the
+    retrieve (pacsframe queries just its study first). VmHWM rather than ``ru_maxrss``:
+    Linux carries the spawning process's high-water mark over ``exec`` into
+    ``ru_maxrss`` (see ``run_dcmtk``), and the harness has pacsframe imported.
+    """
+    if cmd["op"] == "import":
+        importlib.import_module("pynetdicom" if kind == "pynetdicom" else "pacsframe")
+        answer: dict[str, Any] = {}
+    else:
+        tool = _make_tool(kind, cfg, find_all=False)
+        answer = tool.run(cmd["op"], cmd, tool.prepare(cmd["op"], cmd))
+    answer["rss_mb"] = _peak_mb()
+    answer["pyarrow"] = sys.modules.get("pyarrow") is not None
+    return answer
+
+
+def worker_main(kind: str, probe: bool = False) -> int:
+    """Serve commands (one JSON object per stdin line) until stdin closes.
+
+    A worker imports and builds its tool at ``setup`` (untimed). A probe (``probe``)
+    only keeps the config at ``setup`` and measures exactly one command, imports
+    included, so one probe is one fresh process.
+    """
+    if kind == "pacsframe-base":
+        if "pandas" in sys.modules:
+            raise RuntimeError("pyarrow must be blocked before pandas loads, and it has")
+        # None in sys.modules makes `import pyarrow` raise ImportError, as if not installed.
+        sys.modules["pyarrow"] = None  # type: ignore[assignment]
     reply = os.fdopen(os.dup(1), "w", buffering=1)
     sys.stdout = sys.stderr  # stray prints must not corrupt the protocol
+    cfg: dict[str, Any] = {}
     tool: Any = None
+    measured = False
     for line in sys.stdin:
         cmd = json.loads(line)
         try:
             if cmd["op"] == "setup":
-                tool = (_PacsframeTool if kind == "pacsframe" else _RawTool)(cmd["cfg"])
-                answer: dict[str, Any] = {"ok": True}
-                if kind == "pacsframe":
-                    answer["version"] = tool.pf.__version__
-                    answer["file"] = tool.pf.__file__
+                cfg = cmd["cfg"]
+                answer: dict[str, Any] = {}
+                if not probe:
+                    tool = _make_tool(kind, cfg)
+                if isinstance(tool, _PacsframeTool):
+                    answer = {"version": tool.pf.__version__, "file": tool.pf.__file__}
+            elif probe:
+                if measured:
+                    raise RuntimeError("a probe measures one command; start a fresh one")
+                measured = True
+                answer = _probe_call(kind, cfg, cmd)
             else:
-                state = tool.prepare(cmd["op"], cmd)
-                _reset_peak()
-                start = time.perf_counter()
-                answer = tool.run(cmd["op"], cmd, state)
-                answer["seconds"] = time.perf_counter() - start
-                answer["rss_mb"] = _peak_mb()
-                answer["ok"] = True
+                answer = _timed_call(tool, cmd)
+            answer["ok"] = True
         except Exception as exc:  # reported to the harness, which fails the run
             import traceback
 
@@ -351,13 +432,14 @@ def worker_main(kind: str) -> int:
 
 
 class Worker:
-    """The harness side of one worker subprocess; every wait is bounded."""
+    """The harness side of one worker (or ``probe``) subprocess; every wait is bounded."""
 
-    def __init__(self, kind: str, cfg: dict[str, Any], log: Path) -> None:
+    def __init__(self, kind: str, cfg: dict[str, Any], log: Path, probe: bool = False) -> None:
         self.kind = kind
         self._log = open(log, "ab")  # noqa: SIM115 - closed in close()
+        mode = "--rss-probe" if probe else "--worker"
         self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--worker", kind],
+            [sys.executable, str(Path(__file__).resolve()), mode, kind],
             cwd=ROOT,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -393,6 +475,42 @@ class Worker:
             self.proc.kill()
             self.proc.wait(timeout=10)
         self._log.close()
+
+
+def rss_probe(kind: str, cfg: dict[str, Any], cmd: dict[str, Any], log: Path) -> dict[str, Any]:
+    """Run ``cmd`` in a fresh probe process; its answer carries the process's peak RSS."""
+    probe = Worker(kind, cfg, log, probe=True)
+    try:
+        return probe.call(cmd)
+    finally:
+        probe.close()
+
+
+def fresh_rss(
+    cfgs: dict[str, dict[str, Any]], study: str, expected: int, scratch: Path, log: Path
+) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Each of RSS_PROBES in its own fresh process: answers by name, and what went wrong.
+
+    The C-GET probes retrieve ``study`` into a folder of their own under ``scratch``,
+    emptied first (by the tool's ``prepare``, as in the timed rounds).
+    """
+    found: dict[str, dict[str, Any]] = {}
+    problems: list[str] = []
+    for name, (kind, op) in RSS_PROBES.items():
+        cfg = cfgs["pynetdicom" if kind == "pynetdicom" else "pacsframe"]
+        out = scratch / f"probe-{kind}"
+        cmd = {"op": op, "study": study, "out": str(out), "workers": PROBE_WORKERS}
+        try:
+            r = rss_probe(kind, cfg, cmd, log)
+        except RuntimeError as exc:
+            problems.append(f"fresh-process probe {name}: {str(exc).splitlines()[0][:300]}")
+            continue
+        if op != "import" and r.get("count") != expected:
+            problems.append(f"fresh-process probe {name}: got {r.get('count')} (not {expected})")
+        if kind == "pacsframe-base" and r.get("pyarrow"):
+            problems.append(f"fresh-process probe {name}: pyarrow was imported despite the block")
+        found[name] = r
+    return found, problems
 
 
 # --- dcmtk ------------------------------------------------------------------------------
@@ -556,6 +674,36 @@ def _rss(values: list[float | None]) -> str:
     return f"{max(real):.0f}" if real else "n/a"
 
 
+def _fresh_rss_text(fresh: dict[str, dict[str, Any]], getscu: list[float | None]) -> str:
+    """The paragraph on the fresh-process probes; ``getscu``: its timed rounds' peaks."""
+
+    def mb(values: list[float | None]) -> str:
+        text = _rss(values)
+        return text if text == "n/a" else f"{text} MB"
+
+    def probe(name: str) -> str:
+        return mb([fresh.get(name, {}).get("rss_mb")])
+
+    pf = fresh.get("pacsframe", {})
+    if pf.get("rss_mb") is None:
+        verdict = "not measured"
+    else:
+        verdict = "met" if pf["rss_mb"] < RSS_TARGET_MB else "not met"
+    # pandas 3 imports pyarrow whenever it is installed, so the first number depends on
+    # the environment; say so when there was none to import.
+    absent = "" if pf.get("pyarrow", True) else "pyarrow is not installed here; "
+    return (
+        "Peak RSS of a fresh process doing the cold C-GET (one process per tool, run "
+        "after the timed rounds; whole-process VmHWM, so imports included; pacsframe "
+        f"queries the study, then `get(..., workers={PROBE_WORKERS})`): pacsframe "
+        f"{probe('pacsframe')} ({absent}base install, i.e. without pyarrow, its optional "
+        f"`parquet` extra: {probe('pacsframe-base')}; import alone {probe('pacsframe import')} / "
+        f"{probe('pacsframe-base import')}), raw pynetdicom {probe('pynetdicom')}, getscu "
+        f"{mb(getscu)}. Target pacsframe < {RSS_TARGET_MB} MB, judged on the first number: "
+        f"{verdict}."
+    )
+
+
 def _versions(server: Any, pf_info: dict[str, Any]) -> dict[str, str]:
     import pandas
     import pydicom
@@ -619,7 +767,8 @@ def _setup_argparser() -> argparse.ArgumentParser:
         help=f"seconds one timed call may take before the run fails (default {CALL_TIMEOUT:.0f})",
     )
     parser.add_argument("--load-only", action="store_true", help="load the cohorts and stop")
-    parser.add_argument("--worker", choices=("pacsframe", "pynetdicom"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=KINDS, help=argparse.SUPPRESS)
+    parser.add_argument("--rss-probe", choices=KINDS, help=argparse.SUPPRESS)
     return parser
 
 
@@ -627,8 +776,8 @@ def main(argv: list[str] | None = None) -> int:
     global CALL_TIMEOUT
     args = _setup_argparser().parse_args(argv)
     CALL_TIMEOUT = args.timeout
-    if args.worker:
-        return worker_main(args.worker)
+    if args.worker or args.rss_probe:
+        return worker_main(args.worker or args.rss_probe, probe=bool(args.rss_probe))
     from servers import DcmtkStoreSCP, require_tool
 
     try:
@@ -830,6 +979,7 @@ def main(argv: list[str] | None = None) -> int:
             )
 
         results: dict[str, dict[str, list[dict[str, Any]]]] = {}
+        fresh: dict[str, dict[str, Any]] = {}
         problems: list[str] = []
         for item, label, expected, tool_calls in plan:
             _log(f"{label}: {args.rounds} rounds")
@@ -856,8 +1006,15 @@ def main(argv: list[str] | None = None) -> int:
                         _log(problems[-1])
                     runs[name].append(r)
             results[label] = runs
+            if item == "get-cold":
+                _log(f"{label}: peak RSS of fresh processes ({len(RSS_PROBES)} probes, untimed)")
+                log = workdir / "rss-probe.log"
+                fresh, bad = fresh_rss(cfgs, study, n_instances, scratch, log)
+                for p in bad:
+                    problems.append(f"{label}: {p}")
+                    _log(problems[-1])
 
-        table = render(results, versions, mode, args.rounds, problems)
+        table = render(results, versions, mode, args.rounds, problems, fresh)
         print(table)
         if args.results:
             write_results(args.results, table)
@@ -890,7 +1047,10 @@ def write_results(path: Path, table: str) -> None:
 TARGETS = {
     f"C-FIND study level x{REPEAT}": ("none (shows scaling)", None),
     "C-FIND study level": ("<= 1.0x findscu, <= 1.1x raw pynetdicom", None),
-    "C-GET cold": ("<= 1.0x getscu; pacsframe peak RSS < 150 MB", None),
+    "C-GET cold": (
+        f"<= 1.0x getscu; pacsframe peak RSS < {RSS_TARGET_MB} MB in a fresh process (below)",
+        None,
+    ),
     "C-GET fully cached": ("< 2% of pacsframe's fastest cold median, zero sub-operations", None),
     "C-MOVE": ("<= 1.0x movescu + storescp", None),
 }
@@ -902,15 +1062,17 @@ def render(
     mode: str,
     rounds: int,
     problems: list[str],
+    fresh: dict[str, dict[str, Any]] | None = None,
 ) -> str:
-    """The markdown table (and context) of one run."""
+    """The markdown table (and context) of one run; ``fresh``: the RSS_PROBES answers."""
     lines = [
         f"Cohorts: {mode}. Seconds: median (min-max) of {rounds} rounds; tools alternate "
         "within a round. pacsframe and raw pynetdicom are timed in process with imports "
         "done (as a notebook user feels it), each in its own long-lived worker; dcmtk "
         "tools as whole processes, with TCP_NODELAY=1. Peak RSS in MB (max over rounds; "
-        "for workers the VmHWM of the timed call, interpreter included; C-MOVE dcmtk is "
-        "movescu + storescp).",
+        "for workers the VmHWM of the timed call, interpreter included, so it also holds "
+        "what the worker's earlier items left allocated; C-MOVE dcmtk is movescu + "
+        "storescp).",
         "",
         "| work item | pacsframe s | raw pynetdicom s | dcmtk s | pacsframe / fastest other "
         "| target | peak RSS MB pf / raw / dcmtk |",
@@ -945,6 +1107,10 @@ def render(
                 f"| {_fmt(stats.get('dcmtk'))} | {ratio} | {target} "
                 f"| {rss[name]} / {rss.get('pynetdicom', 'n/a')} / {rss.get('dcmtk', 'n/a')} |"
             )
+    if fresh:
+        cold = next(rs for label, rs in results.items() if label.startswith("C-GET cold"))
+        getscu = [r.get("rss_mb") for r in cold.get("dcmtk", [])]
+        lines += ["", _fresh_rss_text(fresh, getscu)]
     lines += [
         "",
         f"The x{REPEAT} item is the study-level query made {REPEAT} times over one "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +54,13 @@ def test_quick_benchmark_prints_and_writes_the_table(tmp_path):
     ):
         assert f"| {row} |" in out, out
     assert "every round failed" not in out, out
+    # Every fresh-process probe answered (a failed one renders as n/a).
+    fresh = (
+        r"Peak RSS of a fresh process doing the cold C-GET .*: pacsframe \d+ MB \(base "
+        r"install, .*: \d+ MB; import alone \d+ MB / \d+ MB\), raw pynetdicom \d+ MB, "
+        r"getscu \d+ MB\. Target pacsframe < 150 MB, judged on the first number: (not )?met\."
+    )
+    assert re.search(fresh, out), out
     assert f"pacsframe: 0.1.0 ({ROOT / 'pacsframe' / '__init__.py'})" in out
     written = results.read_text()
     assert written.startswith("# Kept\n") and written.endswith("Also kept.\n")
