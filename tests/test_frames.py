@@ -14,6 +14,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_dataset
 from pynetdicom.dsutils import decode, encode
 
 from pacsframe import frames
@@ -191,6 +194,89 @@ def test_builder_reads_raw_elements_of_every_family(implicit):
     assert row.Rows == 512 and row.SliceThickness == 1.25
     assert row.NumberOfStudyRelatedInstances == 42
     assert row.StudyDescription is pd.NA and row.AccessionNumber is pd.NA
+
+
+def _encoded(ds: Dataset, implicit: bool) -> bytes:
+    out = DicomBytesIO()
+    out.is_little_endian, out.is_implicit_VR = True, implicit
+    write_dataset(out, ds)
+    return out.getvalue()
+
+
+def _header_with_sequences() -> Dataset:
+    """A header whose wanted elements sit around nested undefined-length sequences."""
+    inner = Dataset()
+    inner.CodeValue, inner.CodeMeaning = "113691", "IHE Profile"
+    inner.is_undefined_length_sequence_item = True
+    item = Dataset()
+    item.ReferencedSOPInstanceUID = "1.2.3.4"
+    item.add(DataElement(0x00400260, "SQ", [inner], is_undefined_length=True))
+    item.is_undefined_length_sequence_item = True
+    sized = Dataset()
+    sized.ReferencedSOPInstanceUID = "1.2.3.5"
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.PatientName = "Gauß^Björn"
+    ds.add(DataElement(0x00081140, "SQ", [item, item], is_undefined_length=True))
+    ds.add(DataElement(0x00081115, "SQ", [sized]))  # defined length
+    ds.StudyInstanceUID = "1.2.826.0.1.3680043.2.1"
+    ds.InstanceNumber = "7"
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.Rows = 2
+    ds.add(DataElement(0x7FE00010, "OB", b"\x00\x01\x02\x03"))
+    return ds
+
+
+@pytest.mark.parametrize("implicit", [True, False])
+def test_scan_finds_what_pydicom_reads_stepping_over_nested_sequences(implicit):
+    data = _encoded(_header_with_sequences(), implicit)
+    wanted = {0x00080005, 0x00100010, 0x0020000D, 0x00200013, 0x00080008, 0x00280010}
+    found = frames.scan_elements(data, implicit, wanted)
+    reference = read_dataset(BytesIO(data), implicit, True)
+    assert found is not None and set(found) == wanted
+    for tag, elem in found.items():
+        raw = reference._dict[tag]
+        assert (elem.value, elem.VR, elem.length) == (raw.value, raw.VR, raw.length)
+        assert type(elem.value) is bytes
+
+
+def test_scan_stops_at_pixel_data_and_reads_memoryviews():
+    data = _encoded(_header_with_sequences(), False)
+    found = frames.scan_elements(memoryview(data), False, {0x00280010, 0x7FE00010}, 0x7FE00008)
+    assert found is not None and list(found) == [0x00280010]
+    assert found[0x00280010].value == b"\x02\x00"
+
+
+def test_scan_leaves_what_it_cannot_read_to_pydicom():
+    data = _encoded(_header_with_sequences(), False)
+    # a wanted sequence, a truncated element, bytes where a VR should be, a stray delimiter
+    assert frames.scan_elements(data, False, {0x00081140}) is None
+    assert frames.scan_elements(data, False, {0x00081115}) is None
+    assert frames.scan_elements(data[:40], False, {0x00100010}) is None
+    bad_vr = bytes.fromhex("10001000") + b"\x00\x01" + struct.pack("<H", 2) + b"AB"
+    assert frames.scan_elements(bad_vr, False, {0x00100010}) is None
+    assert frames.scan_elements(bytes.fromhex("FEFF0DE0 00000000"), True, {0x00100010}) is None
+    # implicit VR, a sequence of undefined length that never ends
+    endless = bytes.fromhex("08004011 FFFFFFFF FEFF00E0 FFFFFFFF")
+    assert frames.scan_elements(endless, True, {0x00100010}) is None
+
+
+def test_add_raw_builds_the_same_frame_as_a_decoded_dataset():
+    columns = ["PatientName", "StudyInstanceUID", "InstanceNumber", "ImageType", "Rows"]
+    for implicit in (True, False):
+        data = _encoded(_header_with_sequences(), implicit)
+        by_bytes, by_dataset = FrameBuilder(columns), FrameBuilder(columns)
+        assert by_bytes.add_raw(data, implicit)
+        by_dataset.add(read_dataset(BytesIO(data), implicit, True))
+        pd.testing.assert_frame_equal(by_bytes.frame(), by_dataset.frame())
+        assert by_bytes.frame().PatientName[0] == "Gauß^Björn"
+
+
+def test_add_raw_declines_unreadable_bytes():
+    data = _encoded(_header_with_sequences(), True)
+    builder = FrameBuilder(["PatientName"])
+    assert not builder.add_raw(data[:30], True)  # cut inside PatientName
+    assert len(builder) == 0
 
 
 @pytest.mark.parametrize(
