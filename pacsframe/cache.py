@@ -53,7 +53,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_dataset
-from pydicom.tag import Tag
+from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
@@ -90,6 +90,8 @@ _ALL_COLUMNS = (*_FIXED, *_KEYWORD_COLUMNS)
 # Columns of instances(): the indexed keywords, then what the cache adds.
 _FRAME_KEYWORDS = (*matching.INDEX_KEYWORDS, "TransferSyntaxUID")
 _HEADER_TAGS = [Tag(frames.attribute(k).tag) for k in matching.INDEX_KEYWORDS]
+# What a received object's header is scanned for (pydicom adds the character set too).
+_HEADER_TAG_SET = frozenset([*_HEADER_TAGS, 0x00080005])
 _INSERT = (
     f"INSERT OR REPLACE INTO instances ({', '.join(_ALL_COLUMNS)}) "
     f"VALUES ({', '.join('?' * len(_ALL_COLUMNS))})"
@@ -103,7 +105,15 @@ _LEVEL_COLUMN = {
     "SERIES": "SeriesInstanceUID",
 }
 _LEVEL_COLUMN["IMAGE"] = "SOPInstanceUID"
-_READ_ERRORS = (InvalidDicomError, EOFError, ValueError, OSError, KeyError, TypeError)
+_READ_ERRORS = (
+    InvalidDicomError,
+    EOFError,
+    ValueError,
+    OSError,
+    KeyError,
+    TypeError,
+    struct.error,
+)
 _INSERT_NEW = _INSERT.replace("INSERT OR REPLACE", "INSERT OR IGNORE", 1)
 # Where a header ends: pydicom's own stop_before_pixels tags.
 _PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00009, 0x7FE00008})
@@ -807,8 +817,9 @@ class Cache:
 
         ``head`` is the preamble, ``DICM`` and encoded file meta; ``dataset`` the
         buffer pynetdicom assembled from the PDV fragments, encoded in ``syntax``.
-        The dataset is parsed once, up to its pixel data, for the UIDs and the
-        index, and goes to the temporary file as it is: never joined to the meta,
+        The dataset is scanned once, up to its pixel data, for the UIDs and the
+        index (:func:`pacsframe.frames.scan_elements`; pydicom reads what the scan
+        leaves to it), and goes to the temporary file as it is: never joined to the meta,
         copied or decoded. Otherwise as :meth:`add`.
         """
         uid = UID(syntax)
@@ -816,14 +827,23 @@ class Cache:
             # Deflated data must be inflated to be read: pydicom's path does that.
             return self.add(head + dataset.getvalue(), overwrite=overwrite)
         try:
-            dataset.seek(0)
-            ds = read_dataset(
-                dataset,
-                uid.is_implicit_VR,
-                uid.is_little_endian,
-                stop_when=lambda tag, vr, length: tag in _PIXEL_TAGS,
-                specific_tags=_HEADER_TAGS,
-            )
+            found = None
+            if uid.is_little_endian:
+                with dataset.getbuffer() as view:
+                    found = frames.scan_elements(
+                        view, uid.is_implicit_VR, _HEADER_TAG_SET, stop=min(_PIXEL_TAGS)
+                    )
+            if found is not None:
+                ds = Dataset({BaseTag(tag): elem for tag, elem in found.items()})
+            else:
+                dataset.seek(0)
+                ds = read_dataset(
+                    dataset,
+                    uid.is_implicit_VR,
+                    uid.is_little_endian,
+                    stop_when=lambda tag, vr, length: tag in _PIXEL_TAGS,
+                    specific_tags=_HEADER_TAGS,
+                )
             strings = frames.dicom_strings(ds, matching.INDEX_KEYWORDS)
         except Exception:
             # Let the whole-file path refuse it, with the same error as ever.

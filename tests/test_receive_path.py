@@ -13,6 +13,7 @@ from pynetdicom.dsutils import create_file_meta, encode_file_meta
 
 from pacsframe.cache import Cache, part10_head
 from pacsframe.demo import make_cohort
+from pacsframe.errors import CacheError
 
 
 @pytest.mark.parametrize("sop", ["1.2.3", "1.2.34", "1.2.840.10008.5.1.4.1.1.2", "9" * 64])
@@ -67,9 +68,9 @@ def test_a_received_dataset_that_cannot_be_read_fails_as_add_does_and_writes_not
 ):
     head = part10_head("1.2.840.10008.5.1.4.1.1.2", "1.2.3", ExplicitVRLittleEndian)
     cache = Cache(tmp_path / "cache")
-    with pytest.raises(Exception) as whole:
+    with pytest.raises(CacheError, match="refused"):
         cache.add(head + junk)
-    with pytest.raises(whole.type):
+    with pytest.raises(CacheError, match="refused"):
         cache.add_received(head, io.BytesIO(junk), ExplicitVRLittleEndian)
     assert [p for p in cache.root.rglob("*") if p.suffix in (".dcm", ".part")] == []
     cache.close()
