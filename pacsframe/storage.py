@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import os
+import socketserver
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,7 @@ from pydicom.uid import (
 from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
+from pynetdicom.transport import ThreadedAssociationServer
 
 from .errors import AssociationError, QueryError
 
@@ -163,6 +166,24 @@ def storage_contexts(role: str = "requestor") -> list[PresentationContext]:
     return contexts
 
 
+class _PromptServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, stopping within 50 ms of ``shutdown()``.
+
+    ``socketserver`` notices a shutdown at its next poll, every 0.5 s by default, so
+    stopping the SCP at the end of a C-MOVE cost 0-0.5 s (about 0.25 s, some 8% of
+    moving a 500-instance study from Orthanc). Started by :meth:`StorageSCP.start`
+    rather than ``AE.start_server``, so it is not in the AE's list of servers that
+    pynetdicom's own ``shutdown`` removes it from.
+    """
+
+    def serve_forever(self, poll_interval: float = 0.05) -> None:
+        super().serve_forever(poll_interval)
+
+    def shutdown(self) -> None:
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
+
+
 class StorageSCP:
     """Our own storage SCP, running for the duration of a C-MOVE.
 
@@ -206,11 +227,11 @@ class StorageSCP:
         for context in storage_contexts("acceptor"):
             ae.add_supported_context(context.abstract_syntax, context.transfer_syntax)
         try:
-            self.server = ae.start_server(
+            self.server = ae.make_server(
                 self.address,
-                block=False,
                 evt_handlers=[(evt.EVT_C_STORE, self.on_store), (evt.EVT_CONN_OPEN, set_nodelay)],
                 ssl_context=self.ssl_context,
+                server_class=_PromptServer,
             )
         except OSError as exc:
             raise AssociationError(
@@ -218,6 +239,9 @@ class StorageSCP:
                 f"{exc.strerror or exc}. Choose a free scp_port for the PACS.",
                 reason="refused",
             ) from None
+        threading.Thread(
+            target=self.server.serve_forever, name="pacsframe-storage-scp", daemon=True
+        ).start()
         return self
 
     def stop(self) -> None:
