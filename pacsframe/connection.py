@@ -1050,7 +1050,17 @@ class PACS:
                 self._held.pop(purpose, None)
                 held = None
         if held is not None:
-            yield held
+            try:
+                yield held
+            except BaseException:
+                # As below: responses of the interrupted exchange may still be on
+                # its way or queued, and would be read as the next call's answers.
+                if held.is_established:
+                    held.abort()
+                with self._lock:
+                    if self._held.get(purpose) is held:
+                        del self._held[purpose]
+                raise
             return
         assoc = self._open(contexts, purpose, ext_neg, handlers)
         with self._lock:

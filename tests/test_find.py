@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 import pacsframe as pf
+from pacsframe import frames
 from pacsframe.query import DEFAULT_KEYS
 
 
@@ -222,6 +223,28 @@ def test_association_reused_within_a_call_and_a_block(peer, monkeypatch):
         peer.pacs.find_series(studies)
         peer.pacs.echo()
     assert len(opened) == 3
+
+
+def test_a_find_interrupted_in_a_block_leaves_no_answers_for_the_next(peer, monkeypatch):
+    expected = by(peer.pacs.find_studies(), "StudyInstanceUID")
+    rows = []
+    original = frames.FrameBuilder.add_raw
+
+    def interrupted(self, data, implicit_vr):
+        rows.append(1)
+        if len(rows) == 2:
+            raise KeyboardInterrupt
+        return original(self, data, implicit_vr)
+
+    with peer.pacs:
+        peer.pacs.echo()  # the association is held from here on
+        monkeypatch.setattr(frames.FrameBuilder, "add_raw", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            peer.pacs.find_studies()
+        monkeypatch.undo()
+        again = peer.pacs.find_studies()
+    assert len(rows) == 2
+    pd.testing.assert_frame_equal(by(again, "StudyInstanceUID"), expected)
 
 
 def test_orthanc_latin1_answers_decode(cohort, tmp_path):
