@@ -687,23 +687,15 @@ class FrameBuilder:
 
     def add(self, ds: Dataset) -> None:
         """Keep the raw element of each column of one identifier."""
-        row: list[Any] = [None] * len(self.attributes)
-        charset = None
         index = self._index
+        wanted = []
         for elem in ds.values():
-            where = index.get(elem.tag)
-            if where is None:
+            if elem.tag not in index:
                 continue
             if elem.value is None and not isinstance(elem, DataElement):
                 elem = ds.get_item(elem.tag)  # a deferred read: read it now
-            for i in where:
-                if i < 0:
-                    charset = elem
-                else:
-                    row[i] = elem
-        for cells, elem in zip(self._cells, row, strict=True):
-            cells.append(elem)
-        self._charsets.append(charset)
+            wanted.append((elem.tag, elem))
+        self._keep(wanted)
 
     def add_raw(self, data: bytes | memoryview, implicit_vr: bool) -> bool:
         """Add one identifier from its little-endian encoding, as it came off the wire.
@@ -724,10 +716,15 @@ class FrameBuilder:
         found = scan_elements(data, implicit_vr, self._index)
         if found is None:
             return False
+        self._keep(found.items())
+        return True
+
+    def _keep(self, elements: Iterable[tuple[int, Any]]) -> None:
+        """Append one row: each (tag, raw element) to its columns or the charsets."""
         row: list[Any] = [None] * len(self.attributes)
         charset = None
         index = self._index
-        for tag, elem in found.items():
+        for tag, elem in elements:
             for i in index[tag]:
                 if i < 0:
                     charset = elem
@@ -736,7 +733,6 @@ class FrameBuilder:
         for cells, elem in zip(self._cells, row, strict=True):
             cells.append(elem)
         self._charsets.append(charset)
-        return True
 
     def _encodings(self) -> list[list[str] | None]:
         known: dict[Any, list[str] | None] = {}
