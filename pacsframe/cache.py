@@ -117,6 +117,7 @@ _READ_ERRORS = (
 _INSERT_NEW = _INSERT.replace("INSERT OR REPLACE", "INSERT OR IGNORE", 1)
 # Where a header ends: pydicom's own stop_before_pixels tags.
 _PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00009, 0x7FE00008})
+_HEADER_END = min(_PIXEL_TAGS)  # scan_elements stops at the first tag from here on
 # Series folders path_for() found inside the root (see there); reset when this large.
 _SAFE_FOLDERS_MAX = 4096
 
@@ -831,7 +832,7 @@ class Cache:
             if uid.is_little_endian:
                 with dataset.getbuffer() as view:
                     found = frames.scan_elements(
-                        view, uid.is_implicit_VR, _HEADER_TAG_SET, stop=min(_PIXEL_TAGS)
+                        view, uid.is_implicit_VR, _HEADER_TAG_SET, stop=_HEADER_END
                     )
             if found is not None:
                 ds = Dataset({BaseTag(tag): elem for tag, elem in found.items()})

@@ -501,8 +501,7 @@ def empty_frame(columns: Iterable[str]) -> pd.DataFrame:
 # --- reading encoded datasets without pydicom's per-element objects ------------------------
 
 _TAG = struct.Struct("<HH").unpack_from
-_IMPLICIT_HEAD = struct.Struct("<HHL").unpack_from
-_EXPLICIT_HEAD = struct.Struct("<HH2sH").unpack_from
+_VR_LENGTH = struct.Struct("<2sH").unpack_from  # explicit VR: after the tag
 _LENGTH = struct.Struct("<L").unpack_from
 _LONG_VRS = frozenset(vr.encode() for vr in EXPLICIT_VR_LENGTH_32)
 _SHORT_VRS = frozenset(v.value.encode() for v in VR if len(v.value) == 2) - _LONG_VRS
@@ -571,7 +570,7 @@ def _scan(
             vr = None
             pos += 8
         else:
-            vr_bytes, length = _EXPLICIT_HEAD(data, pos)[2:]
+            vr_bytes, length = _VR_LENGTH(data, pos + 4)
             if vr_bytes in _LONG_VRS:
                 if pos + 12 > end:
                     return None

@@ -171,9 +171,9 @@ class _PromptServer(ThreadedAssociationServer):
 
     ``socketserver`` notices a shutdown at its next poll, every 0.5 s by default, so
     stopping the SCP at the end of a C-MOVE cost 0-0.5 s (about 0.25 s, some 8% of
-    moving a 500-instance study from Orthanc). Started by :meth:`StorageSCP.start`
-    rather than ``AE.start_server``, so it is not in the AE's list of servers that
-    pynetdicom's own ``shutdown`` removes it from.
+    moving a 500-instance study from Orthanc). :meth:`StorageSCP.start` runs it in
+    a thread of its own, as ``AE.start_server`` has no poll setting; the AE then
+    does not list it, so ``shutdown`` skips pynetdicom's removal from that list.
     """
 
     def serve_forever(self, poll_interval: float = 0.05) -> None:
