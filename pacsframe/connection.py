@@ -447,8 +447,8 @@ def _find_responses(
 
     This is ``Association.send_c_find`` without its per-response decoding: pynetdicom
     builds a pydicom ``Dataset`` for every identifier (and another for every status),
-    about two thirds of the time a 2,000-row answer takes in Python, and the frame
-    needs only the bytes of its columns (``FrameBuilder.add_raw``). It drives the
+    most of the calling thread's work on a 2,000-row answer, and the frame needs only
+    the bytes of its columns (``FrameBuilder.add_raw``). It drives the
     association the way ``send_c_find`` does, through the same pynetdicom hooks: the
     reactor checkpoint, which keeps the association's own reactor from taking our
     responses off the DIMSE queue, and the DIMSE provider's ``send_msg``/``get_msg``.
