@@ -36,6 +36,7 @@ from pydicom import dcmread as pydicom_dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset as pydicom_read_dataset
 from pydicom.filewriter import write_dataset
 from pydicom.tag import Tag
 from pynetdicom.dsutils import decode
@@ -700,3 +701,57 @@ def test_reading_identifier_bytes_equals_decoding_them_with_pydicom(identifier):
         warnings.simplefilter("ignore")
         expected = build_frame(columns, ds, rows=1)
         pd.testing.assert_frame_equal(by_bytes.frame(), expected)
+
+
+# --- the header scan over nested sequences -----------------------------------------------
+
+_SEQUENCE_TAGS = [0x00081140, 0x00081115, 0x00400260, 0x00082218]  # SQ in the dictionary
+_FLAT = [
+    (0x00080016, "UI", "1.2.840.10008.5.1.4.1.1.2"),
+    (0x00100010, "PN", "Doe^Jane"),
+    (0x0020000D, "UI", "1.2.3.4"),
+    (0x00200013, "IS", "7"),
+    (0x00280010, "US", 512),
+    (0x00080008, "CS", ["ORIGINAL", "PRIMARY"]),
+]
+
+
+@st.composite
+def nested_datasets(draw, depth: int = 0):
+    """A dataset of flat elements and sequences, each of defined or undefined length."""
+    ds = Dataset()
+    for tag, vr, value in draw(
+        st.lists(st.sampled_from(_FLAT), max_size=4, unique_by=lambda e: e[0])
+    ):
+        ds.add_new(tag, vr, value)
+    if depth < 3:
+        for tag in draw(st.lists(st.sampled_from(_SEQUENCE_TAGS), max_size=2, unique=True)):
+            items = draw(st.lists(nested_datasets(depth + 1), max_size=3))
+            for item in items:
+                item.is_undefined_length_sequence_item = draw(st.booleans())
+            ds.add_new(tag, "SQ", items)
+            ds[tag].is_undefined_length = draw(st.booleans())
+    return ds
+
+
+@FUZZ
+@given(nested_datasets(), st.booleans(), st.sets(st.sampled_from([t for t, _, _ in _FLAT])))
+def test_the_header_scan_steps_over_any_nesting_as_pydicom_reads_it(ds, implicit, wanted):
+    """``scan_elements`` (received headers, identifiers) agrees with pydicom's reader."""
+    out = DicomBytesIO()
+    out.is_little_endian, out.is_implicit_VR = True, implicit
+    write_dataset(out, ds)
+    data = out.getvalue()
+    found = frames.scan_elements(data, implicit, wanted)
+    assert found is not None  # well-formed: never left to pydicom
+    reference = {
+        int(tag): elem
+        for tag, elem in pydicom_read_dataset(io.BytesIO(data), implicit, True)._dict.items()
+        if tag in wanted
+    }
+    assert {t: (e.VR, e.value) for t, e in found.items()} == {
+        t: (e.VR, e.value) for t, e in reference.items()
+    }
+    # Cut anywhere, it is left to pydicom or reads a prefix: never an exception.
+    for cut in range(0, len(data), max(1, len(data) // 7)):
+        frames.scan_elements(data[:cut], implicit, wanted)
