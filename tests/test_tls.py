@@ -62,37 +62,53 @@ def _write_key(path: Path, key: rsa.RSAPrivateKey, password: bytes | None = None
     )
 
 
-def _make_ca(folder: Path, name: str) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+def _builder(
+    name: str, issuer: x509.Name, key: rsa.RSAPrivateKey, *, ca: bool
+) -> x509.CertificateBuilder:
+    """What a test CA and a leaf share: names, a two-day validity, constraints, usage."""
     now = datetime.datetime.now(datetime.UTC)
-    cert = (
+    return (
         x509.CertificateBuilder()
         .subject_name(_name(f"pacsframe test {name}"))
-        .issuer_name(_name(f"pacsframe test {name}"))
+        .issuer_name(issuer)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(hours=1))
         .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True)
         .add_extension(
             x509.KeyUsage(
                 digital_signature=True,
                 content_commitment=False,
-                key_encipherment=False,
+                key_encipherment=not ca,
                 data_encipherment=False,
                 key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
+                key_cert_sign=ca,
+                crl_sign=ca,
                 encipher_only=False,
                 decipher_only=False,
             ),
             critical=True,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
     )
+
+
+def _save(
+    folder: Path,
+    name: str,
+    cert: x509.Certificate,
+    key: rsa.RSAPrivateKey,
+    password: bytes | None = None,
+) -> None:
     (folder / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    _write_key(folder / f"{name}.key", key)
+    _write_key(folder / f"{name}.key", key, password)
+
+
+def _make_ca(folder: Path, name: str) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    cert = _builder(name, _name(f"pacsframe test {name}"), key, ca=True).sign(key, hashes.SHA256())
+    _save(folder, name, cert, key)
     return cert, key
 
 
@@ -105,30 +121,8 @@ def _make_leaf(
 ) -> None:
     ca_cert, ca_key = ca
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    now = datetime.datetime.now(datetime.UTC)
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(f"pacsframe test {name}"))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=True,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        _builder(name, ca_cert.subject, key, ca=False)
         # DICOM peers are clients and servers (C-MOVE sub-associations).
         .add_extension(
             x509.ExtendedKeyUsage(
@@ -137,15 +131,13 @@ def _make_leaf(
             critical=False,
         )
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
             critical=False,
         )
         .sign(ca_key, hashes.SHA256())
     )
-    (folder / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    _write_key(folder / f"{name}.key", key, password)
+    _save(folder, name, cert, key, password)
 
 
 @dataclass(frozen=True)
