@@ -137,13 +137,19 @@ def wait_for(condition, seconds: float, what: str) -> None:
         time.sleep(0.005)
 
 
+def reap(*processes: subprocess.Popen) -> None:
+    """Kill whichever still runs and wait for it: no child outlives its test."""
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 def finish(process: subprocess.Popen, seconds: float = 120) -> dict:
     try:
         out, err = process.communicate(timeout=seconds)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        reap(process)
     assert process.returncode == 0, err
     return json.loads(out.strip().splitlines()[-1])
 
@@ -314,10 +320,7 @@ def test_processes_opening_a_new_index_at_once_all_succeed(tmp_path):
             (tmp_path / f"go.{trial}").touch()
         results = [finish(process)["results"] for process, _ in children]
     finally:
-        for process, _ in children:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+        reap(*(process for process, _ in children))
     assert results == [[0] * trials] * count
 
 
@@ -382,9 +385,7 @@ def test_sigkill_mid_get_leaves_complete_files_and_a_rerun_fetches_the_rest(slow
         # Reaped before verify(): a zombie's PID still answers os.kill(pid, 0).
         process.wait(30)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        reap(process)
     assert process.returncode == -signal.SIGKILL
 
     files = sorted(root.rglob("*.dcm"))
@@ -460,9 +461,7 @@ def test_verify_leaves_a_live_writers_temporary_file_and_removes_a_killed_ones(s
         process.send_signal(signal.SIGKILL)
         process.wait(30)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        reap(process)
     (part,) = temporary_files(root)
     report = cache.verify()
     assert report.problem.tolist() == ["stray temporary file"]
