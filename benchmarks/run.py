@@ -62,48 +62,34 @@ sys.path.insert(1, str(ROOT / "tests"))
 HOST = "127.0.0.1"
 CALL_TIMEOUT = 900.0  # seconds any single timed call may take before the run fails
 
-COHORTS: dict[str, dict[str, dict[str, Any]]] = {
-    "full": {
-        # 2,000 studies of one small instance: 2,001 study rows with the retrieve study.
-        "query": {
-            "patients": 2000,
-            "seed": 601,
-            "studies_per_patient": 1,
-            "series_per_study": 1,
-            "instances_per_series": 1,
-            "matrix": 8,
-            "modalities": ["CT", "MR"],
-        },
-        # One CT study of 500 512x512 instances (about 256 MB).
-        "retrieve": {
-            "patients": 1,
-            "seed": 602,
-            "studies_per_patient": 1,
-            "series_per_study": 1,
-            "instances_per_series": 500,
-            "matrix": 512,
-            "modalities": ["CT"],
-        },
+_FULL: dict[str, dict[str, Any]] = {
+    # 2,000 studies of one small instance: 2,001 study rows with the retrieve study.
+    "query": {
+        "patients": 2000,
+        "seed": 601,
+        "studies_per_patient": 1,
+        "series_per_study": 1,
+        "instances_per_series": 1,
+        "matrix": 8,
+        "modalities": ["CT", "MR"],
     },
+    # One CT study of 500 512x512 instances (about 256 MB).
+    "retrieve": {
+        "patients": 1,
+        "seed": 602,
+        "studies_per_patient": 1,
+        "series_per_study": 1,
+        "instances_per_series": 500,
+        "matrix": 512,
+        "modalities": ["CT"],
+    },
+}
+COHORTS: dict[str, dict[str, dict[str, Any]]] = {
+    "full": _FULL,
+    # The smoke run: the same cohorts, smaller.
     "quick": {
-        "query": {
-            "patients": 20,
-            "seed": 601,
-            "studies_per_patient": 1,
-            "series_per_study": 1,
-            "instances_per_series": 1,
-            "matrix": 8,
-            "modalities": ["CT", "MR"],
-        },
-        "retrieve": {
-            "patients": 1,
-            "seed": 602,
-            "studies_per_patient": 1,
-            "series_per_study": 1,
-            "instances_per_series": 10,
-            "matrix": 64,
-            "modalities": ["CT"],
-        },
+        "query": {**_FULL["query"], "patients": 20},
+        "retrieve": {**_FULL["retrieve"], "instances_per_series": 10, "matrix": 64},
     },
 }
 
