@@ -20,6 +20,7 @@ from .errors import (
     NotSupported,
     PacsFrameError,
     QueryError,
+    ResultsCapped,
 )
 from .frames import MalformedValueWarning
 from .retrieve import RetrieveResult
@@ -39,6 +40,7 @@ __all__ = [
     "PacsFrameError",
     "QueryError",
     "QueryForm",
+    "ResultsCapped",
     "RetrieveResult",
     "StoreResult",
     "Volume",

@@ -6,6 +6,8 @@ message says what was wrong and what to do about it.
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "AssociationError",
     "CacheError",
@@ -14,6 +16,7 @@ __all__ = [
     "NotSupported",
     "PacsFrameError",
     "QueryError",
+    "ResultsCapped",
 ]
 
 
@@ -23,6 +26,34 @@ class PacsFrameError(Exception):
 
 class QueryError(PacsFrameError, ValueError):
     """Input rejected before anything was sent to the peer."""
+
+
+class ResultsCapped(QueryError):
+    """The peer caps C-FIND answers, and no split of the query got under the cap.
+
+    Raised after every window that could be asked was asked: ``partial`` holds all
+    the rows obtained (typed, each once), which is not every match.
+
+    Attributes
+    ----------
+    partial : pandas.DataFrame
+        The rows obtained, as the find call would have returned them.
+    window : str
+        The first window still over the cap, e.g. ``"StudyDate=20260301
+        StudyTime=0830-083059.999999"``.
+    windows : list of str
+        Every window still over the cap.
+    cap : int or None
+        The peer's cap, when known (``max_results``, or the count of an answer the
+        peer flagged as cut short).
+    """
+
+    def __init__(self, message: str, *, partial: Any, windows: list[str], cap: int | None) -> None:
+        super().__init__(message)
+        self.partial = partial
+        self.windows = list(windows)
+        self.window = self.windows[0] if self.windows else ""
+        self.cap = cap
 
 
 class AssociationError(PacsFrameError, ConnectionError):
