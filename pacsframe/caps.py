@@ -441,7 +441,7 @@ def split_find(
     # one path of pending windows is held at a time.
     pending = [halves[1], halves[0]]
     asked = 1
-    timed = False
+    timed = halves[0].times is not None
     while pending:
         window = pending.pop()
         if asked >= MAX_QUERIES or len(outcome.capped) >= MAX_CAPPED_WINDOWS:

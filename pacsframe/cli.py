@@ -10,7 +10,11 @@ StudyDate=20260301-20260406 --csv out.csv``
 ``pacsframe get --peer 127.0.0.1:4242 --aet ORTHANC --from studies.csv`` retrieves
 a saved frame into the cache; ``pacsframe move ... --destination OTHER_AE`` moves.
 
-``pacsframe serve ./folder --port 11112`` runs the demo PACS over a folder;
+``--max-results N`` gives a peer's C-FIND result cap, for a PACS that stops at N
+matches without saying so (capped answers are split and merged; see README).
+
+``pacsframe serve ./folder --port 11112`` runs the demo PACS over a folder
+(``--max-results N`` makes it cap its answers as Orthanc's LimitFindResults does);
 ``pacsframe demo`` makes a synthetic cohort, serves it and runs a short tour.
 
 DICOM TLS: ``--tls-ca ca.pem [--tls-cert me.pem --tls-key me.key]`` on the client
@@ -51,6 +55,12 @@ def _add_peer_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--calling-aet", default="PACSFRAME", help="our AE title")
     group.add_argument("--config", metavar="NAME", help="a named peer from the config file")
     group.add_argument("--timeout", type=float, default=30.0, help="seconds per response")
+    group.add_argument(
+        "--max-results",
+        type=int,
+        metavar="N",
+        help="the peer's C-FIND result cap, for a PACS that stops at N matches silently",
+    )
     tls = parser.add_argument_group("DICOM TLS")
     tls.add_argument("--tls", action="store_true", help="use TLS (implied by any --tls-* file)")
     _add_tls_files(tls, "the CA (PEM) that signed the peer's certificate", "our certificate")
@@ -133,6 +143,12 @@ def _setup_argparser() -> argparse.ArgumentParser:
         "--cohort", type=int, default=0, metavar="N", help="first write N synthetic patients"
     )
     serve.add_argument("--seed", type=int, default=0)
+    serve.add_argument(
+        "--max-results",
+        type=int,
+        metavar="N",
+        help="answer at most N C-FIND matches, then 0xFE00 (as Orthanc's LimitFindResults)",
+    )
     _add_tls_files(
         serve.add_argument_group("DICOM TLS (serve TLS only)"),
         "the CA (PEM) that signs client certificates; they are then required",
@@ -154,6 +170,8 @@ def _setup_argparser() -> argparse.ArgumentParser:
 def _pacs(args: argparse.Namespace, **settings: Any) -> PACS:
     """The peer from --config or --peer/--aet, with extra settings (cache, scp_port)."""
     settings = {k: v for k, v in settings.items() if v}
+    if args.max_results is not None:
+        settings["max_results"] = args.max_results
     tls = _tls(args)
     if tls is not None:
         settings["tls"] = tls
@@ -296,7 +314,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"Serving {args.folder} as {args.aet!r} on 127.0.0.1:{args.port}{secure}; "
                 "Ctrl-C stops."
             )
-            serve(args.folder, ae_title=args.aet, port=args.port, tls=tls)
+            serve(
+                args.folder,
+                ae_title=args.aet,
+                port=args.port,
+                tls=tls,
+                max_results=args.max_results,
+            )
         elif args.command == "demo":
             _demo(args)
     except PacsFrameError as exc:

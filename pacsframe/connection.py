@@ -39,8 +39,15 @@ from pynetdicom.sop_class import (
 )
 from pynetdicom.status import QR_FIND_SERVICE_CLASS_STATUS, code_to_category
 
-from . import frames
-from .errors import AssociationError, DimseError, NotSupported, PacsFrameError, QueryError
+from . import caps, frames
+from .errors import (
+    AssociationError,
+    DimseError,
+    NotSupported,
+    PacsFrameError,
+    QueryError,
+    ResultsCapped,
+)
 from .query import LEVELS, UNIQUE_KEY, Query, build_query, normalize_model
 
 if TYPE_CHECKING:
@@ -91,6 +98,7 @@ _SETTING_TYPES: dict[str, type] = {
     "max_pdu": int,
     "scp_port": int,
     "cache": str,
+    "max_results": int,
     # TLS files (paths relative to the config file's folder) and the hostname check.
     "tls_ca": str,
     "tls_cert": str,
@@ -540,6 +548,11 @@ class PACS:
         move, store). A :class:`TLS` with ``cert`` and ``key`` also makes our
         storage SCP for :meth:`move` accept only TLS; an ``ssl.SSLContext`` is
         used as given for our associations (the storage SCP then stays plain).
+    max_results : int, optional
+        The peer's C-FIND result cap, for a PACS that stops at that many matches
+        and answers Success: an answer with at least this many rows is treated as
+        capped and split (see :meth:`find`). Peers that say they stopped (Orthanc's
+        0xFE00, dcm4chee-arc's "too large" refusal, 0xB001) need no setting.
 
     Examples
     --------
@@ -563,6 +576,7 @@ class PACS:
         scp_port: int = 0,
         cache: str | os.PathLike[str] | Cache | None = None,
         tls: TLS | ssl.SSLContext | None = None,
+        max_results: int | None = None,
     ) -> None:
         if not isinstance(host, str) or not host:
             raise QueryError(f"host={host!r} must be a host name or IP address.")
@@ -592,6 +606,14 @@ class PACS:
         ):
             raise QueryError(f"scp_port={scp_port!r} must be 0 (a free port) or 1-65535.")
         self._scp_port = scp_port
+        if max_results is not None and (
+            not isinstance(max_results, int) or isinstance(max_results, bool) or max_results < 1
+        ):
+            raise QueryError(
+                f"max_results={max_results!r} must be a whole number of at least 1 (the "
+                "number of matches at which the peer stops answering a C-FIND), or None."
+            )
+        self.max_results = max_results
         self.tls = tls
         self._tls_context = _client_tls_context(tls)
         self._cache_setting = cache
@@ -613,6 +635,8 @@ class PACS:
         ``PACSFRAME_CONFIG`` says otherwise. ``PACSFRAME_HOST``, ``PACSFRAME_PORT``,
         ``PACSFRAME_AE_TITLE`` and ``PACSFRAME_CALLING_AE`` override the file, and
         keyword arguments (any :class:`PACS` setting) override both.
+        ``max_results`` (the peer's silent result cap) may be set in the file too,
+        and ``PACSFRAME_MAX_RESULTS`` overrides it.
 
         TLS: ``tls_ca``, ``tls_cert`` and ``tls_key`` name PEM files (relative
         paths are relative to the configuration file's folder), overridden by
@@ -647,7 +671,7 @@ class PACS:
                 f"[peers.{name}] table."
             )
         settings = dict(peers[name])
-        for key in ("host", "port", "ae_title", "calling_ae"):
+        for key in ("host", "port", "ae_title", "calling_ae", "max_results"):
             env = os.environ.get(f"PACSFRAME_{key.upper()}")
             if env:
                 settings[key] = env
@@ -1142,9 +1166,19 @@ class PACS:
         *,
         model: str = "study",
         return_keys: Sequence[str] | None = None,
+        progress: bool = True,
         **keys: Any,
     ) -> pd.DataFrame:
         """C-FIND at ``level`` and return one typed row per match.
+
+        A capped answer is never returned as if complete. When the peer stops
+        early (a final 0xFE00 nobody asked for, a refusal whose comment names a
+        size, 0xB001, or at least :attr:`max_results` rows), the query is split
+        (StudyDate windows, then StudyTime within a day, down to one minute;
+        PatientBirthDate windows at PATIENT level; see :mod:`pacsframe.caps`), the
+        pieces are asked on the same association and merged, each row once.
+        Entities without a value in a split key (undated studies) match no window:
+        those in the capped answer are kept, and a warning says more may exist.
 
         Parameters
         ----------
@@ -1158,9 +1192,24 @@ class PACS:
             Study-root or patient-root information model.
         return_keys : list of str, optional
             Attributes to return in addition to the level's defaults.
+        progress : bool
+            Show a ``tqdm`` bar when splitting a capped answer takes many queries.
         **keys
             Matching keys: DICOM keywords (or snake_case) and values (see
             :func:`pacsframe.query.encode_value`).
+
+        Returns
+        -------
+        DataFrame
+            ``attrs["pacsframe"]`` holds the query, the peer, ``requests`` (the
+            number of C-FINDs sent) and ``split`` (whether a capped answer was split).
+
+        Raises
+        ------
+        ResultsCapped
+            A window is still capped after every split (one minute of StudyTime
+            holds at least the cap, or SERIES/IMAGE level, where no split is
+            complete); ``.partial`` holds the rows obtained.
 
         Examples
         --------
@@ -1177,8 +1226,8 @@ class PACS:
         query = build_query(level, normalize_model(model), keys, return_keys)
         if parents is None:
             query.check_required()
-            return self._run(query, None)
-        return self._run(query, self._parents(parents, query))
+            return self._run(query, None, progress)
+        return self._run(query, self._parents(parents, query), progress)
 
     def find_patients(self, **keys: Any) -> pd.DataFrame:
         """C-FIND at PATIENT level (patient-root model). See :meth:`find`."""
@@ -1248,11 +1297,16 @@ class PACS:
             frame = self.find(next_level, frame, model=query.model)
         return frame
 
-    def _run(self, query: Query, parents: pd.DataFrame | None) -> pd.DataFrame:
+    def _run(
+        self, query: Query, parents: pd.DataFrame | None, progress: bool = True
+    ) -> pd.DataFrame:
         model_uid = FIND_MODELS[query.model]
         builder = frames.FrameBuilder(query.columns)
         owners: list[int] = []
         requests = [(-1, query)] if parents is None else list(self._child_queries(query, parents))
+        counter = caps.Progress(f"{query.level}-level C-FIND", show=progress)
+        # (first row, end row, outcome) of each request whose answer was capped.
+        splits: list[tuple[int, int, caps.Outcome[range]]] = []
         with self.association(self._query_contexts()) as assoc:
             if not any(cx.abstract_syntax == model_uid for cx in assoc.accepted_contexts):
                 other = "patient" if query.model == "study" else "study"
@@ -1261,18 +1315,34 @@ class PACS:
                     f"model; use model={other!r}.",
                     status=0x0122,
                 )
-            for owner, request in requests:
+
+            def run(keys: dict[str, str]) -> caps.Answer[range]:
                 before = len(builder)
-                self._find_one(assoc, request, model_uid, builder)
-                owners.extend([owner] * (len(builder) - before))
+                asked = Query(query.level, query.model, keys)
+                truncated = self._find_one(assoc, asked, model_uid, builder)
+                return caps.Answer(range(before, len(builder)), len(builder) - before, truncated)
+
+            try:
+                for owner, request in requests:
+                    before = len(builder)
+                    outcome = caps.split_find(
+                        run, request.keys, query.level, cap=self.max_results, progress=counter
+                    )
+                    owners.extend([owner] * (len(builder) - before))
+                    if outcome.split:
+                        splits.append((before, len(builder), outcome))
+            finally:
+                counter.close()
         result = builder.frame()
+        if splits:
+            result, owners = self._merge_splits(result, owners, query, splits)
         _check_answer(result, query.level, self.ae_title)
         LOGGER.info(
             "C-FIND %s level (%s root) at %s: %d request(s), %d match(es)",
             query.level,
             query.model,
             self.ae_title,
-            len(requests),
+            counter.queries,
             len(result),
         )
         if parents is not None:
@@ -1280,9 +1350,67 @@ class PACS:
         result.attrs["pacsframe"] = {
             **query.to_json(),
             "peer": self.peer,
-            "requests": len(requests),
+            "requests": counter.queries,
+            "split": bool(splits),
         }
+        capped = [outcome for _, _, outcome in splits if outcome.capped]
+        if capped:
+            windows = [w for outcome in capped for w in outcome.capped]
+            more = (
+                f" (in {len(capped)} of the {len(requests)} parent queries)"
+                if parents is not None
+                else ""
+            )
+            raise ResultsCapped(
+                caps.capped_message(query.level, self.ae_title, capped[0], len(result), more=more),
+                partial=result,
+                windows=windows,
+                cap=capped[0].cap,
+            )
         return result
+
+    def _merge_splits(
+        self,
+        result: pd.DataFrame,
+        owners: list[int],
+        query: Query,
+        splits: list[tuple[int, int, caps.Outcome[range]]],
+    ) -> tuple[pd.DataFrame, list[int]]:
+        """Drop the rows a split answer repeats (capped answers overlap their pieces)."""
+        keep = pd.Series(True, index=result.index)
+        unmatched: dict[str, int] = {}
+        for start, end, outcome in splits:
+            part = result.iloc[start:end]
+            keep.iloc[start:end] = ~caps.repeated(part, query.level).to_numpy()
+            for key in outcome.unmatched:
+                if key in part.columns:
+                    kept = part[key][keep.iloc[start:end].to_numpy()]
+                    unmatched[key] = unmatched.get(key, 0) + int(kept.isna().sum())
+        LOGGER.info(
+            "C-FIND %s level at %s: %d capped answer(s) split and merged; %d repeated row(s) "
+            "dropped",
+            query.level,
+            self.ae_title,
+            len(splits),
+            int((~keep).sum()),
+        )
+        for key, count in unmatched.items():
+            if key == caps.SPLIT_KEYS[query.level][0]:
+                what = f"the query was split into {key} windows"
+                kept = f" ({count} here)"
+            else:  # the time key: only the days split by time lose their untimed rows
+                what = f"a day holding at least the cap was split into {key} windows"
+                kept = ""
+            warnings.warn(
+                f"{self.ae_title} capped the {query.level}-level C-FIND answer and {what}; "
+                f"entities with no {key} match no window, so only those in a capped answer "
+                f"are included{kept} and more may exist. Give {key}=... to leave them out "
+                "on purpose, or ask the PACS administrator to raise the limit.",
+                stacklevel=5,
+            )
+        mask = keep.to_numpy()
+        owners = [owner for owner, kept in zip(owners, mask, strict=True) if kept]
+        return result[mask].reset_index(drop=True), owners
 
     def _child_queries(self, query: Query, parents: pd.DataFrame) -> Iterator[tuple[int, Query]]:
         keys = list(
@@ -1318,15 +1446,22 @@ class PACS:
         query: Query,
         model_uid: str,
         builder: frames.FrameBuilder,
-    ) -> None:
+    ) -> str | None:
+        """Run one C-FIND into ``builder``; say why its answer is cut short, or None.
+
+        pacsframe never sends C-CANCEL during a find (an interrupt aborts the
+        association), so a final 0xFE00 is the peer stopping at its result limit.
+        """
         last = time.monotonic()
         undecodable = 0
+        count = 0
         for rsp, identifier, encoding in _find_responses(assoc, query.dataset(), model_uid):
             if rsp is None:
                 raise self._lost(assoc, f"{query.level}-level C-FIND", time.monotonic() - last)
             last = time.monotonic()
             code = int(rsp.Status)
             if code in _PENDING:
+                count += 1
                 if identifier is not None and not _add_identifier(builder, identifier, encoding):
                     undecodable += 1
                 continue
@@ -1337,24 +1472,31 @@ class PACS:
                     "frame; the peer sent malformed identifiers (pacsframe's debug log "
                     "says how).",
                     frames.MalformedValueWarning,
-                    stacklevel=5,
+                    stacklevel=8,
                 )
             if code == 0x0000:
-                return
+                return None
             comment = rsp.ErrorComment
             detail = f" The peer says: {comment}." if comment else ""
+            if code == 0xFE00:
+                return (
+                    f"it ended an answer with 0xFE00 (Cancel) after {count} match(es) although "
+                    "pacsframe sent no C-CANCEL"
+                )
+            if code == 0xB001:
+                return f"it answered 0xB001 (response limit reached) after {count} match(es)"
+            if ((code & 0xF000) == 0xC000 or (code & 0xFF00) == 0xA700) and caps.names_a_size(
+                comment
+            ):
+                return f"it refused with 0x{code:04X}, {str(comment)!r}, after {count} match(es)"
             category = code_to_category(code)
             if category == "Warning":
                 warnings.warn(
                     f"{self.ae_title} ended the C-FIND with "
                     f"{_status_text(code, QR_FIND_SERVICE_CLASS_STATUS)}.{detail}",
-                    stacklevel=5,
+                    stacklevel=8,
                 )
-                return
-            if code == 0xFE00:
-                raise DimseError(
-                    f"the {query.level}-level C-FIND was cancelled.", status=code, comment=comment
-                )
+                return None
             raise DimseError(
                 f"{self.ae_title} answered the {query.level}-level C-FIND with "
                 f"{_status_text(code, QR_FIND_SERVICE_CLASS_STATUS)}.{detail} "

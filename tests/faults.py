@@ -8,7 +8,7 @@ add up. Set ``server.faults`` to a :class:`Faults` before the request; the
 defaults misbehave in no way.
 
 Hangs block on ``server.release`` (a :class:`threading.Event`), which
-:meth:`FaultyPACS.unblock` sets (the fixture does so at teardown), so no server
+:meth:`FaultyPACS.unblock` sets (leaving ``with FaultyPACS(...)`` does so), so no server
 thread outlives the test by more than a moment.
 
 C-FIND is answered in Explicit VR Little Endian only, so a wrong VR is on the
@@ -17,6 +17,7 @@ wire, not only in the value bytes.
 
 from __future__ import annotations
 
+import itertools
 import os
 import struct
 import threading
@@ -41,7 +42,7 @@ from pacsframe import frames
 from pacsframe.demo import DemoPACS
 from pacsframe.demo.server import _MODELS, handle_find, handle_get, handle_move
 
-__all__ = ["Faults", "FaultyPACS", "raw", "sockets"]
+__all__ = ["Faults", "FaultyPACS", "raw", "sockets", "status"]
 
 # How long a hung handler waits for the test to release it, at most.
 HANG_SECONDS = 30.0
@@ -71,6 +72,10 @@ class Faults:
         ``response(command, data)`` may change a C-FIND/C-GET/C-MOVE response's
         command set (a Dataset) in place before it is sent; ``data`` is its
         identifier stream (BytesIO or None); return new bytes to replace it.
+    refuse_over : (int, status) or None
+        When more than n matches would be sent, answer a C-FIND with this final
+        status (an int, or a Dataset with Status and ErrorComment) before any match,
+        as dcm4chee-arc does past ``dcmQueryMaxNumberOfResults``.
     """
 
     delay: float = 0.0
@@ -80,6 +85,7 @@ class Faults:
     identifier: Callable[[int, Dataset], Dataset] | None = None
     objects: Callable[[int, Dataset], Dataset] | None = None
     response: Callable[[Dataset, BytesIO | None], bytes | None] | None = None
+    refuse_over: tuple[int, int | Dataset] | None = None
 
 
 class FaultyPACS(DemoPACS):
@@ -94,6 +100,11 @@ class FaultyPACS(DemoPACS):
     def unblock(self) -> None:
         """Let every hung handler go (they then end the request without answering)."""
         self.release.set()
+
+    def __exit__(self, *exc: object) -> None:
+        # Hung handlers first, so no server thread outlives the block.
+        self.unblock()
+        super().__exit__(*exc)
 
     def start(self) -> FaultyPACS:
         super().start()
@@ -158,6 +169,14 @@ def _inject(
 
 def _find(event: evt.Event, server: FaultyPACS) -> Iterator[Any]:
     answers = handle_find(event, server)
+    refuse = server.faults.refuse_over
+    if refuse is not None:
+        # Look one match past the limit before answering anything.
+        head = list(itertools.islice(answers, refuse[0] + 1))
+        if sum(status in (0xFF00, 0xFF01) for status, _ in head) > refuse[0]:
+            yield refuse[1], None
+            return
+        answers = itertools.chain(head, answers)
     yield from _inject(event, server, answers, (0xFF00, 0xFF01), server.faults.identifier)
 
 
@@ -196,6 +215,16 @@ def _tamper(event: evt.Event, server: FaultyPACS) -> None:
 
 
 # --- building malformed data ------------------------------------------------------------
+
+
+def status(code: int, comment: str | None = None) -> int | Dataset:
+    """A final status for ``Faults``: the code, or a Dataset with it and an ErrorComment."""
+    if comment is None:
+        return code
+    final = Dataset()
+    final.Status = code
+    final.ErrorComment = comment
+    return final
 
 
 def raw(ds: Dataset, keyword: str, vr: str, value: bytes) -> Dataset:

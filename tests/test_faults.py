@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from faults import Faults, FaultyPACS, raw, sockets, uint32
+from faults import Faults, FaultyPACS, raw, sockets, status, uint32
 from pydicom.dataset import Dataset
 
 import pacsframe as pf
@@ -51,10 +51,8 @@ def served(tmp_path_factory):
 
 @pytest.fixture
 def faulty(served):
-    server = FaultyPACS(served[0]).start()
-    yield server
-    server.unblock()
-    server.stop()
+    with FaultyPACS(served[0]) as server:
+        yield server
 
 
 def client(server: DemoPACS, root: Path) -> pf.PACS:
@@ -212,15 +210,6 @@ def test_find_answer_slower_than_dimse_timeout_fails_in_time(env):
     watch.released(pacs)
 
 
-def _failure(code: int, comment: str | None) -> int | Dataset:
-    if comment is None:
-        return code
-    status = Dataset()
-    status.Status = code
-    status.ErrorComment = comment
-    return status
-
-
 @pytest.mark.parametrize(
     ("code", "comment", "advice"),
     [
@@ -231,7 +220,7 @@ def _failure(code: int, comment: str | None) -> int | Dataset:
 )
 def test_find_failure_status_mid_answer_is_a_dimse_error(env, code, comment, advice):
     server, _, pacs, watch, studies = env
-    server.faults = Faults(status_after=(1, _failure(code, comment)))
+    server.faults = Faults(status_after=(1, status(code, comment)))
     exc = timed(lambda: pacs.find_series(studies))
     assert type(exc) is pf.DimseError
     assert exc.status == code and exc.comment == comment
@@ -430,7 +419,7 @@ def test_failure_status_after_n_is_a_dimse_error_with_true_counts(
 ):
     server, _, pacs, watch, studies = env
     one = studies.iloc[:1]  # 6 objects in one request
-    server.faults = Faults(status_after=(2, _failure(code, comment)))
+    server.faults = Faults(status_after=(2, status(code, comment)))
     exc = timed(lambda: retrieve(pacs, one, op, workers=1))
     assert type(exc) is pf.DimseError and exc.status == code and exc.comment == comment
     message = str(exc)
@@ -446,8 +435,7 @@ def test_failure_status_after_n_is_a_dimse_error_with_true_counts(
 @pytest.mark.parametrize("op", OPS)
 def test_unknown_move_destination_mid_move(env, op):
     server, _, pacs, watch, studies = env
-    status = _failure(0xA801, "who is FAULTTEST?")
-    server.faults = Faults(status_after=(0, status))
+    server.faults = Faults(status_after=(0, status(0xA801, "who is FAULTTEST?")))
     if op == "get":
         # The same status to a C-GET is just a failure.
         exc = timed(lambda: retrieve(pacs, studies.iloc[:1], op, workers=1))

@@ -488,6 +488,8 @@ def handle_find(event: evt.Event, server: DemoPACS) -> Iterator[tuple[int | Data
         Comment: ``0xA900`` for an identifier that does not fit the model (a bad
         level, a missing or multi-valued upper-level unique key), ``0xC000`` for a
         matching value that cannot be read (an impossible date, a malformed range).
+        With ``server.max_results`` set and more matches than that, the first
+        ``max_results`` and then ``0xFE00``, as Orthanc's ``LimitFindResults`` does.
 
     Examples
     --------
@@ -519,8 +521,10 @@ def handle_find(event: evt.Event, server: DemoPACS) -> Iterator[tuple[int | Data
         return
     LOGGER.info("C-FIND %s level: %d match(es)", request.level, len(rows))
     encode = _Encoder(view, request, server.ae_title, UID(event.context.transfer_syntax))
-    for row in rows.tolist():
-        if event.is_cancelled:
+    limit = server.max_results
+    for n, row in enumerate(rows.tolist()):
+        if event.is_cancelled or (limit is not None and n >= limit):
+            # At the cap: Cancel unasked, which is how Orthanc says "there is more".
             yield 0xFE00, None
             return
         yield 0xFF00, encode(row)
@@ -980,6 +984,11 @@ class DemoPACS:
     require_client_cert : bool, optional
         With a :class:`~pacsframe.TLS`: refuse clients without a certificate
         signed by ``tls.ca``. Default: True when ``tls.ca`` is given.
+    max_results : int, optional
+        Cap every C-FIND answer as Orthanc's ``LimitFindResults`` does: past this
+        many matches, send that many and end with an unsolicited 0xFE00. For
+        showing and testing how clients cope with a capped PACS; may be changed
+        while the server runs.
 
     Examples
     --------
@@ -1007,7 +1016,13 @@ class DemoPACS:
         max_associations: int = 64,
         tls: TLS | ssl.SSLContext | None = None,
         require_client_cert: bool | None = None,
+        max_results: int | None = None,
     ) -> None:
+        if max_results is not None and (
+            not isinstance(max_results, int) or isinstance(max_results, bool) or max_results < 1
+        ):
+            raise QueryError(f"max_results={max_results!r} must be a whole number >= 1, or None.")
+        self.max_results = max_results
         self.folder = Path(folder)
         self.tls = tls
         self._ssl_context = _server_tls_context(tls, require_client_cert)
@@ -1162,6 +1177,7 @@ def serve(
     known_aes: Mapping[str, tuple[str, int]] | None = None,
     tls: TLS | ssl.SSLContext | None = None,
     require_client_cert: bool | None = None,
+    max_results: int | None = None,
 ) -> None:
     """Serve ``folder`` as a demo PACS until interrupted (Ctrl-C), then shut down.
 
@@ -1172,7 +1188,7 @@ def serve(
     ----------
     folder : str or os.PathLike
         The folder of DICOM files to serve (created when missing).
-    ae_title, host, port, known_aes, tls, require_client_cert
+    ae_title, host, port, known_aes, tls, require_client_cert, max_results
         As for :class:`DemoPACS`; the port defaults to 11112 here.
 
     Examples
@@ -1190,6 +1206,7 @@ def serve(
         known_aes=known_aes,
         tls=tls,
         require_client_cert=require_client_cert,
+        max_results=max_results,
     )
     with server:
         # Waiting on an Event (not a sleep loop) keeps the main thread interruptible.
