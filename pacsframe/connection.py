@@ -477,13 +477,8 @@ def _find_responses(
             "element); check the keys' values."
         )
     request.Identifier = BytesIO(encoded)
-    assoc._reactor_checkpoint.clear()
     try:
-        # The reactor pauses within a loop of its own (about a millisecond); a
-        # reactor that has stopped (an aborted association) never will.
-        deadline = time.monotonic() + 5
-        while not assoc._is_paused and assoc.is_established and time.monotonic() < deadline:
-            time.sleep(0.0001)
+        _pause_reactor(assoc)
         assoc.dimse.send_msg(request, context.context_id)
         while True:
             _, response = assoc.dimse.get_msg(block=True)
@@ -506,6 +501,29 @@ def _find_responses(
                 return
     finally:
         assoc._reactor_checkpoint.set()
+
+
+def _pause_reactor(assoc: Association) -> None:
+    """Keep the association's reactor thread from taking our responses off the queue.
+
+    pynetdicom's own wait (``while not assoc._is_paused``) can be fooled: just after
+    the checkpoint was set at the end of the previous request, the reactor has been
+    woken but may not have run yet, its ``_is_paused`` still True from before. It
+    then takes one message off the DIMSE queue (our next response, logged as
+    "Received unexpected C-FIND service message") and the answer lacks a row without
+    a word: measured twice in 40 drill-downs against Orthanc on a busy machine. A
+    reactor blocked in ``Event.wait`` is a waiter of the event's condition, so that
+    is what we wait for. The reactor pauses within a loop of its own (about a
+    millisecond); a reactor that has stopped (an aborted association) never will.
+    """
+    checkpoint = assoc._reactor_checkpoint
+    checkpoint.clear()
+    waiters = getattr(getattr(checkpoint, "_cond", None), "_waiters", None)
+    deadline = time.monotonic() + 5
+    while assoc.is_established and time.monotonic() < deadline:
+        if (len(waiters) > 0) if waiters is not None else assoc._is_paused:
+            return
+        time.sleep(0.0001)
 
 
 def _add_identifier(builder: frames.FrameBuilder, data: bytes, encoding: _Encoding) -> bool:
