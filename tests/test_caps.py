@@ -171,6 +171,21 @@ def test_drill_downs_split_per_parent_and_carry_the_parents(tmp_path):
     assert "NumberOfPatientRelatedStudies" in got.columns  # a parent column, carried
 
 
+def test_a_drill_down_over_the_cap_in_total_but_not_per_parent_needs_no_split(
+    capped_demo, archive
+):
+    _, studies, images = archive
+    pacs = client(capped_demo)
+    parents = pacs.find_studies(StudyDate=("2024-01-01", "2025-12-31"), progress=False)
+    series = pacs.find_series(parents)
+    assert len(series) > CAP and series.SeriesInstanceUID.is_unique
+    assert series.attrs["pacsframe"]["split"] is False
+    assert series.attrs["pacsframe"]["requests"] == len(parents)
+    expected = pd.concat([studies, images])
+    expected = expected[expected.StudyInstanceUID.isin(parents.StudyInstanceUID)]
+    assert set(series.SeriesInstanceUID) == set(expected.SeriesInstanceUID)
+
+
 def test_image_level_has_no_complete_split_and_says_so(capped_demo, archive):
     _, _, images = archive
     pacs = pf.PACS("127.0.0.1", capped_demo.port, capped_demo.ae_title)
@@ -264,9 +279,16 @@ def test_b001_is_a_cap(faulty, archive):
 
 
 @pytest.mark.parametrize("value", [0, -3, 2.5, True, "100"])
-def test_max_results_is_validated_with_a_sentence(value):
+def test_max_results_is_validated_with_a_sentence(value, tmp_path):
     with pytest.raises(pf.QueryError, match="must be a whole number of at least 1"):
         pf.PACS("127.0.0.1", 104, "X", max_results=value)
+    with pytest.raises(pf.QueryError, match="must be a whole number >= 1"):
+        pf.demo.DemoPACS(tmp_path, max_results=value)
+
+
+def test_serve_takes_max_results():
+    args = cli._setup_argparser().parse_args(["serve", "folder", "--max-results", "3"])
+    assert args.max_results == 3
 
 
 def test_max_results_from_config_environment_and_cli(tmp_path, monkeypatch, faulty, archive):
