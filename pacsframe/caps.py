@@ -30,7 +30,7 @@ Which splits are complete, by level:
   set of values. A capped answer there is reported, never completed by guessing.
 
 An entity without a value in the split key (an undated study, a patient without a
-birth date) matches no window: only those in the capped first answer are kept, and
+birth date) matches no window: only those in a capped answer are kept, and
 :attr:`Outcome.unmatched` names the key so the caller can say that more may exist.
 Prefix splits of IDs or names (``A*`` ... ``Z*``) are not used: they miss values
 starting with a digit, a non-ASCII letter or a space, and case rules differ by peer.
@@ -39,7 +39,6 @@ Examples
 --------
 A peer that answers at most 3 matches, with a final "more" flag (as Orthanc does):
 
->>> import datetime
 >>> dates = ["20260301", "20260302", "20260302", "20260305", "20260310", "20260311"]
 >>> rows = [{"StudyInstanceUID": f"1.2.{i}", "StudyDate": d} for i, d in enumerate(dates)]
 >>> def run(keys):

@@ -1415,7 +1415,7 @@ class PACS:
         for key, count in unmatched.items():
             if key == caps.SPLIT_KEYS[query.level][0]:
                 what = f"the query was split into {key} windows"
-                kept = f" ({count} here)"
+                kept = f" ({count} such row(s) here)"
             else:  # the time key: only the days split by time lose their untimed rows
                 what = f"a day holding at least the cap was split into {key} windows"
                 kept = ""
