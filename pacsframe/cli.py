@@ -13,6 +13,9 @@ a saved frame into the cache; ``pacsframe move ... --destination OTHER_AE`` move
 ``pacsframe serve ./folder --port 11112`` runs the demo PACS over a folder;
 ``pacsframe demo`` makes a synthetic cohort, serves it and runs a short tour.
 
+``--timeout`` bounds each response; ``--deadline SECONDS`` bounds the whole
+command (the API's ``timeout=``).
+
 DICOM TLS: ``--tls-ca ca.pem [--tls-cert me.pem --tls-key me.key]`` on the client
 commands; ``pacsframe serve ./folder --tls-cert server.pem --tls-key server.key
 [--tls-ca ca.pem]`` serves TLS only (with ``--tls-ca``, client certificates signed
@@ -32,6 +35,7 @@ from typing import Any
 import pandas as pd
 
 from .connection import PACS, TLS
+from .deadline import deadline_for
 from .errors import PacsFrameError, QueryError
 
 __all__ = ["main"]
@@ -51,6 +55,12 @@ def _add_peer_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--calling-aet", default="PACSFRAME", help="our AE title")
     group.add_argument("--config", metavar="NAME", help="a named peer from the config file")
     group.add_argument("--timeout", type=float, default=30.0, help="seconds per response")
+    group.add_argument(
+        "--deadline",
+        type=float,
+        metavar="SECONDS",
+        help="give up the whole command after SECONDS (keeping what arrived); default: none",
+    )
     tls = parser.add_argument_group("DICOM TLS")
     tls.add_argument("--tls", action="store_true", help="use TLS (implied by any --tls-* file)")
     _add_tls_files(tls, "the CA (PEM) that signed the peer's certificate", "our certificate")
@@ -178,6 +188,12 @@ def _read_frame(path: Path) -> pd.DataFrame:
 
 
 def _retrieve(args: argparse.Namespace) -> None:
+    # --deadline bounds the whole command: the query and the retrieval share it.
+    with deadline_for(args.deadline, args.command):
+        _run_retrieve(args)
+
+
+def _run_retrieve(args: argparse.Namespace) -> None:
     pacs = _pacs(args, cache=args.cache, scp_port=getattr(args, "scp_port", 0))
     if args.source is not None:
         if args.keys:
@@ -266,16 +282,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "echo":
             pacs = _pacs(args)
-            print(
-                f"C-ECHO {pacs.ae_title} at {pacs.host}:{pacs.port}: {pacs.echo() * 1000:.1f} ms"
-            )
+            seconds = pacs.echo(timeout=args.deadline)
+            print(f"C-ECHO {pacs.ae_title} at {pacs.host}:{pacs.port}: {seconds * 1000:.1f} ms")
         elif args.command == "find":
             pacs = _pacs(args)
             extra = [k for k in args.return_keys.split(",") if k.strip()]
-            frame = pacs.find(args.level, model=args.model, return_keys=extra, **_keys(args.keys))
+            frame = pacs.find(
+                args.level,
+                model=args.model,
+                return_keys=extra,
+                timeout=args.deadline,
+                **_keys(args.keys),
+            )
             _write(frame, args)
         elif args.command == "store":
-            result = _pacs(args).store([str(p) for p in args.paths])
+            result = _pacs(args).store([str(p) for p in args.paths], timeout=args.deadline)
             print(result)
             for row in result.failed_instances.itertuples():
                 print(f"failed: {row.path}: {row.error}", file=sys.stderr)

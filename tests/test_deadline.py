@@ -26,6 +26,7 @@ from test_faults import Watch, client, resumes
 from test_network_errors import silent_peer  # noqa: F401 (a fixture)
 
 import pacsframe as pf
+from pacsframe.cli import main
 from pacsframe.demo import make_cohort
 
 TIMEOUT = 2.0  # the overall limit of every limited call here
@@ -295,3 +296,16 @@ def test_store_to_a_peer_that_stops_answering(hung, served, tmp_path):
     assert "no response before the call's timeout=" in errors[0]
     assert all("not sent: the call's timeout= ran out first" in e for e in errors[1:])
     watch.released(pacs)
+
+
+# --- command line ------------------------------------------------------------------------------
+
+
+def test_cli_deadline_is_checked_and_applied(silent_peer, capsys):  # noqa: F811
+    peer = ["--peer", f"127.0.0.1:{silent_peer}", "--aet", "SILENT"]
+    assert main(["echo", *peer, "--deadline", "0"]) == 2
+    assert "must be a positive number of seconds" in capsys.readouterr().err
+    started = time.monotonic()
+    assert main(["find", *peer, "--deadline", str(TIMEOUT), "PatientID=1"]) == 2
+    assert time.monotonic() - started < TIMEOUT + MARGIN
+    assert "did not finish within timeout=" in capsys.readouterr().err
