@@ -546,7 +546,9 @@ class PACS:
         Our AE title, as registered at the peer.
     connect_timeout, acse_timeout, dimse_timeout, network_timeout : float
         Seconds to wait for the TCP connection, for association negotiation, for
-        each DIMSE response, and for any network activity.
+        each DIMSE response, and for any network activity. They bound each wait;
+        the ``timeout=`` of each call (echo, find*, get, move, store) bounds the
+        whole call.
     max_pdu : int
         Largest PDU we accept (bytes; 0 for no limit).
     scp_port : int
