@@ -768,13 +768,7 @@ def _get(
     model = normalize_model(model or _model_of(frame))
     cache = pacs.cache
     planner = _Planner(pacs, cache, model, overwrite)
-    try:
-        planner.plan(frame)
-    except PacsFrameError as exc:
-        error = _planning_stopped(exc, planner, "get")
-        if error is exc:
-            raise
-        raise error from error.__cause__
+    _plan(planner, frame, "get")
     planner.spread(workers)
     total = planner.expected if planner.expected_known else None
     bar = _progress(total, progress, f"C-GET from {pacs.ae_title}")
@@ -847,12 +841,16 @@ def _deadline_error(
     return deadline.error(doing, _RETRIEVE_ADVICE)
 
 
-def _planning_stopped(exc: BaseException, planner: _Planner, call: str) -> BaseException:
-    """``exc``, as the timeout error with what is cached attached when the deadline hit."""
-    error = timed_out(Deadline.current(), exc, f"C-{call.upper()}", _RETRIEVE_ADVICE)
-    if error is exc:
-        return exc
-    return _with_result(error, _result(planner.cached_rows, 0, {}), call)
+def _plan(planner: _Planner, frame: pd.DataFrame, call: str) -> None:
+    """Plan ``frame``; when the deadline stops a planning C-FIND, attach what is cached."""
+    try:
+        planner.plan(frame)
+    except PacsFrameError as exc:
+        error = timed_out(Deadline.current(), exc, f"C-{call.upper()}", _RETRIEVE_ADVICE)
+        if error is exc:
+            raise
+        stopped = _with_result(error, _result(planner.cached_rows, 0, {}), call)
+        raise stopped from error.__cause__
 
 
 def _with_result(exc: BaseException, result: RetrieveResult, call: str) -> BaseException:
@@ -929,13 +927,7 @@ def _move(
     target = pacs.calling_ae if ours else destination.strip()  # type: ignore[union-attr]
     cache = pacs.cache if ours else None
     planner = _Planner(pacs, cache if cache is not None else _NoCache(), model, overwrite)
-    try:
-        planner.plan(frame)
-    except PacsFrameError as exc:
-        error = _planning_stopped(exc, planner, "move")
-        if error is exc:
-            raise
-        raise error from error.__cause__
+    _plan(planner, frame, "move")
     total = planner.expected if planner.expected_known else None
     bar = _progress(total, progress and ours, f"C-MOVE from {pacs.ae_title}")
     if bar is not None and planner.cached_rows:

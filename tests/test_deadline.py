@@ -203,6 +203,19 @@ def test_retrieval_answered_slowly_for_ever_keeps_what_arrived(env, served, op, 
     resumes(served, watch.root, env.studies, op, held)
 
 
+def test_retrieval_planning_shares_the_deadline(env):
+    # Planning may list series or instances (C-FIND) to spread the work; whether the
+    # time runs out there or in the C-GETs, the call ends the same way.
+    server, pacs, watch = env.server, env.pacs, env.watch
+    server.faults = Faults(delay=SLOW)
+    exc = limited(lambda: pacs.get(env.studies, progress=False, workers=4, timeout=TIMEOUT))
+    assert "pacs.get() did not finish" in str(exc)
+    assert isinstance(exc.result, pf.RetrieveResult)
+    done = exc.result.instances.status == "completed"
+    assert set(exc.result.instances.SOPInstanceUID[done]) == watch.cache_is_consistent()
+    watch.released(pacs)
+
+
 @pytest.mark.parametrize("op", ["get", "move"])
 def test_retrieval_from_a_peer_that_hangs_is_aborted(env, op):
     server, pacs, watch = env.server, env.pacs, env.watch
