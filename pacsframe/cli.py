@@ -17,6 +17,9 @@ matches without saying so (capped answers are split and merged; see README).
 (``--max-results N`` makes it cap its answers as Orthanc's LimitFindResults does);
 ``pacsframe demo`` makes a synthetic cohort, serves it and runs a short tour.
 
+``--timeout`` bounds each response; ``--deadline SECONDS`` bounds the whole
+command (the API's ``timeout=``).
+
 DICOM TLS: ``--tls-ca ca.pem [--tls-cert me.pem --tls-key me.key]`` on the client
 commands; ``pacsframe serve ./folder --tls-cert server.pem --tls-key server.key
 [--tls-ca ca.pem]`` serves TLS only (with ``--tls-ca``, client certificates signed
@@ -36,6 +39,7 @@ from typing import Any
 import pandas as pd
 
 from .connection import PACS, TLS
+from .deadline import deadline_for
 from .errors import PacsFrameError, QueryError
 
 __all__ = ["main"]
@@ -60,6 +64,12 @@ def _add_peer_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         metavar="N",
         help="the peer's C-FIND result cap, for a PACS that stops at N matches silently",
+    )
+    group.add_argument(
+        "--deadline",
+        type=float,
+        metavar="SECONDS",
+        help="give up the whole command after SECONDS (keeping what arrived); default: none",
     )
     tls = parser.add_argument_group("DICOM TLS")
     tls.add_argument("--tls", action="store_true", help="use TLS (implied by any --tls-* file)")
@@ -196,6 +206,12 @@ def _read_frame(path: Path) -> pd.DataFrame:
 
 
 def _retrieve(args: argparse.Namespace) -> None:
+    # --deadline bounds the whole command: the query and the retrieval share it.
+    with deadline_for(args.deadline, args.command):
+        _run_retrieve(args)
+
+
+def _run_retrieve(args: argparse.Namespace) -> None:
     pacs = _pacs(args, cache=args.cache, scp_port=getattr(args, "scp_port", 0))
     if args.source is not None:
         if args.keys:
@@ -284,16 +300,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "echo":
             pacs = _pacs(args)
-            print(
-                f"C-ECHO {pacs.ae_title} at {pacs.host}:{pacs.port}: {pacs.echo() * 1000:.1f} ms"
-            )
+            seconds = pacs.echo(timeout=args.deadline)
+            print(f"C-ECHO {pacs.ae_title} at {pacs.host}:{pacs.port}: {seconds * 1000:.1f} ms")
         elif args.command == "find":
             pacs = _pacs(args)
             extra = [k for k in args.return_keys.split(",") if k.strip()]
-            frame = pacs.find(args.level, model=args.model, return_keys=extra, **_keys(args.keys))
+            frame = pacs.find(
+                args.level,
+                model=args.model,
+                return_keys=extra,
+                timeout=args.deadline,
+                **_keys(args.keys),
+            )
             _write(frame, args)
         elif args.command == "store":
-            result = _pacs(args).store([str(p) for p in args.paths])
+            result = _pacs(args).store([str(p) for p in args.paths], timeout=args.deadline)
             print(result)
             for row in result.failed_instances.itertuples():
                 print(f"failed: {row.path}: {row.error}", file=sys.stderr)

@@ -40,6 +40,7 @@ from pynetdicom.sop_class import (
 from pynetdicom.status import QR_FIND_SERVICE_CLASS_STATUS, code_to_category
 
 from . import caps, frames
+from .deadline import GRACE, Deadline, abort, deadline_for, fired, timed_out, watch
 from .errors import (
     AssociationError,
     DimseError,
@@ -439,6 +440,11 @@ _EXPIRED = {9, 10}  # not yet valid, expired
 _WRONG_NAME = {62, 64}  # hostname or IP address mismatch
 
 
+def _capped(deadline: Deadline | None, seconds: float) -> float:
+    """A wait of ``seconds``, shortened to what is left of the call's ``timeout=``."""
+    return seconds if deadline is None else deadline.cap(seconds)
+
+
 def _status_text(code: int, table: dict[int, tuple[str, str]]) -> str:
     category, text = table.get(code, (code_to_category(code), "unknown status"))
     return f"0x{code:04X} {category}: {text}" if text else f"0x{code:04X} {category}"
@@ -462,7 +468,14 @@ def _find_responses(
     responses off the DIMSE queue, and the DIMSE provider's ``send_msg``/``get_msg``.
     A lost or invalid response yields ``(None, None, encoding)`` once, after the
     association has been aborted as pynetdicom would.
+
+    Under a call's ``timeout=`` (:mod:`pacsframe.deadline`) no C-FIND starts after
+    the time is up, and one in flight then is cancelled (aborted if the peer does
+    not end it promptly), which ends this generator as a cancel or a loss would.
     """
+    deadline = Deadline.current()
+    if deadline is not None:
+        deadline.check(f"{identifier.get('QueryRetrieveLevel', '')}-level C-FIND")
     context = next(cx for cx in assoc.accepted_contexts if cx.abstract_syntax == model_uid)
     syntax = UID(context.transfer_syntax[0])
     encoding = (syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
@@ -480,25 +493,32 @@ def _find_responses(
     try:
         _pause_reactor(assoc)
         assoc.dimse.send_msg(request, context.context_id)
-        while True:
-            _, response = assoc.dimse.get_msg(block=True)
-            if response is None:
-                assoc._handle_no_response()
-                yield None, None, encoding
-                return
-            if not isinstance(response, C_FIND) or not response.is_valid_response:
-                LOGGER.error(
-                    "received %s instead of a valid C-FIND response; aborting",
-                    type(response).__name__,
-                )
-                assoc.abort()
-                yield None, None, encoding
-                return
-            pending = response.Status in _PENDING
-            data = response.Identifier
-            yield response, data.getvalue() if pending and data is not None else None, encoding
-            if not pending:
-                return
+        with watch(
+            deadline,
+            cancel=lambda: assoc.send_c_cancel(request.MessageID, context.context_id),
+            abort=lambda: abort(assoc),
+            grace=min(GRACE, assoc.dimse_timeout or GRACE),
+        ):
+            while True:
+                _, response = assoc.dimse.get_msg(block=True)
+                if response is None:
+                    assoc._handle_no_response()
+                    break
+                if not isinstance(response, C_FIND) or not response.is_valid_response:
+                    LOGGER.error(
+                        "received %s instead of a valid C-FIND response; aborting",
+                        type(response).__name__,
+                    )
+                    assoc.abort()
+                    response = None
+                    break
+                if response.Status not in _PENDING:
+                    break
+                data = response.Identifier
+                yield response, data.getvalue() if data is not None else None, encoding
+        # The final answer (or None) comes after the watch has ended: a caller that
+        # raises on it never resumes this generator.
+        yield response, None, encoding
     finally:
         assoc._reactor_checkpoint.set()
 
@@ -552,7 +572,9 @@ class PACS:
         Our AE title, as registered at the peer.
     connect_timeout, acse_timeout, dimse_timeout, network_timeout : float
         Seconds to wait for the TCP connection, for association negotiation, for
-        each DIMSE response, and for any network activity.
+        each DIMSE response, and for any network activity. They bound each wait;
+        the ``timeout=`` of each call (echo, find*, get, move, store) bounds the
+        whole call.
     max_pdu : int
         Largest PDU we accept (bytes; 0 for no limit).
     scp_port : int
@@ -792,9 +814,15 @@ class PACS:
         ext_neg: Sequence[Any] = (),
         handlers: Sequence[tuple[Any, Any]] = (),
     ) -> Association:
+        deadline = Deadline.current()
+        doing = f"association request to {self.ae_title} at {self.host}:{self.port}"
+        advice = "Check that the peer answers (pacs.echo()), or raise timeout=."
+        if deadline is not None:
+            deadline.check(doing, advice)
         ae = AE(ae_title=self.calling_ae)
-        ae.connection_timeout = self.connect_timeout
-        ae.acse_timeout = self.acse_timeout
+        # The call's timeout= caps the waits for the connection and the negotiation.
+        ae.connection_timeout = _capped(deadline, self.connect_timeout)
+        ae.acse_timeout = _capped(deadline, self.acse_timeout)
         ae.dimse_timeout = self.dimse_timeout
         ae.network_timeout = self.network_timeout
         ae.maximum_pdu_size = self.max_pdu
@@ -849,7 +877,9 @@ class PACS:
             # A busy peer rejects "transient" (e.g. its association limit); it says
             # to try again, so we do, a few times with growing pauses.
             LOGGER.info("%s rejected the association as transient; retrying", self.ae_title)
-            time.sleep(delay)
+            time.sleep(_capped(deadline, delay))
+            if deadline is not None:
+                deadline.check(doing, advice)
         if assoc.is_established:
             LOGGER.info(
                 "association %s -> %s at %s:%s established for %s",
@@ -860,6 +890,8 @@ class PACS:
                 purpose,
             )
             return assoc
+        if deadline is not None:
+            deadline.check(doing, advice)
         raise self._association_failure(
             assoc,
             opened.is_set(),
@@ -1128,29 +1160,42 @@ class PACS:
 
     # --- C-ECHO --------------------------------------------------------------------------
 
-    def echo(self) -> float:
+    def echo(self, *, timeout: float | None = None) -> float:
         """Send a C-ECHO; return the round-trip time in seconds.
+
+        Parameters
+        ----------
+        timeout : float, optional
+            Seconds for the whole call, association included; None (the
+            default) sets no overall limit (each wait is still bounded by
+            ``connect_timeout``, ``acse_timeout`` and ``dimse_timeout``).
 
         Raises
         ------
         AssociationError
-            When the peer cannot be reached or refuses us.
+            When the peer cannot be reached or refuses us, or (``reason="timeout"``)
+            when it does not answer within ``timeout``.
         DimseError
             When the peer answers with a failure status.
         """
-        try:
-            seconds = self._echo()
-        except PacsFrameError as exc:
-            self._checked = f"not reachable at the last echo(): {exc}"
-            raise
+        with deadline_for(timeout, "echo") as deadline:
+            try:
+                seconds = self._echo(deadline)
+            except PacsFrameError as exc:
+                error = timed_out(deadline, exc, "C-ECHO")
+                self._checked = f"not reachable at the last echo(): {error}"
+                if error is exc:
+                    raise
+                raise error from error.__cause__
         self._checked = "reachable: it answered the last echo()"
         return seconds
 
-    def _echo(self) -> float:
+    def _echo(self, deadline: Deadline | None) -> float:
         started = time.monotonic()
         with self.association(self._query_contexts()) as assoc:
             sent = time.monotonic()
-            status = assoc.send_c_echo()
+            with watch(deadline, cancel=None, abort=lambda: abort(assoc)):
+                status = assoc.send_c_echo()
             if not status or "Status" not in status:
                 raise self._lost(assoc, "C-ECHO", time.monotonic() - sent)
             if status.Status != 0x0000:
@@ -1185,6 +1230,7 @@ class PACS:
         model: str = "study",
         return_keys: Sequence[str] | None = None,
         progress: bool = True,
+        timeout: float | None = None,
         **keys: Any,
     ) -> pd.DataFrame:
         """C-FIND at ``level`` and return one typed row per match.
@@ -1212,6 +1258,10 @@ class PACS:
             Attributes to return in addition to the level's defaults.
         progress : bool
             Show a ``tqdm`` bar when splitting a capped answer takes many queries.
+        timeout : float, optional
+            Seconds for the whole call: every association and C-FIND it needs
+            (one per parent when drilling down). None (the default) sets no
+            overall limit; each wait is still bounded by ``dimse_timeout``.
         **keys
             Matching keys: DICOM keywords (or snake_case) and values (see
             :func:`pacsframe.query.encode_value`).
@@ -1227,7 +1277,15 @@ class PACS:
         ResultsCapped
             A window is still capped after every split (one minute of StudyTime
             holds at least the cap, or SERIES/IMAGE level, where no split is
-            complete); ``.partial`` holds the rows obtained.
+            complete); ``.partial`` holds the rows obtained. A ``QueryError``.
+        QueryError
+            A key, value, level or ``timeout`` is wrong (nothing was sent).
+        AssociationError
+            The peer cannot be reached, refuses us or stops answering; with
+            ``reason="timeout"`` and ``.partial`` (the rows received so far, typed
+            like the result) when ``timeout`` ran out.
+        DimseError
+            The peer answered with a failure status.
 
         Examples
         --------
@@ -1242,32 +1300,69 @@ class PACS:
         dtype('<M8[ns]')
         """
         query = build_query(level, normalize_model(model), keys, return_keys)
-        if parents is None:
-            query.check_required()
-            return self._run(query, None, progress)
-        return self._run(query, self._parents(parents, query), progress)
+        with deadline_for(timeout, "find") as deadline:
+            try:
+                if parents is None:
+                    query.check_required()
+                    return self._run(query, None, progress)
+                return self._run(query, self._parents(parents, query), progress)
+            except PacsFrameError as exc:
+                error = timed_out(
+                    deadline,
+                    exc,
+                    f"{query.level}-level C-FIND",
+                    "The rows received so far are in this error's .partial. Narrow the query "
+                    "(a shorter date range, more matching keys), or raise timeout= (None: no "
+                    "overall limit).",
+                )
+                if error is exc:
+                    raise
+                # Rows of this call's level only: a drill-down through a level in
+                # between may have stopped there, before any row of this one.
+                partial = getattr(exc, "partial", None)
+                if not _same_level(partial, query):
+                    empty = frames.FrameBuilder(query.columns)
+                    partial = self._partial(query, empty, None, [])
+                error.partial = partial  # type: ignore[attr-defined]
+                raise error from error.__cause__
 
-    def find_patients(self, **keys: Any) -> pd.DataFrame:
+    def find_patients(self, *, timeout: float | None = None, **keys: Any) -> pd.DataFrame:
         """C-FIND at PATIENT level (patient-root model). See :meth:`find`."""
-        return self.find("PATIENT", None, model="patient", **keys)
+        with deadline_for(timeout, "find_patients"):
+            return self.find("PATIENT", None, model="patient", **keys)
 
     def find_studies(
-        self, parents: pd.DataFrame | pd.Series | Sequence[str] | None = None, **keys: Any
+        self,
+        parents: pd.DataFrame | pd.Series | Sequence[str] | None = None,
+        *,
+        timeout: float | None = None,
+        **keys: Any,
     ) -> pd.DataFrame:
         """C-FIND at STUDY level; ``parents`` may be a frame of patients. See :meth:`find`."""
-        return self.find("STUDY", parents, **keys)
+        with deadline_for(timeout, "find_studies"):
+            return self.find("STUDY", parents, **keys)
 
     def find_series(
-        self, parents: pd.DataFrame | pd.Series | Sequence[str] | None = None, **keys: Any
+        self,
+        parents: pd.DataFrame | pd.Series | Sequence[str] | None = None,
+        *,
+        timeout: float | None = None,
+        **keys: Any,
     ) -> pd.DataFrame:
         """C-FIND at SERIES level; ``parents`` is usually a frame of studies. See :meth:`find`."""
-        return self.find("SERIES", parents, **keys)
+        with deadline_for(timeout, "find_series"):
+            return self.find("SERIES", parents, **keys)
 
     def find_instances(
-        self, parents: pd.DataFrame | pd.Series | Sequence[str] | None = None, **keys: Any
+        self,
+        parents: pd.DataFrame | pd.Series | Sequence[str] | None = None,
+        *,
+        timeout: float | None = None,
+        **keys: Any,
     ) -> pd.DataFrame:
         """C-FIND at IMAGE level; ``parents`` is usually a frame of series. See :meth:`find`."""
-        return self.find("IMAGE", parents, **keys)
+        with deadline_for(timeout, "find_instances"):
+            return self.find("IMAGE", parents, **keys)
 
     def _parents(
         self, parents: pd.DataFrame | pd.Series | Sequence[str], query: Query
@@ -1349,6 +1444,14 @@ class PACS:
                     owners.extend([owner] * (len(builder) - before))
                     if outcome.split:
                         splits.append((before, len(builder), outcome))
+            except PacsFrameError as exc:
+                if fired(Deadline.current()):
+                    # The rows of the request in flight belong to its parent too.
+                    owners.extend([owner] * (len(builder) - len(owners)))
+                    exc.partial = self._partial(  # type: ignore[attr-defined]
+                        query, builder, parents, owners
+                    )
+                raise
             finally:
                 counter.close()
         result = builder.frame()
@@ -1430,6 +1533,26 @@ class PACS:
         owners = [owner for owner, kept in zip(owners, mask, strict=True) if kept]
         return result[mask].reset_index(drop=True), owners
 
+    def _partial(
+        self,
+        query: Query,
+        builder: frames.FrameBuilder,
+        parents: pd.DataFrame | None,
+        owners: list[int],
+    ) -> pd.DataFrame:
+        """The rows received before a call's ``timeout=`` stopped it, typed as usual.
+
+        Each row once: the answers of a split query overlap their capped first answer.
+        """
+        result = builder.frame()
+        keep = ~caps.repeated(result, query.level).to_numpy()
+        result = result[keep].reset_index(drop=True)
+        owners = [owner for owner, kept in zip(owners, keep, strict=True) if kept]
+        if parents is not None:
+            result = _carry_parents(result, parents, owners)
+        result.attrs["pacsframe"] = {**query.to_json(), "peer": self.peer, "partial": True}
+        return result
+
     def _child_queries(self, query: Query, parents: pd.DataFrame) -> Iterator[tuple[int, Query]]:
         keys = list(
             dict.fromkeys([*query.keys_required(), UNIQUE_KEY[frames.infer_level(parents)]])
@@ -1467,8 +1590,9 @@ class PACS:
     ) -> str | None:
         """Run one C-FIND into ``builder``; say why its answer is cut short, or None.
 
-        pacsframe never sends C-CANCEL during a find (an interrupt aborts the
-        association), so a final 0xFE00 is the peer stopping at its result limit.
+        pacsframe sends C-CANCEL during a find only when the call's ``timeout=`` runs
+        out (an interrupt aborts the association), so any other final 0xFE00 is the
+        peer stopping at its result limit.
         """
         last = time.monotonic()
         undecodable = 0
@@ -1497,6 +1621,10 @@ class PACS:
             comment = rsp.ErrorComment
             detail = f" The peer says: {comment}." if comment else ""
             if code == 0xFE00:
+                if fired(Deadline.current()):
+                    # Our own C-CANCEL, at the deadline: find() turns this into the
+                    # timeout error, with the rows so far.
+                    raise DimseError(f"the {query.level}-level C-FIND was cancelled.", status=code)
                 return (
                     f"it ended an answer with 0xFE00 (Cancel) after {count} match(es) although "
                     "pacsframe sent no C-CANCEL"
@@ -1554,6 +1682,7 @@ class PACS:
         on_received: Callable[[str, dict[str, Any]], Any] | None = None,
         overwrite: bool = False,
         model: str | None = None,
+        timeout: float | None = None,
     ) -> RetrieveResult:
         """C-GET what ``frame`` describes into :attr:`cache`; skip what is cached.
 
@@ -1574,11 +1703,24 @@ class PACS:
             Fetch and replace objects even when cached.
         model : {"study", "patient"}, optional
             The retrieve model; from the frame's attrs when it has them.
+        timeout : float, optional
+            Seconds for the whole call, planning and every worker included. When
+            they run out the C-GETs in flight are cancelled (aborted if the peer
+            does not stop), what arrived stays cached, and an ``AssociationError``
+            with ``reason="timeout"`` carries the ``RetrieveResult`` as ``.result``;
+            calling ``get`` again fetches only the rest. None (the default) sets
+            no overall limit.
 
         Returns
         -------
         RetrieveResult
             ``completed``, ``cached``, ``warning``, ``failed``, and ``instances``.
+
+        Raises
+        ------
+        AssociationError, DimseError
+            The retrieval failed or ran out of ``timeout``; ``.result`` says what
+            arrived (it is in the cache).
 
         Examples
         --------
@@ -1603,6 +1745,7 @@ class PACS:
             on_received=on_received,
             overwrite=overwrite,
             model=model,
+            timeout=timeout,
         )
 
     def move(
@@ -1614,6 +1757,7 @@ class PACS:
         on_received: Callable[[str, dict[str, Any]], Any] | None = None,
         overwrite: bool = False,
         model: str | None = None,
+        timeout: float | None = None,
     ) -> RetrieveResult:
         """C-MOVE what ``frame`` describes, to us (the cache) or to another AE.
 
@@ -1623,10 +1767,28 @@ class PACS:
         our host and that port. With another AE title the peer is only asked to
         send there, and the result carries the peer's counts.
 
+        Parameters
+        ----------
+        frame : DataFrame, Series or list of StudyInstanceUIDs
+            As for :meth:`get`.
+        destination : str, optional
+            The AE title to move to; default: us.
+        progress, on_received, overwrite, model
+            As for :meth:`get`.
+        timeout : float, optional
+            Seconds for the whole call. When they run out the C-MOVE in flight is
+            cancelled (aborted if the peer does not stop), our storage SCP stops,
+            what arrived stays cached, and an ``AssociationError`` with
+            ``reason="timeout"`` carries the ``RetrieveResult`` as ``.result``.
+            None (the default) sets no overall limit.
+
         Raises
         ------
         MoveDestinationUnknown
             When the peer does not know the destination AE.
+        AssociationError
+            The peer cannot be reached, stops answering, or ``timeout`` ran out;
+            ``.result`` says what arrived.
         """
         from .retrieve import move
 
@@ -1638,24 +1800,34 @@ class PACS:
             on_received=on_received,
             overwrite=overwrite,
             model=model,
+            timeout=timeout,
         )
 
     # --- C-STORE --------------------------------------------------------------------------
 
-    def store(self, source: Any) -> Any:
+    def store(self, source: Any, *, timeout: float | None = None) -> Any:
         """C-STORE files, a frame with a ``path`` column, or datasets to the peer.
 
         Returns a :class:`~pacsframe.storage.StoreResult` with one row per object.
-        See :func:`pacsframe.storage.store`.
+        ``timeout`` (seconds, default None: no overall limit) bounds the whole
+        call; when it runs out an ``AssociationError`` with ``reason="timeout"``
+        carries the ``StoreResult`` as ``.result``. See
+        :func:`pacsframe.storage.store`.
         """
         from .storage import store
 
-        return store(self, source)
+        return store(self, source, timeout=timeout)
 
 
 def _release(assoc: Association) -> None:
     if assoc.is_established:
         assoc.release()
+
+
+def _same_level(frame: Any, query: Query) -> bool:
+    """Whether ``frame`` is a frame of ``query``'s level (from its attrs)."""
+    attrs = frame.attrs.get("pacsframe", {}) if isinstance(frame, pd.DataFrame) else {}
+    return isinstance(attrs, dict) and attrs.get("level") == query.level
 
 
 def _carry_parents(result: pd.DataFrame, parents: pd.DataFrame, owners: list[int]) -> pd.DataFrame:

@@ -65,6 +65,11 @@ class AssociationError(PacsFrameError, ConnectionError):
         One of ``"refused"``, ``"timeout"``, ``"rejected"``, ``"aborted"``, or
         ``"tls"`` (the TLS handshake failed: an untrusted or wrong certificate, a
         missing client certificate, or TLS on one side only).
+    partial : DataFrame
+        Only when a find call's ``timeout=`` ran out: the rows received so far.
+    result : RetrieveResult or StoreResult
+        From ``get`` and ``move`` (any failure mid-way) and from ``store`` (its
+        ``timeout=`` ran out): what was retrieved or stored.
     """
 
     def __init__(self, message: str, *, reason: str) -> None:

@@ -10,6 +10,7 @@ to an atomic write in the cache; nothing partial is ever visible there.
 
 from __future__ import annotations
 
+import contextvars
 import io
 import logging
 import queue
@@ -34,6 +35,7 @@ from pynetdicom.status import code_to_category
 
 from . import frames
 from .cache import part10_head
+from .deadline import GRACE, Deadline, abort, deadline_for, fired, timed_out, watch
 from .errors import (
     AssociationError,
     CacheError,
@@ -629,9 +631,12 @@ class _Worker(threading.Thread):
         self.roles = roles
         self.requests = 0
         self.failures: list[BaseException] = []
+        self.cancelled = False  # a request ended by our C-CANCEL
         self.assoc: Association | None = None
         self.msg_id = 0
         self.seen: list[tuple[str, bool]] = []  # what arrived for the request in flight
+        # The call's timeout= (a context variable) holds in this thread too.
+        self.context = contextvars.copy_context()
 
     def _unsupported(self) -> NotSupported:
         return NotSupported(
@@ -643,7 +648,7 @@ class _Worker(threading.Thread):
 
     def run(self) -> None:
         try:
-            self._run()
+            self.context.run(self._run)
         except NotSupported as exc:
             # Refused outright (no context at all) reads better as "no C-GET here".
             self.failures.append(self._unsupported() if exc.status == 0x0122 else exc)
@@ -699,6 +704,7 @@ class _Worker(threading.Thread):
         if final is None:
             raise self.pacs._lost(assoc, what, time.monotonic() - last)
         if int(final.Status) == 0xFE00 and self.receiver.stop.is_set():
+            self.cancelled = True
             return
         missed = _peer_failures(self.pacs, final, final_identifier, self.seen, unit, what)
         self.receiver.extend(missed)
@@ -739,15 +745,30 @@ def get(
     on_received: Callable[[str, dict[str, Any]], Any] | None = None,
     overwrite: bool = False,
     model: str | None = None,
+    timeout: float | None = None,
 ) -> RetrieveResult:
     """C-GET everything ``frame`` describes into ``pacs.cache``. See :meth:`PACS.get`."""
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise QueryError(f"workers={workers!r} must be a whole number of at least 1.")
+    with deadline_for(timeout, "get"):
+        return _get(pacs, frame, workers, progress, on_received, overwrite, model)
+
+
+def _get(
+    pacs: PACS,
+    frame: pd.DataFrame | pd.Series | Sequence[str],
+    workers: int,
+    progress: bool,
+    on_received: Callable[[str, dict[str, Any]], Any] | None,
+    overwrite: bool,
+    model: str | None,
+) -> RetrieveResult:
+    deadline = Deadline.current()
     frame = _as_frame(frame)
     model = normalize_model(model or _model_of(frame))
     cache = pacs.cache
     planner = _Planner(pacs, cache, model, overwrite)
-    planner.plan(frame)
+    _plan(planner, frame, "get")
     planner.spread(workers)
     total = planner.expected if planner.expected_known else None
     bar = _progress(total, progress, f"C-GET from {pacs.ae_title}")
@@ -771,8 +792,20 @@ def get(
         len(threads),
         len(planner.cached_rows),
     )
+
+    def stop() -> None:
+        receiver.stop.set()
+        for thread in threads:
+            thread.cancel()
+
+    def abort_all() -> None:
+        for thread in threads:
+            if thread.is_alive() and thread.assoc is not None:
+                abort(thread.assoc)
+
     try:
-        _run(threads, receiver)
+        with watch(deadline, cancel=stop, abort=abort_all, grace=_grace(pacs)):
+            _run(threads, receiver)
     finally:
         if bar is not None:
             bar.close()
@@ -780,9 +813,44 @@ def get(
     failures = [f for t in threads for f in t.failures]
     if receiver.error is not None:
         raise receiver.error
+    # Cut short: a request cancelled or failed, or units never requested.
+    if fired(deadline) and (failures or not units.empty() or any(t.cancelled for t in threads)):
+        raise _with_result(
+            _deadline_error(deadline, "C-GET", failures[0] if failures else None), result, "get"
+        )
     if failures:
         raise _with_result(failures[0], result, "get")
     return result
+
+
+_RETRIEVE_ADVICE = "Raise timeout= (None: no overall limit), or retrieve less at a time."
+
+
+def _grace(pacs: PACS) -> float:
+    """Seconds the peer gets to end a cancelled C-GET/C-MOVE before we abort."""
+    return min(GRACE, pacs.dimse_timeout)
+
+
+def _deadline_error(
+    deadline: Deadline | None, doing: str, cause: BaseException | None
+) -> BaseException:
+    """The timeout error of a retrieval the deadline stopped, caused by ``cause``."""
+    assert deadline is not None
+    if cause is not None:
+        return timed_out(deadline, cause, doing, _RETRIEVE_ADVICE)
+    return deadline.error(doing, _RETRIEVE_ADVICE)
+
+
+def _plan(planner: _Planner, frame: pd.DataFrame, call: str) -> None:
+    """Plan ``frame``; when the deadline stops a planning C-FIND, attach what is cached."""
+    try:
+        planner.plan(frame)
+    except PacsFrameError as exc:
+        error = timed_out(Deadline.current(), exc, f"C-{call.upper()}", _RETRIEVE_ADVICE)
+        if error is exc:
+            raise
+        stopped = _with_result(error, _result(planner.cached_rows, 0, {}), call)
+        raise stopped from error.__cause__
 
 
 def _with_result(exc: BaseException, result: RetrieveResult, call: str) -> BaseException:
@@ -836,15 +904,30 @@ def move(
     on_received: Callable[[str, dict[str, Any]], Any] | None = None,
     overwrite: bool = False,
     model: str | None = None,
+    timeout: float | None = None,
 ) -> RetrieveResult:
     """C-MOVE everything ``frame`` describes. See :meth:`PACS.move`."""
+    with deadline_for(timeout, "move"):
+        return _move(pacs, frame, destination, progress, on_received, overwrite, model)
+
+
+def _move(
+    pacs: PACS,
+    frame: pd.DataFrame | pd.Series | Sequence[str],
+    destination: str | None,
+    progress: bool,
+    on_received: Callable[[str, dict[str, Any]], Any] | None,
+    overwrite: bool,
+    model: str | None,
+) -> RetrieveResult:
+    deadline = Deadline.current()
     frame = _as_frame(frame)
     model = normalize_model(model or _model_of(frame))
     ours = destination is None or destination.strip() == pacs.calling_ae
     target = pacs.calling_ae if ours else destination.strip()  # type: ignore[union-attr]
     cache = pacs.cache if ours else None
     planner = _Planner(pacs, cache if cache is not None else _NoCache(), model, overwrite)
-    planner.plan(frame)
+    _plan(planner, frame, "move")
     total = planner.expected if planner.expected_known else None
     bar = _progress(total, progress and ours, f"C-MOVE from {pacs.ae_title}")
     if bar is not None and planner.cached_rows:
@@ -854,19 +937,29 @@ def move(
     )
     remote = {"completed": 0, "failed": 0, "warning": 0}
     requests = 0
+    stopped = False  # by the deadline, before every unit was done
     scp = StorageSCP(pacs, receiver) if receiver is not None else None
     failure: PacsFrameError | None = None
     try:
         if scp is not None:
             scp.start()
         model_uid = MOVE_MODELS[model]
-        with pacs.association([build_context(model_uid)], purpose="move", keep=False) as assoc:
+        with (
+            pacs.association([build_context(model_uid)], purpose="move", keep=False) as assoc,
+            watch(
+                deadline,
+                cancel=lambda: assoc.send_c_cancel(requests, query_model=model_uid),
+                abort=lambda: abort(assoc),
+                grace=_grace(pacs),
+            ),
+        ):
             if not assoc.accepted_contexts:
                 raise NotSupported(
                     f"{pacs.ae_title} accepts no C-MOVE in the {model}-root model.", status=0x0122
                 )
             for unit in planner.units:
-                if receiver is not None and receiver.stop.is_set():
+                if (receiver is not None and receiver.stop.is_set()) or fired(deadline):
+                    stopped = fired(deadline)
                     break
                 requests += 1
                 what = f"{unit.level}-level C-MOVE"
@@ -884,6 +977,9 @@ def move(
                         break
                 if final is None:
                     raise pacs._lost(assoc, what, time.monotonic() - last)
+                if int(final.Status) == 0xFE00 and fired(deadline):
+                    stopped = True  # cancelled: nothing failed; the rest was not asked for
+                    break
                 if receiver is not None:
                     # Our SCP filed this request's objects before the final response.
                     seen = [
@@ -909,6 +1005,8 @@ def move(
         raise receiver.error
     rows = planner.cached_rows + (receiver.rows if receiver is not None else [])
     result = _result(rows, requests, {} if ours else remote)
+    if fired(deadline) and (stopped or failure is not None):
+        failure = _deadline_error(deadline, "C-MOVE", failure)  # type: ignore[assignment]
     if failure is not None:
         raise _with_result(failure, result, "move")
     return result

@@ -35,7 +35,8 @@ from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
 from pynetdicom.transport import ThreadedAssociationServer
 
-from .errors import AssociationError, QueryError
+from .deadline import Deadline, abort, deadline_for, fired, timed_out, watch
+from .errors import AssociationError, PacsFrameError, QueryError
 
 if TYPE_CHECKING:
     from .connection import PACS
@@ -332,7 +333,7 @@ def _batches(items: list[_Item]) -> Iterator[list[_Item]]:
         yield batch
 
 
-def store(pacs: PACS, source: Any) -> StoreResult:
+def store(pacs: PACS, source: Any, *, timeout: float | None = None) -> StoreResult:
     """C-STORE every object in ``source`` to ``pacs``; never raises for one bad file.
 
     Parameters
@@ -341,11 +342,21 @@ def store(pacs: PACS, source: Any) -> StoreResult:
         The peer.
     source : path, folder, list of paths, DataFrame with ``path``, Dataset(s)
         What to send. Folders are walked recursively.
+    timeout : float, optional
+        Seconds for the whole call. When they run out no further object is sent,
+        the association is aborted if a C-STORE is in flight (DIMSE has no cancel
+        for it), and an ``AssociationError`` with ``reason="timeout"`` carries
+        the ``StoreResult`` as ``.result``. None (the default): no overall limit.
 
     Returns
     -------
     StoreResult
         Counts and one row per object with its status.
+
+    Raises
+    ------
+    AssociationError
+        The peer cannot be reached or refuses us, or ``timeout`` ran out.
 
     Examples
     --------
@@ -358,25 +369,67 @@ def store(pacs: PACS, source: Any) -> StoreResult:
     >>> result.completed == len(cohort)
     True
     """
+    with deadline_for(timeout, "store") as deadline:
+        return _store(pacs, source, deadline)
+
+
+def _store(pacs: PACS, source: Any, deadline: Deadline | None) -> StoreResult:
     items = [_describe(s) for s in _iter_sources(source)]
     rows: list[dict[str, Any]] = []
     sendable = [i for i in items if i.error is None]
     for item in items:
         if item.error is not None:
             rows.append(_row(item, "failed", None, f"not sent: {item.error}"))
+    stopped: BaseException | None = None
+    try:
+        _send(pacs, sendable, rows, deadline)
+    except PacsFrameError as exc:
+        if not fired(deadline):
+            raise
+        stopped = exc
+    reached = {id(r["_item"]) for r in rows}
+    unsent = [item for item in items if id(item) not in reached]
+    for item in unsent:
+        rows.append(_row(item, "failed", None, "not sent: the call's timeout= ran out first"))
+    result = _store_result(pacs, items, rows)
+    cut = stopped is not None or unsent or any(r.get("_cut") for r in rows)
+    if fired(deadline) and cut:
+        advice = (
+            "This error's .result says which objects were stored; store the rest again, or "
+            "raise timeout= (None: no overall limit)."
+        )
+        if stopped is not None:
+            error = timed_out(deadline, stopped, "C-STORE", advice)
+        else:
+            error = deadline.error("C-STORE", advice)  # type: ignore[union-attr]
+        error.result = result  # type: ignore[attr-defined]
+        raise error
+    return result
+
+
+def _send(
+    pacs: PACS, sendable: list[_Item], rows: list[dict[str, Any]], deadline: Deadline | None
+) -> None:
+    """C-STORE ``sendable``, one association per batch of contexts; a row per item reached."""
     for batch in _batches(sendable):
         contexts = _contexts_for(batch)
         # Held associations are keyed by purpose; a batch with other contexts needs its own.
         purpose = "store:" + ",".join(
             sorted(f"{c.abstract_syntax}/{c.transfer_syntax[0]}" for c in contexts)
         )
-        with pacs.association(contexts, purpose=purpose) as assoc:
+        with (
+            pacs.association(contexts, purpose=purpose) as assoc,
+            # At the deadline: abort the C-STORE in flight (DIMSE cannot cancel one).
+            watch(deadline, cancel=None, abort=lambda: abort(assoc)),
+        ):
             accepted = {
                 (str(cx.abstract_syntax), str(ts))
                 for cx in assoc.accepted_contexts
                 for ts in cx.transfer_syntax
             }
             for item in batch:
+                if fired(deadline):
+                    break
                 if (item.sop_class, item.syntax) not in accepted:
                     rows.append(
                         _row(
@@ -392,7 +445,13 @@ def store(pacs: PACS, source: Any) -> StoreResult:
                     item.dataset if item.dataset is not None else item.path
                 )
                 if not status or "Status" not in status:
-                    rows.append(_row(item, "failed", None, "no response (association lost)"))
+                    lost = "no response (association lost)"
+                    if fired(deadline):
+                        lost = (
+                            "no response before the call's timeout= ran out (the association "
+                            "was aborted); the peer may or may not have stored it"
+                        )
+                    rows.append({**_row(item, "failed", None, lost), "_cut": fired(deadline)})
                     if not assoc.is_established:
                         break
                     continue
@@ -404,11 +463,16 @@ def store(pacs: PACS, source: Any) -> StoreResult:
                     rows.append(_row(item, "warning", code, _status_sentence(code, status)))
                 else:
                     rows.append(_row(item, "failed", code, _status_sentence(code, status)))
+        if fired(deadline):
+            return  # _store accounts for what was not sent
         # Anything the loop did not reach (the association was lost) failed too.
         reached = {id(r["_item"]) for r in rows}
         for item in batch:
             if id(item) not in reached:
                 rows.append(_row(item, "failed", None, "not sent: the association was lost"))
+
+
+def _store_result(pacs: PACS, items: list[_Item], rows: list[dict[str, Any]]) -> StoreResult:
     by_item = {id(r["_item"]): r for r in rows}
     ordered = [by_item[id(i)] for i in items]
     frame = pd.DataFrame(
