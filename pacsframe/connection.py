@@ -57,7 +57,15 @@ if TYPE_CHECKING:
     from .cache import Cache
     from .retrieve import RetrieveResult
 
-__all__ = ["PACS", "TLS", "BoundedHandshake", "check_ae_title", "config_path", "set_nodelay"]
+__all__ = [
+    "PACS",
+    "TLS",
+    "BoundedHandshake",
+    "check_ae_title",
+    "config_path",
+    "pause_reactor",
+    "set_nodelay",
+]
 
 LOGGER = logging.getLogger("pacsframe")
 
@@ -491,7 +499,7 @@ def _find_responses(
         )
     request.Identifier = BytesIO(encoded)
     try:
-        _pause_reactor(assoc)
+        pause_reactor(assoc)
         assoc.dimse.send_msg(request, context.context_id)
         with watch(
             deadline,
@@ -523,7 +531,7 @@ def _find_responses(
         assoc._reactor_checkpoint.set()
 
 
-def _pause_reactor(assoc: Association) -> None:
+def pause_reactor(assoc: Association) -> None:
     """Keep the association's reactor thread from taking our responses off the queue.
 
     pynetdicom's own wait (``while not assoc._is_paused``) can be fooled: just after
@@ -535,6 +543,11 @@ def _pause_reactor(assoc: Association) -> None:
     reactor blocked in ``Event.wait`` is a waiter of the event's condition, so that
     is what we wait for. The reactor pauses within a loop of its own (about a
     millisecond); a reactor that has stopped (an aborted association) never will.
+
+    pynetdicom's ``send_c_echo``, ``send_c_store``, ``send_c_get`` and ``send_c_move``
+    have the same check, so pacsframe calls this before each of them too: a lost
+    C-STORE response read as a failed object when loading Orthanc on a busy machine.
+    They set the checkpoint again when they end.
     """
     checkpoint = assoc._reactor_checkpoint
     checkpoint.clear()
@@ -1195,6 +1208,7 @@ class PACS:
         with self.association(self._query_contexts()) as assoc:
             sent = time.monotonic()
             with watch(deadline, cancel=None, abort=lambda: abort(assoc)):
+                pause_reactor(assoc)
                 status = assoc.send_c_echo()
             if not status or "Status" not in status:
                 raise self._lost(assoc, "C-ECHO", time.monotonic() - sent)

@@ -35,6 +35,7 @@ from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
 from pynetdicom.transport import ThreadedAssociationServer
 
+from .connection import pause_reactor
 from .deadline import Deadline, abort, deadline_for, fired, timed_out, watch
 from .errors import AssociationError, PacsFrameError, QueryError
 
@@ -441,6 +442,9 @@ def _send(
                         )
                     )
                     continue
+                # pynetdicom's own pause check can let the reactor take our
+                # response (the object then reads as lost); see pause_reactor.
+                pause_reactor(assoc)
                 status = assoc.send_c_store(
                     item.dataset if item.dataset is not None else item.path
                 )

@@ -278,7 +278,7 @@ def test_the_reactor_is_paused_only_once_it_waits():
     """
     from types import SimpleNamespace
 
-    from pacsframe.connection import _pause_reactor
+    from pacsframe.connection import pause_reactor
 
     checkpoint = threading.Event()
     checkpoint.set()
@@ -292,7 +292,7 @@ def test_the_reactor_is_paused_only_once_it_waits():
 
     thread = threading.Thread(target=reactor, daemon=True)
     thread.start()
-    _pause_reactor(assoc)
+    pause_reactor(assoc)
     assert waiting.is_set(), "paused on a stale flag while the reactor was still running"
     checkpoint.set()
     thread.join(30)
