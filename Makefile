@@ -16,10 +16,11 @@ demo: $(VENV)/.installed
 	$(PY) -m pacsframe.cli demo
 
 # Parallel workers (pytest-xdist), one test file per worker at a time: a file's
-# servers, cohorts and notebook kernel stay in one process. PYTEST_WORKERS=0 runs
-# everything in this process.
-PYTEST_WORKERS ?= auto
-PYTEST_ARGS ?= -n $(PYTEST_WORKERS) --maxprocesses=4 --dist loadfile
+# servers, cohorts and notebook kernel stay in one process. Three, even on two
+# cores: much of the suite waits on sockets, child processes and timeouts.
+# PYTEST_WORKERS=0 runs everything in this process.
+PYTEST_WORKERS ?= 3
+PYTEST_ARGS ?= -n $(PYTEST_WORKERS) --dist loadfile
 
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
