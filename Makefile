@@ -15,10 +15,17 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(PY) -m pacsframe.cli demo
 
+# Parallel workers (pytest-xdist), one test file per worker at a time: a file's
+# servers, cohorts and notebook kernel stay in one process. Three, even on two
+# cores: much of the suite waits on sockets, child processes and timeouts.
+# PYTEST_WORKERS=0 runs everything in this process.
+PYTEST_WORKERS ?= 3
+PYTEST_ARGS ?= -n $(PYTEST_WORKERS) --dist loadfile
+
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Side-by-side timings against raw pynetdicom and dcmtk on a local Orthanc (several
 # minutes; the first run also loads the cohorts into benchmarks/.work/). Needs the

@@ -21,7 +21,6 @@ import itertools
 import os
 import struct
 import threading
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -45,7 +44,7 @@ from pacsframe.demo.server import _MODELS, handle_find, handle_get, handle_move
 __all__ = ["Faults", "FaultyPACS", "raw", "sockets", "status"]
 
 # How long a hung handler waits for the test to release it, at most.
-HANG_SECONDS = 30.0
+HANG_SECONDS = 60.0
 
 
 @dataclass
@@ -55,7 +54,8 @@ class Faults:
     Attributes
     ----------
     delay : float
-        Seconds to sleep before every C-FIND match and every sub-operation.
+        Seconds to wait before every C-FIND match and every sub-operation (cut
+        short by :meth:`FaultyPACS.unblock`, so a slow handler ends with the test).
     abort_after : int or None
         Abort the association instead of the n-th C-FIND match or sub-operation
         (so after n of them).
@@ -142,7 +142,7 @@ def _step(server: FaultyPACS, event: evt.Event, n: int) -> Any:
     if faults.status_after is not None and faults.status_after[0] == n:
         return faults.status_after[1]
     if faults.delay:
-        time.sleep(faults.delay)
+        server.release.wait(faults.delay)
     return None
 
 

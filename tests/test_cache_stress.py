@@ -2,12 +2,14 @@
 
 Retrievals run in child processes (``subprocess.Popen`` of a small script) that
 import this checkout (``PYTHONPATH``), against a demo PACS in the test process that
-sleeps before each C-GET sub-operation, so that the children overlap and can be
-killed half-way. Children start together on a "go" file; every wait is bounded.
+sleeps before each C-GET sub-operation, and holds or pairs its answers (see
+:class:`SlowPACS`), so that the children overlap and are killed half-way however busy
+the machine. Children start together on a "go" file; every wait is bounded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -33,20 +35,69 @@ PER_SERIES = 8
 
 
 class SlowPACS(DemoPACS):
-    """The demo PACS, sleeping ``delay`` seconds before each C-GET sub-operation."""
+    """The demo PACS, sleeping ``delay`` seconds before each C-GET sub-operation.
+
+    So that a test acts mid-retrieval by waiting for events, never by racing a sleep:
+
+    - ``hold_after``: after that many sub-operations in all, the rest wait (bounded)
+      until :meth:`reset`, so a retrieval cannot end before the test has acted;
+    - ``pair``: a C-GET for one of these SeriesInstanceUIDs sends nothing until a
+      second C-GET for the same series has come (bounded), so two clients receive
+      the same objects at the same time.
+    """
 
     delay = 0.0
+    hold_after: int | None = None
+    pair: frozenset[str] = frozenset()
 
     def start(self) -> SlowPACS:
         super().start()
+        self._lock = threading.Lock()
+        self._meetings: dict[str, threading.Barrier] = {}
+        self._sent = 0
+        self.release = threading.Event()
         # C-GET is an intervention event: this handler replaces the plain one.
         self._server.bind(evt.EVT_C_GET, _slow_get, [self])
         return self
 
+    def reset(self) -> None:
+        """Back to plain answers; lets every held sub-operation go."""
+        self.delay, self.hold_after, self.pair = 0.0, None, frozenset()
+        self.release.set()
+        with self._lock:
+            for barrier in self._meetings.values():
+                barrier.abort()
+            self._meetings.clear()
+            self._sent = 0
+        self.release = threading.Event()
+
+    def _meet(self, identifier) -> None:
+        if str(identifier.get("SeriesInstanceUID", "")) not in self.pair:
+            return
+        # The same request from the other client: the same series, the same instances.
+        key = repr([identifier.get(k) for k in ("SeriesInstanceUID", "SOPInstanceUID")])
+        with self._lock:
+            barrier = self._meetings.setdefault(key, threading.Barrier(2))
+        with contextlib.suppress(threading.BrokenBarrierError):
+            barrier.wait(timeout=60)  # no partner: the test's own checks say so
+
+    def _may_send(self) -> None:
+        release = self.release
+        with self._lock:
+            self._sent += 1
+            held = self.hold_after is not None and self._sent > self.hold_after
+        if held:
+            release.wait(60)
+
 
 def _slow_get(event: evt.Event, server: SlowPACS):
+    first = True
     for item in handle_get(event, server):
         if not isinstance(item, int):  # the first item is the sub-operation count
+            if first:
+                server._meet(event.identifier)
+                first = False
+            server._may_send()
             time.sleep(server.delay)
         yield item
 
@@ -72,9 +123,10 @@ def served(tmp_path_factory):
 @pytest.fixture
 def slow(served):
     server, manifest = served
+    server.reset()  # counts sub-operations from here
     server.delay = 0.05
     yield server, manifest
-    server.delay = 0.0
+    server.reset()
 
 
 def child_env() -> dict[str, str]:
@@ -193,8 +245,9 @@ def test_two_processes_retrieving_overlapping_series_file_each_object_once(slow,
     server, manifest = slow
     root = tmp_path / "cache"
     uids = list(dict.fromkeys(manifest.SeriesInstanceUID))
-    # Both start with the two shared series, so the same objects arrive in both at once.
+    # Both start with the two shared series, which the server sends to both at once.
     wanted = {"a": uids[2:4] + uids[:2], "b": uids[2:4] + uids[4:]}
+    server.pair = frozenset(uids[2:4])
     children = {
         name: spawn(
             tmp_path,
@@ -362,6 +415,7 @@ def test_deleted_and_truncated_files_are_found_and_fetched_again(served, tmp_pat
 
 def test_sigkill_mid_get_leaves_complete_files_and_a_rerun_fetches_the_rest(slow, tmp_path):
     server, manifest = slow
+    server.hold_after = 20  # the retrieval cannot end before it is killed
     root = tmp_path / "cache"
     process, ready = spawn(
         tmp_path,
@@ -406,7 +460,7 @@ def test_sigkill_mid_get_leaves_complete_files_and_a_rerun_fetches_the_rest(slow
     assert have == len(files)
     cache.close()
 
-    server.delay = 0.0
+    server.reset()
     pacs = pf.PACS("127.0.0.1", server.port, server.ae_title, cache=root)
     rest = pacs.get(pacs.find_series(pacs.find_studies()), progress=False)
     assert rest.cached == have and rest.completed == len(manifest) - have

@@ -6,10 +6,46 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+
+from pynetdicom import evt
 
 import pacsframe as pf
 from pacsframe.demo import DemoPACS, make_cohort
+from pacsframe.demo.server import handle_get
+
+HOLD_AFTER = 40  # sub-operations sent in all before the rest wait for a C-CANCEL
+
+
+class HeldPACS(DemoPACS):
+    """The demo PACS, sending the rest of a C-GET only once it is cancelled (or released).
+
+    So the retrieval is still running when Ctrl-C comes, however busy the machine,
+    and nothing the peer would not send after a C-CANCEL arrives late.
+    """
+
+    def start(self) -> HeldPACS:
+        super().start()
+        self.release = threading.Event()
+        self._lock = threading.Lock()
+        self._sent = 0
+        # C-GET is an intervention event: this handler replaces the plain one.
+        self._server.bind(evt.EVT_C_GET, _held_get, [self])
+        return self
+
+
+def _held_get(event: evt.Event, server: HeldPACS):
+    for item in handle_get(event, server):
+        if not isinstance(item, int):  # the first item is the sub-operation count
+            with server._lock:
+                server._sent += 1
+                held = server._sent > HOLD_AFTER
+            deadline = time.monotonic() + 60
+            while held and not event.is_cancelled and time.monotonic() < deadline:
+                if server.release.wait(0.05):
+                    break
+        yield item
 
 
 def test_sigint_mid_get_leaves_a_consistent_cache_and_resumes(tmp_path):
@@ -20,12 +56,12 @@ def test_sigint_mid_get_leaves_a_consistent_cache_and_resumes(tmp_path):
         seed=51,
         studies_per_patient=1,
         series_per_study=2,
-        instances_per_series=300,
+        instances_per_series=60,
         matrix=64,
         modalities=("CT",),
     )
     cache = tmp_path / "cache"
-    with DemoPACS(folder) as server:
+    with HeldPACS(folder) as server:
         command = [sys.executable, "-m", "pacsframe.cli", "get", "--peer"]
         command += [f"127.0.0.1:{server.port}", "--aet", server.ae_title, "--cache", str(cache)]
         command += ["--no-progress", "--workers", "2"]
@@ -39,10 +75,12 @@ def test_sigint_mid_get_leaves_a_consistent_cache_and_resumes(tmp_path):
                 time.sleep(0.02)
             assert process.poll() is None, "the retrieval ended before it could be interrupted"
             process.send_signal(signal.SIGINT)
-            code = process.wait(30)
+            code = process.wait(60)
         finally:
+            server.release.set()
             if process.poll() is None:
                 process.kill()
+                process.wait()
         assert code == 130, process.stderr.read().decode()
 
         held = pf.Cache(cache)

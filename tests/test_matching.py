@@ -485,10 +485,13 @@ def test_one_hundred_thousand_rows_match_quickly():
     n = 100_000
     rng = np.random.default_rng(0)
     days = pd.Timestamp("2026-01-01") + pd.to_timedelta(rng.integers(0, 365, n), unit="D")
+    names = [f"Name{i % 977}^Given{i % 13}" for i in range(n)]
+    dates = days.strftime("%Y%m%d").tolist()
+    modalities = ["CT\\MR" if i % 3 else "CT" for i in range(n)]
     frame = frame_of(
-        PatientName=[f"Name{i % 977}^Given{i % 13}" for i in range(n)],
-        StudyDate=days.strftime("%Y%m%d").tolist(),
-        ModalitiesInStudy=["CT\\MR" if i % 3 else "CT" for i in range(n)],
+        PatientName=names,
+        StudyDate=dates,
+        ModalitiesInStudy=modalities,
         StudyInstanceUID=[f"1.2.3.{i}" for i in range(n)],
     )
     keys = {
@@ -497,16 +500,40 @@ def test_one_hundred_thousand_rows_match_quickly():
         "ModalitiesInStudy": "MR\\PT",
         "StudyInstanceUID": "",
     }
-    start = time.perf_counter()
     mask = match(frame, keys)
-    elapsed = time.perf_counter() - start
     expected = (
         frame.PatientName.str.lower().str.startswith("name1")
         & frame.StudyDate.between("2026-03-01", "2026-04-06")
         & pd.Series([i % 3 != 0 for i in range(n)])
     )
     assert mask.tolist() == expected.tolist()
-    assert elapsed < 1.0, f"matching 100,000 rows took {elapsed:.2f} s"
+
+    # Timed against the same test written as one plain loop over the rows, alongside
+    # it (the best of three each, in CPU time of this process): never a wall-clock
+    # limit. match() takes about 4 such loops; matching row by row in pandas
+    # (DataFrame.apply) takes about 60.
+    def one_loop() -> list[bool]:
+        wanted = {"MR", "PT"}
+        return [
+            name.lower().startswith("name1")
+            and "20260301" <= date <= "20260406"
+            and not wanted.isdisjoint(cell.split("\\"))
+            for name, date, cell in zip(names, dates, modalities, strict=True)
+        ]
+
+    assert one_loop() == mask.tolist()
+    matching = _fastest(lambda: match(frame, keys))
+    loop = _fastest(one_loop)
+    assert matching < 20 * loop, f"match() took {matching:.3f} s, one plain loop {loop:.3f} s"
+
+
+def _fastest(call, repeat: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.process_time()
+        call()
+        best = min(best, time.process_time() - start)
+    return best
 
 
 def test_reference_wildcard_agrees_with_fnmatch_on_plain_text():

@@ -67,7 +67,7 @@ def hanging_find_peer():
     release = threading.Event()
 
     def on_find(event):
-        release.wait(20)  # bounded: the test ends long before
+        release.wait(60)  # bounded: the test ends long before
         yield 0xC000, None
 
     ae = AE(ae_title="HANGS")
@@ -82,7 +82,8 @@ def hanging_find_peer():
 
 
 def test_find_that_never_answers_times_out(hanging_find_peer):
-    pacs = pf.PACS("127.0.0.1", hanging_find_peer, "HANGS", dimse_timeout=1)
+    # Long enough for a busy machine to answer the echo, short against the hang.
+    pacs = pf.PACS("127.0.0.1", hanging_find_peer, "HANGS", dimse_timeout=5)
     pacs.echo()  # the association itself works
     with pytest.raises(pf.AssociationError, match="no STUDY-level C-FIND response") as info:
         pacs.find_studies(PatientID="1")

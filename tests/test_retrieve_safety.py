@@ -6,9 +6,12 @@ import os
 import threading
 import time
 import warnings
+from pathlib import Path
 
+import pandas as pd
 import pydicom
 import pytest
+from pydicom.uid import generate_uid
 
 import pacsframe as pf
 from pacsframe.demo import DemoPACS, make_cohort
@@ -56,17 +59,36 @@ def _rss() -> int:
 
 @pytest.fixture(scope="module")
 def big_study(tmp_path_factory):
+    """One CT study of 4 series x 125 slices of 512 x 512: 500 objects, about 260 MB.
+
+    make_cohort draws one slice per series (drawing 500 phantoms of that size takes
+    most of a minute); the other slices are byte copies of it with their own UIDs and
+    instance numbers, which is all a retrieval looks at.
+    """
     folder = tmp_path_factory.mktemp("big")
-    manifest = make_cohort(
+    drawn = make_cohort(
         folder,
         patients=1,
         seed=41,
         studies_per_patient=1,
         series_per_study=4,
-        instances_per_series=125,
+        instances_per_series=1,
         matrix=512,
         modalities=("CT",),
     )
+    rows = []
+    for row in drawn.to_dict("records"):
+        ds = pydicom.dcmread(row["path"])
+        rows.append(row)
+        for number in range(2, 126):
+            uid = generate_uid(prefix=None, entropy_srcs=[row["SOPInstanceUID"], str(number)])
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
+            ds.InstanceNumber = number
+            path = Path(row["path"]).with_name(f"{uid}.dcm")
+            ds.save_as(path, enforce_file_format=True)
+            copy = {"path": str(path), "SOPInstanceUID": uid, "InstanceNumber": number}
+            rows.append({**row, **copy})
+    manifest = pd.DataFrame(rows)
     with DemoPACS(folder) as server:
         yield server, manifest
 
