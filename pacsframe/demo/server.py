@@ -64,7 +64,7 @@ from pynetdicom.sop_class import (
 
 from .. import frames, matching
 from ..cache import atomic_write
-from ..connection import TLS, BoundedHandshake, check_ae_title, set_nodelay
+from ..connection import TLS, BoundedHandshake, check_ae_title, pause_reactor, set_nodelay
 from ..errors import QueryError
 from ..matching import INDEX_KEYWORDS, LEVEL_KEYWORDS
 
@@ -837,16 +837,28 @@ def handle_move(event: evt.Event, server: DemoPACS) -> Iterator[Any]:
     server._notes.leave(
         event, None, f"Move destination {destination} at {host}:{port} refused the association"
     )
+    opened: list[Any] = []  # the association pynetdicom opens to the destination
+
+    def on_open(open_event: evt.Event) -> None:
+        set_nodelay(open_event)
+        opened.append(open_event.assoc)
+
     options: dict[str, Any] = {
         "contexts": _move_contexts(selected),
-        "evt_handlers": [(evt.EVT_CONN_OPEN, set_nodelay)],
+        "evt_handlers": [(evt.EVT_CONN_OPEN, on_open)],
     }
     tls = server._known_tls.get(destination)
     if tls is not None:
         options["tls_args"] = (tls, host)
     yield host, port, options
     yield len(selected)
-    yield from _sub_operations(event, selected)
+    # pynetdicom sends each dataset with send_c_store on that association, whose
+    # own pause check can let its reactor take the C-STORE response (see
+    # pause_reactor): the sub-operation then fails although the object arrived.
+    for status, ds in _sub_operations(event, selected):
+        if ds is not None and opened:
+            pause_reactor(opened[0])
+        yield status, ds
 
 
 # --- C-STORE and C-ECHO ---------------------------------------------------------------------
