@@ -338,7 +338,7 @@ def test_find_arguments_give_a_valid_identifier_or_a_query_error(method, parent,
     """The ``find_*`` path up to the network: keyword arguments, drilling down, models."""
     sent = []
 
-    def offline(query, parents):
+    def offline(query, parents, progress=True):
         sent.append((query, parents))
         return frames.empty_frame(query.columns)
 
