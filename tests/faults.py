@@ -71,6 +71,13 @@ class Faults:
         ``response(command, data)`` may change a C-FIND/C-GET/C-MOVE response's
         command set (a Dataset) in place before it is sent; ``data`` is its
         identifier stream (BytesIO or None); return new bytes to replace it.
+    find_levels : dict or None
+        ``{level: answer(matches) -> matches or status}`` rewrites the whole answer
+        to a C-FIND at that QueryRetrieveLevel ("PATIENT", "STUDY", "SERIES",
+        "IMAGE"): ``matches`` is the list of identifiers the demo would send;
+        return the list to send instead (fewer, changed, none), or a final status
+        (an int, or a Dataset with Status and ErrorComment) to refuse with.
+        Applied before the per-match faults above.
     """
 
     delay: float = 0.0
@@ -80,6 +87,7 @@ class Faults:
     identifier: Callable[[int, Dataset], Dataset] | None = None
     objects: Callable[[int, Dataset], Dataset] | None = None
     response: Callable[[Dataset, BytesIO | None], bytes | None] | None = None
+    find_levels: dict[str, Callable[[list[Dataset]], list[Dataset] | int | Dataset]] | None = None
 
 
 class FaultyPACS(DemoPACS):
@@ -158,7 +166,28 @@ def _inject(
 
 def _find(event: evt.Event, server: FaultyPACS) -> Iterator[Any]:
     answers = handle_find(event, server)
+    levels = server.faults.find_levels
+    if levels:
+        level = str(event.identifier.get("QueryRetrieveLevel", "")).strip().upper()
+        if level in levels:
+            answers = _answer_instead(answers, levels[level])
     yield from _inject(event, server, answers, (0xFF00, 0xFF01), server.faults.identifier)
+
+
+def _answer_instead(
+    answers: Iterator[Any], answer: Callable[[list[Dataset]], Any]
+) -> Iterator[Any]:
+    """The demo's C-FIND answer, its matches replaced by ``answer(matches)``."""
+    matches, finals = [], []
+    for status, ds in answers:
+        (matches if status in (0xFF00, 0xFF01) else finals).append((status, ds))
+    instead = answer([ds for _, ds in matches])
+    if isinstance(instead, (int, Dataset)):
+        yield instead, None
+        return
+    for ds in instead:
+        yield 0xFF00, ds
+    yield from finals
 
 
 def _sub_operations(event: evt.Event, server: FaultyPACS, inner: Iterator[Any]) -> Iterator[Any]:
