@@ -15,11 +15,13 @@ from .connection import PACS, TLS
 from .errors import (
     AssociationError,
     CacheError,
+    CountMismatchWarning,
     DimseError,
     MoveDestinationUnknown,
     NotSupported,
     PacsFrameError,
     QueryError,
+    UnusableListingWarning,
 )
 from .frames import MalformedValueWarning
 from .retrieve import RetrieveResult
@@ -32,6 +34,7 @@ __all__ = [
     "AssociationError",
     "Cache",
     "CacheError",
+    "CountMismatchWarning",
     "DimseError",
     "MalformedValueWarning",
     "MoveDestinationUnknown",
@@ -41,6 +44,7 @@ __all__ = [
     "QueryForm",
     "RetrieveResult",
     "StoreResult",
+    "UnusableListingWarning",
     "Volume",
 ]
 
