@@ -418,9 +418,13 @@ def _count_of(row: dict[str, Any], level: str) -> int | None:
     return None if value is None or frames.is_missing(value) else int(value)
 
 
-def _first_sentence(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.split(". ")[0].rstrip(".")
+def _reason(exc: BaseException) -> str:
+    """An error in a note: its first sentence, and the peer's comment when it had one."""
+    text = str(exc).strip().split(". ")[0].rstrip(".") or type(exc).__name__
+    comment = getattr(exc, "comment", None)
+    if comment and comment not in text:
+        text += f" (the peer says: {comment})"
+    return text
 
 
 class _Planner:
@@ -535,9 +539,7 @@ class _Planner:
         except PacsFrameError as exc:
             # Refused, not supported, capped, timed out: any failure of a listing
             # made only to plan costs at most a larger request.
-            self._untrusted(
-                level, keys, f"its {child}-level C-FIND failed: {_first_sentence(exc)}"
-            )
+            self._untrusted(level, keys, f"its {child}-level C-FIND failed: {_reason(exc)}")
             return None
         problem = _listing_problem(level, keys, expected, child, below)
         if problem:

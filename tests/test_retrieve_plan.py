@@ -43,12 +43,20 @@ def served(tmp_path_factory):
     return folder, manifest.sort_values(["SeriesInstanceUID", "SOPInstanceUID"])
 
 
-@pytest.fixture
-def server(served):
+@pytest.fixture(scope="module")
+def faulty(served):
     peer = FaultyPACS(served[0]).start()
     yield peer
     peer.unblock()
     peer.stop()
+
+
+@pytest.fixture
+def server(faulty):
+    """The fault peer, behaving until the test says otherwise."""
+    faulty.faults = Faults()
+    yield faulty
+    faulty.faults = Faults()
 
 
 @pytest.fixture
@@ -119,13 +127,15 @@ def untouched(pacs: pf.PACS, stamps: dict[str, tuple[int, int]], result) -> None
         assert _stamp(path) == stamps[sop], f"{sop} was rewritten"
 
 
-def said_so(result: pf.RetrieveResult, caught, level: str, uid: str, manifest) -> None:
+def said_so(
+    result: pf.RetrieveResult, caught, level: str, uid: str, manifest, why: str = ""
+) -> None:
     """The result and one UnusableListingWarning name the unit and why, and nothing else."""
     listing = [w for w in caught if issubclass(w.category, pf.UnusableListingWarning)]
     assert len(listing) == 1, [str(w.message) for w in caught]
     assert f"{level} {uid}" in str(listing[0].message)
     mine = [n for n in result.notes if f"{level} {uid}" in n]
-    assert len(mine) == 1 and "requested whole" in mine[0]
+    assert len(mine) == 1 and "requested whole" in mine[0] and why in mine[0]
     json.dumps(result.notes)
     text = " ".join(result.notes) + str(listing[0].message)
     for identifier in (*manifest.PatientID.unique(), *manifest.PatientName.dropna().unique()):
@@ -171,14 +181,28 @@ def _miscounted(matches: list[Dataset]) -> list[Dataset]:
     return matches
 
 
+# Why each listing is not used, as the note says it.
+WHY = {
+    "empty": "answered no match",
+    "refused": "the peer says: queries at this level are off",
+    "keyless": "have no ",
+    "short": "says 12",
+    "other-parent": "name another StudyInstanceUID",
+    "miscounted": "says 12",
+}
 LISTINGS = {
     "empty": lambda matches: [],
-    "refused": lambda matches: _failure(0xC000, "queries at this level are disabled"),
+    "refused": lambda matches: _failure(0xC000, "queries at this level are off"),
     "keyless": _keyless,
     "short": lambda matches: matches[:-1],
     "other-parent": _other_parent,
 }
 OPS = ["get1", "get4", "move"]
+
+
+def cases(faults: list[str], wide: list[str]) -> list[tuple[str, str]]:
+    """Every fault with one worker; the ``wide`` ones with four workers and C-MOVE too."""
+    return [(f, "get1") for f in faults] + [(f, op) for f in wide for op in OPS[1:]]
 
 
 # --- the series listing ----------------------------------------------------------------------
@@ -195,11 +219,10 @@ def test_cold_study_is_requested_whole_when_its_series_listing_is_unusable(
     assert result.requests == 1  # the study, not a subset of its series
     assert (result.completed, result.cached) == (OBJECTS, 0)
     everything_once(pacs, result, manifest)
-    said_so(result, caught, "STUDY", studies.StudyInstanceUID.iloc[0], manifest)
+    said_so(result, caught, "STUDY", studies.StudyInstanceUID.iloc[0], manifest, WHY[fault])
 
 
-@pytest.mark.parametrize("op", OPS)
-@pytest.mark.parametrize("fault", list(LISTINGS))
+@pytest.mark.parametrize(("fault", "op"), cases(list(LISTINGS), ["refused", "keyless", "short"]))
 def test_partly_cached_study_is_requested_whole_when_its_series_listing_is_unusable(
     server, pacs, served, op, fault
 ):
@@ -212,14 +235,15 @@ def test_partly_cached_study_is_requested_whole_when_its_series_listing_is_unusa
     assert (result.completed, result.cached) == (PER_SERIES + 1, len(stamps))
     everything_once(pacs, result, manifest)
     untouched(pacs, stamps, result)
-    said_so(result, caught, "STUDY", studies.StudyInstanceUID.iloc[0], manifest)
+    said_so(result, caught, "STUDY", studies.StudyInstanceUID.iloc[0], manifest, WHY[fault])
 
 
 # --- the instance listing -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("op", OPS)
-@pytest.mark.parametrize("fault", ["empty", "refused", "keyless", "short"])
+@pytest.mark.parametrize(
+    ("fault", "op"), cases(["empty", "refused", "keyless", "short"], ["empty", "short"])
+)
 def test_partly_cached_series_is_requested_whole_when_its_instance_listing_is_unusable(
     server, pacs, served, op, fault
 ):
@@ -233,7 +257,8 @@ def test_partly_cached_series_is_requested_whole_when_its_instance_listing_is_un
     assert (result.completed, result.cached) == (PER_SERIES + 1, len(stamps))
     everything_once(pacs, result, manifest)
     untouched(pacs, stamps, result)
-    said_so(result, caught, "SERIES", manifest.SeriesInstanceUID.iloc[0], manifest)
+    why = "says 4" if fault == "short" else WHY[fault]
+    said_so(result, caught, "SERIES", manifest.SeriesInstanceUID.iloc[0], manifest, why)
 
 
 def test_a_trusted_instance_listing_requests_only_what_is_missing(server, pacs, served):
@@ -292,7 +317,7 @@ def test_cold_study_without_a_count_is_not_split_by_a_keyless_listing(server, pa
     result, caught = run(pacs, studies, "get4")
     assert result.requests == 1
     everything_once(pacs, result, manifest)
-    said_so(result, caught, "STUDY", studies.StudyInstanceUID.iloc[0], manifest)
+    said_so(result, caught, "STUDY", studies.StudyInstanceUID.iloc[0], manifest, WHY["keyless"])
 
 
 # --- what arrives against what was announced ------------------------------------------------
@@ -359,3 +384,58 @@ def test_more_than_announced_is_noted_and_kept(server, pacs, served, op):
     assert (result.completed, result.failed, result.shortfall) == (OBJECTS, 0, 0)
     assert result.expected == OBJECTS - 2 and len(result.notes) == 1
     assert set(pacs.cache.instances().SOPInstanceUID) == set(manifest.SOPInstanceUID)
+
+
+# --- Orthanc: an instance listing capped by LimitFindInstances ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def capped_orthanc(served, tmp_path_factory):
+    """Orthanc holding the study, answering IMAGE-level C-FIND with 2 matches at most."""
+    from servers import OrthancServer, require_tool
+
+    require_tool("Orthanc")
+    server = OrthancServer(
+        tmp_path_factory.mktemp("orthanc"), extra_config={"LimitFindInstances": 2}
+    )
+    server.start()
+    try:
+        stored = pf.PACS(server.host, server.dicom_port, server.aet).store(served[1])
+        assert stored.failed == 0, stored.failed_instances
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.orthanc
+@pytest.mark.parametrize("op", OPS)
+def test_orthanc_capped_instance_listing_requests_the_series_whole(
+    capped_orthanc, served, tmp_path, op
+):
+    manifest = served[1]
+    server = capped_orthanc
+    pacs = pf.PACS(
+        server.host,
+        server.dicom_port,
+        server.aet,
+        calling_ae=f"PLAN{op.upper()}",
+        cache=tmp_path / "cache",
+        dimse_timeout=30,
+    )
+    server.add_modality(pacs.calling_ae, pacs.calling_ae, "127.0.0.1", pacs.scp_port)
+    studies = pacs.find_studies()
+    assert studies.NumberOfStudyRelatedInstances.tolist() == [OBJECTS]
+    stamps = precache(pacs, manifest)
+    result, caught = run(pacs, studies, op)
+    # The capped listing of the partly cached series is not used: it is requested
+    # whole, next to the cold series; the fully cached one is not requested.
+    assert result.requests == 2
+    assert (result.completed, result.cached) == (PER_SERIES + 1, len(stamps))
+    everything_once(pacs, result, manifest)
+    untouched(pacs, stamps, result)
+    if result.notes or caught:
+        # Orthanc ends the capped answer with 0xFE00, or a result cap is reported.
+        uid = manifest.SeriesInstanceUID.iloc[0]
+        said_so(result, caught, "SERIES", uid, manifest, "its IMAGE-level C-FIND")
+    # Otherwise query splitting got the whole listing past the cap: as good as uncapped.
+    pacs.cache.close()
