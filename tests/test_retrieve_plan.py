@@ -127,14 +127,12 @@ def untouched(pacs: pf.PACS, stamps: dict[str, tuple[int, int]], result) -> None
         assert _stamp(path) == stamps[sop], f"{sop} was rewritten"
 
 
-def said_so(
-    result: pf.RetrieveResult, caught, level: str, uid: str, manifest, why: str = ""
-) -> None:
+def said_so(result: pf.RetrieveResult, caught, unit: str, manifest, why: str) -> None:
     """The result and one UnusableListingWarning name the unit and why, and nothing else."""
     listing = [w for w in caught if issubclass(w.category, pf.UnusableListingWarning)]
     assert len(listing) == 1, [str(w.message) for w in caught]
-    assert f"{level} {uid}" in str(listing[0].message)
-    mine = [n for n in result.notes if f"{level} {uid}" in n]
+    assert unit in str(listing[0].message)
+    mine = [n for n in result.notes if unit in n]
     assert len(mine) == 1 and "requested whole" in mine[0] and why in mine[0]
     json.dumps(result.notes)
     text = " ".join(result.notes) + str(listing[0].message)
@@ -219,46 +217,39 @@ def test_cold_study_is_requested_whole_when_its_series_listing_is_unusable(
     assert result.requests == 1  # the study, not a subset of its series
     assert (result.completed, result.cached) == (OBJECTS, 0)
     everything_once(pacs, result, manifest)
-    said_so(result, caught, "STUDY", studies.StudyInstanceUID.iloc[0], manifest, WHY[fault])
+    said_so(result, caught, f"STUDY {studies.StudyInstanceUID.iloc[0]}", manifest, WHY[fault])
 
 
-@pytest.mark.parametrize(("fault", "op"), cases(list(LISTINGS), ["refused", "keyless", "short"]))
-def test_partly_cached_study_is_requested_whole_when_its_series_listing_is_unusable(
-    server, pacs, served, op, fault
+def refetched(pacs, result, stamps, manifest, requests: int) -> None:
+    """A partly cached study came whole: what was cached stayed as it was."""
+    assert result.requests == requests
+    assert (result.completed, result.cached) == (OBJECTS - len(stamps), len(stamps))
+    everything_once(pacs, result, manifest)
+    untouched(pacs, stamps, result)
+
+
+PARTLY = [
+    *[("SERIES", *case) for case in cases(list(LISTINGS), ["refused", "keyless", "short"])],
+    *[("IMAGE", *case) for case in cases(["empty", "refused", "keyless", "short"], ["empty"])],
+]
+
+
+@pytest.mark.parametrize(("level", "fault", "op"), PARTLY)
+def test_partly_cached_unit_is_requested_whole_when_its_listing_is_unusable(
+    server, pacs, served, level, fault, op
 ):
     manifest = served[1]
     studies = pacs.find_studies()
     stamps = precache(pacs, manifest)
-    server.faults = Faults(find_levels={"SERIES": LISTINGS[fault]})
+    server.faults = Faults(find_levels={level: LISTINGS[fault]})
     result, caught = run(pacs, studies, op)
-    assert result.requests == 1
-    assert (result.completed, result.cached) == (PER_SERIES + 1, len(stamps))
-    everything_once(pacs, result, manifest)
-    untouched(pacs, stamps, result)
-    said_so(result, caught, "STUDY", studies.StudyInstanceUID.iloc[0], manifest, WHY[fault])
-
-
-# --- the instance listing -------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("fault", "op"), cases(["empty", "refused", "keyless", "short"], ["empty", "short"])
-)
-def test_partly_cached_series_is_requested_whole_when_its_instance_listing_is_unusable(
-    server, pacs, served, op, fault
-):
-    manifest = served[1]
-    studies = pacs.find_studies()
-    stamps = precache(pacs, manifest)
-    server.faults = Faults(find_levels={"IMAGE": LISTINGS[fault]})
-    result, caught = run(pacs, studies, op)
-    # The partly cached series whole, the cold one whole; the cached one not at all.
-    assert result.requests == 2
-    assert (result.completed, result.cached) == (PER_SERIES + 1, len(stamps))
-    everything_once(pacs, result, manifest)
-    untouched(pacs, stamps, result)
-    why = "says 4" if fault == "short" else WHY[fault]
-    said_so(result, caught, "SERIES", manifest.SeriesInstanceUID.iloc[0], manifest, why)
+    if level == "SERIES":  # the study's listing: the study whole
+        unit, requests, why = f"STUDY {studies.StudyInstanceUID.iloc[0]}", 1, WHY[fault]
+    else:  # the partly cached series whole, the cold one whole, the cached one not at all
+        unit, requests = f"SERIES {manifest.SeriesInstanceUID.iloc[0]}", 2
+        why = "says 4" if fault == "short" else WHY[fault]
+    refetched(pacs, result, stamps, manifest, requests)
+    said_so(result, caught, unit, manifest, why)
 
 
 def test_a_trusted_instance_listing_requests_only_what_is_missing(server, pacs, served):
@@ -267,10 +258,8 @@ def test_a_trusted_instance_listing_requests_only_what_is_missing(server, pacs, 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         result = pacs.get(pacs.find_studies(), progress=False, workers=1)
-    assert result.requests == 2 and not result.notes  # one instance, one series
-    assert (result.completed, result.cached) == (PER_SERIES + 1, len(stamps))
-    everything_once(pacs, result, manifest)
-    assert repr(result).endswith("requests=2)")
+    assert not result.notes and repr(result).endswith("requests=2)")
+    refetched(pacs, result, stamps, manifest, 2)  # one instance, one series
 
 
 # --- parents without a count ----------------------------------------------------------------
@@ -295,10 +284,8 @@ def test_partly_cached_study_without_a_count_is_requested_whole_unlisted(server,
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         result = retrieve(pacs, studies, op)
-    assert asked == [] and result.requests == 1 and not result.notes
-    assert (result.completed, result.cached) == (PER_SERIES + 1, len(stamps))
-    everything_once(pacs, result, manifest)
-    untouched(pacs, stamps, result)
+    assert asked == [] and not result.notes
+    refetched(pacs, result, stamps, manifest, 1)
 
 
 def test_cold_study_without_a_count_is_split_by_a_keyed_listing(server, pacs, served):
@@ -317,7 +304,8 @@ def test_cold_study_without_a_count_is_not_split_by_a_keyless_listing(server, pa
     result, caught = run(pacs, studies, "get4")
     assert result.requests == 1
     everything_once(pacs, result, manifest)
-    said_so(result, caught, "STUDY", studies.StudyInstanceUID.iloc[0], manifest, WHY["keyless"])
+    unit = f"STUDY {studies.StudyInstanceUID.iloc[0]}"
+    said_so(result, caught, unit, manifest, WHY["keyless"])
 
 
 # --- what arrives against what was announced ------------------------------------------------
@@ -429,13 +417,10 @@ def test_orthanc_capped_instance_listing_requests_the_series_whole(
     result, caught = run(pacs, studies, op)
     # The capped listing of the partly cached series is not used: it is requested
     # whole, next to the cold series; the fully cached one is not requested.
-    assert result.requests == 2
-    assert (result.completed, result.cached) == (PER_SERIES + 1, len(stamps))
-    everything_once(pacs, result, manifest)
-    untouched(pacs, stamps, result)
+    refetched(pacs, result, stamps, manifest, 2)
     if result.notes or caught:
         # Orthanc ends the capped answer with 0xFE00, or a result cap is reported.
-        uid = manifest.SeriesInstanceUID.iloc[0]
-        said_so(result, caught, "SERIES", uid, manifest, "its IMAGE-level C-FIND")
+        unit = f"SERIES {manifest.SeriesInstanceUID.iloc[0]}"
+        said_so(result, caught, unit, manifest, "its IMAGE-level C-FIND")
     # Otherwise query splitting got the whole listing past the cap: as good as uncapped.
     pacs.cache.close()
