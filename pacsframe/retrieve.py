@@ -653,7 +653,7 @@ def _listing_problem(
     if expected is None:
         return None  # keyed and consistent: as good as the peer's word gets
     unique = below.drop_duplicates(subset=[key])
-    parent_count = f"the {level.lower()}'s {INSTANCE_COUNT_KEY[level]} says {expected}"
+    parent_count = f"{INSTANCE_COUNT_KEY[level]} in the {level} row says {expected}"
     if child == "IMAGE":
         if len(unique) != expected:
             return f"it listed {len(unique)} instance(s) and {parent_count}"

@@ -220,6 +220,17 @@ def test_cold_study_is_requested_whole_when_its_series_listing_is_unusable(
     said_so(result, caught, f"STUDY {studies.StudyInstanceUID.iloc[0]}", manifest, WHY[fault])
 
 
+@pytest.mark.parametrize("op", ["get1", "move"])
+def test_cold_study_with_one_worker_needs_no_listing(server, pacs, served, op):
+    refused = LISTINGS["refused"]
+    server.faults = Faults(find_levels={"SERIES": refused, "IMAGE": refused})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = retrieve(pacs, pacs.find_studies(), op)
+    assert result.requests == 1 and result.completed == OBJECTS and not result.notes
+    everything_once(pacs, result, served[1])
+
+
 def refetched(pacs, result, stamps, manifest, requests: int) -> None:
     """A partly cached study came whole: what was cached stayed as it was."""
     assert result.requests == requests
