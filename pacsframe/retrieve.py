@@ -202,8 +202,9 @@ class _Unit:
 
     ``expected`` is the peer's count for it from the frame or a listing;
     ``announced`` the sub-operation total of its first pending response; ``whole``
-    marks a unit requested whole because its listing could not be trusted, never
-    to be split again.
+    marks a unit requested whole because its listing could not be trusted or its
+    count is unknown, never to be split again; ``held`` the SOPInstanceUIDs of it
+    that were cached before.
     """
 
     level: str
@@ -211,6 +212,7 @@ class _Unit:
     expected: int | None = None
     whole: bool = False
     announced: int | None = None
+    held: frozenset[str] = frozenset()
 
     def name(self) -> str:
         """The unit in a note: level and UID, never a patient identifier."""
@@ -440,8 +442,12 @@ class _Planner:
         # Objects accounted for without a request (the peer's counts of fully cached
         # entities, cached instances of a listing).
         self.settled = 0
-        self.again: set[str] = set()  # cached objects of units requested whole
         self.notes: list[str] = []  # listings that could not be trusted
+
+    @property
+    def again(self) -> set[str]:
+        """The cached objects of the units requested whole: they arrive again."""
+        return set().union(*(unit.held for unit in self.units))
 
     def expected(self, *, announced: bool = False) -> int | None:
         """The objects the peer announced for the frame, or None when a unit has no count.
@@ -519,8 +525,8 @@ class _Planner:
         if below is None:
             held_rows = self._cached_under(level, uid)
             self.cached_rows.extend(held_rows)
-            self.again.update(r["SOPInstanceUID"] for r in held_rows if r["SOPInstanceUID"])
-            self.units.append(_Unit(level, keys, expected, whole=True))
+            held_uids = frozenset(r["SOPInstanceUID"] for r in held_rows if r["SOPInstanceUID"])
+            self.units.append(_Unit(level, keys, expected, whole=True, held=held_uids))
             return
         self._plan_rows(LEVELS[LEVELS.index(level) + 1], below)
 
@@ -733,6 +739,7 @@ def _peer_failures(
     announced number by more than the peer's own failure counts explain.
     """
     arrived = {sop for sop, _ in seen}
+    kept = unit.held - arrived  # cached before and not sent again: still in the cache
     ours = sum(refused for _, refused in seen)
     filed = len({sop for sop, refused in seen if not refused})
     listed = ""
@@ -749,7 +756,7 @@ def _peer_failures(
     announced = unit.expected if unit.expected is not None else unit.announced
     unnamed = counted
     if announced is not None:
-        unnamed = max(0, announced - len(arrived) - len(named))
+        unnamed = max(0, announced - len(arrived) - len(kept) - len(named))
     # The peer lists the entity, so it holds at least one object of it: nothing sent,
     # nothing counted and no count is not an empty success.
     nothing = announced is None and unit.level != "IMAGE" and not arrived and not named
@@ -811,16 +818,19 @@ def _peer_failures(
             filed,
         )
     note = f"{unit.name()}: {why}" if nothing and not counted else None
+    present = len(arrived) + len(kept)
     if (
         announced is not None
-        and len(arrived) != announced
-        and len(arrived) + len(named) + counted != announced
+        and present != announced
+        and present + len(named) + counted != announced
     ):
         source = "its C-FIND count" if unit.expected is not None else "its first pending response"
         note = (
             f"{unit.name()}: {pacs.ae_title} announced {announced} object(s) for the {what} "
             f"({source}) and {len(arrived)} arrived"
         )
+        if kept:
+            note += f", {len(kept)} more were cached already"
         if unit.expected is not None and unit.announced not in (None, unit.expected):
             note += f"; its first pending response counted {unit.announced} sub-operation(s)"
         if counted or named:

@@ -344,6 +344,28 @@ def test_a_retrieval_that_comes_up_short_says_so(server, pacs, op, counts, sent)
 
 
 @pytest.mark.parametrize("op", ["get1", "move"])
+def test_a_whole_unit_that_comes_up_short_counts_each_object_once(server, pacs, served, op):
+    manifest = served[1]
+    studies = pacs.find_studies()
+    stamps = precache(pacs, manifest)
+    refused = LISTINGS["refused"]
+    # The study is requested whole, and the peer stops after half of it.
+    server.faults = Faults(find_levels={"SERIES": refused}, status_after=(OBJECTS // 2, 0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = retrieve(pacs, studies, op)
+    kinds = {w.category for w in caught}
+    assert {pf.UnusableListingWarning, pf.CountMismatchWarning} <= kinds
+    assert result.cached == len(stamps)
+    assert result.completed + result.cached + result.failed == OBJECTS
+    assert result.failed == result.shortfall == OBJECTS - len(pacs.cache.instances())
+    assert result.failed_instances.error.str.contains("not received").all()
+    untouched(pacs, stamps, result)
+    named = result.instances.SOPInstanceUID.dropna()
+    assert named.is_unique and set(named) <= set(manifest.SOPInstanceUID)
+
+
+@pytest.mark.parametrize("op", ["get1", "move"])
 def test_nothing_sent_and_no_count_at_all_is_still_a_failure(server, pacs, op):
     # No count in the frame and no pending response: the peer still lists the study,
     # so it holds at least one object of it.
