@@ -21,14 +21,17 @@ partly cached study or series lacks) is used only when it is *trusted*:
   requested whole without a listing: skipping what is cached only saves transfer,
   and nothing could tell a short listing from a complete one.
 
-Otherwise the unit is requested whole. What it holds in the cache already arrives
-again, is not rewritten (unless ``overwrite=True``) and counts as ``cached``; the
-result's ``notes`` and an :class:`~pacsframe.errors.UnusableListingWarning` say
-which unit and why. After each request, the objects that arrived are compared
-with what the peer announced (the frame's count, or the sub-operation counts of
-its first pending response): what did not arrive gets a ``failed`` row whatever
-the final status said, and a difference the peer's own failure counts do not
-explain is a note and a :class:`~pacsframe.errors.CountMismatchWarning`.
+Otherwise the unit is requested whole (a listing that times out ends the call
+instead, as any request to a peer that stopped answering does). What the unit
+holds in the cache already arrives again, is not rewritten (unless
+``overwrite=True``) and counts as ``cached``; the result's ``notes`` and an
+:class:`~pacsframe.errors.UnusableListingWarning` say which unit and why.
+
+After each request, the objects that arrived are compared with what the peer
+announced (the frame's count, or the sub-operation counts of its first pending
+response): what did not arrive gets a ``failed`` row whatever the final status
+said, and a difference the peer's own failure counts do not explain is a note
+and a :class:`~pacsframe.errors.CountMismatchWarning`.
 """
 
 from __future__ import annotations
@@ -543,7 +546,11 @@ class _Planner:
             # the UIDs the peer put in each match, to check them.
             below = self.pacs.find(child, model=self.model, **keys)
         except PacsFrameError as exc:
-            # Refused, not supported, capped, timed out: any failure of a listing
+            if isinstance(exc, AssociationError) and exc.reason == "timeout":
+                # The peer stopped answering within dimse_timeout (or the call ran out
+                # of time): a larger request would wait the same way. The call ends.
+                raise
+            # Refused, not supported, capped, aborted: any other failure of a listing
             # made only to plan costs at most a larger request.
             self._untrusted(level, keys, f"its {child}-level C-FIND failed: {_reason(exc)}")
             return None

@@ -55,8 +55,10 @@ def faulty(served):
 def server(faulty):
     """The fault peer, behaving until the test says otherwise."""
     faulty.faults = Faults()
+    faulty.release.clear()
     yield faulty
     faulty.faults = Faults()
+    faulty.unblock()  # a handler still hanging ends now
 
 
 @pytest.fixture
@@ -229,6 +231,23 @@ def test_cold_study_with_one_worker_needs_no_listing(server, pacs, served, op):
         result = retrieve(pacs, pacs.find_studies(), op)
     assert result.requests == 1 and result.completed == OBJECTS and not result.notes
     everything_once(pacs, result, served[1])
+
+
+def test_a_listing_that_times_out_ends_the_call(server, pacs, served):
+    # A peer that stops answering is not worked around with a larger request.
+    stamps = precache(pacs, served[1])
+    studies = pacs.find_studies()
+    hasty = pf.PACS(
+        "127.0.0.1", server.port, server.ae_title, cache=pacs.cache.root, dimse_timeout=1
+    )
+    server.faults = Faults(hang_after=0)  # the first match of the series listing
+    with pytest.raises(pf.AssociationError) as info:
+        hasty.get(studies, progress=False, workers=1)
+    assert info.value.reason == "timeout" and "SERIES-level C-FIND" in str(info.value)
+    assert server.hung.is_set()
+    held = pacs.cache.instances()
+    assert dict(zip(held.SOPInstanceUID, map(_stamp, held.path), strict=True)) == stamps
+    hasty.cache.close()
 
 
 def refetched(pacs, result, stamps, manifest, requests: int) -> None:
