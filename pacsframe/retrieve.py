@@ -1078,39 +1078,56 @@ def get(
     finally:
         if bar is not None:
             bar.close()
-    result = _finish(planner, receiver, sum(t.requests for t in threads), {})
+    requests = sum(t.requests for t in threads)
+    result = _finish(planner, receiver.rows, receiver.notes, requests, {})
     failures = [f for t in threads for f in t.failures]
     if receiver.error is not None:
         raise receiver.error
     if failures:
         raise _with_result(failures[0], result, "get")
-    _warn_counts(pacs, result, receiver)
+    _warn_counts(pacs, result, receiver.notes)
     return result
 
 
 def _finish(
-    planner: _Planner, receiver: _Receiver | None, requests: int, remote: dict[str, int]
+    planner: _Planner,
+    rows: list[dict[str, Any]],
+    notes: list[str],
+    requests: int,
+    remote: dict[str, int],
 ) -> RetrieveResult:
     """The result: what the plan found cached, what arrived, and every note."""
-    rows = planner.cached_rows + (receiver.rows if receiver is not None else [])
-    notes = planner.notes + (receiver.notes if receiver is not None else [])
     expected = planner.expected(announced=True)
-    return _result(rows, requests, remote, expected=expected, notes=notes)
+    return _result(
+        planner.cached_rows + rows,
+        requests,
+        remote,
+        expected=expected,
+        notes=planner.notes + notes,
+    )
 
 
-def _warn_counts(pacs: PACS, result: RetrieveResult, receiver: _Receiver | None) -> None:
-    """One CountMismatchWarning for the requests whose arrivals the peer's counts contradict."""
-    notes = receiver.notes if receiver is not None else []
+def _warn_counts(
+    pacs: PACS, result: RetrieveResult, notes: list[str], destination: str | None = None
+) -> None:
+    """One CountMismatchWarning for the requests whose arrivals the peer's counts contradict.
+
+    ``destination``: the other AE of a move, which only the peer's counts speak of.
+    """
     if not notes:
         return
+    came, place = "arrived", "in the cache"
+    if destination is not None:
+        came = f"it reports delivered to {destination!r}"
+        place = f"reported delivered to {destination!r}"
     total = (
         "It gave no count for some of the request"
         if result.expected is None
         else f"The peer announced {result.expected} object(s) in all and {result.shortfall} "
-        "of them are not in the cache"
+        f"of them are not {place}"
     )
     warnings.warn(
-        f"what arrived from {pacs.ae_title} differs from what it announced for "
+        f"what {pacs.ae_title} announced differs from what {came} for "
         f"{len(notes)} request(s), e.g. {notes[0]} {total} (see the result's notes and "
         "failed_instances). Run the same call again to request what is missing; if it "
         "stays short, the peer's counts or its archive are inconsistent: ask its "
@@ -1192,6 +1209,7 @@ def move(
         else None
     )
     remote = {"completed": 0, "failed": 0, "warning": 0}
+    remote_notes: list[str] = []
     requests = 0
     scp = StorageSCP(pacs, receiver) if receiver is not None else None
     failure: PacsFrameError | None = None
@@ -1235,6 +1253,9 @@ def move(
                 if not ours:
                     for key, value in counts.items():
                         remote[key] += value
+                    untold, note = _untold(pacs, unit, counts, what)
+                    remote["failed"] += untold
+                    remote_notes += [note] if note else []
     except PacsFrameError as exc:
         failure = exc
     finally:
@@ -1244,11 +1265,36 @@ def move(
             bar.close()
     if receiver is not None and receiver.error is not None:
         raise receiver.error
-    result = _finish(planner, receiver, requests, {} if ours else remote)
+    rows, notes = (receiver.rows, receiver.notes) if receiver is not None else ([], remote_notes)
+    result = _finish(planner, rows, notes, requests, {} if ours else remote)
     if failure is not None:
         raise _with_result(failure, result, "move")
-    _warn_counts(pacs, result, receiver)
+    _warn_counts(pacs, result, notes, None if ours else target)
     return result
+
+
+def _untold(pacs: PACS, unit: _Unit, counts: dict[str, int], what: str) -> tuple[int, str | None]:
+    """For a move to another AE: how many announced objects its final counts leave out.
+
+    We see no object there, only the peer's counts; what they do not account for
+    of what it announced (or, with no count at all, of an entity it lists and so
+    holds at least one object of) counts as failed, with a note.
+    """
+    announced = unit.expected if unit.expected is not None else unit.announced
+    told = sum(counts.values())
+    if announced is None:
+        if told or unit.level == "IMAGE":
+            return 0, None
+        return 1, (
+            f"{unit.name()}: {pacs.ae_title}'s final counts for the {what} account for "
+            f"nothing and it gave no count, though its C-FIND lists this {unit.level}."
+        )
+    if told >= announced:
+        return 0, None
+    return announced - told, (
+        f"{unit.name()}: {pacs.ae_title} announced {announced} object(s) for the {what} "
+        f"and its final counts account for {told}."
+    )
 
 
 class _NoCache:

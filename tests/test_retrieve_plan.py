@@ -21,7 +21,7 @@ from faults import Faults, FaultyPACS
 from pydicom.dataset import Dataset
 
 import pacsframe as pf
-from pacsframe.demo import make_cohort
+from pacsframe.demo import DemoPACS, make_cohort
 
 SERIES, PER_SERIES = 3, 4
 OBJECTS = SERIES * PER_SERIES
@@ -396,6 +396,26 @@ def test_nothing_sent_and_no_count_at_all_is_still_a_failure(server, pacs, op):
     assert (result.expected, result.shortfall) == (None, None)
     assert "sent nothing" in result.failed_instances.error.iloc[0]
     assert len(result.notes) == 1 and "notes=1" in repr(result)
+    assert pacs.cache.instances().empty
+
+
+@pytest.mark.parametrize("counts", ["frame", "none"])
+def test_a_move_to_another_ae_that_comes_up_short_says_so(server, pacs, served, tmp_path, counts):
+    studies = pacs.find_studies()
+    if counts == "none":
+        studies = _no_counts(studies)
+    with DemoPACS(tmp_path / "archive", ae_title="ARCHIVE") as archive:
+        server.add_known_ae("ARCHIVE", "127.0.0.1", archive.port)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            sent = pacs.move(studies, "ARCHIVE", progress=False)  # healthy: all of it
+        assert (sent.completed, sent.failed, sent.notes) == (OBJECTS, 0, [])
+        server.faults = Faults(status_after=(0, 0x0000))  # "success", having sent nothing
+        with pytest.warns(pf.CountMismatchWarning, match="reports delivered to 'ARCHIVE'"):
+            short = pacs.move(studies, "ARCHIVE", progress=False)
+    missing = OBJECTS if counts == "frame" else 1  # without a count: at least one
+    assert (short.completed, short.failed, len(short.notes)) == (0, missing, 1)
+    assert short.shortfall == (OBJECTS if counts == "frame" else None)
     assert pacs.cache.instances().empty
 
 
