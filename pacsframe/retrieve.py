@@ -124,7 +124,8 @@ class RetrieveResult(TransferResult):
     ``expected`` is how many objects the peer announced for the whole request
     (its counts in the frame, else the sub-operation counts of its first pending
     response; ``None`` when some part had neither), and ``shortfall`` how many of
-    them are not in the cache after the call. ``notes`` holds one sentence per
+    them are not in the cache after the call (for a move to another AE: not
+    reported delivered by the peer's counts). ``notes`` holds one sentence per
     planning listing that could not be trusted and per request whose arrivals
     differ from what the peer announced (JSON-safe strings; no patient
     identifiers).
