@@ -15,12 +15,14 @@ from .connection import PACS, TLS
 from .errors import (
     AssociationError,
     CacheError,
+    CountMismatchWarning,
     DimseError,
     MoveDestinationUnknown,
     NotSupported,
     PacsFrameError,
     QueryError,
     ResultsCapped,
+    UnusableListingWarning,
 )
 from .frames import MalformedValueWarning
 from .retrieve import RetrieveResult
@@ -33,6 +35,7 @@ __all__ = [
     "AssociationError",
     "Cache",
     "CacheError",
+    "CountMismatchWarning",
     "DimseError",
     "MalformedValueWarning",
     "MoveDestinationUnknown",
@@ -43,6 +46,7 @@ __all__ = [
     "ResultsCapped",
     "RetrieveResult",
     "StoreResult",
+    "UnusableListingWarning",
     "Volume",
 ]
 

@@ -1,4 +1,4 @@
-"""The exception hierarchy.
+"""The exception hierarchy, and the warnings a retrieval gives.
 
 Every error pacsframe raises derives from :class:`PacsFrameError`, and every
 message says what was wrong and what to do about it.
@@ -11,12 +11,14 @@ from typing import Any
 __all__ = [
     "AssociationError",
     "CacheError",
+    "CountMismatchWarning",
     "DimseError",
     "MoveDestinationUnknown",
     "NotSupported",
     "PacsFrameError",
     "QueryError",
     "ResultsCapped",
+    "UnusableListingWarning",
 ]
 
 
@@ -104,3 +106,24 @@ class NotSupported(DimseError):
 
 class CacheError(PacsFrameError):
     """The on-disk cache refused an operation or was found inconsistent."""
+
+
+class UnusableListingWarning(UserWarning):
+    """A listing the peer answered only to plan a retrieval could not be trusted.
+
+    The listing (a study's series, to spread the work over ``workers``; what a
+    partly cached series or study lacks) failed, was empty, lacked unique keys or
+    disagreed with the peer's own counts. The unit was requested whole instead,
+    so nothing is missing because of it; objects already cached that arrived
+    again count as ``cached``. ``RetrieveResult.notes`` says which unit and why.
+    """
+
+
+class CountMismatchWarning(UserWarning):
+    """What arrived differs from the number of objects the peer announced.
+
+    The announced number is the frame's ``NumberOf*RelatedInstances`` or, without
+    one, the sub-operation counts of the peer's first pending C-GET/C-MOVE
+    response. ``RetrieveResult.expected`` and ``.shortfall`` give the totals, and
+    ``.notes`` names each request that came up short (or long).
+    """

@@ -6,11 +6,38 @@ one index query and no request; a partly cached one is listed with one C-FIND an
 only its missing instances are requested. Units are spread over ``workers``
 parallel associations. Every received object goes from the association straight
 to an atomic write in the cache; nothing partial is ever visible there.
+
+A retrieval never requests less than the frame describes. A listing of the level
+below made only to plan (a study's series, to split it over ``workers``; what a
+partly cached study or series lacks) is used only when it is *trusted*:
+
+- it answered, with at least one match, every match carrying its own unique key
+  and, where it names one, the parent's UID;
+- when the parent row has a count (``NumberOfStudyRelatedInstances`` and the
+  like), the children add up to it: their own counts, or the number of distinct
+  instances listed;
+- when the parent row has no count, a split may still use a listing that passes
+  the first rule (splitting only buys parallelism), but a partly cached unit is
+  requested whole without a listing: skipping what is cached only saves transfer,
+  and nothing could tell a short listing from a complete one.
+
+Otherwise the unit is requested whole (a listing that times out ends the call
+instead, as any request to a peer that stopped answering does). What the unit
+holds in the cache already arrives again, is not rewritten (unless
+``overwrite=True``) and counts as ``cached``; the result's ``notes`` and an
+:class:`~pacsframe.errors.UnusableListingWarning` say which unit and why.
+
+After each request, the objects that arrived are compared with what the peer
+announced (the frame's count, or the sub-operation counts of its first pending
+response): what did not arrive gets a ``failed`` row whatever the final status
+said, and a difference the peer's own failure counts do not explain is a note
+and a :class:`~pacsframe.errors.CountMismatchWarning`.
 """
 
 from __future__ import annotations
 
 import contextvars
+import html
 import io
 import logging
 import queue
@@ -35,15 +62,18 @@ from pynetdicom.status import code_to_category
 
 from . import frames
 from .cache import part10_head
+from .connection import pause_reactor
 from .deadline import GRACE, Deadline, abort, deadline_for, fired, timed_out, watch
 from .errors import (
     AssociationError,
     CacheError,
+    CountMismatchWarning,
     DimseError,
     MoveDestinationUnknown,
     NotSupported,
     PacsFrameError,
     QueryError,
+    UnusableListingWarning,
 )
 from .query import (
     INSTANCE_COUNT_KEY,
@@ -93,14 +123,25 @@ class RetrieveResult(TransferResult):
     SOPInstanceUID, SOPClassUID, path (in the cache), status (``completed``,
     ``cached``, ``warning``, ``failed``) and error. ``requests`` counts the C-GET
     or C-MOVE requests sent (0 when everything was cached already).
+
+    ``expected`` is how many objects the peer announced for the whole request
+    (its counts in the frame, else the sub-operation counts of its first pending
+    response; ``None`` when some part had neither), and ``shortfall`` how many of
+    them are not in the cache after the call (for a move to another AE: not
+    reported delivered by the peer's counts). ``notes`` holds one sentence per
+    planning listing that could not be trusted and per request whose arrivals
+    differ from what the peer announced (JSON-safe strings; no patient
+    identifiers).
     """
 
     requests: int = 0
     remote: dict[str, int] = field(default_factory=dict)
+    expected: int | None = None
+    notes: list[str] = field(default_factory=list)
 
     @property
     def cached(self) -> int:
-        """Objects already in the cache, not fetched again."""
+        """Objects already in the cache, not fetched (or not rewritten) again."""
         return self._count("cached")
 
     @property
@@ -118,6 +159,19 @@ class RetrieveResult(TransferResult):
         """Objects the peer sent with a warning status."""
         return self._count("warning") + self.remote.get("warning", 0)
 
+    @property
+    def shortfall(self) -> int | None:
+        """Objects the peer announced that are not in the cache (``None``: no count)."""
+        if self.expected is None:
+            return None
+        return max(0, self.expected - self.completed - self.cached - self.warning)
+
+    def _remarks(self) -> str:
+        """What differs from the peer's counts, for the reprs ('' when nothing)."""
+        if not self.notes and not self.shortfall:
+            return ""
+        return f", expected={self.expected}, shortfall={self.shortfall}, notes={len(self.notes)}"
+
     def _repr_html_(self) -> str:
         counts = "".join(
             f"<td>{getattr(self, name)}</td>"
@@ -129,6 +183,12 @@ class RetrieveResult(TransferResult):
             if len(failed)
             else ""
         )
+        if self._remarks():
+            items = "".join(f"<li>{html.escape(n)}</li>" for n in self.notes)
+            detail += (
+                f"<p>The peer announced {self.expected} object(s); {self.shortfall} are not "
+                f"in the cache.</p><ul>{items}</ul>"
+            )
         return (
             "<div><b>RetrieveResult</b><table><tr><th>completed</th><th>cached</th>"
             f"<th>warning</th><th>failed</th><th>requests</th></tr><tr>{counts}</tr>"
@@ -138,17 +198,41 @@ class RetrieveResult(TransferResult):
     def __repr__(self) -> str:
         return (
             f"RetrieveResult(completed={self.completed}, cached={self.cached}, "
-            f"warning={self.warning}, failed={self.failed}, requests={self.requests})"
+            f"warning={self.warning}, failed={self.failed}, requests={self.requests}"
+            f"{self._remarks()})"
         )
 
 
 @dataclass
 class _Unit:
-    """One C-GET/C-MOVE request: its level and identifier keys (DICOM strings)."""
+    """One C-GET/C-MOVE request: its level and identifier keys (DICOM strings).
+
+    ``expected`` is the peer's count for it from the frame or a listing;
+    ``announced`` the sub-operation total of its first pending response; ``whole``
+    marks a unit requested whole because its listing could not be trusted or its
+    count is unknown, never to be split again; ``held`` the SOPInstanceUIDs of it
+    that were cached before.
+    """
 
     level: str
     keys: dict[str, str]
     expected: int | None = None
+    whole: bool = False
+    announced: int | None = None
+    held: frozenset[str] = frozenset()
+
+    def name(self) -> str:
+        """The unit in a note: level and UID, never a patient identifier."""
+        if self.level == "IMAGE":
+            n = len(self.keys["SOPInstanceUID"].split("\\"))
+            return f"{n} instance(s) of SERIES {self.keys['SeriesInstanceUID']}"
+        return _entity_name(self.level, self.keys)
+
+
+def _entity_name(level: str, keys: dict[str, str]) -> str:
+    if level == "PATIENT":
+        return "a PATIENT (PatientID withheld)"
+    return f"{level} {keys[UNIQUE_KEY[level]]}"
 
 
 def _file_received(
@@ -185,12 +269,17 @@ class _Receiver:
         overwrite: bool,
         on_received: Callable[[str, dict[str, Any]], Any] | None,
         bar: Any,
+        again: set[str] | None = None,
     ) -> None:
         self.cache = cache
         self.overwrite = overwrite
         self.on_received = on_received
         self.bar = bar
+        # Cached objects of units requested whole: their rows say "cached" already.
+        self.again = set() if overwrite else set(again or ())
         self.rows: list[dict[str, Any]] = []
+        self.arrivals: list[tuple[str, bool]] = []  # (SOPInstanceUID, refused) as they come
+        self.notes: list[str] = []
         self.error: BaseException | None = None
         self.stop = threading.Event()
         self.bytes = 0
@@ -199,6 +288,12 @@ class _Receiver:
         self._filed: set[str] = set()
 
     def __call__(self, event: evt.Event) -> int:
+        code = self._file(event)
+        with self._lock:
+            self.arrivals.append((str(event.request.AffectedSOPInstanceUID or ""), code != 0))
+        return code
+
+    def _file(self, event: evt.Event) -> int:
         sop = str(event.request.AffectedSOPInstanceUID or "")
         sop_class = str(event.request.AffectedSOPClassUID or "")
         try:
@@ -221,6 +316,10 @@ class _Receiver:
         if again:
             # A peer that sends one object twice: one row, one count, one file.
             LOGGER.warning("%s arrived twice in one retrieval; counted once", sop)
+            return 0x0000
+        if sop in self.again:
+            # Cached before this call and requested again with its unit: the cache kept
+            # its copy (write() does not touch an indexed file) and its row says cached.
             return 0x0000
         meta = {
             "StudyInstanceUID": study,
@@ -248,10 +347,12 @@ class _Receiver:
                 self.stop.set()
         return 0x0000
 
-    def extend(self, rows: list[dict[str, Any]]) -> None:
-        """Add rows the driver knows of (objects the peer failed to send)."""
+    def extend(self, rows: list[dict[str, Any]], note: str | None = None) -> None:
+        """Add rows the driver knows of (objects the peer failed to send), and a note."""
         with self._lock:
             self.rows.extend(rows)
+            if note:
+                self.notes.append(note)
 
     def _record(
         self,
@@ -275,12 +376,21 @@ class _Receiver:
             self.rows.append(row)
 
 
-def _result(rows: list[dict[str, Any]], requests: int, remote: dict[str, int]) -> RetrieveResult:
+def _result(
+    rows: list[dict[str, Any]],
+    requests: int,
+    remote: dict[str, int],
+    *,
+    expected: int | None = None,
+    notes: Sequence[str] = (),
+) -> RetrieveResult:
     frame = pd.DataFrame(
         {c: pd.array([r.get(c) for r in rows], dtype="string") for c in _COLUMNS},
         columns=list(_COLUMNS),
     )
-    return RetrieveResult(frame, requests=requests, remote=remote)
+    return RetrieveResult(
+        frame, requests=requests, remote=remote, expected=expected, notes=list(notes)
+    )
 
 
 # --- planning ---------------------------------------------------------------------------------
@@ -311,6 +421,21 @@ def _keys_of(row: dict[str, Any], level: str, model: str) -> dict[str, str] | No
     return keys if all(keys.values()) else None
 
 
+def _count_of(row: dict[str, Any], level: str) -> int | None:
+    """The peer's instance count in a row of ``level`` (None when it gave none)."""
+    value = row.get(INSTANCE_COUNT_KEY.get(level, ""))
+    return None if value is None or frames.is_missing(value) else int(value)
+
+
+def _reason(exc: BaseException) -> str:
+    """An error in a note: its first sentence, and the peer's comment when it had one."""
+    text = str(exc).strip().split(". ")[0].rstrip(".") or type(exc).__name__
+    comment = getattr(exc, "comment", None)
+    if comment and comment not in text:
+        text += f" (the peer says: {comment})"
+    return text
+
+
 class _Planner:
     """Turns a frame into work units, subtracting what the cache holds."""
 
@@ -321,8 +446,31 @@ class _Planner:
         self.overwrite = overwrite
         self.units: list[_Unit] = []
         self.cached_rows: list[dict[str, Any]] = []
-        self.expected = 0
-        self.expected_known = True
+        # Objects accounted for without a request (the peer's counts of fully cached
+        # entities, cached instances of a listing).
+        self.settled = 0
+        self.notes: list[str] = []  # listings that could not be trusted
+
+    @property
+    def again(self) -> set[str]:
+        """The cached objects of the units requested whole: they arrive again."""
+        return set().union(*(unit.held for unit in self.units))
+
+    def expected(self, *, announced: bool = False) -> int | None:
+        """The objects the peer announced for the frame, or None when a unit has no count.
+
+        With ``announced``, a unit without a count from C-FIND counts what its
+        first pending C-GET/C-MOVE response announced.
+        """
+        total = self.settled
+        for unit in self.units:
+            n = unit.expected
+            if n is None and announced:
+                n = unit.announced
+            if n is None:
+                return None
+            total += n
+        return total
 
     def plan(self, frame: pd.DataFrame) -> None:
         level = frames.infer_level(frame)
@@ -363,64 +511,110 @@ class _Planner:
         for row in rows:
             self._plan_entity(level, row, held)
 
-    def _note_expected(self, n: int | None) -> None:
-        if n is None:
-            self.expected_known = False
-        else:
-            self.expected += n
-
     def _plan_entity(self, level: str, row: dict[str, Any], held: dict[str, int]) -> None:
         keys = _keys_of(row, level, self.model)
         if keys is None:
             return
         uid = keys[UNIQUE_KEY[level]]
-        expected = row.get(INSTANCE_COUNT_KEY.get(level, ""))
-        expected = None if expected is None or frames.is_missing(expected) else int(expected)
+        expected = _count_of(row, level)
         have = held.get(uid, 0)
         if have == 0:
             self.units.append(_Unit(level, keys, expected))
-            self._note_expected(expected)
             return
         if expected is not None and have >= expected:
             self.cached_rows.extend(self._cached_under(level, uid))
-            self._note_expected(expected)
+            self.settled += expected
             return
         # Partly cached: list the level below and recurse, so that only what is
-        # missing is requested.
+        # missing is requested; without a count to check that listing against,
+        # or when it cannot be trusted, request the whole unit.
+        below = None if expected is None else self._list_below(level, keys, expected)
+        if below is None:
+            held_rows = self._cached_under(level, uid)
+            self.cached_rows.extend(held_rows)
+            held_uids = frozenset(r["SOPInstanceUID"] for r in held_rows if r["SOPInstanceUID"])
+            self.units.append(_Unit(level, keys, expected, whole=True, held=held_uids))
+            return
+        self._plan_rows(LEVELS[LEVELS.index(level) + 1], below)
+
+    def _list_below(
+        self, level: str, keys: dict[str, str], expected: int | None
+    ) -> list[dict[str, Any]] | None:
+        """The children of one entity from the peer, or None when they cannot be trusted.
+
+        The rows come back with the parent's keys filled in, one per child.
+        """
         child = LEVELS[LEVELS.index(level) + 1]
-        below = self.pacs.find(child, pd.DataFrame([row]), model=self.model)
-        self._plan_rows(child, below.to_dict("records"))
+        try:
+            # Matching on the parent's keys (not drilling down from a frame) keeps
+            # the UIDs the peer put in each match, to check them.
+            below = self.pacs.find(child, model=self.model, **keys)
+        except PacsFrameError as exc:
+            if isinstance(exc, AssociationError) and exc.reason == "timeout":
+                # The peer stopped answering within dimse_timeout (or the call ran out
+                # of time): a larger request would wait the same way. The call ends.
+                raise
+            # Refused, not supported, capped, aborted: any other failure of a listing
+            # made only to plan costs at most a larger request.
+            self._untrusted(level, keys, f"its {child}-level C-FIND failed: {_reason(exc)}")
+            return None
+        problem = _listing_problem(level, keys, expected, child, below)
+        if problem:
+            self._untrusted(level, keys, problem)
+            return None
+        rows = below.drop_duplicates(subset=[UNIQUE_KEY[child]]).to_dict("records")
+        for row in rows:
+            row.update(keys)
+        return rows
+
+    def warn(self, pacs: PACS) -> None:
+        """One UnusableListingWarning for the units requested whole (from get or move)."""
+        if not self.notes:
+            return
+        warnings.warn(
+            f"{len(self.notes)} listing(s) {pacs.ae_title} answered to plan this retrieval "
+            f"could not be trusted, e.g. {self.notes[0]} Nothing is missing because of it: "
+            "each such unit was requested whole, and what it already had in the cache "
+            "counts as cached (see the result's notes).",
+            UnusableListingWarning,
+            stacklevel=4,
+        )
+
+    def _untrusted(self, level: str, keys: dict[str, str], reason: str) -> None:
+        if keys.get("PatientID"):
+            # A peer's comment or our own error may quote the key it was asked for.
+            reason = reason.replace(keys["PatientID"], "<PatientID>")
+        note = (
+            f"{_entity_name(level, keys)}: the peer's listing of what it holds was not "
+            f"used ({reason}); the {level.lower()} was requested whole."
+        )
+        LOGGER.info("%s", note)
+        self.notes.append(note)
 
     def spread(self, workers: int) -> None:
         """Split patient/study units into their series while workers would sit idle.
 
-        One C-FIND per split unit buys parallel C-GETs of its series.
+        One C-FIND per split unit buys parallel C-GETs of its series; a unit whose
+        listing cannot be trusted stays whole.
         """
         for _ in range(2):  # PATIENT -> STUDY -> SERIES at most
-            if len(self.units) >= workers or not any(
-                u.level in ("PATIENT", "STUDY") for u in self.units
-            ):
+            if len(self.units) >= workers or not any(_splittable(u) for u in self.units):
                 return
             spread: list[_Unit] = []
             for unit in self.units:
-                if unit.level not in ("PATIENT", "STUDY"):
+                if not _splittable(unit):
+                    spread.append(unit)
+                    continue
+                below = self._list_below(unit.level, unit.keys, unit.expected)
+                if below is None:
+                    unit.whole = True
                     spread.append(unit)
                     continue
                 child = LEVELS[LEVELS.index(unit.level) + 1]
-                try:
-                    below = self.pacs.find(child, pd.DataFrame([unit.keys]), model=self.model)
-                except DimseError as exc:
-                    # Splitting only buys parallelism; a peer that will not list the
-                    # level below still gets the whole unit in one request.
-                    LOGGER.info("not splitting a %s request: %s", unit.level, exc)
-                    spread.append(unit)
-                    continue
-                for row in below.to_dict("records"):
+                for row in below:
                     keys = _keys_of(row, child, self.model)
-                    if keys is not None:
-                        count = row.get(INSTANCE_COUNT_KEY.get(child, ""))
-                        known = count is not None and not frames.is_missing(count)
-                        spread.append(_Unit(child, keys, int(count) if known else None))
+                    if keys is not None:  # always, for a trusted listing
+                        spread.append(_Unit(child, keys, _count_of(row, child)))
             self.units = spread
 
     def _cached_under(self, level: str, uid: str) -> list[dict[str, Any]]:
@@ -433,7 +627,7 @@ class _Planner:
         if have:
             held = self.cache.locate("IMAGE", sorted(have))
             self.cached_rows.extend(_cached_row(r) for r in held.to_dict("records"))
-        self.expected += len(rows)
+        self.settled += len(have)
         by_series: dict[tuple[str, ...], list[str]] = {}
         for row, sop in zip(rows, sops, strict=True):
             if not sop or sop in have:
@@ -450,6 +644,44 @@ class _Planner:
                 keys = dict(zip(parent_names, parent, strict=True))
                 keys["SOPInstanceUID"] = "\\".join(chunk)
                 self.units.append(_Unit("IMAGE", keys, len(chunk)))
+
+
+def _splittable(unit: _Unit) -> bool:
+    return unit.level in ("PATIENT", "STUDY") and not unit.whole
+
+
+def _listing_problem(
+    level: str, keys: dict[str, str], expected: int | None, child: str, below: pd.DataFrame
+) -> str | None:
+    """Why a listing of ``child`` rows under one entity cannot be trusted, or None."""
+    key = UNIQUE_KEY[child]
+    if not len(below):
+        return f"its {child}-level C-FIND answered no match"
+    if key not in below.columns or below[key].isna().any():
+        bad = len(below) if key not in below.columns else int(below[key].isna().sum())
+        return f"{bad} of its {len(below)} {child}-level match(es) have no {key}"
+    for parent_key, value in keys.items():
+        if parent_key not in below.columns:
+            continue
+        named = below[parent_key].dropna().astype("string")
+        other = int((named != value).sum())
+        if other:
+            return f"{other} of its {child}-level match(es) name another {parent_key}"
+    if expected is None:
+        return None  # keyed and consistent: as good as the peer's word gets
+    unique = below.drop_duplicates(subset=[key])
+    parent_count = f"{INSTANCE_COUNT_KEY[level]} in the {level} row says {expected}"
+    if child == "IMAGE":
+        if len(unique) != expected:
+            return f"it listed {len(unique)} instance(s) and {parent_count}"
+        return None
+    count_key = INSTANCE_COUNT_KEY[child]
+    if count_key not in unique.columns or unique[count_key].isna().any():
+        return f"its {child}-level matches have no {count_key} to check against {parent_count}"
+    total = int(unique[count_key].sum())
+    if total != expected:
+        return f"its {child}-level matches hold {total} instance(s) in all and {parent_count}"
+    return None
 
 
 def _cached_row(record: dict[str, Any]) -> dict[str, Any]:
@@ -505,15 +737,20 @@ def _peer_failures(
     seen: list[tuple[str, bool]],
     unit: _Unit,
     what: str,
-) -> list[dict[str, Any]]:
-    """Rows for the sub-operations the peer counts as failed that never reached us.
+) -> tuple[list[dict[str, Any]], str | None]:
+    """Rows for the objects of a request that never reached us, and a note when unexplained.
 
     ``seen`` holds (SOPInstanceUID, refused by us) for each object that arrived for
     this request. Objects the peer names in its Failed SOP Instance UID List get a
-    row each; failures it counts without naming get anonymous rows, never more than
-    the request can still be missing when its size is known.
+    row each. When the peer announced a number (its C-FIND count for the unit, else
+    its first pending response's sub-operation counts), everything announced that
+    did not arrive gets a row whatever the final status said (by SOPInstanceUID for
+    a list of instances, anonymous otherwise); without a number, the failures it
+    counts without naming do. The note says when the arrivals differ from the
+    announced number by more than the peer's own failure counts explain.
     """
     arrived = {sop for sop, _ in seen}
+    kept = unit.held - arrived  # cached before and not sent again: still in the cache
     ours = sum(refused for _, refused in seen)
     filed = len({sop for sop, refused in seen if not refused})
     listed = ""
@@ -526,15 +763,40 @@ def _peer_failures(
         )
     named = [u for u in dict.fromkeys(listed.split("\\")) if u and u not in arrived]
     code = int(final.Status)
-    unnamed = int(final.get("NumberOfFailedSuboperations") or 0) - ours - len(named)
-    if unit.expected is not None:
-        room = unit.expected - len(arrived) - len(named)
-        # A request that failed failed for all it did not deliver, counted or not.
-        unnamed = room if code_to_category(code) == "Failure" else min(unnamed, room)
+    counted = max(0, int(final.get("NumberOfFailedSuboperations") or 0) - ours - len(named))
+    announced = unit.expected if unit.expected is not None else unit.announced
+    unnamed = counted
+    if announced is not None:
+        unnamed = max(0, announced - len(arrived) - len(kept) - len(named))
+    # The peer lists the entity, so it holds at least one object of it: nothing sent,
+    # nothing counted and no count is not an empty success.
+    nothing = announced is None and unit.level != "IMAGE" and not arrived and not named
+    if nothing and not counted:
+        unnamed = 1
+    lost: list[str] = []
+    if unit.level == "IMAGE":
+        asked = unit.keys["SOPInstanceUID"].split("\\")
+        lost = [u for u in asked if u and u not in arrived and u not in named][:unnamed]
+        unnamed -= len(lost)
     study = unit.keys.get("StudyInstanceUID")
     series = unit.keys.get("SeriesInstanceUID")
     base = {"StudyInstanceUID": study, "SeriesInstanceUID": series, "SOPClassUID": None}
     base |= {"path": None, "status": "failed"}
+    if nothing and not counted:
+        why = (
+            f"{pacs.ae_title} sent nothing for the {what}, counted no failure and gave no "
+            f"count, though its C-FIND lists this {unit.level} (final status 0x{code:04X})."
+        )
+    elif announced is None:
+        why = (
+            f"{pacs.ae_title} ended the {what} with 0x{code:04X} without naming the objects "
+            "it did not send."
+        )
+    else:
+        why = (
+            f"{pacs.ae_title} announced {announced} object(s) for the {what}, {len(arrived)} "
+            f"arrived, and it ended with 0x{code:04X} without naming the others."
+        )
     rows = [
         {
             **base,
@@ -547,11 +809,14 @@ def _peer_failures(
     rows += [
         {
             **base,
-            "SOPInstanceUID": None,
+            "SOPInstanceUID": uid,
             "error": f"not received: {pacs.ae_title} ended the {what} with 0x{code:04X} "
-            "without naming the objects it did not send.",
+            "without sending it (it may no longer hold it).",
         }
-        for _ in range(unnamed)
+        for uid in lost
+    ]
+    rows += [
+        {**base, "SOPInstanceUID": None, "error": f"not received: {why}"} for _ in range(unnamed)
     ]
     completed = final.get("NumberOfCompletedSuboperations")
     if completed is not None and int(completed) != filed:
@@ -563,7 +828,43 @@ def _peer_failures(
             what,
             filed,
         )
-    return rows
+    note = f"{unit.name()}: {why}" if nothing and not counted else None
+    present = len(arrived) + len(kept)
+    if (
+        announced is not None
+        and present != announced
+        and present + len(named) + counted != announced
+    ):
+        source = "its C-FIND count" if unit.expected is not None else "its first pending response"
+        note = (
+            f"{unit.name()}: {pacs.ae_title} announced {announced} object(s) for the {what} "
+            f"({source}) and {len(arrived)} arrived"
+        )
+        if kept:
+            note += f", {len(kept)} more were cached already"
+        if unit.expected is not None and unit.announced not in (None, unit.expected):
+            note += f"; its first pending response counted {unit.announced} sub-operation(s)"
+        if counted or named:
+            note += f"; it counted {counted + len(named)} as failed"
+        note += f" (final status 0x{code:04X})."
+    return rows, note
+
+
+_SUB_OPERATIONS = ("Remaining", "Completed", "Failed", "Warning")
+
+
+def _announce(unit: _Unit, status: Any) -> None:
+    """Keep what the first pending response with sub-operation counts announced."""
+    if unit.announced is None and code_to_category(int(status.Status)) == "Pending":
+        unit.announced = _sub_total(status)
+
+
+def _sub_total(status: Any) -> int | None:
+    """The number of sub-operations a C-GET/C-MOVE response accounts for (None: no counts)."""
+    values = [status.get(f"NumberOf{k}Suboperations") for k in _SUB_OPERATIONS]
+    if all(v is None for v in values):
+        return None
+    return sum(int(v or 0) for v in values)
 
 
 def _ours_only(final: Any, seen: list[tuple[str, bool]], missed: list[dict[str, Any]]) -> bool:
@@ -690,12 +991,14 @@ class _Worker(threading.Thread):
         what = f"{unit.level}-level C-GET"
         last = time.monotonic()
         final = final_identifier = None
+        pause_reactor(assoc)  # pynetdicom's own check can let the reactor take a response
         for status, identifier in assoc.send_c_get(
             _identifier(unit, self.model), model_uid, msg_id=self.msg_id
         ):
             if not status or "Status" not in status:
                 raise self.pacs._lost(assoc, what, time.monotonic() - last)
             last = time.monotonic()
+            _announce(unit, status)
             if code_to_category(int(status.Status)) != "Pending":
                 final, final_identifier = status, identifier
                 break
@@ -706,8 +1009,8 @@ class _Worker(threading.Thread):
         if int(final.Status) == 0xFE00 and self.receiver.stop.is_set():
             self.cancelled = True
             return
-        missed = _peer_failures(self.pacs, final, final_identifier, self.seen, unit, what)
-        self.receiver.extend(missed)
+        missed, note = _peer_failures(self.pacs, final, final_identifier, self.seen, unit, what)
+        self.receiver.extend(missed, note)
         if _ours_only(final, self.seen, missed):
             return
         _final_status(final, what, self.pacs, None)
@@ -768,13 +1071,14 @@ def _get(
     model = normalize_model(model or _model_of(frame))
     cache = pacs.cache
     planner = _Planner(pacs, cache, model, overwrite)
-    _plan(planner, frame, "get")
-    planner.spread(workers)
-    total = planner.expected if planner.expected_known else None
-    bar = _progress(total, progress, f"C-GET from {pacs.ae_title}")
+    _plan(planner, frame, "get", workers)
+    planner.warn(pacs)
+    bar = _progress(planner.expected(), progress, f"C-GET from {pacs.ae_title}")
     if bar is not None and planner.cached_rows:
         bar.update(len(planner.cached_rows))
-    receiver = _Receiver(cache, overwrite=overwrite, on_received=on_received, bar=bar)
+    receiver = _Receiver(
+        cache, overwrite=overwrite, on_received=on_received, bar=bar, again=planner.again
+    )
     units: queue.Queue[_Unit] = queue.Queue()
     for unit in planner.units:
         units.put(unit)
@@ -809,7 +1113,8 @@ def _get(
     finally:
         if bar is not None:
             bar.close()
-    result = _result(planner.cached_rows + receiver.rows, sum(t.requests for t in threads), {})
+    requests = sum(t.requests for t in threads)
+    result = _finish(planner, receiver.rows, receiver.notes, requests, {})
     failures = [f for t in threads for f in t.failures]
     if receiver.error is not None:
         raise receiver.error
@@ -820,6 +1125,7 @@ def _get(
         )
     if failures:
         raise _with_result(failures[0], result, "get")
+    _warn_counts(pacs, result, receiver.notes)
     return result
 
 
@@ -841,16 +1147,66 @@ def _deadline_error(
     return deadline.error(doing, _RETRIEVE_ADVICE)
 
 
-def _plan(planner: _Planner, frame: pd.DataFrame, call: str) -> None:
-    """Plan ``frame``; when the deadline stops a planning C-FIND, attach what is cached."""
+def _plan(planner: _Planner, frame: pd.DataFrame, call: str, workers: int = 1) -> None:
+    """Plan ``frame`` (and spread it over ``workers``); attach what is cached when the
+    deadline stops a planning C-FIND."""
     try:
         planner.plan(frame)
+        planner.spread(workers)
     except PacsFrameError as exc:
         error = timed_out(Deadline.current(), exc, f"C-{call.upper()}", _RETRIEVE_ADVICE)
         if error is exc:
             raise
         stopped = _with_result(error, _result(planner.cached_rows, 0, {}), call)
         raise stopped from error.__cause__
+
+
+def _finish(
+    planner: _Planner,
+    rows: list[dict[str, Any]],
+    notes: list[str],
+    requests: int,
+    remote: dict[str, int],
+) -> RetrieveResult:
+    """The result: what the plan found cached, what arrived, and every note."""
+    expected = planner.expected(announced=True)
+    return _result(
+        planner.cached_rows + rows,
+        requests,
+        remote,
+        expected=expected,
+        notes=planner.notes + notes,
+    )
+
+
+def _warn_counts(
+    pacs: PACS, result: RetrieveResult, notes: list[str], destination: str | None = None
+) -> None:
+    """One CountMismatchWarning for the requests whose arrivals the peer's counts contradict.
+
+    ``destination``: the other AE of a move, which only the peer's counts speak of.
+    """
+    if not notes:
+        return
+    came, place = "arrived", "in the cache"
+    if destination is not None:
+        came = f"it reports delivered to {destination!r}"
+        place = f"reported delivered to {destination!r}"
+    total = (
+        "It gave no count for some of the request"
+        if result.expected is None
+        else f"The peer announced {result.expected} object(s) in all and {result.shortfall} "
+        f"of them are not {place}"
+    )
+    warnings.warn(
+        f"what {pacs.ae_title} announced differs from what {came} for "
+        f"{len(notes)} request(s), e.g. {notes[0]} {total} (see the result's notes and "
+        "failed_instances). Run the same call again to request what is missing; if it "
+        "stays short, the peer's counts or its archive are inconsistent: ask its "
+        "administrator.",
+        CountMismatchWarning,
+        stacklevel=4,
+    )
 
 
 def _with_result(exc: BaseException, result: RetrieveResult, call: str) -> BaseException:
@@ -928,14 +1284,19 @@ def _move(
     cache = pacs.cache if ours else None
     planner = _Planner(pacs, cache if cache is not None else _NoCache(), model, overwrite)
     _plan(planner, frame, "move")
-    total = planner.expected if planner.expected_known else None
-    bar = _progress(total, progress and ours, f"C-MOVE from {pacs.ae_title}")
+    planner.warn(pacs)
+    bar = _progress(planner.expected(), progress and ours, f"C-MOVE from {pacs.ae_title}")
     if bar is not None and planner.cached_rows:
         bar.update(len(planner.cached_rows))
     receiver = (
-        _Receiver(cache, overwrite=overwrite, on_received=on_received, bar=bar) if ours else None
+        _Receiver(
+            cache, overwrite=overwrite, on_received=on_received, bar=bar, again=planner.again
+        )
+        if cache is not None
+        else None
     )
     remote = {"completed": 0, "failed": 0, "warning": 0}
+    remote_notes: list[str] = []
     requests = 0
     stopped = False  # by the deadline, before every unit was done
     scp = StorageSCP(pacs, receiver) if receiver is not None else None
@@ -965,13 +1326,15 @@ def _move(
                 what = f"{unit.level}-level C-MOVE"
                 last = time.monotonic()
                 final = final_identifier = None
-                first = len(receiver.rows) if receiver is not None else 0
+                first = len(receiver.arrivals) if receiver is not None else 0
+                pause_reactor(assoc)  # as for C-GET: see pause_reactor
                 for status, identifier in assoc.send_c_move(
                     _identifier(unit, model), target, model_uid, msg_id=requests
                 ):
                     if not status or "Status" not in status:
                         raise pacs._lost(assoc, what, time.monotonic() - last)
                     last = time.monotonic()
+                    _announce(unit, status)
                     if code_to_category(int(status.Status)) != "Pending":
                         final, final_identifier = status, identifier
                         break
@@ -982,18 +1345,18 @@ def _move(
                     break
                 if receiver is not None:
                     # Our SCP filed this request's objects before the final response.
-                    seen = [
-                        (r["SOPInstanceUID"] or "", r["status"] == "failed")
-                        for r in receiver.rows[first:]
-                    ]
-                    missed = _peer_failures(pacs, final, final_identifier, seen, unit, what)
-                    receiver.extend(missed)
+                    seen = receiver.arrivals[first:]
+                    missed, note = _peer_failures(pacs, final, final_identifier, seen, unit, what)
+                    receiver.extend(missed, note)
                     if _ours_only(final, seen, missed):
                         continue
                 counts = _final_status(final, what, pacs, target)
                 if not ours:
                     for key, value in counts.items():
                         remote[key] += value
+                    untold, note = _untold(pacs, unit, counts, what)
+                    remote["failed"] += untold
+                    remote_notes += [note] if note else []
     except PacsFrameError as exc:
         failure = exc
     finally:
@@ -1003,13 +1366,38 @@ def _move(
             bar.close()
     if receiver is not None and receiver.error is not None:
         raise receiver.error
-    rows = planner.cached_rows + (receiver.rows if receiver is not None else [])
-    result = _result(rows, requests, {} if ours else remote)
+    rows, notes = (receiver.rows, receiver.notes) if receiver is not None else ([], remote_notes)
+    result = _finish(planner, rows, notes, requests, {} if ours else remote)
     if fired(deadline) and (stopped or failure is not None):
         failure = _deadline_error(deadline, "C-MOVE", failure)  # type: ignore[assignment]
     if failure is not None:
         raise _with_result(failure, result, "move")
+    _warn_counts(pacs, result, notes, None if ours else target)
     return result
+
+
+def _untold(pacs: PACS, unit: _Unit, counts: dict[str, int], what: str) -> tuple[int, str | None]:
+    """For a move to another AE: how many announced objects its final counts leave out.
+
+    We see no object there, only the peer's counts; what they do not account for
+    of what it announced (or, with no count at all, of an entity it lists and so
+    holds at least one object of) counts as failed, with a note.
+    """
+    announced = unit.expected if unit.expected is not None else unit.announced
+    told = sum(counts.values())
+    if announced is None:
+        if told or unit.level == "IMAGE":
+            return 0, None
+        return 1, (
+            f"{unit.name()}: {pacs.ae_title}'s final counts for the {what} account for "
+            f"nothing and it gave no count, though its C-FIND lists this {unit.level}."
+        )
+    if told >= announced:
+        return 0, None
+    return announced - told, (
+        f"{unit.name()}: {pacs.ae_title} announced {announced} object(s) for the {what} "
+        f"and its final counts account for {told}."
+    )
 
 
 class _NoCache:

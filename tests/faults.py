@@ -76,6 +76,13 @@ class Faults:
         When more than n matches would be sent, answer a C-FIND with this final
         status (an int, or a Dataset with Status and ErrorComment) before any match,
         as dcm4chee-arc does past ``dcmQueryMaxNumberOfResults``.
+    find_levels : dict or None
+        ``{level: answer(matches) -> matches or status}`` rewrites the whole answer
+        to a C-FIND at that QueryRetrieveLevel ("PATIENT", "STUDY", "SERIES",
+        "IMAGE"): ``matches`` is the list of identifiers the demo would send;
+        return the list to send instead (fewer, changed, none), or a final status
+        (an int, or a Dataset with Status and ErrorComment) to refuse with.
+        Applied before the per-match faults above.
     """
 
     delay: float = 0.0
@@ -86,6 +93,7 @@ class Faults:
     objects: Callable[[int, Dataset], Dataset] | None = None
     response: Callable[[Dataset, BytesIO | None], bytes | None] | None = None
     refuse_over: tuple[int, int | Dataset] | None = None
+    find_levels: dict[str, Callable[[list[Dataset]], list[Dataset] | int | Dataset]] | None = None
 
 
 class FaultyPACS(DemoPACS):
@@ -177,7 +185,28 @@ def _find(event: evt.Event, server: FaultyPACS) -> Iterator[Any]:
             yield refuse[1], None
             return
         answers = itertools.chain(head, answers)
+    levels = server.faults.find_levels
+    if levels:
+        level = str(event.identifier.get("QueryRetrieveLevel", "")).strip().upper()
+        if level in levels:
+            answers = _answer_instead(answers, levels[level])
     yield from _inject(event, server, answers, (0xFF00, 0xFF01), server.faults.identifier)
+
+
+def _answer_instead(
+    answers: Iterator[Any], answer: Callable[[list[Dataset]], Any]
+) -> Iterator[Any]:
+    """The demo's C-FIND answer, its matches replaced by ``answer(matches)``."""
+    matches, finals = [], []
+    for status, ds in answers:
+        (matches if status in (0xFF00, 0xFF01) else finals).append((status, ds))
+    instead = answer([ds for _, ds in matches])
+    if isinstance(instead, (int, Dataset)):
+        yield instead, None
+        return
+    for ds in instead:
+        yield 0xFF00, ds
+    yield from finals
 
 
 def _sub_operations(event: evt.Event, server: FaultyPACS, inner: Iterator[Any]) -> Iterator[Any]:
