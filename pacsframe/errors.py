@@ -16,6 +16,7 @@ __all__ = [
     "MoveDestinationUnknown",
     "NotSupported",
     "PacsFrameError",
+    "ProtocolError",
     "QueryError",
     "ResultsCapped",
     "UnusableListingWarning",
@@ -77,6 +78,29 @@ class AssociationError(PacsFrameError, ConnectionError):
     def __init__(self, message: str, *, reason: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class ProtocolError(AssociationError):
+    """The peer broke the DICOM upper layer or DIMSE protocol (PS3.8, PS3.7).
+
+    Raised by :mod:`pacsframe.net` for a malformed or unexpected PDU or command
+    set: a truncated PDU, a length that overruns its data, an unknown PDU type, a
+    PDU larger than the maximum we announced, a P-DATA-TF before the association
+    was accepted, a fragment on a presentation context that was never accepted.
+    The association cannot go on after it, so ``reason`` is ``"aborted"``: the
+    driver sends an A-ABORT and closes the connection.
+
+    Attributes
+    ----------
+    abort_reason : int
+        The PS3.8 A-ABORT reason code that describes the fault (0 unspecified,
+        1 unrecognized PDU, 2 unexpected PDU, 4 unrecognized PDU parameter,
+        5 unexpected PDU parameter, 6 invalid PDU parameter value).
+    """
+
+    def __init__(self, message: str, *, abort_reason: int = 0) -> None:
+        super().__init__(message, reason="aborted")
+        self.abort_reason = abort_reason
 
 
 class DimseError(PacsFrameError):

@@ -1,0 +1,44 @@
+"""pacsframe's own DICOM upper layer (PS3.8) and DIMSE command sets (PS3.7).
+
+Built like h11 and wsproto: the protocol is a state machine that takes bytes
+and gives events (:mod:`~pacsframe.net.association`), over plain codecs for
+PDUs (:mod:`~pacsframe.net.pdu`) and command sets (:mod:`~pacsframe.net.dimse`);
+a thin blocking driver (:mod:`~pacsframe.net.driver`) runs it over a socket in
+the calling thread. Nothing here starts a thread.
+
+This package is not yet used by :class:`pacsframe.PACS` (issue 12 wires it in
+step by step); today it carries C-ECHO and C-FIND end to end.
+
+Examples
+--------
+>>> import tempfile
+>>> from pacsframe import net
+>>> from pacsframe.demo import DemoPACS
+>>> with tempfile.TemporaryDirectory() as folder, DemoPACS(folder) as server:
+...     with net.associate("127.0.0.1", server.port, called_ae=server.ae_title) as assoc:
+...         status = assoc.echo()
+>>> hex(status)
+'0x0'
+"""
+
+from pacsframe.errors import ProtocolError
+from pacsframe.net import association, dimse, driver, pdu
+from pacsframe.net.association import Association, State
+from pacsframe.net.dimse import Command, decode_command, encode_command
+from pacsframe.net.driver import ClientAssociation, associate, echo
+
+__all__ = [
+    "Association",
+    "ClientAssociation",
+    "Command",
+    "ProtocolError",
+    "State",
+    "associate",
+    "association",
+    "decode_command",
+    "dimse",
+    "driver",
+    "echo",
+    "encode_command",
+    "pdu",
+]

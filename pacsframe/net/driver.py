@@ -1,0 +1,598 @@
+"""A thin blocking driver: the sans-I/O association over a TCP (or TLS) socket.
+
+Everything runs in the calling thread: no reactor thread, no queue. The socket
+is read only when the state machine says it needs data, with a timeout that is
+what is left of the current wait, so every wait is bounded:
+
+- ``connect_timeout`` for the TCP connection (and the TLS handshake);
+- ``acse_timeout`` for the A-ASSOCIATE answer and the A-RELEASE answer (the
+  role of PS3.8's ARTIM timer on the requestor side);
+- ``dimse_timeout`` for each DIMSE message awaited.
+
+Failures are :class:`~pacsframe.errors.AssociationError` with the same
+``reason`` values as :class:`pacsframe.PACS` uses: ``refused``, ``timeout``,
+``rejected``, ``aborted`` (a :class:`~pacsframe.errors.ProtocolError` when the
+peer broke the protocol; we then send an A-ABORT), ``tls``.
+
+Examples
+--------
+>>> import tempfile
+>>> from pacsframe.demo import DemoPACS
+>>> from pacsframe.net import driver
+>>> with tempfile.TemporaryDirectory() as folder, DemoPACS(folder) as server:
+...     seconds = driver.echo("127.0.0.1", server.port, called_ae=server.ae_title)
+>>> seconds > 0
+True
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import time
+from collections.abc import Iterator, Sequence
+from types import TracebackType
+
+from pacsframe.errors import AssociationError, DimseError, NotSupported, ProtocolError
+from pacsframe.net import dimse, pdu
+from pacsframe.net.association import (
+    DEFAULT_MAX_PDU,
+    NEED_DATA,
+    AbortReceived,
+    AssociateAccepted,
+    AssociateRejected,
+    Association,
+    CommandReceived,
+    ConnectionClosed,
+    DatasetReceived,
+    Event,
+    Released,
+    ReleaseRequested,
+    describe_abort,
+    describe_rejection,
+)
+
+__all__ = [
+    "IMPLEMENTATION_CLASS_UID",
+    "IMPLEMENTATION_VERSION_NAME",
+    "ClientAssociation",
+    "associate",
+    "echo",
+]
+
+#: pacsframe's implementation class UID: a UUID-derived UID (PS3.5 B.2) from
+#: uuid5(NAMESPACE_URL, "https://pypi.org/project/pacsframe/"), so it is ours
+#: alone and stable across versions.
+IMPLEMENTATION_CLASS_UID = "2.25.33399042836207972551070547619202340788"
+IMPLEMENTATION_VERSION_NAME = "PACSFRAME_01"
+
+VERIFICATION = "1.2.840.10008.1.1"
+IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
+EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
+
+#: Bytes asked of the kernel per recv: a whole default-sized PDU in one call.
+_RECV_SIZE = DEFAULT_MAX_PDU + 6
+
+
+class ClientAssociation:
+    """An established association, driven by blocking socket calls.
+
+    Made by :func:`associate`. Use it as a context manager: leaving the block
+    releases the association, or aborts it when the block raised.
+
+    Attributes
+    ----------
+    accept : pdu.AssociateAC
+        The peer's answer: accepted contexts, maximum length, implementation.
+    contexts : dict of int to (str, str)
+        Accepted context ID to (abstract syntax, transfer syntax).
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        machine: Association,
+        accept: pdu.AssociateAC,
+        proposed: dict[int, str],
+        *,
+        where: str,
+        acse_timeout: float,
+        dimse_timeout: float,
+    ) -> None:
+        self._sock = sock
+        self._machine = machine
+        self.accept = accept
+        self.contexts = {cid: (proposed[cid], ts) for cid, ts in machine.accepted_contexts.items()}
+        self.where = where
+        self.acse_timeout = acse_timeout
+        self.dimse_timeout = dimse_timeout
+        self._next_message_id = 1
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _send_bytes(self, data: bytes) -> None:
+        try:
+            self._sock.sendall(data)
+        except TimeoutError:
+            self._fail_closed()
+            raise AssociationError(
+                f"timed out sending to {self.where}; the peer stopped reading",
+                reason="timeout",
+            ) from None
+        except OSError as exc:
+            self._fail_closed()
+            raise AssociationError(
+                f"the connection to {self.where} broke while sending: {exc}", reason="aborted"
+            ) from None
+
+    def _fail_closed(self) -> None:
+        self._machine.abort()
+        self._sock.close()
+
+    def _event(self, timeout: float, waiting_for: str) -> Event:
+        """Next event from the peer, reading the socket within ``timeout`` seconds."""
+        return next_event(
+            self._sock, self._machine, time.monotonic() + timeout, waiting_for, self.where
+        )
+
+    def new_message_id(self) -> int:
+        """A message ID not used before on this association (wraps at 65535)."""
+        message_id = self._next_message_id
+        self._next_message_id = message_id % 0xFFFF + 1
+        return message_id
+
+    def context_for(self, abstract_syntax: str) -> int:
+        """The ID of an accepted context for ``abstract_syntax``.
+
+        Raises :class:`~pacsframe.errors.NotSupported` when the peer accepted none.
+        """
+        for cid, (abstract, _) in self.contexts.items():
+            if abstract == abstract_syntax:
+                return cid
+        raise NotSupported(
+            f"the peer at {self.where} accepted no presentation context for {abstract_syntax}",
+            status=0x0122,
+        )
+
+    # ---------------------------------------------------------------- messages
+
+    def send(self, context_id: int, command: dimse.Command, dataset: bytes | None = None) -> None:
+        """Send one DIMSE message, fragmented within the peer's maximum PDU."""
+        if command.has_dataset != (dataset is not None):
+            says = "follows" if command.has_dataset else "does not follow"
+            given = "none" if dataset is None else "one"
+            raise ValueError(f"{command.name} says a data set {says} but {given} was given")
+        data = dimse.encode_command(command)
+        # One sendall per message: with TCP_NODELAY each write is a segment,
+        # and a small message in one write is one segment.
+        self._send_bytes(self._machine.send_message(context_id, data, dataset))
+
+    def receive(self, timeout: float | None = None) -> tuple[int, dimse.Command, bytes | None]:
+        """Wait for one DIMSE message: (context ID, command, data set or None).
+
+        ``timeout`` defaults to ``dimse_timeout``; it bounds the whole message.
+        """
+        deadline = time.monotonic() + (self.dimse_timeout if timeout is None else timeout)
+        command: dimse.Command | None = None
+        context_id = 0
+        # Bounded: each pass consumes at least one event, and the deadline ends waits.
+        while True:
+            event = next_event(self._sock, self._machine, deadline, "a DIMSE message", self.where)
+            if isinstance(event, CommandReceived):
+                if command is not None:
+                    self._protocol_failure(
+                        ProtocolError(
+                            f"the peer sent a new command before the data set its "
+                            f"{command.name} announced",
+                            abort_reason=pdu.UNEXPECTED_PARAMETER,
+                        )
+                    )
+                try:
+                    command = dimse.decode_command(event.data)
+                except ProtocolError as exc:
+                    self._protocol_failure(exc)
+                context_id = event.context_id
+                if not command.has_dataset:
+                    return context_id, command, None
+            elif isinstance(event, DatasetReceived):
+                if command is None or event.context_id != context_id:
+                    self._protocol_failure(
+                        ProtocolError(
+                            "the peer sent a data set without a command announcing it",
+                            abort_reason=pdu.UNEXPECTED_PARAMETER,
+                        )
+                    )
+                return context_id, command, event.data
+            elif isinstance(event, ReleaseRequested):
+                self._send_bytes(self._machine.send(pdu.ReleaseRP()))
+                self._sock.close()
+                raise AssociationError(
+                    f"the peer at {self.where} released the association while we waited "
+                    "for a DIMSE message",
+                    reason="aborted",
+                )
+            else:  # pragma: no cover - next_event turns the others into errors
+                raise AssertionError(f"unexpected event {event!r}")
+
+    def _protocol_failure(self, error: ProtocolError) -> None:
+        with_abort(self._sock, self._machine, error)
+        raise error
+
+    # -------------------------------------------------------------- operations
+
+    def echo(self) -> int:
+        """C-ECHO; returns the status (0x0000 is success)."""
+        cid = self.context_for(VERIFICATION)
+        message_id = self.new_message_id()
+        self.send(cid, dimse.c_echo_rq(message_id))
+        _, rsp, _ = self.receive()
+        self._check_response(rsp, dimse.C_ECHO_RSP, message_id)
+        assert rsp.status is not None
+        return rsp.status
+
+    def find(self, sop_class_uid: str, identifier: bytes, priority: int = 0) -> Iterator[bytes]:
+        """C-FIND; yields the identifier bytes of each pending response.
+
+        ``identifier`` is the query, encoded in the accepted context's transfer
+        syntax; so is each identifier yielded. A failure status raises
+        :class:`~pacsframe.errors.DimseError`; closing the generator early
+        sends C-CANCEL and reads the responses up to the final one.
+        """
+        cid = self.context_for(sop_class_uid)
+        message_id = self.new_message_id()
+        self.send(cid, dimse.c_find_rq(message_id, sop_class_uid, priority), identifier)
+        done = False
+        try:
+            # Bounded by the peer: each pass waits at most dimse_timeout.
+            while True:
+                _, rsp, data = self.receive()
+                self._check_response(rsp, dimse.C_FIND_RSP, message_id)
+                status = rsp.status
+                if status in (0xFF00, 0xFF01):
+                    if data is None:
+                        self._protocol_failure(
+                            ProtocolError(
+                                "the peer sent a pending C-FIND-RSP without an identifier",
+                                abort_reason=pdu.INVALID_PARAMETER,
+                            )
+                        )
+                    yield data
+                    continue
+                done = True
+                if status in (0x0000, 0xFE00):
+                    return
+                raise DimseError(
+                    f"the peer at {self.where} answered C-FIND with status 0x{status:04X}"
+                    + (f": {rsp.error_comment}" if rsp.error_comment else ""),
+                    status=status if status is not None else -1,
+                    comment=rsp.error_comment,
+                )
+        finally:
+            if not done and self._machine.state.name == "ESTABLISHED":
+                self._cancel(cid, message_id, dimse.C_FIND_RSP)
+
+    def _cancel(self, cid: int, message_id: int, field: int) -> None:
+        self.send(cid, dimse.c_cancel_rq(message_id))
+        # Bounded: until the final response, each wait at most dimse_timeout.
+        while True:
+            _, rsp, _ = self.receive()
+            self._check_response(rsp, field, message_id)
+            if rsp.status not in (0xFF00, 0xFF01):
+                return
+
+    def _check_response(self, rsp: dimse.Command, field: int, message_id: int) -> None:
+        if rsp.command_field != field or rsp.message_id_being_responded_to != message_id:
+            self._protocol_failure(
+                ProtocolError(
+                    f"the peer answered message {message_id} with {rsp.name} for message "
+                    f"{rsp.message_id_being_responded_to}; expected "
+                    f"{dimse.COMMAND_NAMES[field]}",
+                    abort_reason=pdu.UNEXPECTED_PARAMETER,
+                )
+            )
+        if rsp.status is None:
+            self._protocol_failure(
+                ProtocolError(
+                    f"the peer's {rsp.name} has no status", abort_reason=pdu.INVALID_PARAMETER
+                )
+            )
+
+    # ------------------------------------------------------------------ ending
+
+    def release(self) -> None:
+        """A-RELEASE, waiting at most ``acse_timeout`` for the answer; then close."""
+        if self._machine.state.name != "ESTABLISHED":
+            self._sock.close()
+            return
+        try:
+            self._send_bytes(self._machine.send(pdu.ReleaseRQ()))
+            deadline = time.monotonic() + self.acse_timeout
+            # Bounded: the deadline ends every wait; data still arriving is dropped.
+            while True:
+                event = next_event(
+                    self._sock, self._machine, deadline, "the A-RELEASE-RP", self.where
+                )
+                if isinstance(event, Released):
+                    return
+                if isinstance(event, ReleaseRequested):
+                    # Release collision: answer theirs, keep waiting for ours.
+                    self._send_bytes(pdu.encode(pdu.ReleaseRP()))
+        finally:
+            self._sock.close()
+
+    def abort(self) -> None:
+        """A-ABORT (source: service user) and close, without waiting."""
+        data = self._machine.abort()
+        try:
+            if data:
+                self._sock.sendall(data)
+        except OSError:
+            pass  # the peer is gone already: nothing left to tell it
+        finally:
+            self._sock.close()
+
+    def __enter__(self) -> ClientAssociation:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.release()
+        else:
+            self.abort()
+
+
+def with_abort(sock: socket.socket, machine: Association, error: ProtocolError) -> None:
+    """Send the A-ABORT that answers ``error`` (best effort) and close ``sock``."""
+    data = machine.protocol_abort(error)
+    try:
+        if data:
+            sock.sendall(data)
+    except OSError:
+        pass  # the peer may be gone; the abort is a courtesy
+    finally:
+        sock.close()
+
+
+def next_event(
+    sock: socket.socket, machine: Association, deadline: float, waiting_for: str, where: str
+) -> Event:
+    """The next event that matters, reading ``sock`` until ``deadline``.
+
+    Peer aborts, protocol errors, timeouts and a closed connection become
+    :class:`~pacsframe.errors.AssociationError`; ``NEED_DATA`` is never
+    returned.
+    """
+    # Bounded: every pass either returns, raises, or reads bytes before the deadline.
+    while True:
+        try:
+            event = machine.next_event()
+        except ProtocolError as exc:
+            with_abort(sock, machine, exc)
+            raise
+        if event is not NEED_DATA:
+            if isinstance(event, AbortReceived):
+                sock.close()
+                raise AssociationError(
+                    f"the peer at {where} aborted the association "
+                    f"({describe_abort(event.abort)}) while we waited for {waiting_for}",
+                    reason="aborted",
+                )
+            if isinstance(event, ConnectionClosed):
+                sock.close()
+                raise AssociationError(
+                    f"the connection to {where} closed while we waited for {waiting_for}",
+                    reason="aborted",
+                )
+            return event
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            _timeout(sock, machine)
+            raise AssociationError(
+                f"timed out waiting for {waiting_for} from {where}; the association was "
+                "aborted. Raise the timeout if the peer is slow.",
+                reason="timeout",
+            )
+        sock.settimeout(remaining)
+        try:
+            data = sock.recv(_RECV_SIZE)
+        except TimeoutError:
+            continue  # the deadline check above raises
+        except OSError as exc:
+            sock.close()
+            raise AssociationError(
+                f"the connection to {where} broke while we waited for {waiting_for}: {exc}",
+                reason="aborted",
+            ) from None
+        machine.receive_data(data)
+
+
+def _timeout(sock: socket.socket, machine: Association) -> None:
+    data = machine.abort()
+    try:
+        if data:
+            sock.settimeout(1.0)
+            sock.sendall(data)
+    except OSError:
+        pass  # the peer may be gone; the abort is a courtesy
+    finally:
+        sock.close()
+
+
+def associate(
+    host: str,
+    port: int,
+    *,
+    called_ae: str,
+    calling_ae: str = "PACSFRAME",
+    contexts: Sequence[tuple[str, Sequence[str]]] = (
+        (VERIFICATION, (IMPLICIT_VR_LITTLE_ENDIAN,)),
+    ),
+    roles: Sequence[pdu.RoleSelection] = (),
+    connect_timeout: float = 10.0,
+    acse_timeout: float = 30.0,
+    dimse_timeout: float = 60.0,
+    ssl_context: ssl.SSLContext | None = None,
+    max_pdu: int = DEFAULT_MAX_PDU,
+) -> ClientAssociation:
+    """Connect to ``host:port`` and negotiate an association.
+
+    Parameters
+    ----------
+    host, port : str, int
+        The peer.
+    called_ae, calling_ae : str
+        The peer's AE title and ours.
+    contexts : sequence of (abstract syntax, transfer syntaxes)
+        Proposed presentation contexts, given IDs 1, 3, 5, ... in order.
+    roles : sequence of pdu.RoleSelection
+        SCP/SCU role selection sub-items (C-GET storage classes).
+    connect_timeout, acse_timeout, dimse_timeout : float
+        Seconds, as for :class:`pacsframe.PACS`.
+    ssl_context : ssl.SSLContext, optional
+        Wrap the connection in TLS (the handshake counts against
+        ``connect_timeout``).
+    max_pdu : int
+        The largest P-DATA-TF we accept, announced to the peer.
+
+    Raises
+    ------
+    AssociationError
+        ``reason`` says why: ``refused``, ``timeout``, ``rejected``,
+        ``aborted`` or ``tls``.
+    """
+    where = f"{host}:{port}"
+    if len(contexts) > 128:
+        raise ValueError(f"at most 128 presentation contexts fit; {len(contexts)} were given")
+    proposals = tuple(
+        pdu.PresentationContextRQ(2 * i + 1, abstract, tuple(syntaxes))
+        for i, (abstract, syntaxes) in enumerate(contexts)
+    )
+    request = pdu.AssociateRQ(
+        called_ae,
+        calling_ae,
+        proposals,
+        pdu.UserInformation(
+            max_pdu, IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, tuple(roles)
+        ),
+    )
+    # Encode before connecting: a bad AE title is our caller's error, not the network's.
+    machine = Association("requestor", max_receive=max_pdu)
+    request_bytes = machine.send(request)
+    sock = _connect(host, port, connect_timeout, ssl_context, where)
+    try:
+        sock.settimeout(acse_timeout)
+        sock.sendall(request_bytes)
+    except OSError as exc:
+        sock.close()
+        raise AssociationError(
+            f"the connection to {where} broke while sending the A-ASSOCIATE-RQ: {exc}",
+            reason="aborted",
+        ) from None
+    event = next_event(
+        sock, machine, time.monotonic() + acse_timeout, "the A-ASSOCIATE answer", where
+    )
+    if isinstance(event, AssociateRejected):
+        sock.close()
+        transient = event.reject.result == 2
+        advice = (
+            "The peer is busy and said to try later."
+            if transient
+            else f"Check that {called_ae!r} is the peer's AE title and that the peer knows "
+            f"{calling_ae!r}."
+        )
+        raise AssociationError(
+            f"the peer at {where} rejected the association ({describe_rejection(event.reject)})"
+            f" for called AE {called_ae!r} from calling AE {calling_ae!r}. {advice}",
+            reason="rejected",
+        )
+    assert isinstance(event, AssociateAccepted), event
+    proposed = {cx.context_id: cx.abstract_syntax for cx in proposals}
+    return ClientAssociation(
+        sock,
+        machine,
+        event.accept,
+        proposed,
+        where=where,
+        acse_timeout=acse_timeout,
+        dimse_timeout=dimse_timeout,
+    )
+
+
+def _connect(
+    host: str, port: int, timeout: float, ssl_context: ssl.SSLContext | None, where: str
+) -> socket.socket:
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except ConnectionRefusedError:
+        raise AssociationError(
+            f"connection refused by {where}: nothing listens there. Check the host and port, "
+            "and that the PACS is running.",
+            reason="refused",
+        ) from None
+    except TimeoutError:
+        raise AssociationError(
+            f"timed out after {timeout:g} s connecting to {where}; check the host, the port "
+            "and any firewall, or raise connect_timeout.",
+            reason="timeout",
+        ) from None
+    except OSError as exc:
+        raise AssociationError(
+            f"could not connect to {where}: {exc.strerror or exc}. Check the host name and port.",
+            reason="refused",
+        ) from None
+    # Each DIMSE message goes out in one write; Nagle's algorithm would hold the
+    # next small one back until the peer's delayed ACK, about 40 ms per exchange.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if ssl_context is None:
+        return sock
+    try:
+        return ssl_context.wrap_socket(sock, server_hostname=host)
+    except (ssl.SSLError, OSError) as exc:
+        sock.close()
+        raise AssociationError(
+            f"the TLS handshake with {where} failed: {exc}. Check that this is the peer's TLS "
+            "port and that the TLS settings (CA, client certificate) match.",
+            reason="tls",
+        ) from None
+
+
+def echo(
+    host: str,
+    port: int,
+    *,
+    called_ae: str,
+    calling_ae: str = "PACSFRAME",
+    connect_timeout: float = 10.0,
+    acse_timeout: float = 30.0,
+    dimse_timeout: float = 60.0,
+    ssl_context: ssl.SSLContext | None = None,
+) -> float:
+    """C-ECHO over a new association; returns the round trip in seconds.
+
+    The time covers the association, the echo and the release, as
+    :meth:`pacsframe.PACS.echo` does. Raises
+    :class:`~pacsframe.errors.AssociationError` when no association is made
+    and :class:`~pacsframe.errors.DimseError` for a failure status.
+    """
+    started = time.perf_counter()
+    with associate(
+        host,
+        port,
+        called_ae=called_ae,
+        calling_ae=calling_ae,
+        connect_timeout=connect_timeout,
+        acse_timeout=acse_timeout,
+        dimse_timeout=dimse_timeout,
+        ssl_context=ssl_context,
+    ) as assoc:
+        status = assoc.echo()
+    if status != 0x0000:
+        raise DimseError(
+            f"{host}:{port} answered C-ECHO with status 0x{status:04X}", status=status
+        )
+    return time.perf_counter() - started
