@@ -273,6 +273,16 @@ def describe_abort(abort: Abort) -> str:
 
 # ------------------------------------------------------------------------ the machine
 
+_NAMES = {
+    AssociateRQ: "A-ASSOCIATE-RQ",
+    AssociateAC: "A-ASSOCIATE-AC",
+    AssociateRJ: "A-ASSOCIATE-RJ",
+    PDataTF: "P-DATA-TF",
+    ReleaseRQ: "A-RELEASE-RQ",
+    ReleaseRP: "A-RELEASE-RP",
+    Abort: "A-ABORT",
+}
+
 
 class Association:
     """One DICOM association as a state machine over bytes.
@@ -507,13 +517,15 @@ class Association:
             f"{was.value}, without releasing or aborting it"
         )
 
-    def _unexpected(self, message: object) -> ProtocolError:
-        name = type(message).__name__
-        return ProtocolError(
-            f"the peer sent {name} while the association was {self.state.value} "
-            f"(we are the {self.role}); PS3.8 does not allow it there",
+    def _unexpected(self, message: pdu.PDU) -> ProtocolError:
+        """The error for a PDU not allowed in the current state; closes the machine."""
+        error = ProtocolError(
+            f"the peer sent {_NAMES[type(message)]} while the association was "
+            f"{self.state.value} (we are the {self.role}); PS3.8 does not allow it there",
             abort_reason=UNEXPECTED_PDU,
         )
+        self.state = State.CLOSED
+        return error
 
     def _handle(self, message: pdu.PDU) -> Event | None:
         state = self.state
@@ -525,13 +537,11 @@ class Association:
             return None
         if isinstance(message, PDataTF):
             if state not in (State.ESTABLISHED, State.AWAITING_RELEASE_RESPONSE):
-                self.state = State.CLOSED
                 raise self._unexpected(message)
             self._pending = iter(message.pdvs)
             return None
         if isinstance(message, AssociateRQ):
             if self.role != "acceptor" or state is not State.IDLE:
-                self.state = State.CLOSED
                 raise self._unexpected(message)
             self._proposed = {cx.context_id: cx for cx in message.contexts}
             self._peer_max_from_request = message.user_information.max_length
@@ -539,13 +549,11 @@ class Association:
             return AssociateRequested(message)
         if isinstance(message, AssociateAC):
             if state is not State.AWAITING_ASSOCIATE_RESPONSE:
-                self.state = State.CLOSED
                 raise self._unexpected(message)
             self._establish(message, message.user_information.max_length)
             return AssociateAccepted(message)
         if isinstance(message, AssociateRJ):
             if state is not State.AWAITING_ASSOCIATE_RESPONSE:
-                self.state = State.CLOSED
                 raise self._unexpected(message)
             self.state = State.CLOSED
             return AssociateRejected(message)
@@ -558,11 +566,9 @@ class Association:
                 # Release collision (PS3.8 7.2.2): both sides asked. We answer
                 # the peer's request and still wait for its answer to ours.
                 return ReleaseRequested()
-            self.state = State.CLOSED
             raise self._unexpected(message)
         if isinstance(message, ReleaseRP):
             if state is not State.AWAITING_RELEASE_RESPONSE:
-                self.state = State.CLOSED
                 raise self._unexpected(message)
             self.state = State.CLOSED
             return Released()
