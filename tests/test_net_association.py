@@ -104,6 +104,7 @@ def test_full_lifecycle() -> None:
     assert scu.state is State.AWAITING_RELEASE_RESPONSE
     assert events(scu, scp.send(pdu.ReleaseRP())) == [Released()]
     assert scu.state is scp.state is State.CLOSED
+    assert scu.abort() == scp.abort() == b""  # released: nothing left to abort
     assert events(scu, b"") == [ConnectionClosed()]
 
 
@@ -196,10 +197,11 @@ def _raises(machine: Association, data: bytes, match: str, reason: int | None = 
     if reason is not None:
         assert info.value.abort_reason == reason
     assert info.value.reason == "aborted"
+    # The machine is closed but still owes the peer an A-ABORT, once.
     abort = machine.protocol_abort(info.value)
-    if abort:
-        assert pdu.decode(abort) == pdu.Abort(2, info.value.abort_reason)
+    assert pdu.decode(abort) == pdu.Abort(2, info.value.abort_reason)
     assert machine.state is State.CLOSED
+    assert machine.abort() == b""
 
 
 def test_pdata_before_accept_is_a_protocol_error() -> None:

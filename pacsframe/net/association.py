@@ -332,6 +332,10 @@ class Association:
         self._proposed: dict[int, pdu.PresentationContextRQ] = {}
         self._buffer = bytearray()
         self._eof = False
+        # True once nothing is owed to the peer: released, rejected or aborted.
+        # A protocol error closes the machine but leaves this False, so that
+        # abort() still produces the A-ABORT PS3.8 asks for.
+        self._ended = False
         self._closed_reported = False
         # PDVs of the last P-DATA-TF not yet turned into events.
         self._pending: Iterator[pdu.PDV] | None = None
@@ -365,7 +369,7 @@ class Association:
             self._require(
                 self.role == "acceptor" and state is State.AWAITING_LOCAL_RESPONSE, message
             )
-            self.state = State.CLOSED
+            self.state, self._ended = State.CLOSED, True
         elif isinstance(message, PDataTF):
             self._require(state in (State.ESTABLISHED, State.RELEASE_REQUESTED), message)
             for pdv in message.pdvs:
@@ -376,7 +380,7 @@ class Association:
             self.state = State.AWAITING_RELEASE_RESPONSE
         elif isinstance(message, ReleaseRP):
             self._require(state is State.RELEASE_REQUESTED, message)
-            self.state = State.CLOSED
+            self.state, self._ended = State.CLOSED, True
         else:
             raise TypeError(f"not a PDU: {message!r}")
         return pdu.encode(message)
@@ -391,11 +395,14 @@ class Association:
     def abort(self, source: int = 0, reason: int = 0) -> bytes:
         """Return the A-ABORT to send and close the association.
 
-        Allowed in every state; returns ``b""`` once the association is
-        closed (nothing is left to abort).
+        Allowed in every state, including after a :class:`ProtocolError` (which
+        closes the machine but still owes the peer an A-ABORT). Returns ``b""``
+        once the association has ended: released, rejected, aborted by either
+        side.
         """
-        if self.state is State.CLOSED:
+        if self._ended:
             return b""
+        self._ended = True
         self.state = State.CLOSED
         return pdu.encode(Abort(source, reason))
 
@@ -530,7 +537,7 @@ class Association:
     def _handle(self, message: pdu.PDU) -> Event | None:
         state = self.state
         if isinstance(message, Abort):
-            self.state = State.CLOSED
+            self.state, self._ended = State.CLOSED, True
             return AbortReceived(message)
         if state is State.CLOSED:
             # PS3.8 Sta13: after an abort or release, ignore what still arrives.
@@ -555,7 +562,7 @@ class Association:
         if isinstance(message, AssociateRJ):
             if state is not State.AWAITING_ASSOCIATE_RESPONSE:
                 raise self._unexpected(message)
-            self.state = State.CLOSED
+            self.state, self._ended = State.CLOSED, True
             return AssociateRejected(message)
         if isinstance(message, ReleaseRQ):
             if state is State.ESTABLISHED:
@@ -570,7 +577,7 @@ class Association:
         if isinstance(message, ReleaseRP):
             if state is not State.AWAITING_RELEASE_RESPONSE:
                 raise self._unexpected(message)
-            self.state = State.CLOSED
+            self.state, self._ended = State.CLOSED, True
             return Released()
         raise AssertionError(f"unhandled PDU {message!r}")  # pragma: no cover
 

@@ -1,0 +1,276 @@
+"""pacsframe.net over real sockets: C-ECHO and C-FIND against real peers.
+
+Peers: the embedded demo PACS (pynetdicom), Orthanc and dcmtk's storescp (with
+CI=true a missing Orthanc or dcmtk fails, never skips), plus tiny scripted
+peers on loopback that break the protocol on purpose.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from io import BytesIO
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import Dataset
+from pynetdicom import dsutils
+from servers import DcmtkStoreSCP, OrthancServer, require_tool
+
+import pacsframe as pf
+from pacsframe import net
+from pacsframe.errors import AssociationError, ProtocolError
+from pacsframe.net import pdu
+from pacsframe.net.driver import IMPLICIT_VR_LITTLE_ENDIAN, VERIFICATION
+
+pytestmark = pytest.mark.timeout(120)
+
+STUDY_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+
+
+@pytest.fixture(scope="module")
+def strict_orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]:
+    """An empty Orthanc that checks the called AE title."""
+    require_tool("Orthanc")
+    server = OrthancServer(tmp_path_factory.mktemp("orthanc-net"), check_called_aet=True)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop(graceful=False)
+
+
+# ----------------------------------------------------------------- real peers
+
+
+def test_echo_demo_pacs(demo_server) -> None:
+    seconds = net.echo("127.0.0.1", demo_server.port, called_ae=demo_server.ae_title)
+    assert 0 < seconds < 60
+
+
+def test_echo_orthanc(strict_orthanc: OrthancServer) -> None:
+    with net.associate(
+        strict_orthanc.host, strict_orthanc.dicom_port, called_ae=strict_orthanc.aet
+    ) as assoc:
+        assert assoc.accept.user_information.implementation_class_uid
+        assert assoc.contexts == {1: (VERIFICATION, IMPLICIT_VR_LITTLE_ENDIAN)}
+        # Several echoes on one association: message IDs and state carry on.
+        assert [assoc.echo() for _ in range(3)] == [0, 0, 0]
+
+
+def test_orthanc_rejects_wrong_called_ae(strict_orthanc: OrthancServer) -> None:
+    with pytest.raises(AssociationError) as info:
+        net.echo(strict_orthanc.host, strict_orthanc.dicom_port, called_ae="NOT-ORTHANC")
+    error = info.value
+    assert error.reason == "rejected"
+    assert not isinstance(error, ProtocolError)
+    message = str(error)
+    assert "rejected the association" in message
+    assert "'NOT-ORTHANC'" in message and "Check that" in message
+
+
+def test_echo_dcmtk_storescp(tmp_path: Path) -> None:
+    require_tool("storescp")
+    with DcmtkStoreSCP(tmp_path / "storescp") as server:
+        seconds = net.echo("127.0.0.1", server.dicom_port, called_ae=server.aet)
+    assert seconds > 0
+
+
+def test_find_studies_matches_pacs_find(demo_server, cohort) -> None:
+    """C-FIND over the new driver returns the rows PACS.find_studies returns."""
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = ""
+    query.PatientID = ""
+    query.StudyDate = ""
+    identifier = dsutils.encode(query, True, True)
+    assert identifier is not None
+    with net.associate(
+        "127.0.0.1",
+        demo_server.port,
+        called_ae=demo_server.ae_title,
+        contexts=[(STUDY_FIND, [IMPLICIT_VR_LITTLE_ENDIAN])],
+    ) as assoc:
+        answers = [
+            dsutils.decode(BytesIO(raw), True, True) for raw in assoc.find(STUDY_FIND, identifier)
+        ]
+        # The association is still usable after a complete C-FIND.
+        again = list(assoc.find(STUDY_FIND, identifier))
+    ours = sorted((a.StudyInstanceUID, a.PatientID) for a in answers)
+    frame = pf.PACS("127.0.0.1", demo_server.port, demo_server.ae_title).find_studies()
+    theirs = sorted(zip(frame.StudyInstanceUID, frame.PatientID, strict=True))
+    assert ours == theirs
+    assert len(again) == len(answers) == cohort[1].StudyInstanceUID.nunique()
+
+
+def test_find_closed_early_cancels_and_association_goes_on(demo_server) -> None:
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = ""
+    identifier = dsutils.encode(query, True, True)
+    with net.associate(
+        "127.0.0.1",
+        demo_server.port,
+        called_ae=demo_server.ae_title,
+        contexts=[
+            (STUDY_FIND, [IMPLICIT_VR_LITTLE_ENDIAN]),
+            (VERIFICATION, [IMPLICIT_VR_LITTLE_ENDIAN]),
+        ],
+    ) as assoc:
+        results = assoc.find(STUDY_FIND, identifier)
+        next(results)
+        results.close()  # sends C-CANCEL and reads up to the final response
+        assert assoc.echo() == 0
+
+
+def test_not_supported_without_context(demo_server) -> None:
+    with net.associate("127.0.0.1", demo_server.port, called_ae=demo_server.ae_title) as assoc:
+        with pytest.raises(pf.NotSupported, match="accepted no presentation context"):
+            list(assoc.find(STUDY_FIND, b""))
+        assert assoc.echo() == 0
+
+
+# ------------------------------------------------------- scripted faulty peers
+
+
+class ScriptedPeer:
+    """A one-connection TCP peer on loopback that runs ``script(conn)``."""
+
+    def __init__(self, script: Callable[[socket.socket], None]) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.received = b""
+        self._script = script
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        self.listener.settimeout(30)
+        conn, _ = self.listener.accept()
+        with conn:
+            conn.settimeout(30)
+            self._script(conn)
+            # Keep what the client sends afterwards (an A-ABORT), until it closes.
+            for _ in range(100):
+                try:
+                    data = conn.recv(65536)
+                except OSError:
+                    break
+                if not data:
+                    break
+                self.received += data
+
+    def __enter__(self) -> ScriptedPeer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._thread.join(timeout=30)
+        self.listener.close()
+
+
+def _read_pdu(conn: socket.socket) -> bytes:
+    header = b""
+    while len(header) < 6:
+        header += conn.recv(6 - len(header))
+    (length,) = struct.unpack(">L", header[2:])
+    body = b""
+    while len(body) < length:
+        body += conn.recv(length - len(body))
+    return header + body
+
+
+def _accept_bytes(max_length: int = 16384) -> bytes:
+    return pdu.encode(
+        pdu.AssociateAC(
+            "SCP",
+            "PACSFRAME",
+            (pdu.PresentationContextAC(1, 0, IMPLICIT_VR_LITTLE_ENDIAN),),
+            pdu.UserInformation(max_length, "1.2.3"),
+        )
+    )
+
+
+def test_pdata_before_accept_aborts_with_protocol_error() -> None:
+    def script(conn: socket.socket) -> None:
+        _read_pdu(conn)
+        conn.sendall(pdu.encode(pdu.PDataTF((pdu.PDV(1, True, True, b"early"),))))
+
+    with (
+        ScriptedPeer(script) as peer,
+        pytest.raises(ProtocolError, match="P-DATA-TF while the association was awaiting"),
+    ):
+        net.echo("127.0.0.1", peer.port, called_ae="SCP", acse_timeout=20)
+    assert pdu.decode(peer.received) == pdu.Abort(2, pdu.UNEXPECTED_PDU)
+
+
+def test_peer_exceeding_our_max_pdu() -> None:
+    def script(conn: socket.socket) -> None:
+        _read_pdu(conn)
+        conn.sendall(_accept_bytes())
+        _read_pdu(conn)  # the C-ECHO-RQ
+        conn.sendall(struct.pack(">BxL", 4, 10_000_000))
+
+    with (
+        ScriptedPeer(script) as peer,
+        pytest.raises(ProtocolError, match="over the maximum PDU length"),
+    ):
+        net.echo("127.0.0.1", peer.port, called_ae="SCP", dimse_timeout=20)
+    assert pdu.decode(peer.received).source == 2
+
+
+def test_dataset_without_command() -> None:
+    def script(conn: socket.socket) -> None:
+        _read_pdu(conn)
+        conn.sendall(_accept_bytes())
+        _read_pdu(conn)
+        conn.sendall(pdu.encode(pdu.PDataTF((pdu.PDV(1, False, True, b"data"),))))
+
+    with (
+        ScriptedPeer(script) as peer,
+        pytest.raises(ProtocolError, match="data set without a command"),
+    ):
+        net.echo("127.0.0.1", peer.port, called_ae="SCP", dimse_timeout=20)
+
+
+def test_silent_peer_times_out() -> None:
+    def script(conn: socket.socket) -> None:
+        _read_pdu(conn)  # and never answer
+
+    with (
+        ScriptedPeer(script) as peer,
+        pytest.raises(AssociationError, match="timed out waiting for the A-ASSOCIATE") as info,
+    ):
+        net.echo("127.0.0.1", peer.port, called_ae="SCP", acse_timeout=0.5)
+    assert info.value.reason == "timeout"
+    assert pdu.decode(peer.received) == pdu.Abort(0, 0)
+
+
+def test_peer_abort_is_reported() -> None:
+    def script(conn: socket.socket) -> None:
+        _read_pdu(conn)
+        conn.sendall(_accept_bytes())
+        _read_pdu(conn)
+        conn.sendall(pdu.encode(pdu.Abort(2, 6)))
+
+    with (
+        ScriptedPeer(script) as peer,
+        pytest.raises(AssociationError, match=r"aborted the association .*invalid PDU") as info,
+    ):
+        net.echo("127.0.0.1", peer.port, called_ae="SCP", dimse_timeout=20)
+    assert info.value.reason == "aborted"
+
+
+def test_refused() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    listener.close()
+    with pytest.raises(AssociationError, match="connection refused") as info:
+        net.echo("127.0.0.1", port, called_ae="ANY")
+    assert info.value.reason == "refused"
+
+
+def test_tcp_nodelay_is_set(demo_server) -> None:
+    with net.associate("127.0.0.1", demo_server.port, called_ae=demo_server.ae_title) as assoc:
+        assert assoc._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
