@@ -11,6 +11,7 @@ import socket
 import struct
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from io import BytesIO
 from pathlib import Path
 
@@ -18,11 +19,13 @@ import pytest
 from pydicom.dataset import Dataset
 from pynetdicom import dsutils
 from servers import DcmtkStoreSCP, OrthancServer, require_tool
+from test_tls import certs  # noqa: F401 (a fixture: the TLS tests' CA and certificates)
 
 import pacsframe as pf
 from pacsframe import net
+from pacsframe.demo import DemoPACS
 from pacsframe.errors import AssociationError, ProtocolError
-from pacsframe.net import pdu
+from pacsframe.net import dimse, pdu
 from pacsframe.net.driver import IMPLICIT_VR_LITTLE_ENDIAN, VERIFICATION
 
 pytestmark = pytest.mark.timeout(120)
@@ -170,15 +173,21 @@ class ScriptedPeer:
         self.listener.close()
 
 
+def _recv_exactly(conn: socket.socket, size: int) -> bytes:
+    data = b""
+    # Bounded: every pass gets at least one byte or raises (closed, or socket timeout).
+    while len(data) < size:
+        chunk = conn.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError("the client closed the connection")
+        data += chunk
+    return data
+
+
 def _read_pdu(conn: socket.socket) -> bytes:
-    header = b""
-    while len(header) < 6:
-        header += conn.recv(6 - len(header))
+    header = _recv_exactly(conn, 6)
     (length,) = struct.unpack(">L", header[2:])
-    body = b""
-    while len(body) < length:
-        body += conn.recv(length - len(body))
-    return header + body
+    return header + _recv_exactly(conn, length)
 
 
 def _accept_bytes(max_length: int = 16384) -> bytes:
@@ -232,6 +241,38 @@ def test_dataset_without_command() -> None:
         pytest.raises(ProtocolError, match="data set without a command"),
     ):
         net.echo("127.0.0.1", peer.port, called_ae="SCP", dimse_timeout=20)
+
+
+def test_command_announcing_a_dataset_followed_by_a_command() -> None:
+    """A C-ECHO-RSP that says a data set follows, then another command instead."""
+    rsp = replace(dimse.c_echo_rsp(1), command_data_set_type=dimse.DATASET_PRESENT)
+
+    def script(conn: socket.socket) -> None:
+        _read_pdu(conn)
+        conn.sendall(_accept_bytes())
+        _read_pdu(conn)
+        command = dimse.encode_command(rsp)
+        conn.sendall(pdu.encode(pdu.PDataTF((pdu.PDV(1, True, True, command),))) * 2)
+
+    with (
+        ScriptedPeer(script) as peer,
+        pytest.raises(ProtocolError, match="new command before the data set"),
+    ):
+        net.echo("127.0.0.1", peer.port, called_ae="SCP", dimse_timeout=20)
+    assert pdu.decode(peer.received).source == 2
+
+
+def test_tls_echo_and_wrong_ca(certs, tmp_path: Path) -> None:  # noqa: F811
+    with DemoPACS(tmp_path / "tls", tls=certs.tls(who="server")) as server:
+        context = certs.tls().client_context()
+        seconds = net.echo(
+            "127.0.0.1", server.port, called_ae=server.ae_title, ssl_context=context
+        )
+        assert seconds > 0
+        wrong = certs.tls(ca="otherca").client_context()
+        with pytest.raises(AssociationError, match="TLS handshake") as info:
+            net.echo("127.0.0.1", server.port, called_ae=server.ae_title, ssl_context=wrong)
+    assert info.value.reason == "tls"
 
 
 def test_silent_peer_times_out() -> None:
