@@ -214,51 +214,44 @@ def test_pdata_before_accept_aborts_with_protocol_error() -> None:
     assert pdu.decode(peer.received) == pdu.Abort(2, pdu.UNEXPECTED_PDU)
 
 
-def test_peer_exceeding_our_max_pdu() -> None:
+def _one_pdv(is_command: bool, data: bytes, context_id: int = 1) -> bytes:
+    return pdu.encode(pdu.PDataTF((pdu.PDV(context_id, is_command, True, data),)))
+
+
+# A C-ECHO-RSP that says a data set follows (to be followed by a command instead).
+_ECHO_RSP_CLAIMING_DATA = replace(dimse.c_echo_rsp(1), command_data_set_type=dimse.DATASET_PRESENT)
+
+# What a scripted peer sends after accepting and reading the C-ECHO-RQ, and the error.
+_AFTER_ECHO_RQ = {
+    "over our max PDU": (struct.pack(">BxL", 4, 10_000_000), "over the maximum PDU length"),
+    "data set without command": (
+        _one_pdv(False, b"data"),
+        "data set without a command",
+    ),
+    "command without its data set": (
+        _one_pdv(True, dimse.encode_command(_ECHO_RSP_CLAIMING_DATA)) * 2,
+        "new command before the data set",
+    ),
+    "context never accepted": (
+        _one_pdv(True, b"x", context_id=3),
+        "context 3, which was not accepted",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_AFTER_ECHO_RQ))
+def test_protocol_breaking_answers_abort(case: str) -> None:
+    answer, match = _AFTER_ECHO_RQ[case]
+
     def script(conn: socket.socket) -> None:
         _read_pdu(conn)
         conn.sendall(_accept_bytes())
         _read_pdu(conn)  # the C-ECHO-RQ
-        conn.sendall(struct.pack(">BxL", 4, 10_000_000))
+        conn.sendall(answer)
 
-    with (
-        ScriptedPeer(script) as peer,
-        pytest.raises(ProtocolError, match="over the maximum PDU length"),
-    ):
+    with ScriptedPeer(script) as peer, pytest.raises(ProtocolError, match=match):
         net.echo("127.0.0.1", peer.port, called_ae="SCP", dimse_timeout=20)
-    assert pdu.decode(peer.received).source == 2
-
-
-def test_dataset_without_command() -> None:
-    def script(conn: socket.socket) -> None:
-        _read_pdu(conn)
-        conn.sendall(_accept_bytes())
-        _read_pdu(conn)
-        conn.sendall(pdu.encode(pdu.PDataTF((pdu.PDV(1, False, True, b"data"),))))
-
-    with (
-        ScriptedPeer(script) as peer,
-        pytest.raises(ProtocolError, match="data set without a command"),
-    ):
-        net.echo("127.0.0.1", peer.port, called_ae="SCP", dimse_timeout=20)
-
-
-def test_command_announcing_a_dataset_followed_by_a_command() -> None:
-    """A C-ECHO-RSP that says a data set follows, then another command instead."""
-    rsp = replace(dimse.c_echo_rsp(1), command_data_set_type=dimse.DATASET_PRESENT)
-
-    def script(conn: socket.socket) -> None:
-        _read_pdu(conn)
-        conn.sendall(_accept_bytes())
-        _read_pdu(conn)
-        command = dimse.encode_command(rsp)
-        conn.sendall(pdu.encode(pdu.PDataTF((pdu.PDV(1, True, True, command),))) * 2)
-
-    with (
-        ScriptedPeer(script) as peer,
-        pytest.raises(ProtocolError, match="new command before the data set"),
-    ):
-        net.echo("127.0.0.1", peer.port, called_ae="SCP", dimse_timeout=20)
+    # We told the peer why, as the service provider (PS3.8 AA-8).
     assert pdu.decode(peer.received).source == 2
 
 

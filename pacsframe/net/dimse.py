@@ -373,12 +373,18 @@ def c_move_rq(message_id: int, sop_class_uid: str, destination: str, priority: i
     )
 
 
+#: Sub-operation counts of a C-GET/C-MOVE response: remaining, completed,
+#: failed, warning (``None``: absent, as in a final response that omits one).
+Counts = tuple[int | None, int | None, int | None, int | None]
+_NO_COUNTS: Counts = (None, None, None, None)
+
+
 def _retrieve_rsp(
     field: int,
     responding_to: int,
     sop_class_uid: str,
     status: int,
-    counts: tuple[int | None, int | None, int | None, int | None],
+    counts: Counts,
     has_dataset: bool,
 ) -> Command:
     remaining, completed, failed, warning = counts
@@ -399,7 +405,7 @@ def c_get_rsp(
     responding_to: int,
     sop_class_uid: str,
     status: int,
-    counts: tuple[int | None, int | None, int | None, int | None] = (None, None, None, None),
+    counts: Counts = _NO_COUNTS,
     *,
     has_dataset: bool = False,
 ) -> Command:
@@ -411,7 +417,7 @@ def c_move_rsp(
     responding_to: int,
     sop_class_uid: str,
     status: int,
-    counts: tuple[int | None, int | None, int | None, int | None] = (None, None, None, None),
+    counts: Counts = _NO_COUNTS,
     *,
     has_dataset: bool = False,
 ) -> Command:

@@ -322,14 +322,7 @@ class ClientAssociation:
 
     def abort(self) -> None:
         """A-ABORT (source: service user) and close, without waiting."""
-        data = self._machine.abort()
-        try:
-            if data:
-                self._sock.sendall(data)
-        except OSError:
-            pass  # the peer is gone already: nothing left to tell it
-        finally:
-            self._sock.close()
+        _send_and_close(self._sock, self._machine.abort())
 
     def __enter__(self) -> ClientAssociation:
         return self
@@ -348,9 +341,15 @@ class ClientAssociation:
 
 def with_abort(sock: socket.socket, machine: Association, error: ProtocolError) -> None:
     """Send the A-ABORT that answers ``error`` (best effort) and close ``sock``."""
-    data = machine.protocol_abort(error)
+    _send_and_close(sock, machine.protocol_abort(error))
+
+
+def _send_and_close(sock: socket.socket, data: bytes) -> None:
+    """Send a last PDU (an A-ABORT) if there is one, at most 1 s, then close."""
     try:
         if data:
+            # Bounded: a peer that stopped reading must not hold us here.
+            sock.settimeout(1.0)
             sock.sendall(data)
     except OSError:
         pass  # the peer may be gone; the abort is a courtesy
@@ -391,7 +390,7 @@ def next_event(
             return event
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            _timeout(sock, machine)
+            _send_and_close(sock, machine.abort())
             raise AssociationError(
                 f"timed out waiting for {waiting_for} from {where}; the association was "
                 "aborted. Raise the timeout if the peer is slow.",
@@ -409,18 +408,6 @@ def next_event(
                 reason="aborted",
             ) from None
         machine.receive_data(data)
-
-
-def _timeout(sock: socket.socket, machine: Association) -> None:
-    data = machine.abort()
-    try:
-        if data:
-            sock.settimeout(1.0)
-            sock.sendall(data)
-    except OSError:
-        pass  # the peer may be gone; the abort is a courtesy
-    finally:
-        sock.close()
 
 
 def associate(
