@@ -336,7 +336,6 @@ class Association:
         # A protocol error closes the machine but leaves this False, so that
         # abort() still produces the A-ABORT PS3.8 asks for.
         self._ended = False
-        self._closed_reported = False
         # PDVs of the last P-DATA-TF not yet turned into events.
         self._pending: Iterator[pdu.PDV] | None = None
         # The message being reassembled: (context id, is_command), its chunks and size.
@@ -485,6 +484,7 @@ class Association:
         return self.abort(2, error.abort_reason)
 
     def _next_event(self) -> Event:
+        # Bounded: each pass consumes a PDV or a whole PDU from the buffer, or returns.
         while True:
             if self._pending is not None:
                 event = self._next_pdv_event()
