@@ -84,9 +84,8 @@ __all__ = [
 ]
 
 #: The maximum P-DATA-TF length pacsframe announces by default. Larger PDUs
-#: mean fewer headers and system calls per object; 256 KiB is what dcmtk's
-#: tools accept at most by default (ASC_MAXIMUMPDUSIZE is 128 KiB) times two, and
-#: keeps the buffer a connection holds small.
+#: mean fewer headers and system calls per object; 256 KiB keeps the buffer a
+#: connection holds small. (Not yet tuned: the benchmarks of issue 12 will.)
 DEFAULT_MAX_PDU = 262_144
 
 #: Largest command set we reassemble. Command sets are a few hundred bytes; an
