@@ -25,6 +25,7 @@ from test_net_echo import ScriptedPeer, _read_pdu
 
 import pacsframe as pf
 from pacsframe import net
+from pacsframe.demo import DemoPACS, make_cohort
 from pacsframe.errors import AssociationError, DimseError, ProtocolError
 from pacsframe.net import dimse, pdu
 from pacsframe.net.driver import IMPLICIT_VR_LITTLE_ENDIAN, VERIFICATION, ClientAssociation
@@ -108,12 +109,23 @@ def study_identifier(assoc: ClientAssociation, model: str, study_uid: str) -> by
 
 
 def get_associate(
-    port: int, called_ae: str, storage: list[tuple[str, list[str]]] | None = None, **options
+    port: int,
+    called_ae: str,
+    storage: list[tuple[str, list[str]]] | None = None,
+    *,
+    echo: bool = False,
+    **options,
 ) -> ClientAssociation:
-    """An association for C-GET: the study-root model and storage contexts in SCP role."""
+    """An association for C-GET: the study-root model and storage contexts in SCP role.
+
+    With ``echo``, a Verification context too (there is room for it only with a
+    short ``storage`` list: 128 contexts at most).
+    """
     if storage is None:
         storage = [(cx.abstract_syntax, cx.transfer_syntax) for cx in storage_contexts()]
     contexts, roles = retrieve_negotiation(STUDY_GET, storage)
+    if echo:
+        contexts.append((VERIFICATION, [IMPLICIT_VR_LITTLE_ENDIAN]))
     return net.associate(
         "127.0.0.1",
         port,
@@ -198,6 +210,98 @@ def test_get_closed_early_cancels_and_association_goes_on(demo_server, cohort, t
         again.folder.mkdir()
         final = list(assoc.get(identifier, STUDY_GET, again))[-1]
         assert final.status == 0x0000 and len(again.committed) == len(rows)
+
+
+@pytest.fixture(scope="module")
+def long_study(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[DemoPACS, pd.DataFrame]]:
+    """A demo PACS holding one study of 40 small instances: room to cancel in."""
+    folder = tmp_path_factory.mktemp("long-study")
+    manifest = make_cohort(
+        folder,
+        patients=1,
+        seed=12,
+        studies_per_patient=1,
+        series_per_study=1,
+        instances_per_series=40,
+        matrix=16,
+    )
+    with DemoPACS(folder) as server:
+        yield server, manifest
+
+
+def test_cancel_stops_the_demo_pacs_mid_study(long_study, tmp_path) -> None:
+    server, manifest = long_study
+    study, rows = largest_study(manifest)
+    received = Received(tmp_path)
+    with get_associate(server.port, server.ae_title, cohort_storage(manifest), echo=True) as assoc:
+        identifier = study_identifier(assoc, STUDY_GET, study)
+        responses = assoc.get(identifier, STUDY_GET, received)
+        assert next(responses).pending
+        responses.close()
+        # pynetdicom checks for a cancel between sub-operations: it stopped early.
+        assert 1 <= len(received.committed) < len(rows)
+        assert received.discarded == [] and received.partial_files() == []
+        paths = dict(zip(rows.SOPInstanceUID, rows.path, strict=True))
+        for uid, path in received.committed.items():
+            assert path.read_bytes() == dataset_bytes(paths[uid])
+        assert assoc.echo() == 0x0000
+
+
+def test_cancel_on_orthanc_drains_and_releases(orthanc, cohort, tmp_path) -> None:
+    """Orthanc may finish the C-GET regardless; every object it sends is whole."""
+    _, manifest = cohort
+    study, rows = largest_study(manifest)
+    received = Received(tmp_path)
+    with get_associate(
+        orthanc.dicom_port, orthanc.aet, cohort_storage(manifest), echo=True
+    ) as assoc:
+        responses = assoc.get(study_identifier(assoc, STUDY_GET, study), STUDY_GET, received)
+        assert next(responses).pending
+        responses.close()
+        assert assoc.echo() == 0x0000
+    assert set(received.committed) <= set(rows.SOPInstanceUID)
+    assert received.discarded == [] and received.partial_files() == []
+
+
+class Refusing(Received):
+    """Fails to open a file for one object (a full disk), or raises a bug."""
+
+    def __init__(self, folder: Path, refuse: str, error: Exception) -> None:
+        super().__init__(folder)
+        self.refuse = refuse
+        self.error = error
+
+    def __call__(self, request: StoreRequest) -> TempFileWriter:
+        if request.sop_instance_uid == self.refuse:
+            raise self.error
+        return super().__call__(request)
+
+
+def test_writer_os_error_answers_out_of_resources(demo_server, cohort, tmp_path) -> None:
+    _, manifest = cohort
+    study, rows = largest_study(manifest)
+    refused = rows.SOPInstanceUID.iloc[1]
+    received = Refusing(tmp_path, refused, OSError(28, "No space left on device"))
+    with get_associate(demo_server.port, demo_server.ae_title, cohort_storage(manifest)) as assoc:
+        identifier = study_identifier(assoc, STUDY_GET, study)
+        final = list(assoc.get(identifier, STUDY_GET, received))[-1]
+    # The peer counted the 0xA700 answer as a failed sub-operation; the rest arrived.
+    assert (final.status, final.completed, final.failed) == (0xB000, len(rows) - 1, 1)
+    assert set(received.committed) == set(rows.SOPInstanceUID) - {refused}
+
+
+def test_writer_bug_aborts(demo_server, cohort, tmp_path) -> None:
+    _, manifest = cohort
+    study, rows = largest_study(manifest)
+    received = Refusing(tmp_path, rows.SOPInstanceUID.iloc[0], RuntimeError("a bug"))
+    with get_associate(demo_server.port, demo_server.ae_title, cohort_storage(manifest)) as assoc:
+        identifier = study_identifier(assoc, STUDY_GET, study)
+        with pytest.raises(RuntimeError, match="a bug"):
+            list(assoc.get(identifier, STUDY_GET, received))
+        assert assoc._machine.state.name == "CLOSED"
+    assert received.partial_files() == []
 
 
 def test_get_of_nothing_and_without_context(demo_server, cohort, tmp_path) -> None:
