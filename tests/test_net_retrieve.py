@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import re
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from io import BufferedWriter
 from pathlib import Path
@@ -137,6 +138,12 @@ def get_associate(
     )
 
 
+def get_study(port: int, called_ae: str, study: str, received: Received) -> list[RetrieveResponse]:
+    """Every C-GET-RSP of one whole study, over all storage contexts."""
+    with get_associate(port, called_ae) as assoc:
+        return list(assoc.get(study_identifier(assoc, STUDY_GET, study), STUDY_GET, received))
+
+
 def largest_study(manifest: pd.DataFrame) -> tuple[str, pd.DataFrame]:
     sizes = manifest.groupby("StudyInstanceUID").size()
     uid = str(sizes.idxmax())
@@ -155,8 +162,7 @@ def test_get_from_demo_pacs_gives_the_files_dataset_bytes(demo_server, cohort, t
     _, manifest = cohort
     study, rows = largest_study(manifest)
     received = Received(tmp_path)
-    with get_associate(demo_server.port, demo_server.ae_title) as assoc:
-        responses = list(assoc.get(study_identifier(assoc, STUDY_GET, study), STUDY_GET, received))
+    responses = get_study(demo_server.port, demo_server.ae_title, study, received)
     final = responses[-1]
     assert not final.pending and final.status == 0x0000
     assert (final.completed, final.failed) == (len(rows), 0)
@@ -173,8 +179,7 @@ def test_get_from_orthanc_matches_pacs_get(orthanc, cohort, tmp_path) -> None:
     _, manifest = cohort
     study, rows = largest_study(manifest)
     received = Received(tmp_path)
-    with get_associate(orthanc.dicom_port, orthanc.aet) as assoc:
-        responses = list(assoc.get(study_identifier(assoc, STUDY_GET, study), STUDY_GET, received))
+    responses = get_study(orthanc.dicom_port, orthanc.aet, study, received)
     assert responses[-1].status == 0x0000
     assert responses[-1].completed == len(rows)
     assert received.discarded == [] and received.partial_files() == []
@@ -532,33 +537,46 @@ _AFTER_STORE_RQ = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(_AFTER_STORE_RQ))
-def test_object_cut_short_is_discarded(case: str, tmp_path: Path) -> None:
-    after, close, error, match = _AFTER_STORE_RQ[case]
+def _answer_request(conn: socket.socket) -> None:
+    """Accept the association and read the retrieve request (command, identifier)."""
+    _read_pdu(conn)
+    conn.sendall(_accept_for_get())
+    _read_pdu(conn)
+    _read_pdu(conn)
 
-    def script(conn: socket.socket) -> None:
-        _read_pdu(conn)
-        conn.sendall(_accept_for_get())
-        _read_pdu(conn)  # C-GET-RQ command
-        _read_pdu(conn)  # and its identifier
-        conn.sendall(_STORE_RQ + after)
-        if close:
-            conn.shutdown(socket.SHUT_WR)
 
-    received = Received(tmp_path)
+@contextmanager
+def _scripted(
+    script: Callable[[socket.socket], None], model: str, dimse_timeout: float = 20
+) -> Iterator[tuple[ScriptedPeer, ClientAssociation]]:
+    """A scripted peer and our association to it: ``model`` and CT in SCP role."""
     with (
         ScriptedPeer(script) as peer,
         net.associate(
             "127.0.0.1",
             peer.port,
             called_ae="SCP",
-            contexts=[
-                (STUDY_GET, [IMPLICIT_VR_LITTLE_ENDIAN]),
-                (_CT, [EXPLICIT]),
-            ],
+            contexts=[(model, [IMPLICIT_VR_LITTLE_ENDIAN]), (_CT, [EXPLICIT])],
             roles=[pdu.RoleSelection(_CT, False, True)],
-            dimse_timeout=1 if case == "silence" else 20,
+            dimse_timeout=dimse_timeout,
         ) as assoc,
+    ):
+        yield peer, assoc
+
+
+@pytest.mark.parametrize("case", sorted(_AFTER_STORE_RQ))
+def test_object_cut_short_is_discarded(case: str, tmp_path: Path) -> None:
+    after, close, error, match = _AFTER_STORE_RQ[case]
+
+    def script(conn: socket.socket) -> None:
+        _answer_request(conn)
+        conn.sendall(_STORE_RQ + after)
+        if close:
+            conn.shutdown(socket.SHUT_WR)
+
+    received = Received(tmp_path)
+    with (
+        _scripted(script, STUDY_GET, 1 if case == "silence" else 20) as (_, assoc),
         pytest.raises(error, match=match),
     ):
         list(assoc.get(b"\x08\x00\x52\x00\x06\x00\x00\x00STUDY ", STUDY_GET, received))
@@ -568,21 +586,11 @@ def test_object_cut_short_is_discarded(case: str, tmp_path: Path) -> None:
 
 def test_store_sub_operation_in_a_move_is_a_protocol_error() -> None:
     def script(conn: socket.socket) -> None:
-        _read_pdu(conn)
-        conn.sendall(_accept_for_get())
-        _read_pdu(conn)
-        _read_pdu(conn)
+        _answer_request(conn)
         conn.sendall(_STORE_RQ)
 
     with (
-        ScriptedPeer(script) as peer,
-        net.associate(
-            "127.0.0.1",
-            peer.port,
-            called_ae="SCP",
-            contexts=[(STUDY_MOVE, [IMPLICIT_VR_LITTLE_ENDIAN]), (_CT, [EXPLICIT])],
-            dimse_timeout=20,
-        ) as assoc,
+        _scripted(script, STUDY_MOVE) as (peer, assoc),
         pytest.raises(ProtocolError, match="C-STORE-RQ while we waited for C-MOVE-RSP"),
     ):
         list(assoc.move(b"", STUDY_MOVE, "ANY"))
@@ -593,23 +601,13 @@ def test_failure_status_raises_with_counts() -> None:
     final = dimse.c_get_rsp(1, STUDY_GET, 0xA702, (0, 0, 2, 0))
 
     def script(conn: socket.socket) -> None:
-        _read_pdu(conn)
-        conn.sendall(_accept_for_get())
-        _read_pdu(conn)
-        _read_pdu(conn)
+        _answer_request(conn)
         conn.sendall(_pdv(1, True, True, dimse.encode_command(final)))
         _read_pdu(conn)  # A-RELEASE-RQ
         conn.sendall(pdu.encode(pdu.ReleaseRP()))
 
     with (
-        ScriptedPeer(script) as peer,
-        net.associate(
-            "127.0.0.1",
-            peer.port,
-            called_ae="SCP",
-            contexts=[(STUDY_GET, [IMPLICIT_VR_LITTLE_ENDIAN]), (_CT, [EXPLICIT])],
-            dimse_timeout=20,
-        ) as assoc,
+        _scripted(script, STUDY_GET) as (_, assoc),
         pytest.raises(DimseError, match=r"0xA702 \(0 completed, 2 failed") as info,
     ):
         list(assoc.get(b"", STUDY_GET, Received(Path("/nonexistent"))))
