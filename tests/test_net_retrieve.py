@@ -57,6 +57,7 @@ class Received:
     committed: dict[str, Path] = field(default_factory=dict)
     discarded: list[str] = field(default_factory=list)
     syntaxes: dict[str, str] = field(default_factory=dict)
+    fragments: dict[str, int] = field(default_factory=dict)
 
     def __call__(self, request: StoreRequest) -> TempFileWriter:
         # The peer names the file: only a well-formed UID becomes a path part.
@@ -79,6 +80,7 @@ class TempFileWriter:
 
     def write(self, data: memoryview) -> None:
         self.file.write(data)
+        self.owner.fragments[self.uid] = self.owner.fragments.get(self.uid, 0) + 1
 
     def commit(self) -> None:
         self.file.close()
@@ -400,6 +402,39 @@ def test_store_refuses_what_was_not_negotiated(demo_server, cohort) -> None:
             assoc.store(b"\x08\x00")
     with pytest.raises(ValueError, match="not a DICOM Part-10 file"):
         read_part10(Path(__file__))
+
+
+def test_large_objects_fragment_both_ways(tmp_path) -> None:
+    """Objects many PDUs long: sent within storescp's maximum, received in pieces."""
+    require_tool("storescp")
+    manifest = make_cohort(
+        tmp_path / "large",
+        patients=1,
+        seed=13,
+        studies_per_patient=1,
+        series_per_study=1,
+        instances_per_series=3,
+        matrix=128,
+    )
+    paths = list(manifest.path)
+    with DcmtkStoreSCP(tmp_path / "storescp", extra_args=["--max-pdu", "8192"]) as server:
+        assert store_all(server.dicom_port, server.aet, paths) == [0x0000] * len(paths)
+        by_uid = {read_part10(f).sop_instance_uid: f for f in server.received_files()}
+    received = Received(tmp_path)
+    study = manifest.StudyInstanceUID.iloc[0]
+    with (
+        DemoPACS(tmp_path / "large") as demo,
+        get_associate(demo.port, demo.ae_title, cohort_storage(manifest), max_pdu=4096) as a,
+    ):
+        final = list(a.get(study_identifier(a, STUDY_GET, study), STUDY_GET, received))[-1]
+    assert final.completed == len(paths)
+    for uid, path in zip(manifest.SOPInstanceUID, paths, strict=True):
+        expected = dataset_bytes(path)
+        assert len(expected) > 30_000
+        assert dataset_bytes(by_uid[uid]) == expected
+        assert received.committed[uid].read_bytes() == expected
+        # At most 4090 data bytes per PDU: the object reached the writer in pieces.
+        assert received.fragments[uid] >= len(expected) // 4090
 
 
 # ------------------------------------------------------------------- C-MOVE
