@@ -484,8 +484,9 @@ class ClientAssociation:
             # Bounded by the peer: each pass waits at most dimse_timeout per event.
             while True:
                 rsp, data = self._retrieve_message(cid, message_id, field, on_store)
+                assert rsp.status is not None  # _check_response made sure
                 response = RetrieveResponse(
-                    rsp.status,  # type: ignore[arg-type] (checked by _check_response)
+                    rsp.status,
                     rsp.remaining,
                     rsp.completed,
                     rsp.failed,
