@@ -143,6 +143,10 @@ def get_associate(
 def get_study(port: int, called_ae: str, study: str, received: Received) -> list[RetrieveResponse]:
     """Every C-GET-RSP of one whole study, over all storage contexts."""
     with get_associate(port, called_ae) as assoc:
+        # The peer answered our role selection: it may act as SCU, we as SCP.
+        storage = {abstract for abstract, _ in assoc.contexts.values()} - {STUDY_GET}
+        answered = {r.sop_class_uid: r.scp_role for r in assoc.accept.user_information.roles}
+        assert storage and all(answered.get(uid) for uid in storage)
         return list(assoc.get(study_identifier(assoc, STUDY_GET, study), STUDY_GET, received))
 
 
