@@ -651,3 +651,31 @@ def test_failure_status_raises_with_counts() -> None:
     ):
         list(assoc.get(b"", STUDY_GET, Received(Path("/nonexistent"))))
     assert info.value.status == 0xA702
+
+
+_WRONG_ANSWERS = {
+    "another message": (
+        dimse.c_get_rsp(7, STUDY_GET, 0xFF00, (1, 0, 0, 0)),
+        "answered message 1 with C-GET-RSP for message 7",
+    ),
+    "another service": (
+        dimse.c_find_rsp(1, STUDY_GET, 0x0000),
+        "C-FIND-RSP while we waited for C-GET-RSP or C-STORE-RQ",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_WRONG_ANSWERS))
+def test_wrong_answer_to_a_get_aborts(case: str) -> None:
+    answer, match = _WRONG_ANSWERS[case]
+
+    def script(conn: socket.socket) -> None:
+        _answer_request(conn)
+        conn.sendall(_pdv(1, True, True, dimse.encode_command(answer)))
+
+    with (
+        _scripted(script, STUDY_GET) as (peer, assoc),
+        pytest.raises(ProtocolError, match=match),
+    ):
+        list(assoc.get(b"", STUDY_GET, Received(Path("/nonexistent"))))
+    assert pdu.decode(peer.received).source == 2
