@@ -7,7 +7,9 @@ a thin blocking driver (:mod:`~pacsframe.net.driver`) runs it over a socket in
 the calling thread. Nothing here starts a thread.
 
 This package is not yet used by :class:`pacsframe.PACS` (issue 12 wires it in
-step by step); today it carries C-ECHO and C-FIND end to end.
+step by step); today it carries C-ECHO, C-FIND, C-STORE, C-GET (objects
+streamed to a caller's writer, :mod:`~pacsframe.net.operations`), C-MOVE and
+C-CANCEL end to end.
 
 Examples
 --------
@@ -22,7 +24,7 @@ Examples
 """
 
 from pacsframe.errors import ProtocolError
-from pacsframe.net import association, dimse, driver, pdu
+from pacsframe.net import association, dimse, driver, operations, pdu
 from pacsframe.net.association import Association, State
 from pacsframe.net.dimse import Command, decode_command, encode_command
 from pacsframe.net.driver import ClientAssociation, associate, echo
@@ -40,5 +42,6 @@ __all__ = [
     "driver",
     "echo",
     "encode_command",
+    "operations",
     "pdu",
 ]

@@ -7,7 +7,9 @@ what is left of the current wait, so every wait is bounded:
 - ``connect_timeout`` for the TCP connection (and the TLS handshake);
 - ``acse_timeout`` for the A-ASSOCIATE answer and the A-RELEASE answer (the
   role of PS3.8's ARTIM timer on the requestor side);
-- ``dimse_timeout`` for each DIMSE message awaited.
+- ``dimse_timeout`` for each DIMSE message awaited, and for each fragment of
+  an object a C-GET streams to its writer (so a large object may take longer
+  than one ``dimse_timeout`` in all, but never stalls longer than one).
 
 Failures are :class:`~pacsframe.errors.AssociationError` with the same
 ``reason`` values as :class:`pacsframe.PACS` uses: ``refused``, ``timeout``,
@@ -27,13 +29,21 @@ True
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 import time
 from collections.abc import Iterator, Sequence
 from types import TracebackType
+from typing import BinaryIO
 
-from pacsframe.errors import AssociationError, DimseError, NotSupported, ProtocolError
+from pacsframe.errors import (
+    AssociationError,
+    DimseError,
+    MoveDestinationUnknown,
+    NotSupported,
+    ProtocolError,
+)
 from pacsframe.net import dimse, pdu
 from pacsframe.net.association import (
     DEFAULT_MAX_PDU,
@@ -46,10 +56,23 @@ from pacsframe.net.association import (
     ConnectionClosed,
     DatasetReceived,
     Event,
+    PDataFragment,
     Released,
     ReleaseRequested,
     describe_abort,
     describe_rejection,
+)
+from pacsframe.net.operations import (
+    CANNOT_UNDERSTAND,
+    FINAL_OK,
+    OUT_OF_RESOURCES,
+    PENDING,
+    ObjectWriter,
+    Part10,
+    RetrieveResponse,
+    StoreRequest,
+    StoreWriterFactory,
+    read_part10,
 )
 
 __all__ = [
@@ -72,6 +95,10 @@ EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
 
 #: Bytes asked of the kernel per recv: a whole default-sized PDU in one call.
 _RECV_SIZE = DEFAULT_MAX_PDU + 6
+
+#: Outgoing P-DATA-TF bytes gathered into one write: few system calls per
+#: object, and a bounded copy whatever the object's size.
+_SEND_BATCH = 1 << 20
 
 
 class ClientAssociation:
@@ -107,11 +134,15 @@ class ClientAssociation:
         self.acse_timeout = acse_timeout
         self.dimse_timeout = dimse_timeout
         self._next_message_id = 1
+        self._store_response = dimse.StoreResponseTemplate()
 
     # ------------------------------------------------------------------ plumbing
 
-    def _send_bytes(self, data: bytes) -> None:
+    def _send_bytes(self, data: bytes | bytearray) -> None:
         try:
+            # The socket's timeout is whatever the last read left of its wait;
+            # a send gets a whole dimse_timeout of its own.
+            self._sock.settimeout(self.dimse_timeout)
             self._sock.sendall(data)
         except TimeoutError:
             self._fail_closed()
@@ -141,16 +172,25 @@ class ClientAssociation:
         self._next_message_id = message_id % 0xFFFF + 1
         return message_id
 
-    def context_for(self, abstract_syntax: str) -> int:
+    def context_for(self, abstract_syntax: str, transfer_syntax: str | None = None) -> int:
         """The ID of an accepted context for ``abstract_syntax``.
 
-        Raises :class:`~pacsframe.errors.NotSupported` when the peer accepted none.
+        With ``transfer_syntax``, only a context accepted with that syntax
+        counts. Raises :class:`~pacsframe.errors.NotSupported` when the peer
+        accepted none.
         """
-        for cid, (abstract, _) in self.contexts.items():
-            if abstract == abstract_syntax:
+        for cid, (abstract, syntax) in self.contexts.items():
+            if abstract == abstract_syntax and transfer_syntax in (None, syntax):
                 return cid
+        if transfer_syntax is None:
+            raise NotSupported(
+                f"the peer at {self.where} accepted no presentation context for {abstract_syntax}",
+                status=0x0122,
+            )
         raise NotSupported(
-            f"the peer at {self.where} accepted no presentation context for {abstract_syntax}",
+            f"the peer at {self.where} accepted no presentation context for {abstract_syntax} "
+            f"in transfer syntax {transfer_syntax}; propose that pair when associating "
+            "(objects are sent as stored, never transcoded)",
             status=0x0122,
         )
 
@@ -297,6 +337,347 @@ class ClientAssociation:
                 )
             )
 
+    # ------------------------------------------------------ store, get and move
+
+    def _send_message(
+        self, context_id: int, command: dimse.Command, dataset: bytes | memoryview | None
+    ) -> None:
+        """Send one DIMSE message in writes of at most about ``_SEND_BATCH`` bytes.
+
+        Unlike :meth:`send`, the data set is never joined whole: a large object
+        goes out as memoryview fragments, gathered per batch.
+        """
+        batch: list[bytes | memoryview] = []
+        size = 0
+        for piece in self._machine.iter_message(
+            context_id, dimse.encode_command(command), dataset
+        ):
+            batch.append(piece)
+            size += len(piece)
+            if size >= _SEND_BATCH:
+                self._send_bytes(b"".join(batch))
+                batch, size = [], 0
+        if batch:
+            self._send_bytes(b"".join(batch))
+
+    def store(
+        self,
+        source: bytes | bytearray | memoryview | str | os.PathLike[str] | BinaryIO,
+        sop_class_uid: str | None = None,
+        sop_instance_uid: str | None = None,
+        transfer_syntax: str | None = None,
+        *,
+        priority: int = 0,
+    ) -> int:
+        """C-STORE one object; returns the peer's status (0x0000 is success).
+
+        Parameters
+        ----------
+        source : bytes, path or binary file
+            Data set bytes (then the three UIDs are required), or a Part-10
+            file: its data set after the file meta is sent as it is on disk,
+            never decoded, and the UIDs default to its file meta's.
+        sop_class_uid, sop_instance_uid, transfer_syntax : str, optional
+            Affected SOP Class and Instance UIDs, and the data set's encoding.
+        priority : int
+            0 medium, 1 high, 2 low.
+
+        Raises
+        ------
+        NotSupported
+            No context was accepted for the SOP class in that transfer syntax.
+        ValueError
+            ``source`` is bytes without the UIDs, or not a Part-10 file.
+        """
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            if not (sop_class_uid and sop_instance_uid and transfer_syntax):
+                raise ValueError(
+                    "storing data set bytes needs sop_class_uid, sop_instance_uid and "
+                    "transfer_syntax; only a Part-10 file says them itself"
+                )
+            dataset: bytes | memoryview = memoryview(source)
+        else:
+            dataset, meta = _read_dataset(source)
+            sop_class_uid = sop_class_uid or meta.sop_class_uid
+            sop_instance_uid = sop_instance_uid or meta.sop_instance_uid
+            transfer_syntax = transfer_syntax or meta.transfer_syntax
+        cid = self.context_for(sop_class_uid, transfer_syntax)
+        message_id = self.new_message_id()
+        self._send_message(
+            cid, dimse.c_store_rq(message_id, sop_class_uid, sop_instance_uid, priority), dataset
+        )
+        _, rsp, _ = self.receive()
+        self._check_response(rsp, dimse.C_STORE_RSP, message_id)
+        assert rsp.status is not None
+        return rsp.status
+
+    def get(
+        self,
+        identifier: bytes,
+        model_uid: str,
+        on_store: StoreWriterFactory,
+        *,
+        priority: int = 0,
+    ) -> Iterator[RetrieveResponse]:
+        """C-GET; yields each C-GET-RSP, pending ones and the final one.
+
+        The peer's C-STORE sub-operations arrive on this association (propose
+        the storage contexts with SCP role selection:
+        :func:`~pacsframe.net.operations.retrieve_negotiation`). For each,
+        ``on_store`` gets a :class:`~pacsframe.net.operations.StoreRequest`
+        and returns an :class:`~pacsframe.net.operations.ObjectWriter`; the
+        data set reaches it fragment by fragment as the PDUs arrive, never
+        reassembled. ``commit`` follows the last fragment and its status is
+        the C-STORE-RSP's; an object cut short (abort, timeout, protocol
+        error) is ``discard``-ed before the error is raised. An ``OSError``
+        from ``on_store`` or the writer answers that object 0xA700 (out of
+        resources) and the retrieve goes on.
+
+        The C-GET-RQ goes out at the first ``next()``; an unknown model
+        raises :class:`~pacsframe.errors.NotSupported` there. A final failure
+        status raises :class:`~pacsframe.errors.DimseError` (the counts are in
+        its message). Closing the generator early sends C-CANCEL and reads up to the final
+        response, still storing the objects that arrive meanwhile; any other
+        exception inside (a bug in the writer) aborts the association.
+        Each wait, for a command or for the next fragment, is bounded by
+        ``dimse_timeout``.
+        """
+        # A generator like find: nothing is sent until the first next(), so a
+        # retrieve never iterated leaves no responses unread on the association.
+        cid = self.context_for(model_uid)
+        message_id = self.new_message_id()
+        self._send_message(cid, dimse.c_get_rq(message_id, model_uid, priority), identifier)
+        yield from self._retrieve(cid, message_id, dimse.C_GET_RSP, on_store)
+
+    def move(
+        self, identifier: bytes, model_uid: str, destination: str, *, priority: int = 0
+    ) -> Iterator[RetrieveResponse]:
+        """C-MOVE to the AE ``destination``; yields each C-MOVE-RSP.
+
+        The objects go to ``destination`` on an association of the peer's;
+        this one carries the responses and their counts. An unknown
+        destination (0xA801) raises
+        :class:`~pacsframe.errors.MoveDestinationUnknown`, other failures
+        :class:`~pacsframe.errors.DimseError`. Closing the generator early
+        sends C-CANCEL and reads up to the final response.
+        """
+        cid = self.context_for(model_uid)
+        message_id = self.new_message_id()
+        self._send_message(
+            cid, dimse.c_move_rq(message_id, model_uid, destination, priority), identifier
+        )
+        yield from self._retrieve(cid, message_id, dimse.C_MOVE_RSP, None)
+
+    def _retrieve(
+        self,
+        cid: int,
+        message_id: int,
+        field: int,
+        on_store: StoreWriterFactory | None,
+    ) -> Iterator[RetrieveResponse]:
+        machine = self._machine
+        # Data sets come as fragments while the retrieve runs: objects stream
+        # to their writers, responses' identifiers are joined here.
+        reassemble, machine.reassemble = machine.reassemble, False
+        done = False
+        try:
+            # Bounded by the peer: each pass waits at most dimse_timeout per event.
+            while True:
+                rsp, data = self._retrieve_message(cid, message_id, field, on_store)
+                assert rsp.status is not None  # _check_response made sure
+                response = RetrieveResponse(
+                    rsp.status,
+                    rsp.remaining,
+                    rsp.completed,
+                    rsp.failed,
+                    rsp.warning,
+                    data,
+                    rsp.error_comment,
+                )
+                if response.pending:
+                    yield response
+                    continue
+                done = True
+                if response.status in FINAL_OK:
+                    yield response
+                    return
+                raise _retrieve_failure(response, rsp.name, self.where)
+        except GeneratorExit:
+            if not done and machine.state.name == "ESTABLISHED":
+                self._send_message(cid, dimse.c_cancel_rq(message_id), None)
+                # Bounded: until the final response, each wait at most dimse_timeout.
+                while True:
+                    rsp, _ = self._retrieve_message(cid, message_id, field, on_store)
+                    if rsp.status not in PENDING:
+                        break
+            raise
+        except BaseException:
+            if not done:
+                # Mid-operation and not by our choice (a writer's bug, Ctrl-C in
+                # a read): nothing says where the peer is, so end it.
+                self.abort()
+            raise
+        finally:
+            machine.reassemble = reassemble
+
+    def _retrieve_message(
+        self, cid: int, message_id: int, field: int, on_store: StoreWriterFactory | None
+    ) -> tuple[dimse.Command, bytes | None]:
+        """The next response to our request, serving C-STORE sub-operations on the way."""
+        # Bounded: each pass serves one sub-operation or returns; each wait is bounded.
+        while True:
+            context_id, command = self._next_command()
+            if command.command_field == field:
+                self._check_response(command, field, message_id)
+                data = None
+                if command.has_dataset:
+                    data = self._joined_dataset(context_id, command)
+                return command, data
+            if command.command_field == dimse.C_STORE_RQ and on_store is not None:
+                self._serve_store(context_id, command, on_store)
+                continue
+            expected = dimse.COMMAND_NAMES[field]
+            if on_store is not None:
+                expected += " or C-STORE-RQ"
+            self._protocol_failure(
+                ProtocolError(
+                    f"the peer sent {command.name} while we waited for {expected}",
+                    abort_reason=pdu.UNEXPECTED_PARAMETER,
+                )
+            )
+
+    def _wait(self, waiting_for: str) -> Event:
+        """The next event, within ``dimse_timeout``; a release request is an error."""
+        event = next_event(
+            self._sock,
+            self._machine,
+            time.monotonic() + self.dimse_timeout,
+            waiting_for,
+            self.where,
+        )
+        if isinstance(event, ReleaseRequested):
+            self._send_bytes(self._machine.send(pdu.ReleaseRP()))
+            self._sock.close()
+            raise AssociationError(
+                f"the peer at {self.where} released the association while we waited "
+                f"for {waiting_for}",
+                reason="aborted",
+            )
+        return event
+
+    def _next_command(self) -> tuple[int, dimse.Command]:
+        event = self._wait("a DIMSE message")
+        if not isinstance(event, CommandReceived):
+            self._protocol_failure(
+                ProtocolError(
+                    "the peer sent a data set without a command announcing it",
+                    abort_reason=pdu.UNEXPECTED_PARAMETER,
+                )
+            )
+        try:
+            command = dimse.decode_command(event.data)
+        except ProtocolError as exc:
+            self._protocol_failure(exc)
+        return event.context_id, command
+
+    def _fragments(self, context_id: int, command: dimse.Command) -> Iterator[memoryview]:
+        """The data set ``command`` announced, fragment by fragment, as it arrives."""
+        # Bounded: each pass takes one fragment, each wait at most dimse_timeout.
+        while True:
+            event = self._wait(f"the data set of a {command.name}")
+            if not isinstance(event, PDataFragment):
+                self._protocol_failure(
+                    ProtocolError(
+                        f"the peer sent a new command before the data set its "
+                        f"{command.name} announced",
+                        abort_reason=pdu.UNEXPECTED_PARAMETER,
+                    )
+                )
+            if event.context_id != context_id:
+                self._protocol_failure(
+                    ProtocolError(
+                        f"the peer sent the data set of its {command.name} on context "
+                        f"{event.context_id}, not the command's context {context_id}",
+                        abort_reason=pdu.UNEXPECTED_PARAMETER,
+                    )
+                )
+            yield event.data
+            if event.is_last:
+                return
+
+    def _joined_dataset(self, context_id: int, command: dimse.Command) -> bytes:
+        """A response's (small) data set, joined, within the machine's cap."""
+        parts = bytearray()
+        for fragment in self._fragments(context_id, command):
+            parts += fragment
+            if len(parts) > self._machine.max_dataset:
+                self._protocol_failure(
+                    ProtocolError(
+                        f"the data set of the peer's {command.name} exceeds "
+                        f"{self._machine.max_dataset} bytes",
+                        abort_reason=pdu.INVALID_PARAMETER,
+                    )
+                )
+        return bytes(parts)
+
+    def _serve_store(
+        self, context_id: int, command: dimse.Command, on_store: StoreWriterFactory
+    ) -> None:
+        """One C-STORE sub-operation: stream its data set to a writer, then answer."""
+        if not command.has_dataset or command.message_id is None:
+            self._protocol_failure(
+                ProtocolError(
+                    "the peer sent a C-STORE-RQ without a data set or a message ID",
+                    abort_reason=pdu.INVALID_PARAMETER,
+                )
+            )
+        sop_class = command.affected_sop_class_uid or ""
+        sop_instance = command.affected_sop_instance_uid or ""
+        request = StoreRequest(
+            sop_class,
+            sop_instance,
+            self._machine.accepted_contexts[context_id],
+            command.message_id,
+        )
+        status = 0x0000
+        writer: ObjectWriter | None = None
+        if not sop_class or not sop_instance:
+            status = CANNOT_UNDERSTAND  # nothing to file the object under
+        else:
+            try:
+                writer = on_store(request)
+            except OSError:
+                status = OUT_OF_RESOURCES
+        complete = False
+        try:
+            for fragment in self._fragments(context_id, command):
+                if writer is None:
+                    continue  # refused: read the rest of the object and drop it
+                try:
+                    writer.write(fragment)
+                except OSError:
+                    writer.discard()
+                    writer, status = None, OUT_OF_RESOURCES
+            complete = True
+        finally:
+            if writer is not None and not complete:
+                # Cut short: the peer aborted, timed out or broke the protocol.
+                writer.discard()
+        if writer is not None:
+            try:
+                answer = writer.commit()
+            except OSError:
+                writer.discard()
+                answer = OUT_OF_RESOURCES
+            status = 0x0000 if answer is None else answer
+        self._send_bytes(
+            self._machine.send_message(
+                context_id,
+                self._store_response.encode(command.message_id, sop_class, sop_instance, status),
+                None,
+            )
+        )
+
     # ------------------------------------------------------------------ ending
 
     def release(self) -> None:
@@ -337,6 +718,44 @@ class ClientAssociation:
             self.release()
         else:
             self.abort()
+
+
+def _read_dataset(
+    source: str | os.PathLike[str] | BinaryIO,
+) -> tuple[bytes, Part10]:
+    """A Part-10 file's data set bytes (after its meta) and what its meta says."""
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as handle:
+            return _read_dataset(handle)
+    start = source.tell()
+    meta = read_part10(source)
+    source.seek(start + meta.dataset_offset)
+    return source.read(), meta
+
+
+def _retrieve_failure(response: RetrieveResponse, name: str, where: str) -> DimseError:
+    """The error for a final C-GET/C-MOVE response with a failure status."""
+    counts = ", ".join(
+        f"{value} {label}"
+        for label, value in (
+            ("completed", response.completed),
+            ("failed", response.failed),
+            ("warning", response.warning),
+        )
+        if value is not None
+    )
+    message = f"the peer at {where} ended the retrieve with {name} status 0x{response.status:04X}"
+    if response.comment:
+        message += f": {response.comment}"
+    if counts:
+        message += f" ({counts})"
+    if response.status == 0xA801:
+        return MoveDestinationUnknown(
+            message + ". The peer must register the destination AE (title, host and port).",
+            status=response.status,
+            comment=response.comment,
+        )
+    return DimseError(message, status=response.status, comment=response.comment)
 
 
 def with_abort(sock: socket.socket, machine: Association, error: ProtocolError) -> None:
