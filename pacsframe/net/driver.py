@@ -78,6 +78,7 @@ from pacsframe.net.operations import (
 __all__ = [
     "IMPLEMENTATION_CLASS_UID",
     "IMPLEMENTATION_VERSION_NAME",
+    "BlockingAssociation",
     "ClientAssociation",
     "associate",
     "echo",
@@ -101,7 +102,193 @@ _RECV_SIZE = DEFAULT_MAX_PDU + 6
 _SEND_BATCH = 1 << 20
 
 
-class ClientAssociation:
+class BlockingAssociation:
+    """An established association over a blocking socket: what both sides share.
+
+    Sending with bounded writes, waiting for events within ``dimse_timeout``,
+    protocol failures answered with an A-ABORT, and receiving one C-STORE's
+    data set fragment by fragment into an
+    :class:`~pacsframe.net.operations.ObjectWriter`. :class:`ClientAssociation`
+    (the requestor) and the storage SCP's associations
+    (:mod:`~pacsframe.net.server`, the acceptor) build on it, so a C-GET
+    sub-operation and a C-STORE to our SCP are received by the same code.
+
+    Attributes
+    ----------
+    where : str
+        ``host:port`` of the peer, for messages.
+    acse_timeout, dimse_timeout : float
+        Seconds: the A-RELEASE answer; each DIMSE message or fragment awaited.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        machine: Association,
+        *,
+        where: str,
+        acse_timeout: float,
+        dimse_timeout: float,
+    ) -> None:
+        self._sock = sock
+        self._machine = machine
+        self.where = where
+        self.acse_timeout = acse_timeout
+        self.dimse_timeout = dimse_timeout
+        self._store_response = dimse.StoreResponseTemplate()
+
+    def _send_bytes(self, data: bytes | bytearray) -> None:
+        try:
+            # The socket's timeout is whatever the last read left of its wait;
+            # a send gets a whole dimse_timeout of its own.
+            self._sock.settimeout(self.dimse_timeout)
+            self._sock.sendall(data)
+        except TimeoutError:
+            self._fail_closed()
+            raise AssociationError(
+                f"timed out sending to {self.where}; the peer stopped reading",
+                reason="timeout",
+            ) from None
+        except OSError as exc:
+            self._fail_closed()
+            raise AssociationError(
+                f"the connection to {self.where} broke while sending: {exc}", reason="aborted"
+            ) from None
+
+    def _fail_closed(self) -> None:
+        self._machine.abort()
+        self._sock.close()
+
+    def _protocol_failure(self, error: ProtocolError) -> None:
+        with_abort(self._sock, self._machine, error)
+        raise error
+
+    def _wait(self, waiting_for: str) -> Event:
+        """The next event, within ``dimse_timeout``; a release request is an error."""
+        event = next_event(
+            self._sock,
+            self._machine,
+            time.monotonic() + self.dimse_timeout,
+            waiting_for,
+            self.where,
+        )
+        if isinstance(event, ReleaseRequested):
+            self._send_bytes(self._machine.send(pdu.ReleaseRP()))
+            self._sock.close()
+            raise AssociationError(
+                f"the peer at {self.where} released the association while we waited "
+                f"for {waiting_for}",
+                reason="aborted",
+            )
+        return event
+
+    def _next_command(self) -> tuple[int, dimse.Command]:
+        event = self._wait("a DIMSE message")
+        if not isinstance(event, CommandReceived):
+            self._protocol_failure(
+                ProtocolError(
+                    "the peer sent a data set without a command announcing it",
+                    abort_reason=pdu.UNEXPECTED_PARAMETER,
+                )
+            )
+        try:
+            command = dimse.decode_command(event.data)
+        except ProtocolError as exc:
+            self._protocol_failure(exc)
+        return event.context_id, command
+
+    def _fragments(self, context_id: int, command: dimse.Command) -> Iterator[memoryview]:
+        """The data set ``command`` announced, fragment by fragment, as it arrives."""
+        # Bounded: each pass takes one fragment, each wait at most dimse_timeout.
+        while True:
+            event = self._wait(f"the data set of a {command.name}")
+            if not isinstance(event, PDataFragment):
+                self._protocol_failure(
+                    ProtocolError(
+                        f"the peer sent a new command before the data set its "
+                        f"{command.name} announced",
+                        abort_reason=pdu.UNEXPECTED_PARAMETER,
+                    )
+                )
+            if event.context_id != context_id:
+                self._protocol_failure(
+                    ProtocolError(
+                        f"the peer sent the data set of its {command.name} on context "
+                        f"{event.context_id}, not the command's context {context_id}",
+                        abort_reason=pdu.UNEXPECTED_PARAMETER,
+                    )
+                )
+            yield event.data
+            if event.is_last:
+                return
+
+    def _serve_store(
+        self, context_id: int, command: dimse.Command, on_store: StoreWriterFactory
+    ) -> None:
+        """One C-STORE: stream its data set to a writer, then answer with the template.
+
+        A C-GET's sub-operation on the client, a C-STORE-RQ on our storage SCP.
+        """
+        if not command.has_dataset or command.message_id is None:
+            self._protocol_failure(
+                ProtocolError(
+                    "the peer sent a C-STORE-RQ without a data set or a message ID",
+                    abort_reason=pdu.INVALID_PARAMETER,
+                )
+            )
+        sop_class = command.affected_sop_class_uid or ""
+        sop_instance = command.affected_sop_instance_uid or ""
+        request = StoreRequest(
+            sop_class,
+            sop_instance,
+            self._machine.accepted_contexts[context_id],
+            command.message_id,
+        )
+        status = 0x0000
+        writer: ObjectWriter | None = None
+        if not sop_class or not sop_instance:
+            status = CANNOT_UNDERSTAND  # nothing to file the object under
+        else:
+            try:
+                writer = on_store(request)
+            except OSError:
+                status = OUT_OF_RESOURCES
+        complete = False
+        try:
+            for fragment in self._fragments(context_id, command):
+                if writer is None:
+                    continue  # refused: read the rest of the object and drop it
+                try:
+                    writer.write(fragment)
+                except OSError:
+                    writer.discard()
+                    writer, status = None, OUT_OF_RESOURCES
+            complete = True
+        finally:
+            if writer is not None and not complete:
+                # Cut short: the peer aborted, timed out or broke the protocol.
+                writer.discard()
+        if writer is not None:
+            try:
+                answer = writer.commit()
+            except OSError:
+                writer.discard()
+                answer = OUT_OF_RESOURCES
+            status = 0x0000 if answer is None else answer
+        self._send_bytes(
+            self._machine.send_message(
+                context_id,
+                self._store_response.encode(command.message_id, sop_class, sop_instance, status),
+                None,
+            )
+        )
+
+    def abort(self) -> None:
+        """A-ABORT (source: service user) and close, without waiting."""
+        _send_and_close(self._sock, self._machine.abort())
+
+
+class ClientAssociation(BlockingAssociation):
     """An established association, driven by blocking socket calls.
 
     Made by :func:`associate`. Use it as a context manager: leaving the block
@@ -126,39 +313,14 @@ class ClientAssociation:
         acse_timeout: float,
         dimse_timeout: float,
     ) -> None:
-        self._sock = sock
-        self._machine = machine
+        super().__init__(
+            sock, machine, where=where, acse_timeout=acse_timeout, dimse_timeout=dimse_timeout
+        )
         self.accept = accept
         self.contexts = {cid: (proposed[cid], ts) for cid, ts in machine.accepted_contexts.items()}
-        self.where = where
-        self.acse_timeout = acse_timeout
-        self.dimse_timeout = dimse_timeout
         self._next_message_id = 1
-        self._store_response = dimse.StoreResponseTemplate()
 
     # ------------------------------------------------------------------ plumbing
-
-    def _send_bytes(self, data: bytes | bytearray) -> None:
-        try:
-            # The socket's timeout is whatever the last read left of its wait;
-            # a send gets a whole dimse_timeout of its own.
-            self._sock.settimeout(self.dimse_timeout)
-            self._sock.sendall(data)
-        except TimeoutError:
-            self._fail_closed()
-            raise AssociationError(
-                f"timed out sending to {self.where}; the peer stopped reading",
-                reason="timeout",
-            ) from None
-        except OSError as exc:
-            self._fail_closed()
-            raise AssociationError(
-                f"the connection to {self.where} broke while sending: {exc}", reason="aborted"
-            ) from None
-
-    def _fail_closed(self) -> None:
-        self._machine.abort()
-        self._sock.close()
 
     def _event(self, timeout: float, waiting_for: str) -> Event:
         """Next event from the peer, reading the socket within ``timeout`` seconds."""
@@ -253,10 +415,6 @@ class ClientAssociation:
                 )
             else:  # pragma: no cover - next_event turns the others into errors
                 raise AssertionError(f"unexpected event {event!r}")
-
-    def _protocol_failure(self, error: ProtocolError) -> None:
-        with_abort(self._sock, self._machine, error)
-        raise error
 
     # -------------------------------------------------------------- operations
 
@@ -546,65 +704,6 @@ class ClientAssociation:
                 )
             )
 
-    def _wait(self, waiting_for: str) -> Event:
-        """The next event, within ``dimse_timeout``; a release request is an error."""
-        event = next_event(
-            self._sock,
-            self._machine,
-            time.monotonic() + self.dimse_timeout,
-            waiting_for,
-            self.where,
-        )
-        if isinstance(event, ReleaseRequested):
-            self._send_bytes(self._machine.send(pdu.ReleaseRP()))
-            self._sock.close()
-            raise AssociationError(
-                f"the peer at {self.where} released the association while we waited "
-                f"for {waiting_for}",
-                reason="aborted",
-            )
-        return event
-
-    def _next_command(self) -> tuple[int, dimse.Command]:
-        event = self._wait("a DIMSE message")
-        if not isinstance(event, CommandReceived):
-            self._protocol_failure(
-                ProtocolError(
-                    "the peer sent a data set without a command announcing it",
-                    abort_reason=pdu.UNEXPECTED_PARAMETER,
-                )
-            )
-        try:
-            command = dimse.decode_command(event.data)
-        except ProtocolError as exc:
-            self._protocol_failure(exc)
-        return event.context_id, command
-
-    def _fragments(self, context_id: int, command: dimse.Command) -> Iterator[memoryview]:
-        """The data set ``command`` announced, fragment by fragment, as it arrives."""
-        # Bounded: each pass takes one fragment, each wait at most dimse_timeout.
-        while True:
-            event = self._wait(f"the data set of a {command.name}")
-            if not isinstance(event, PDataFragment):
-                self._protocol_failure(
-                    ProtocolError(
-                        f"the peer sent a new command before the data set its "
-                        f"{command.name} announced",
-                        abort_reason=pdu.UNEXPECTED_PARAMETER,
-                    )
-                )
-            if event.context_id != context_id:
-                self._protocol_failure(
-                    ProtocolError(
-                        f"the peer sent the data set of its {command.name} on context "
-                        f"{event.context_id}, not the command's context {context_id}",
-                        abort_reason=pdu.UNEXPECTED_PARAMETER,
-                    )
-                )
-            yield event.data
-            if event.is_last:
-                return
-
     def _joined_dataset(self, context_id: int, command: dimse.Command) -> bytes:
         """A response's (small) data set, joined, within the machine's cap."""
         parts = bytearray()
@@ -619,64 +718,6 @@ class ClientAssociation:
                     )
                 )
         return bytes(parts)
-
-    def _serve_store(
-        self, context_id: int, command: dimse.Command, on_store: StoreWriterFactory
-    ) -> None:
-        """One C-STORE sub-operation: stream its data set to a writer, then answer."""
-        if not command.has_dataset or command.message_id is None:
-            self._protocol_failure(
-                ProtocolError(
-                    "the peer sent a C-STORE-RQ without a data set or a message ID",
-                    abort_reason=pdu.INVALID_PARAMETER,
-                )
-            )
-        sop_class = command.affected_sop_class_uid or ""
-        sop_instance = command.affected_sop_instance_uid or ""
-        request = StoreRequest(
-            sop_class,
-            sop_instance,
-            self._machine.accepted_contexts[context_id],
-            command.message_id,
-        )
-        status = 0x0000
-        writer: ObjectWriter | None = None
-        if not sop_class or not sop_instance:
-            status = CANNOT_UNDERSTAND  # nothing to file the object under
-        else:
-            try:
-                writer = on_store(request)
-            except OSError:
-                status = OUT_OF_RESOURCES
-        complete = False
-        try:
-            for fragment in self._fragments(context_id, command):
-                if writer is None:
-                    continue  # refused: read the rest of the object and drop it
-                try:
-                    writer.write(fragment)
-                except OSError:
-                    writer.discard()
-                    writer, status = None, OUT_OF_RESOURCES
-            complete = True
-        finally:
-            if writer is not None and not complete:
-                # Cut short: the peer aborted, timed out or broke the protocol.
-                writer.discard()
-        if writer is not None:
-            try:
-                answer = writer.commit()
-            except OSError:
-                writer.discard()
-                answer = OUT_OF_RESOURCES
-            status = 0x0000 if answer is None else answer
-        self._send_bytes(
-            self._machine.send_message(
-                context_id,
-                self._store_response.encode(command.message_id, sop_class, sop_instance, status),
-                None,
-            )
-        )
 
     # ------------------------------------------------------------------ ending
 
@@ -700,10 +741,6 @@ class ClientAssociation:
                     self._send_bytes(pdu.encode(pdu.ReleaseRP()))
         finally:
             self._sock.close()
-
-    def abort(self) -> None:
-        """A-ABORT (source: service user) and close, without waiting."""
-        _send_and_close(self._sock, self._machine.abort())
 
     def __enter__(self) -> ClientAssociation:
         return self
