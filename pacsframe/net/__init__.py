@@ -4,12 +4,13 @@ Built like h11 and wsproto: the protocol is a state machine that takes bytes
 and gives events (:mod:`~pacsframe.net.association`), over plain codecs for
 PDUs (:mod:`~pacsframe.net.pdu`) and command sets (:mod:`~pacsframe.net.dimse`);
 a thin blocking driver (:mod:`~pacsframe.net.driver`) runs it over a socket in
-the calling thread. Nothing here starts a thread.
+the calling thread. Only the storage SCP (:mod:`~pacsframe.net.server`) starts
+threads: one to accept, one per association.
 
 This package is not yet used by :class:`pacsframe.PACS` (issue 12 wires it in
 step by step); today it carries C-ECHO, C-FIND, C-STORE, C-GET (objects
 streamed to a caller's writer, :mod:`~pacsframe.net.operations`), C-MOVE and
-C-CANCEL end to end.
+C-CANCEL end to end, and a storage SCP for C-MOVE (C-ECHO, C-STORE).
 
 Examples
 --------
@@ -24,10 +25,11 @@ Examples
 """
 
 from pacsframe.errors import ProtocolError
-from pacsframe.net import association, dimse, driver, operations, pdu
+from pacsframe.net import association, dimse, driver, operations, pdu, server
 from pacsframe.net.association import Association, State
 from pacsframe.net.dimse import Command, decode_command, encode_command
 from pacsframe.net.driver import ClientAssociation, associate, echo
+from pacsframe.net.server import StorageServer
 
 __all__ = [
     "Association",
@@ -35,6 +37,7 @@ __all__ = [
     "Command",
     "ProtocolError",
     "State",
+    "StorageServer",
     "associate",
     "association",
     "decode_command",
@@ -44,4 +47,5 @@ __all__ = [
     "encode_command",
     "operations",
     "pdu",
+    "server",
 ]
