@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.uid import RLELossless
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 from servers import dcmtk_env, require_tool
@@ -107,7 +108,6 @@ def test_dcmtk_echoscu_and_storescu_store_the_cohort_byte_equal(scp, cohort) -> 
     paths = cohort_paths(cohort)
     for command in (
         [echoscu, "-aec", AE_TITLE, "127.0.0.1", str(server.port)],
-        # -xs: propose each file's own transfer syntax, so nothing is transcoded.
         [storescu, "-aec", AE_TITLE, "127.0.0.1", str(server.port), *paths],
     ):
         done = subprocess.run(
@@ -115,6 +115,27 @@ def test_dcmtk_echoscu_and_storescu_store_the_cohort_byte_equal(scp, cohort) -> 
         )
         assert done.returncode == 0, done.stdout + done.stderr
     assert_byte_equal(received, paths)
+
+
+def test_storescu_sends_a_compressed_object_as_stored(scp, cohort, tmp_path) -> None:
+    storescu = require_tool("storescu")
+    server, received = scp
+    source = cohort_paths(cohort)[0]
+    ds = pydicom.dcmread(source)
+    ds.compress(RLELossless, generate_instance_uid=False)
+    path = str(tmp_path / "rle.dcm")
+    ds.save_as(path, enforce_file_format=True)
+    done = subprocess.run(
+        # -xr: propose RLE lossless too, not only uncompressed syntaxes.
+        [storescu, "-xr", "-aec", AE_TITLE, "127.0.0.1", str(server.port), path],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dcmtk_env(),
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    # We prefer lossless compressed syntaxes: the object arrives as stored.
+    assert_byte_equal(received, [path])
 
 
 def test_pynetdicom_echo_and_store(scp, cohort) -> None:
@@ -243,6 +264,18 @@ def test_a_silent_client_is_dropped_after_the_timeout(tmp_path) -> None:
                     break
                 data += chunk
             assert data in (b"", pdu.encode(pdu.Abort(0, 0)))
+        assert net.echo("127.0.0.1", server.port, called_ae=AE_TITLE) > 0
+
+
+def test_over_max_associations_is_rejected_as_transient(tmp_path) -> None:
+    received = Received(tmp_path)
+    with StorageServer(received, ae_title=AE_TITLE, max_associations=1) as server:
+        with net.associate("127.0.0.1", server.port, called_ae=AE_TITLE) as first:
+            with pytest.raises(AssociationError, match=r"local limit exceeded.*try later"):
+                net.associate("127.0.0.1", server.port, called_ae=AE_TITLE)
+            assert first.echo() == 0x0000
+        # The first association's thread ends after its release; then there is room.
+        wait_for(lambda: len(scp_threads()) == 1, "the released association's thread ending")
         assert net.echo("127.0.0.1", server.port, called_ae=AE_TITLE) > 0
 
 
