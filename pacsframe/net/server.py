@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import select
+import selectors
 import socket
 import ssl
 import threading
@@ -186,7 +186,7 @@ class StorageServer:
         if self._accept_thread is not None:
             raise RuntimeError("this StorageServer was already started; make a new one")
         listener = socket.create_server((self.host, self.port), backlog=64)
-        # select() says when to accept; a non-blocking accept then never hangs
+        # The selector says when to accept; a non-blocking accept then never hangs
         # on a connection the peer reset in between.
         listener.setblocking(False)
         self._listener = listener
@@ -250,36 +250,43 @@ class StorageServer:
     def _accept_loop(self) -> None:
         listener, wake = self._listener, self._wake_read
         assert listener is not None and wake is not None
-        # Bounded by stop(): each pass waits for a connection or the wake-up byte.
-        while not self._stopping.is_set():
-            try:
-                ready, _, _ = select.select([listener, wake], [], [])
-            except OSError:
-                return  # closed under us: stopping
-            if self._stopping.is_set():
-                return
-            if listener not in ready:
-                continue
-            try:
-                conn, address = listener.accept()
-            except (BlockingIOError, ConnectionAbortedError):
-                continue  # the peer gave up between select and accept
-            except OSError as exc:
-                # Out of descriptors, say: keep serving those already connected.
-                LOGGER.warning(
-                    "storage SCP %s could not accept a connection: %s", self.ae_title, exc
-                )
-                time.sleep(0.05)
-                continue
-            thread = threading.Thread(
-                target=self._serve_connection,
-                args=(conn, f"{address[0]}:{address[1]}"),
-                name=f"pacsframe-scp-{self.port}-{address[1]}",
-                daemon=True,
-            )
-            with self._lock:
-                self._connections[thread] = conn
-            thread.start()
+        # A selector, not select(): descriptors above 1024 are fine in a busy process.
+        selector = selectors.DefaultSelector()
+        selector.register(listener, selectors.EVENT_READ)
+        selector.register(wake, selectors.EVENT_READ)
+        with selector:
+            # Bounded by stop(): each pass waits for a connection or the wake-up byte.
+            while not self._stopping.is_set():
+                try:
+                    ready = selector.select()
+                except OSError:
+                    return  # closed under us: stopping
+                if self._stopping.is_set():
+                    return
+                if any(key.fileobj is listener for key, _ in ready):
+                    self._accept(listener)
+
+    def _accept(self, listener: socket.socket) -> None:
+        """Accept one connection and start its thread."""
+        try:
+            conn, address = listener.accept()
+        except (BlockingIOError, ConnectionAbortedError):
+            return  # the peer gave up between the selector's answer and accept
+        except OSError as exc:
+            # Out of descriptors, say: keep serving those already connected,
+            # without spinning on a listener that stays readable.
+            LOGGER.warning("storage SCP %s could not accept a connection: %s", self.ae_title, exc)
+            time.sleep(0.05)
+            return
+        thread = threading.Thread(
+            target=self._serve_connection,
+            args=(conn, f"{address[0]}:{address[1]}"),
+            name=f"pacsframe-scp-{self.port}-{address[1]}",
+            daemon=True,
+        )
+        with self._lock:
+            self._connections[thread] = conn
+        thread.start()
 
     def _serve_connection(self, conn: socket.socket, where: str) -> None:
         this = threading.current_thread()
