@@ -388,6 +388,31 @@ def test_protocol_breaking_client_is_aborted_and_logged(scp, cohort, caplog, cas
     assert net.echo("127.0.0.1", server.port, called_ae=AE_TITLE) > 0
 
 
+@pytest.mark.parametrize(
+    "opening",
+    [b"\x09\x00\x00\x00\x00\x02ab", b"\x04\x00\x00\x00\x00\x06" + b"\x00" * 6],
+    ids=["unknown PDU type", "P-DATA-TF before A-ASSOCIATE-RQ"],
+)
+def test_garbage_before_associating_gets_an_abort(scp, caplog, opening: bytes) -> None:
+    server, _ = scp
+    with (
+        caplog.at_level(logging.WARNING, logger="pacsframe"),
+        socket.create_connection(("127.0.0.1", server.port), timeout=30) as peer,
+    ):
+        peer.sendall(opening)
+        answer = b""
+        # Bounded: the server answers and closes at once (we wait up to 30 s).
+        for _ in range(100):
+            chunk = peer.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+        assert answer[:1] == b"\x07"  # A-ABORT
+        assert pdu.decode(answer).source == 2  # type: ignore[union-attr]
+        wait_for(lambda: "storage SCP PF_SCP aborted" in caplog.text, "the log line")
+    assert net.echo("127.0.0.1", server.port, called_ae=AE_TITLE) > 0
+
+
 # --------------------------------------------------------------- lifecycle
 
 
