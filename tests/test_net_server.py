@@ -65,6 +65,18 @@ def wait_for(condition, what: str, seconds: float = 20.0) -> None:
         time.sleep(0.02)
 
 
+def read_until_closed(sock: socket.socket) -> bytes:
+    """What ``sock`` receives until the peer closes (each read waits at most its timeout)."""
+    data = b""
+    # Bounded: a few small PDUs at most before the close.
+    for _ in range(100):
+        chunk = sock.recv(4096)
+        if not chunk:
+            return data
+        data += chunk
+    pytest.fail("the server kept sending instead of closing")
+
+
 def assert_byte_equal(received: Received, paths: list[str]) -> None:
     """Every source file arrived once, committed, as its own data set bytes."""
     expected = {read_part10(p).sop_instance_uid: p for p in paths}
@@ -256,13 +268,8 @@ def test_a_silent_client_is_dropped_after_the_timeout(tmp_path) -> None:
     received = Received(tmp_path)
     with StorageServer(received, ae_title=AE_TITLE, acse_timeout=0.5) as server:
         with socket.create_connection(("127.0.0.1", server.port), timeout=30) as silent:
-            # Bounded: the server closes within its ACSE timeout (we wait up to 30 s).
-            data = b""
-            for _ in range(100):
-                chunk = silent.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
+            # The server closes within its ACSE timeout.
+            data = read_until_closed(silent)
             assert data in (b"", pdu.encode(pdu.Abort(0, 0)))
         assert net.echo("127.0.0.1", server.port, called_ae=AE_TITLE) > 0
 
@@ -400,13 +407,7 @@ def test_garbage_before_associating_gets_an_abort(scp, caplog, opening: bytes) -
         socket.create_connection(("127.0.0.1", server.port), timeout=30) as peer,
     ):
         peer.sendall(opening)
-        answer = b""
-        # Bounded: the server answers and closes at once (we wait up to 30 s).
-        for _ in range(100):
-            chunk = peer.recv(4096)
-            if not chunk:
-                break
-            answer += chunk
+        answer = read_until_closed(peer)  # the server answers and closes at once
         assert answer[:1] == b"\x07"  # A-ABORT
         assert pdu.decode(answer).source == 2  # type: ignore[union-attr]
         wait_for(lambda: "storage SCP PF_SCP aborted" in caplog.text, "the log line")
