@@ -239,6 +239,25 @@ def test_move_from_orthanc_to_our_scp(orthanc, cohort, scp) -> None:
     assert_byte_equal(received, [str(p) for p in rows.path])
 
 
+def test_dcmtk_movescu_moves_from_the_demo_pacs_to_our_scp(demo_server, cohort, scp) -> None:
+    movescu = require_tool("movescu")
+    server, received = scp
+    _, manifest = cohort
+    study, rows = largest_study(manifest)
+    demo_server.add_known_ae(AE_TITLE, "127.0.0.1", server.port)
+    peer = ["-aec", demo_server.ae_title, "127.0.0.1", str(demo_server.port)]
+    keys = ["-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}"]
+    done = subprocess.run(
+        [movescu, "-S", "-aem", AE_TITLE, *keys, *peer],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dcmtk_env(),
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert_byte_equal(received, [str(p) for p in rows.path])
+
+
 # ---------------------------------------------------------- acceptance policy
 
 
