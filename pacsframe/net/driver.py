@@ -322,12 +322,6 @@ class ClientAssociation(BlockingAssociation):
 
     # ------------------------------------------------------------------ plumbing
 
-    def _event(self, timeout: float, waiting_for: str) -> Event:
-        """Next event from the peer, reading the socket within ``timeout`` seconds."""
-        return next_event(
-            self._sock, self._machine, time.monotonic() + timeout, waiting_for, self.where
-        )
-
     def new_message_id(self) -> int:
         """A message ID not used before on this association (wraps at 65535)."""
         message_id = self._next_message_id
