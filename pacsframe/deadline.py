@@ -260,6 +260,12 @@ def timed_out(
     the failure as its cause; an error the deadline raised itself is remade with
     the call's ``advice``; anything else is returned as it is.
     """
+    if deadline is not None and getattr(exc, "action", None) in _LIMIT_ACTIONS:
+        # pacsframe's engine enforces the deadline itself, in the calling thread
+        # (pacsframe.net.driver.LimitReached): it acted as the watchdog would.
+        deadline.fired = True
+        if exc.action != "none":  # type: ignore[attr-defined]
+            deadline.action = exc.action  # type: ignore[attr-defined]
     if deadline is None or not deadline.fired or not isinstance(exc, Exception):
         return exc
     cause = exc
@@ -270,6 +276,9 @@ def timed_out(
     new = deadline.error(doing, advice)
     new.__cause__ = cause
     return new
+
+
+_LIMIT_ACTIONS = frozenset({"cancelled", "aborted", "none"})
 
 
 def _quietly(action: Callable[[], Any]) -> None:

@@ -106,4 +106,4 @@ def test_transient_rejection_that_persists_says_so(one_at_a_time):
         with pytest.raises(pf.AssociationError, match="busy and said to try later") as info:
             other.echo()
     assert info.value.reason == "rejected"
-    assert "Transient" in str(info.value)
+    assert "transient" in str(info.value).lower()

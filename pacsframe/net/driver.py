@@ -35,7 +35,7 @@ import ssl
 import time
 from collections.abc import Iterator, Sequence
 from types import TracebackType
-from typing import BinaryIO
+from typing import BinaryIO, NoReturn
 
 from pacsframe.errors import (
     AssociationError,
@@ -76,10 +76,12 @@ from pacsframe.net.operations import (
 )
 
 __all__ = [
+    "CANCEL_GRACE",
     "IMPLEMENTATION_CLASS_UID",
     "IMPLEMENTATION_VERSION_NAME",
     "BlockingAssociation",
     "ClientAssociation",
+    "LimitReached",
     "associate",
     "echo",
 ]
@@ -96,6 +98,28 @@ EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
 
 #: Bytes asked of the kernel per recv: a whole default-sized PDU in one call.
 _RECV_SIZE = DEFAULT_MAX_PDU + 6
+
+#: Seconds a peer gets to end an operation after the C-CANCEL we send when an
+#: association's ``limit`` passes, before we abort.
+CANCEL_GRACE = 2.0
+
+
+class LimitReached(AssociationError):
+    """An association's ``limit`` (a call's overall ``timeout=``) passed.
+
+    Attributes
+    ----------
+    action : str
+        What was done about the operation in flight: ``"cancelled"`` (a
+        C-CANCEL, and the peer ended the operation within :data:`CANCEL_GRACE`;
+        the association can be used again), ``"aborted"`` (an A-ABORT), or
+        ``"none"`` (no operation was in flight).
+    """
+
+    def __init__(self, message: str, action: str) -> None:
+        super().__init__(message, reason="timeout")
+        self.action = action
+
 
 #: Outgoing P-DATA-TF bytes gathered into one write: few system calls per
 #: object, and a bounded copy whatever the object's size.
@@ -119,6 +143,13 @@ class BlockingAssociation:
         ``host:port`` of the peer, for messages.
     acse_timeout, dimse_timeout : float
         Seconds: the A-RELEASE answer; each DIMSE message or fragment awaited.
+    limit : float or None
+        A :func:`time.monotonic` instant no wait outlasts: the end of a call's
+        overall ``timeout=``. When it passes, a C-FIND, C-GET or C-MOVE in
+        flight is cancelled (C-CANCEL, then an A-ABORT if the peer does not
+        end it within :data:`CANCEL_GRACE`) and anything else is aborted; the
+        operation raises :class:`LimitReached`. Everything happens in the
+        calling thread.
     """
 
     def __init__(
@@ -135,6 +166,7 @@ class BlockingAssociation:
         self.where = where
         self.acse_timeout = acse_timeout
         self.dimse_timeout = dimse_timeout
+        self.limit: float | None = None
         self._store_response = dimse.StoreResponseTemplate()
 
     def _send_bytes(self, data: bytes | bytearray) -> None:
@@ -171,6 +203,7 @@ class BlockingAssociation:
             time.monotonic() + self.dimse_timeout,
             waiting_for,
             self.where,
+            limit=self.limit,
         )
         if isinstance(event, ReleaseRequested):
             self._send_bytes(self._machine.send(pdu.ReleaseRP()))
@@ -222,6 +255,16 @@ class BlockingAssociation:
             if event.is_last:
                 return
 
+    def _fragments_or_abort(self, context_id: int, command: dimse.Command) -> Iterator[memoryview]:
+        """:meth:`_fragments`; the limit passing mid-object aborts (the rest would follow)."""
+        try:
+            yield from self._fragments(context_id, command)
+        except LimitReached as exc:
+            if exc.action == "aborted":
+                raise
+            self.abort()
+            raise LimitReached(str(exc), "aborted") from None
+
     def _serve_store(
         self, context_id: int, command: dimse.Command, on_store: StoreWriterFactory
     ) -> None:
@@ -255,7 +298,7 @@ class BlockingAssociation:
                 status = OUT_OF_RESOURCES
         complete = False
         try:
-            for fragment in self._fragments(context_id, command):
+            for fragment in self._fragments_or_abort(context_id, command):
                 if writer is None:
                     continue  # refused: read the rest of the object and drop it
                 try:
@@ -282,6 +325,11 @@ class BlockingAssociation:
                 None,
             )
         )
+
+    @property
+    def is_established(self) -> bool:
+        """Whether the association is up: not released, aborted or closed."""
+        return self._machine.state.name == "ESTABLISHED"
 
     def abort(self) -> None:
         """A-ABORT (source: service user) and close, without waiting."""
@@ -373,7 +421,9 @@ class ClientAssociation(BlockingAssociation):
         context_id = 0
         # Bounded: each pass consumes at least one event, and the deadline ends waits.
         while True:
-            event = next_event(self._sock, self._machine, deadline, "a DIMSE message", self.where)
+            event = next_event(
+                self._sock, self._machine, deadline, "a DIMSE message", self.where, self.limit
+            )
             if isinstance(event, CommandReceived):
                 if command is not None:
                     self._protocol_failure(
@@ -417,7 +467,7 @@ class ClientAssociation(BlockingAssociation):
         cid = self.context_for(VERIFICATION)
         message_id = self.new_message_id()
         self.send(cid, dimse.c_echo_rq(message_id))
-        _, rsp, _ = self.receive()
+        _, rsp, _ = self._receive_or_abort()
         self._check_response(rsp, dimse.C_ECHO_RSP, message_id)
         assert rsp.status is not None
         return rsp.status
@@ -437,7 +487,11 @@ class ClientAssociation(BlockingAssociation):
         try:
             # Bounded by the peer: each pass waits at most dimse_timeout.
             while True:
-                _, rsp, data = self.receive()
+                try:
+                    _, rsp, data = self.receive()
+                except LimitReached:
+                    done = True
+                    self._cancel_at_limit(cid, message_id, dimse.C_FIND_RSP, None)
                 self._check_response(rsp, dimse.C_FIND_RSP, message_id)
                 status = rsp.status
                 if status in (0xFF00, 0xFF01):
@@ -462,6 +516,48 @@ class ClientAssociation(BlockingAssociation):
         finally:
             if not done and self._machine.state.name == "ESTABLISHED":
                 self._cancel(cid, message_id, dimse.C_FIND_RSP)
+
+    def _receive_or_abort(self) -> tuple[int, dimse.Command, bytes | None]:
+        """:meth:`receive` for operations DIMSE cannot cancel: the limit aborts."""
+        try:
+            return self.receive()
+        except LimitReached as exc:
+            self.abort()
+            raise LimitReached(f"{exc}; the association was aborted", "aborted") from None
+
+    def _cancel_at_limit(
+        self, cid: int, message_id: int, field: int, on_store: StoreWriterFactory | None
+    ) -> NoReturn:
+        """The limit passed mid-operation: C-CANCEL, wait briefly for the end, else abort."""
+        self.limit = time.monotonic() + CANCEL_GRACE
+        try:
+            self._send_message(cid, dimse.c_cancel_rq(message_id), None)
+            # Bounded: the grace ends every wait.
+            while True:
+                if field == dimse.C_FIND_RSP:
+                    # C-FIND runs with whole data sets (see find), not fragments.
+                    _, rsp, _ = self.receive()
+                    self._check_response(rsp, field, message_id)
+                else:
+                    rsp, _ = self._retrieve_message(cid, message_id, field, on_store)
+                if rsp.status not in PENDING:
+                    break
+        except AssociationError:
+            # The grace passed, or the limit had cut a message in two: end it.
+            self.abort()
+            raise LimitReached(
+                f"the time given ran out and the peer at {self.where} did not end the "
+                f"{dimse.COMMAND_NAMES[field][:-4]} within {CANCEL_GRACE:g} s of our C-CANCEL; "
+                "the association was aborted",
+                "aborted",
+            ) from None
+        finally:
+            self.limit = None
+        raise LimitReached(
+            f"the time given ran out; the {dimse.COMMAND_NAMES[field][:-4]} at {self.where} "
+            "was cancelled (C-CANCEL)",
+            "cancelled",
+        )
 
     def _cancel(self, cid: int, message_id: int, field: int) -> None:
         self.send(cid, dimse.c_cancel_rq(message_id))
@@ -558,7 +654,7 @@ class ClientAssociation(BlockingAssociation):
         self._send_message(
             cid, dimse.c_store_rq(message_id, sop_class_uid, sop_instance_uid, priority), dataset
         )
-        _, rsp, _ = self.receive()
+        _, rsp, _ = self._receive_or_abort()
         self._check_response(rsp, dimse.C_STORE_RSP, message_id)
         assert rsp.status is not None
         return rsp.status
@@ -635,7 +731,13 @@ class ClientAssociation(BlockingAssociation):
         try:
             # Bounded by the peer: each pass waits at most dimse_timeout per event.
             while True:
-                rsp, data = self._retrieve_message(cid, message_id, field, on_store)
+                try:
+                    rsp, data = self._retrieve_message(cid, message_id, field, on_store)
+                except LimitReached as exc:
+                    done = True
+                    if exc.action == "aborted":
+                        raise
+                    self._cancel_at_limit(cid, message_id, field, on_store)
                 assert rsp.status is not None  # _check_response made sure
                 response = RetrieveResponse(
                     rsp.status,
@@ -808,14 +910,25 @@ def _send_and_close(sock: socket.socket, data: bytes) -> None:
 
 
 def next_event(
-    sock: socket.socket, machine: Association, deadline: float, waiting_for: str, where: str
+    sock: socket.socket,
+    machine: Association,
+    deadline: float,
+    waiting_for: str,
+    where: str,
+    limit: float | None = None,
 ) -> Event:
     """The next event that matters, reading ``sock`` until ``deadline``.
 
     Peer aborts, protocol errors, timeouts and a closed connection become
     :class:`~pacsframe.errors.AssociationError`; ``NEED_DATA`` is never
-    returned.
+    returned. When ``limit`` comes before ``deadline`` and passes first,
+    :class:`LimitReached` is raised with the association untouched (the
+    caller cancels or aborts); ``deadline`` passing aborts.
     """
+    if limit is not None and limit < deadline:
+        deadline, at_limit = limit, True
+    else:
+        at_limit = False
     # Bounded: every pass either returns, raises, or reads bytes before the deadline.
     while True:
         try:
@@ -839,6 +952,11 @@ def next_event(
                 )
             return event
         remaining = deadline - time.monotonic()
+        if remaining <= 0 and at_limit:
+            raise LimitReached(
+                f"the time given ran out while we waited for {waiting_for} from {where}",
+                "none",
+            )
         if remaining <= 0:
             _send_and_close(sock, machine.abort())
             raise AssociationError(
@@ -853,10 +971,14 @@ def next_event(
             continue  # the deadline check above raises
         except OSError as exc:
             sock.close()
-            raise AssociationError(
+            error = AssociationError(
                 f"the connection to {where} broke while we waited for {waiting_for}: {exc}",
                 reason="aborted",
-            ) from None
+            )
+            # A TLS alert (e.g. our certificate refused) arrives on the first read;
+            # callers explain it (pacsframe.net.tls.explain_failure).
+            error.ssl_error = exc if isinstance(exc, ssl.SSLError) else None  # type: ignore[attr-defined]
+            raise error from None
         machine.receive_data(data)
 
 
@@ -926,10 +1048,12 @@ def associate(
         sock.sendall(request_bytes)
     except OSError as exc:
         sock.close()
-        raise AssociationError(
+        error = AssociationError(
             f"the connection to {where} broke while sending the A-ASSOCIATE-RQ: {exc}",
             reason="aborted",
-        ) from None
+        )
+        error.ssl_error = exc if isinstance(exc, ssl.SSLError) else None  # type: ignore[attr-defined]
+        raise error from None
     event = next_event(
         sock, machine, time.monotonic() + acse_timeout, "the A-ASSOCIATE answer", where
     )
@@ -942,11 +1066,13 @@ def associate(
             else f"Check that {called_ae!r} is the peer's AE title and that the peer knows "
             f"{calling_ae!r}."
         )
-        raise AssociationError(
+        error = AssociationError(
             f"the peer at {where} rejected the association ({describe_rejection(event.reject)})"
             f" for called AE {called_ae!r} from calling AE {calling_ae!r}. {advice}",
             reason="rejected",
         )
+        error.rejection = event.reject  # type: ignore[attr-defined]
+        raise error
     assert isinstance(event, AssociateAccepted), event
     proposed = {cx.context_id: cx.abstract_syntax for cx in proposals}
     return ClientAssociation(
@@ -991,11 +1117,13 @@ def _connect(
         return ssl_context.wrap_socket(sock, server_hostname=host)
     except (ssl.SSLError, OSError) as exc:
         sock.close()
-        raise AssociationError(
+        error = AssociationError(
             f"the TLS handshake with {where} failed: {exc}. Check that this is the peer's TLS "
             "port and that the TLS settings (CA, client certificate) match.",
             reason="tls",
-        ) from None
+        )
+        error.ssl_error = exc if isinstance(exc, ssl.SSLError) else None  # type: ignore[attr-defined]
+        raise error from None
 
 
 def echo(
