@@ -1400,7 +1400,7 @@ def _move(
     remote_notes: list[str] = []
     requests = 0
     stopped = False  # by the deadline, before every unit was done
-    scp = StorageSCP(pacs, receiver) if receiver is not None else None
+    scp = StorageSCP(pacs, receiver.writer) if receiver is not None else None
     failure: PacsFrameError | None = None
     try:
         if scp is not None:
