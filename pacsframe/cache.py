@@ -44,15 +44,16 @@ import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import platformdirs
 from pydicom import dcmread
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_file_meta_info
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
@@ -61,8 +62,12 @@ from . import frames, matching
 from .errors import CacheError, QueryError
 from .query import build_query, normalize_level
 
+if TYPE_CHECKING:
+    from .net.operations import StoreRequest
+
 __all__ = [
     "Cache",
+    "IncomingObject",
     "Volume",
     "atomic_write",
 ]
@@ -118,6 +123,9 @@ _INSERT_NEW = _INSERT.replace("INSERT OR REPLACE", "INSERT OR IGNORE", 1)
 # Where a header ends: pydicom's own stop_before_pixels tags.
 _PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00009, 0x7FE00008})
 _HEADER_END = min(_PIXEL_TAGS)  # scan_elements stops at the first tag from here on
+# How much of a received object's data set IncomingObject keeps in memory for the
+# header scan; a header running longer is read back from the temporary file.
+_KEPT_BYTES = 1 << 16
 # Series folders path_for() found inside the root (see there); reset when this large.
 _SAFE_FOLDERS_MAX = 4096
 
@@ -360,6 +368,35 @@ def part10_head(sop_class: str, sop: str, syntax: str) -> bytes | None:
         )
     )
     return b"\0" * 128 + b"DICM" + struct.pack("<HH2sHI", 2, 0, b"UL", 4, len(body)) + body
+
+
+def _received_head(sop_class: str, sop: str, syntax: str) -> bytes:
+    """:func:`part10_head`, or pydicom's encoding of the values it leaves to pydicom.
+
+    Raises :class:`CacheError` for values no file meta can hold.
+    """
+    head = part10_head(sop_class, sop, syntax)
+    if head is not None:
+        return head
+    meta = FileMetaDataset()
+    # Set here, not by enforce_standard, which refuses empty values pynetdicom writes.
+    meta.FileMetaInformationGroupLength = 0  # computed by write_file_meta_info
+    meta.FileMetaInformationVersion = b"\x00\x01"
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop
+    meta.TransferSyntaxUID = syntax
+    meta.ImplementationClassUID = PYNETDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = PYNETDICOM_IMPLEMENTATION_VERSION
+    buffer = io.BytesIO()
+    buffer.write(b"\0" * 128 + b"DICM")
+    try:
+        write_file_meta_info(buffer, meta, enforce_standard=False)
+    except (ValueError, TypeError, AttributeError, UnicodeError) as exc:
+        raise CacheError(
+            "refused to cache the received object: its C-STORE request's UIDs cannot be "
+            f"written as a file meta ({exc}); nothing was written."
+        ) from None
+    return buffer.getvalue()
 
 
 class Cache:
@@ -695,7 +732,17 @@ class Cache:
 
     def _commit(self, row: list[Any], tmp: Path, path: Path, old: str | None) -> None:
         row[_FIXED.index("size")] = os.stat(tmp).st_size
-        os.replace(tmp, path)
+        for attempt in range(3):
+            try:
+                os.replace(tmp, path)
+                break
+            except FileNotFoundError:
+                # Only a received object's temporary file lives outside its final
+                # folder, which may not exist yet (or a failing writer next door
+                # removed it, empty, in between): made only when missing.
+                if attempt == 2 or not os.path.exists(tmp):
+                    raise
+                path.parent.mkdir(parents=True, exist_ok=True)
         # The file is complete and in place before the row exists, so a row always
         # points at a whole file; a crash in between only means a re-fetch.
         self._db().execute(_INSERT, row)
@@ -855,6 +902,57 @@ class Cache:
                 study, series, sop, (head, body), overwrite=overwrite, _header=(strings, syntax)
             )
         return path, strings
+
+    def receive(self, request: StoreRequest, *, overwrite: bool = False) -> IncomingObject:
+        """A writer for one object a C-STORE delivers, fragment by fragment.
+
+        The :class:`~pacsframe.net.operations.ObjectWriter` a C-GET's
+        ``on_store`` or our storage SCP hands out: the data set's fragments go
+        to a temporary file in the cache root as they arrive, after a file meta
+        encoded from ``request`` as :meth:`add_received` does; ``commit`` scans
+        the header once, then files and indexes the object as :meth:`write`
+        does (atomically; an object already cached is kept unless
+        ``overwrite``; invalid UIDs refused with the same :class:`CacheError`);
+        ``discard`` leaves no trace. Memory per object is bounded (the first
+        64 KiB of the data set, for the header scan), whatever its size.
+
+        Parameters
+        ----------
+        request : pacsframe.net.operations.StoreRequest
+            The C-STORE-RQ's SOP class and instance UIDs and the context's
+            transfer syntax, which go into the file meta.
+        overwrite : bool, default False
+            Replace a cached copy of the same instance.
+
+        Raises
+        ------
+        CacheError
+            When the request's UIDs cannot be written as a file meta.
+        OSError
+            When the temporary file cannot be made (a full disk, a read-only root).
+
+        Examples
+        --------
+        >>> import pathlib, tempfile
+        >>> from pydicom import dcmread
+        >>> from pacsframe.demo import make_cohort
+        >>> from pacsframe.net.operations import StoreRequest, read_part10
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> row = make_cohort(f"{tmp.name}/src", patients=1, matrix=16,
+        ...     studies_per_patient=1, series_per_study=1, instances_per_series=1).iloc[0]
+        >>> part10 = read_part10(row.path)
+        >>> dataset = pathlib.Path(row.path).read_bytes()[part10.dataset_offset:]
+        >>> cache = Cache(f"{tmp.name}/cache")
+        >>> writer = cache.receive(StoreRequest(part10.sop_class_uid,
+        ...     part10.sop_instance_uid, part10.transfer_syntax, 1))
+        >>> for start in range(0, len(dataset), 1000):
+        ...     writer.write(memoryview(dataset)[start:start + 1000])
+        >>> writer.commit()
+        >>> writer.path.name == f"{row.SOPInstanceUID}.dcm", len(cache)
+        (True, 1)
+        >>> cache.close(); tmp.cleanup()
+        """
+        return IncomingObject(self, request, overwrite=overwrite)
 
     @contextlib.contextmanager
     def open_writer(
@@ -1410,6 +1508,14 @@ class Cache:
                     remove.unlink()
                 folders.append(remove.parent)
         now = time.time()
+        # Received objects are written in the root until their header names their folder.
+        for entry in _listing(self.root) if self.root.is_dir() else ():
+            if entry.name.startswith(".") and entry.name.endswith(".part"):
+                why = _stray(entry, now)
+                if why is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+                    problems.append((entry.path, None, "stray temporary file", f"{why}; removed"))
         for folder in self._walk_series_folders():
             for entry in _listing(folder):
                 name = entry.name
@@ -1499,6 +1605,166 @@ class Cache:
         self._delete_rows(rows)
         self._prune(folders)
         return len(rows)
+
+
+class IncomingObject:
+    """One received object on its way into the cache: what :meth:`Cache.receive` returns.
+
+    An :class:`~pacsframe.net.operations.ObjectWriter`: ``write`` each fragment
+    of the data set in order, then ``commit`` or ``discard``, once. Not for use
+    from several threads at once.
+
+    The temporary file is made in the cache root (the object's folder needs
+    its Study and Series Instance UIDs, known only once the header arrived):
+    the same filesystem, so filing it is one ``os.replace``; named like every
+    temporary file of the cache, so :meth:`Cache.verify` removes it when its
+    writer is gone.
+
+    Attributes
+    ----------
+    path : pathlib.Path or None
+        Where the object is cached, once committed (an existing copy's path
+        when it was kept).
+    header : dict or None
+        The header's index strings by keyword, once committed.
+    size : int
+        Bytes of the Part-10 file so far: file meta and data set.
+    written : bool
+        Whether ``commit`` filed these bytes (False: a cached copy was kept).
+    """
+
+    def __init__(self, cache: Cache, request: StoreRequest, *, overwrite: bool = False) -> None:
+        self.cache = cache
+        self.syntax = str(request.transfer_syntax)
+        self.overwrite = overwrite
+        self.path: Path | None = None
+        self.header: dict[str, str | None] | None = None
+        self.written = False
+        head = _received_head(
+            str(request.sop_class_uid), str(request.sop_instance_uid), self.syntax
+        )
+        self._head_size = len(head)
+        self._kept = bytearray()
+        self._done = False
+        sop = str(request.sop_instance_uid)
+        self._tmp = _temp_path(cache.root / "x", sop if frames.is_uid(sop) else "received")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+        with _LIVE_LOCK:
+            _LIVE_TEMPS.add(self._tmp.name)  # before it exists: verify() leaves it alone
+        try:
+            try:
+                fd = os.open(self._tmp, flags, 0o666)
+            except FileNotFoundError:
+                cache.root.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self._tmp, flags, 0o666)
+            self._handle: IO[bytes] = os.fdopen(fd, "wb")
+            self._handle.write(head)
+        except BaseException:
+            self._done = True
+            self._remove()
+            raise
+        self.size = len(head)
+
+    def __repr__(self) -> str:
+        state = "filed" if self.path is not None else "discarded" if self._done else "open"
+        return f"IncomingObject({state}, {self.size} bytes)"
+
+    def write(self, data: bytes | bytearray | memoryview, /) -> None:
+        """Append the next fragment of the data set to the temporary file."""
+        if self._done:
+            raise CacheError("this received object was already committed or discarded")
+        room = _KEPT_BYTES - len(self._kept)
+        if room > 0:
+            self._kept += data[:room]
+        self._handle.write(data)
+        self.size += len(data)
+
+    def commit(self) -> None:
+        """Scan the header, file the object and index it; ``None`` means status 0x0000.
+
+        Raises :class:`CacheError` (nothing is left on disk) for an object that
+        cannot be filed: not readable DICOM, a UID that is not one.
+        """
+        if self._done:
+            raise CacheError("this received object was already committed or discarded")
+        self._done = True
+        cache = self.cache
+        try:
+            self._handle.close()
+            header = self._scan()
+            strings = header[0]
+            study, series, sop = (strings[k] or "" for k in _UID_KEYS)
+            path = cache.path_for(study, series, sop)
+            old = cache._existing(sop)
+            if old is not None and not self.overwrite:
+                existing = cache._absolute(old)
+                if existing.exists():
+                    self.path, self.header = existing, strings
+                    return None
+            row = cache._row(header, study, series, sop, path)
+            cache._commit(row, self._tmp, path, old)
+        finally:
+            self._remove()  # renamed into place, or kept out of sight
+        self.path, self.header, self.written = path, strings, True
+        return None
+
+    def discard(self) -> None:
+        """Remove what was written; safe to call again, or after ``commit``."""
+        if not self._done:
+            self._done = True
+            self._remove()
+
+    def _remove(self) -> None:
+        with contextlib.suppress(OSError):
+            self._handle.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._tmp)
+        with _LIVE_LOCK:
+            _LIVE_TEMPS.discard(self._tmp.name)
+        self._kept = bytearray()
+
+    def _scan(self) -> tuple[dict[str, str | None], str]:
+        """The header's index strings and transfer syntax, as :meth:`Cache.add_received`."""
+        uid = UID(self.syntax)
+        label = "the received object"
+        if not uid.is_transfer_syntax or uid.is_deflated:
+            # Deflated data must be inflated to be read: pydicom's whole-file path.
+            return self.cache._header(self._tmp, label)
+        try:
+            found = None
+            if uid.is_little_endian:
+                found = self._scan_kept(uid.is_implicit_VR)
+            if found is not None:
+                ds = Dataset({BaseTag(tag): elem for tag, elem in found.items()})
+            else:
+                # The header runs past what was kept, or the scan leaves it to pydicom:
+                # read it back from the file, up to the pixel data.
+                with open(self._tmp, "rb") as source:
+                    source.seek(self._head_size)
+                    ds = read_dataset(
+                        source,
+                        uid.is_implicit_VR,
+                        uid.is_little_endian,
+                        stop_when=lambda tag, vr, length: tag in _PIXEL_TAGS,
+                        specific_tags=_HEADER_TAGS,
+                    )
+            strings = frames.dicom_strings(ds, matching.INDEX_KEYWORDS)
+        except Exception:
+            # Let the whole-file path read it or refuse it, with the same error as ever.
+            return self.cache._header(self._tmp, label)
+        return strings, self.syntax
+
+    def _scan_kept(self, implicit: bool) -> dict[int, Any] | None:
+        """Scan the kept bytes; None unless they surely hold the whole header."""
+        view = memoryview(self._kept)
+        complete = self.size - self._head_size <= len(view)
+        out: dict[int, Any] = {}
+        # frames.scan_elements, told apart: stopping at the pixel data from running
+        # to the end of what was kept (which, cut short, may lack later elements).
+        end = frames._scan(view, 0, len(view), implicit, _HEADER_TAG_SET, _HEADER_END, out, 0)
+        if end is None or (end == len(view) and not complete):
+            return None
+        return out
 
 
 def _is_keys(value: Any) -> bool:

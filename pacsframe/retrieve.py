@@ -86,8 +86,9 @@ from .query import (
 from .storage import StorageSCP, TransferResult, storage_contexts
 
 if TYPE_CHECKING:
-    from .cache import Cache
+    from .cache import Cache, IncomingObject
     from .connection import PACS
+    from .net.operations import StoreRequest
 
 __all__ = ["RetrieveResult", "get", "move"]
 
@@ -288,28 +289,60 @@ class _Receiver:
         self._filed: set[str] = set()
 
     def __call__(self, event: evt.Event) -> int:
+        """pynetdicom's EVT_C_STORE handler: file the object the event holds whole."""
         code = self._file(event)
         with self._lock:
             self.arrivals.append((str(event.request.AffectedSOPInstanceUID or ""), code != 0))
         return code
+
+    def writer(self, request: StoreRequest) -> _ReceivedWriter:
+        """An ``on_store`` for our own engine: a writer per incoming object.
+
+        For :meth:`pacsframe.net.driver.ClientAssociation.get` and
+        :class:`pacsframe.net.server.StorageServer`: the object streams into the
+        cache (:meth:`Cache.receive`) and ``commit`` files it as ``__call__``
+        does, with the same rows, statuses, progress and ``on_received``. It
+        never raises: what the cache refuses answers 0xC000, any other failure
+        0xC001, each with a failed row; an object cut short (``discard``)
+        leaves no row.
+        """
+        return _ReceivedWriter(self, request)
 
     def _file(self, event: evt.Event) -> int:
         sop = str(event.request.AffectedSOPInstanceUID or "")
         sop_class = str(event.request.AffectedSOPClassUID or "")
         try:
             path, header, size = _file_received(self.cache, event, self.overwrite)
-            study = header["StudyInstanceUID"] or ""
-            series = header["SeriesInstanceUID"] or ""
-            sop = header["SOPInstanceUID"] or sop  # what the file is filed under
-        except CacheError as exc:
+        except Exception as exc:
+            return self._failed(sop_class, sop, exc)
+        return self._filed_ok(
+            sop_class, sop, path, header, str(event.context.transfer_syntax), size
+        )
+
+    def _failed(self, sop_class: str, sop: str, exc: Exception) -> int:
+        """Record an object that could not be filed; the status to answer it with."""
+        if isinstance(exc, CacheError):
             self._record(sop_class, sop, None, "failed", str(exc), header=None)
             # 0xA700 family would invite a retry; the object itself is unacceptable.
             return 0xC000
-        except Exception as exc:
-            # The peer must get a status back, never our traceback.
-            LOGGER.warning("could not file object %s: %s", sop, exc)
-            self._record(sop_class, sop, None, "failed", f"could not be stored: {exc}", None)
-            return 0xC001
+        # The peer must get a status back, never our traceback.
+        LOGGER.warning("could not file object %s: %s", sop, exc)
+        self._record(sop_class, sop, None, "failed", f"could not be stored: {exc}", None)
+        return 0xC001
+
+    def _filed_ok(
+        self,
+        sop_class: str,
+        sop: str,
+        path: Any,
+        header: dict[str, str | None],
+        syntax: str,
+        size: int,
+    ) -> int:
+        """Count, report and pass on an object the cache holds now; its status."""
+        study = header["StudyInstanceUID"] or ""
+        series = header["SeriesInstanceUID"] or ""
+        sop = header["SOPInstanceUID"] or sop  # what the file is filed under
         with self._lock:
             again = sop in self._filed
             self._filed.add(sop)
@@ -326,7 +359,7 @@ class _Receiver:
             "SeriesInstanceUID": series,
             "SOPInstanceUID": sop,
             "SOPClassUID": sop_class,
-            "TransferSyntaxUID": str(event.context.transfer_syntax),
+            "TransferSyntaxUID": syntax,
             "size": size,
         }
         self._record(sop_class, sop, str(path), "completed", None, header=meta)
@@ -374,6 +407,74 @@ class _Receiver:
         }
         with self._lock:
             self.rows.append(row)
+
+
+class _ReceivedWriter:
+    """What :meth:`_Receiver.writer` hands out: the cache's writer, with the receiver's books.
+
+    An :class:`~pacsframe.net.operations.ObjectWriter` whose ``commit`` never
+    raises: a failure to open, write or file the object becomes its status
+    (0xC000 refused by the cache, 0xC001 anything else) and a failed row, as
+    in :meth:`_Receiver.__call__`. Once a write failed, the rest of the object
+    is read and dropped.
+    """
+
+    def __init__(self, receiver: _Receiver, request: StoreRequest) -> None:
+        self.receiver = receiver
+        self.request = request
+        self.error: Exception | None = None
+        self.incoming: IncomingObject | None = None
+        try:
+            self.incoming = receiver.cache.receive(request, overwrite=receiver.overwrite)
+        except Exception as exc:
+            self.error = exc
+
+    def write(self, data: memoryview, /) -> None:
+        """Pass one fragment on to the cache (dropped once a write failed)."""
+        if self.incoming is None:
+            return
+        try:
+            self.incoming.write(data)
+        except Exception as exc:
+            self.error = exc
+            self.incoming.discard()
+            self.incoming = None
+
+    def commit(self) -> int:
+        """File the object and do the receiver's books; the C-STORE-RSP status."""
+        request, receiver = self.request, self.receiver
+        code = self._commit()
+        with receiver._lock:
+            receiver.arrivals.append((request.sop_instance_uid, code != 0))
+        return code
+
+    def _commit(self) -> int:
+        request, receiver = self.request, self.receiver
+        sop_class, sop = request.sop_class_uid, request.sop_instance_uid
+        if self.incoming is not None:
+            try:
+                self.incoming.commit()
+            except Exception as exc:
+                self.error = exc
+            self.incoming, incoming = None, self.incoming
+            if self.error is None:
+                assert incoming.path is not None and incoming.header is not None
+                return receiver._filed_ok(
+                    sop_class,
+                    sop,
+                    incoming.path,
+                    incoming.header,
+                    request.transfer_syntax,
+                    incoming.size,
+                )
+        assert self.error is not None
+        return receiver._failed(sop_class, sop, self.error)
+
+    def discard(self) -> None:
+        """The object was cut short: remove what was written; no row, no arrival."""
+        if self.incoming is not None:
+            self.incoming.discard()
+            self.incoming = None
 
 
 def _result(
@@ -1299,7 +1400,7 @@ def _move(
     remote_notes: list[str] = []
     requests = 0
     stopped = False  # by the deadline, before every unit was done
-    scp = StorageSCP(pacs, receiver) if receiver is not None else None
+    scp = StorageSCP(pacs, receiver.writer) if receiver is not None else None
     failure: PacsFrameError | None = None
     try:
         if scp is not None:
