@@ -49,9 +49,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
-from pynetdicom import build_role, evt
-from pynetdicom.association import Association
-from pynetdicom.presentation import PresentationContext, build_context
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_dataset
+from pynetdicom import evt
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove,
@@ -62,8 +63,7 @@ from pynetdicom.status import code_to_category
 
 from . import frames
 from .cache import part10_head
-from .connection import pause_reactor
-from .deadline import GRACE, Deadline, abort, deadline_for, fired, timed_out, watch
+from .deadline import Deadline, deadline_for, fired, timed_out
 from .errors import (
     AssociationError,
     CacheError,
@@ -72,8 +72,16 @@ from .errors import (
     MoveDestinationUnknown,
     NotSupported,
     PacsFrameError,
+    ProtocolError,
     QueryError,
     UnusableListingWarning,
+)
+from .net.driver import IMPLICIT_VR_LITTLE_ENDIAN, ClientAssociation, Interrupted, LimitReached
+from .net.operations import (
+    ObjectWriter,
+    RetrieveResponse,
+    StoreRequest,
+    retrieve_negotiation,
 )
 from .query import (
     INSTANCE_COUNT_KEY,
@@ -88,19 +96,20 @@ from .storage import StorageSCP, TransferResult, storage_contexts
 if TYPE_CHECKING:
     from .cache import Cache, IncomingObject
     from .connection import PACS
-    from .net.operations import StoreRequest
 
 __all__ = ["RetrieveResult", "get", "move"]
 
 LOGGER = logging.getLogger("pacsframe")
 
+# The retrieve context's transfer syntaxes.
+_RETRIEVE_SYNTAXES = ("1.2.840.10008.1.2.1", IMPLICIT_VR_LITTLE_ENDIAN)
 GET_MODELS = {
-    "study": StudyRootQueryRetrieveInformationModelGet,
-    "patient": PatientRootQueryRetrieveInformationModelGet,
+    "study": str(StudyRootQueryRetrieveInformationModelGet),
+    "patient": str(PatientRootQueryRetrieveInformationModelGet),
 }
 MOVE_MODELS = {
-    "study": StudyRootQueryRetrieveInformationModelMove,
-    "patient": PatientRootQueryRetrieveInformationModelMove,
+    "study": str(StudyRootQueryRetrieveInformationModelMove),
+    "patient": str(PatientRootQueryRetrieveInformationModelMove),
 }
 # Identifiers stay well under any peer's limits when a long list of SOP UIDs is
 # split into requests of this many.
@@ -800,9 +809,55 @@ def _cached_row(record: dict[str, Any]) -> dict[str, Any]:
 # --- running ---------------------------------------------------------------------------------
 
 
-def _identifier(unit: _Unit, model: str) -> Any:
+def _identifier(unit: _Unit, model: str, syntax: str) -> bytes:
+    """The unit's C-GET/C-MOVE identifier, encoded in the retrieve context's ``syntax``."""
     query = build_query(unit.level, model, defaults=False)
-    return query.with_keys(**unit.keys).dataset()
+    out = DicomBytesIO()
+    out.is_little_endian = True
+    out.is_implicit_VR = syntax == IMPLICIT_VR_LITTLE_ENDIAN
+    write_dataset(out, query.with_keys(**unit.keys).dataset())
+    return out.getvalue()
+
+
+def _syntax(assoc: ClientAssociation, model_uid: str) -> str:
+    """The transfer syntax the peer accepted for the retrieve context."""
+    return assoc.contexts[assoc.context_for(model_uid)][1]
+
+
+def _failed_list(response: RetrieveResponse, syntax: str) -> str:
+    """The Failed SOP Instance UID List a final response carries ('' when none)."""
+    if not response.identifier:
+        return ""
+    try:
+        ds = read_dataset(
+            io.BytesIO(response.identifier), syntax == IMPLICIT_VR_LITTLE_ENDIAN, True
+        )
+        return (
+            frames.dicom_strings(ds, ["FailedSOPInstanceUIDList"])["FailedSOPInstanceUIDList"]
+            or ""
+        )
+    except Exception as exc:
+        # A list we cannot read names nobody: the counts still account for them.
+        LOGGER.warning("could not read a retrieve response's identifier: %s", exc)
+        return ""
+
+
+def _lost(pacs: PACS, exc: AssociationError, what: str) -> AssociationError:
+    """The engine's failure during a C-GET/C-MOVE, said as pacsframe says it."""
+    if isinstance(exc, ProtocolError):
+        return exc  # its own sentence says what the peer did wrong
+    where = f"{pacs.ae_title} at {pacs.host}:{pacs.port}"
+    if exc.reason == "timeout":
+        return AssociationError(
+            f"no {what} response from {where} within dimse_timeout="
+            f"{pacs.dimse_timeout:g} s; the association was aborted. Check the peer's "
+            "log, or raise dimse_timeout for a slow peer.",
+            reason="timeout",
+        )
+    return AssociationError(
+        f"{where} aborted the association during {what}; check the peer's log, then try again.",
+        reason="aborted",
+    )
 
 
 def _tls_scp_hint(pacs: PACS, destination: str | None) -> str:
@@ -833,8 +888,8 @@ _ADVICE = {
 
 def _peer_failures(
     pacs: PACS,
-    final: Any,
-    identifier: Any,
+    final: RetrieveResponse,
+    listed: str,
     seen: list[tuple[str, bool]],
     unit: _Unit,
     what: str,
@@ -842,7 +897,8 @@ def _peer_failures(
     """Rows for the objects of a request that never reached us, and a note when unexplained.
 
     ``seen`` holds (SOPInstanceUID, refused by us) for each object that arrived for
-    this request. Objects the peer names in its Failed SOP Instance UID List get a
+    this request; ``listed`` is the final response's Failed SOP Instance UID List
+    (backslash-separated). Objects the peer names in that list get a
     row each. When the peer announced a number (its C-FIND count for the unit, else
     its first pending response's sub-operation counts), everything announced that
     did not arrive gets a row whatever the final status said (by SOPInstanceUID for
@@ -854,17 +910,9 @@ def _peer_failures(
     kept = unit.held - arrived  # cached before and not sent again: still in the cache
     ours = sum(refused for _, refused in seen)
     filed = len({sop for sop, refused in seen if not refused})
-    listed = ""
-    if identifier is not None:
-        listed = (
-            frames.dicom_strings(identifier, ["FailedSOPInstanceUIDList"])[
-                "FailedSOPInstanceUIDList"
-            ]
-            or ""
-        )
     named = [u for u in dict.fromkeys(listed.split("\\")) if u and u not in arrived]
-    code = int(final.Status)
-    counted = max(0, int(final.get("NumberOfFailedSuboperations") or 0) - ours - len(named))
+    code = final.status
+    counted = max(0, (final.failed or 0) - ours - len(named))
     announced = unit.expected if unit.expected is not None else unit.announced
     unnamed = counted
     if announced is not None:
@@ -919,8 +967,8 @@ def _peer_failures(
     rows += [
         {**base, "SOPInstanceUID": None, "error": f"not received: {why}"} for _ in range(unnamed)
     ]
-    completed = final.get("NumberOfCompletedSuboperations")
-    if completed is not None and int(completed) != filed:
+    completed = final.completed
+    if completed is not None and completed != filed:
         # The counts reported are what arrived, whatever the peer says.
         LOGGER.warning(
             "%s counted %s completed sub-operation(s) of the %s; %d object(s) arrived",
@@ -951,43 +999,44 @@ def _peer_failures(
     return rows, note
 
 
-_SUB_OPERATIONS = ("Remaining", "Completed", "Failed", "Warning")
-
-
-def _announce(unit: _Unit, status: Any) -> None:
+def _announce(unit: _Unit, response: RetrieveResponse) -> None:
     """Keep what the first pending response with sub-operation counts announced."""
-    if unit.announced is None and code_to_category(int(status.Status)) == "Pending":
-        unit.announced = _sub_total(status)
+    if unit.announced is None and response.pending:
+        unit.announced = _sub_total(response)
 
 
-def _sub_total(status: Any) -> int | None:
+def _sub_total(response: RetrieveResponse) -> int | None:
     """The number of sub-operations a C-GET/C-MOVE response accounts for (None: no counts)."""
-    values = [status.get(f"NumberOf{k}Suboperations") for k in _SUB_OPERATIONS]
+    values = [response.remaining, response.completed, response.failed, response.warning]
     if all(v is None for v in values):
         return None
-    return sum(int(v or 0) for v in values)
+    return sum(v or 0 for v in values)
 
 
-def _ours_only(final: Any, seen: list[tuple[str, bool]], missed: list[dict[str, Any]]) -> bool:
+def _ours_only(
+    final: RetrieveResponse, seen: list[tuple[str, bool]], missed: list[dict[str, Any]]
+) -> bool:
     """True for "all sub-operations failed" (0xA702) when we refused every object.
 
     The rows already say why (e.g. a UID that is not valid); the peer's "out of
     resources" would only mislead.
     """
-    return int(final.Status) == 0xA702 and not missed and bool(seen) and all(r for _, r in seen)
+    return final.status == 0xA702 and not missed and bool(seen) and all(r for _, r in seen)
 
 
-def _final_status(status: Any, what: str, pacs: PACS, destination: str | None) -> dict[str, int]:
-    code = int(status.Status)
+def _final_status(
+    response: RetrieveResponse, what: str, pacs: PACS, destination: str | None
+) -> dict[str, int]:
+    code = response.status
     counts = {
-        "completed": int(status.get("NumberOfCompletedSuboperations") or 0),
-        "failed": int(status.get("NumberOfFailedSuboperations") or 0),
-        "warning": int(status.get("NumberOfWarningSuboperations") or 0),
+        "completed": response.completed or 0,
+        "failed": response.failed or 0,
+        "warning": response.warning or 0,
     }
     category = code_to_category(code)
     if code == 0x0000 or category == "Warning":
         return counts
-    comment = status.get("ErrorComment")
+    comment = response.comment
     detail = f" The peer says: {comment}." if comment else ""
     if destination is not None and (
         code == 0xA801 or (code == 0xC000 and not comment and not any(counts.values()))
@@ -1011,8 +1060,36 @@ def _final_status(status: Any, what: str, pacs: PACS, destination: str | None) -
     )
 
 
+class _Seen:
+    """A receiver's writer that also notes, per request, what arrived and whether we refused it."""
+
+    __slots__ = ("seen", "sop", "writer")
+
+    def __init__(self, writer: ObjectWriter, seen: list[tuple[str, bool]], sop: str) -> None:
+        self.writer = writer
+        self.seen = seen
+        self.sop = sop
+
+    def write(self, data: memoryview, /) -> object:
+        return self.writer.write(data)
+
+    def commit(self) -> int | None:
+        code = self.writer.commit()
+        self.seen.append((self.sop, bool(code)))
+        return code
+
+    def discard(self) -> None:
+        self.writer.discard()
+
+
 class _Worker(threading.Thread):
-    """One association, many units: C-GET each and let the receiver file the objects."""
+    """One association, many units: C-GET each and let the receiver file the objects.
+
+    Everything on the association happens in this thread (pacsframe's engine is
+    blocking): :meth:`cancel`, from any thread, asks it to send C-CANCEL at the
+    next message boundary; the call's ``timeout=`` is the association's limit,
+    which the engine enforces itself (C-CANCEL, then abort).
+    """
 
     def __init__(
         self,
@@ -1020,7 +1097,7 @@ class _Worker(threading.Thread):
         units: queue.Queue[_Unit],
         receiver: _Receiver,
         model: str,
-        contexts: list[PresentationContext],
+        contexts: list[tuple[str, Sequence[str]]],
         roles: list[Any],
         name: str,
     ) -> None:
@@ -1034,8 +1111,7 @@ class _Worker(threading.Thread):
         self.requests = 0
         self.failures: list[BaseException] = []
         self.cancelled = False  # a request ended by our C-CANCEL
-        self.assoc: Association | None = None
-        self.msg_id = 0
+        self.assoc: ClientAssociation | None = None
         self.seen: list[tuple[str, bool]] = []  # what arrived for the request in flight
         # The call's timeout= (a context variable) holds in this thread too.
         self.context = contextvars.copy_context()
@@ -1055,81 +1131,98 @@ class _Worker(threading.Thread):
             # Refused outright (no context at all) reads better as "no C-GET here".
             self.failures.append(self._unsupported() if exc.status == 0x0122 else exc)
             self.receiver.stop.set()
+        except LimitReached as exc:
+            self._stopped(exc)  # and aborted
         except BaseException as exc:
             # Handed to the driver thread, which re-raises it after stopping the others.
             self.failures.append(exc)
             self.receiver.stop.set()
 
     def _run(self) -> None:
-        with self.pacs.association(
-            self.contexts,
-            purpose=self.name,
-            ext_neg=self.roles,
-            handlers=[(evt.EVT_C_STORE, self._store)],
-            keep=False,
+        with self.pacs.session(
+            self.contexts, purpose=self.name, roles=self.roles, keep=False
         ) as assoc:
             self.assoc = assoc
+            if self.receiver.stop.is_set():
+                assoc.interrupt()  # stopped while we associated
             model_uid = GET_MODELS[self.model]
-            if not any(cx.abstract_syntax == model_uid for cx in assoc.accepted_contexts):
+            if not any(abstract == model_uid for abstract, _ in assoc.contexts.values()):
                 raise self._unsupported()
-            while not self.receiver.stop.is_set():
-                try:
-                    unit = self.units.get_nowait()
-                except queue.Empty:
-                    return
-                self._get(assoc, unit, model_uid)
+            try:
+                self._units(assoc, model_uid, _syntax(assoc, model_uid))
+            except LimitReached as exc:
+                if exc.action == "aborted":
+                    raise
+                # Cancelled, or stopped between requests: the association is sound
+                # and is released.
+                self._stopped(exc)
 
-    def _store(self, event: evt.Event) -> int:
-        # C-STOREs of a C-GET arrive on this thread, inside send_c_get.
-        code = self.receiver(event)
-        self.seen.append((str(event.request.AffectedSOPInstanceUID or ""), code != 0))
-        return code
+    def _units(self, assoc: ClientAssociation, model_uid: str, syntax: str) -> None:
+        while not self.receiver.stop.is_set():
+            try:
+                unit = self.units.get_nowait()
+            except queue.Empty:
+                return
+            if assoc.limit is not None and time.monotonic() >= assoc.limit:
+                self.units.put(unit)  # never requested: the result says what is missing
+                raise LimitReached("the time given ran out between requests", "none")
+            self._get(assoc, unit, model_uid, syntax)
 
-    def _get(self, assoc: Association, unit: _Unit, model_uid: str) -> None:
+    def _stopped(self, exc: LimitReached) -> None:
+        """A request ended by our C-CANCEL or the call's limit: note it, stop the others."""
+        if isinstance(exc, Interrupted):
+            self.cancelled = True  # we asked: Ctrl-C, another worker, on_received
+        else:
+            self.failures.append(exc)  # the call's timeout=
+        self.receiver.stop.set()
+
+    def _store(self, request: StoreRequest) -> ObjectWriter:
+        # C-STOREs of a C-GET arrive on this thread, inside assoc.get.
+        return _Seen(self.receiver.writer(request), self.seen, request.sop_instance_uid)
+
+    def _get(self, assoc: ClientAssociation, unit: _Unit, model_uid: str, syntax: str) -> None:
         self.requests += 1
-        self.msg_id = self.requests
         self.seen = []
         what = f"{unit.level}-level C-GET"
-        last = time.monotonic()
-        final = final_identifier = None
-        pause_reactor(assoc)  # pynetdicom's own check can let the reactor take a response
-        for status, identifier in assoc.send_c_get(
-            _identifier(unit, self.model), model_uid, msg_id=self.msg_id
-        ):
-            if not status or "Status" not in status:
-                raise self.pacs._lost(assoc, what, time.monotonic() - last)
-            last = time.monotonic()
-            _announce(unit, status)
-            if code_to_category(int(status.Status)) != "Pending":
-                final, final_identifier = status, identifier
-                break
-            if self.receiver.stop.is_set():
-                self.cancel()
-        if final is None:
-            raise self.pacs._lost(assoc, what, time.monotonic() - last)
-        if int(final.Status) == 0xFE00 and self.receiver.stop.is_set():
+        final: RetrieveResponse | None = None
+        try:
+            for response in assoc.get(
+                _identifier(unit, self.model, syntax), model_uid, self._store
+            ):
+                _announce(unit, response)
+                if not response.pending:
+                    final = response
+                elif self.receiver.stop.is_set():
+                    assoc.interrupt()  # C-CANCEL before the next message
+        except LimitReached:
+            raise  # the call's timeout=, or our own interrupt (Interrupted)
+        except DimseError as exc:
+            final = getattr(exc, "response", None)  # a failure status: its counts count
+            if final is None:
+                raise
+        except AssociationError as exc:
+            raise _lost(self.pacs, exc, what) from exc
+        if final is None:  # pragma: no cover - the engine yields or raises a final response
+            raise AssociationError(f"no final {what} response", reason="aborted")
+        if final.status == 0xFE00 and self.receiver.stop.is_set():
             self.cancelled = True
             return
-        missed, note = _peer_failures(self.pacs, final, final_identifier, self.seen, unit, what)
+        listed = _failed_list(final, syntax)
+        missed, note = _peer_failures(self.pacs, final, listed, self.seen, unit, what)
         self.receiver.extend(missed, note)
         if _ours_only(final, self.seen, missed):
             return
         _final_status(final, what, self.pacs, None)
 
     def cancel(self) -> None:
-        """Ask the peer to stop the C-GET in flight (C-CANCEL)."""
-        assoc = self.assoc
-        if assoc is None or not assoc.is_established or not self.msg_id:
-            return
-        model_uid = GET_MODELS[self.model]
-        for cx in assoc.accepted_contexts:
-            if cx.abstract_syntax == model_uid:
-                try:
-                    assoc.send_c_cancel(self.msg_id, cx.context_id)
-                except Exception as exc:
-                    # Best effort while stopping: the association is aborted if need be.
-                    LOGGER.debug("C-CANCEL failed: %s", exc)
-                return
+        """Ask the peer to stop the C-GET in flight (C-CANCEL, sent by this worker)."""
+        if self.assoc is not None:
+            self.assoc.interrupt()
+
+    def abort(self) -> None:
+        """Have this worker abort its association at its next read."""
+        if self.assoc is not None:
+            self.assoc.interrupt(abort=True)
 
 
 def _progress(total: int | None, enabled: bool, what: str) -> Any:
@@ -1183,9 +1276,9 @@ def _get(
     units: queue.Queue[_Unit] = queue.Queue()
     for unit in planner.units:
         units.put(unit)
-    contexts = [build_context(GET_MODELS[model]), *storage_contexts()]
-    classes = dict.fromkeys(cx.abstract_syntax for cx in contexts[1:])
-    roles = [build_role(uid, scp_role=True) for uid in classes]
+    contexts, roles = retrieve_negotiation(
+        GET_MODELS[model], _storage(), transfer_syntaxes=_RETRIEVE_SYNTAXES
+    )
     threads = [
         _Worker(pacs, units, receiver, model, contexts, roles, f"pacsframe-get-{i}")
         for i in range(min(workers, len(planner.units)))
@@ -1197,20 +1290,10 @@ def _get(
         len(threads),
         len(planner.cached_rows),
     )
-
-    def stop() -> None:
-        receiver.stop.set()
-        for thread in threads:
-            thread.cancel()
-
-    def abort_all() -> None:
-        for thread in threads:
-            if thread.is_alive() and thread.assoc is not None:
-                abort(thread.assoc)
-
     try:
-        with watch(deadline, cancel=stop, abort=abort_all, grace=_grace(pacs)):
-            _run(threads, receiver)
+        # The call's timeout= is each association's limit: every worker cancels
+        # (or aborts) its own request when it passes.
+        _run(threads, receiver)
     finally:
         if bar is not None:
             bar.close()
@@ -1219,11 +1302,11 @@ def _get(
     failures = [f for t in threads for f in t.failures]
     if receiver.error is not None:
         raise receiver.error
+    limited = _at_limit(deadline, failures)
     # Cut short: a request cancelled or failed, or units never requested.
     if fired(deadline) and (failures or not units.empty() or any(t.cancelled for t in threads)):
-        raise _with_result(
-            _deadline_error(deadline, "C-GET", failures[0] if failures else None), result, "get"
-        )
+        cause = limited or (failures[0] if failures else None)
+        raise _with_result(_deadline_error(deadline, "C-GET", cause), result, "get")
     if failures:
         raise _with_result(failures[0], result, "get")
     _warn_counts(pacs, result, receiver.notes)
@@ -1233,9 +1316,26 @@ def _get(
 _RETRIEVE_ADVICE = "Raise timeout= (None: no overall limit), or retrieve less at a time."
 
 
-def _grace(pacs: PACS) -> float:
-    """Seconds the peer gets to end a cancelled C-GET/C-MOVE before we abort."""
-    return min(GRACE, pacs.dimse_timeout)
+def _storage() -> list[tuple[str, list[str]]]:
+    """The storage contexts a C-GET proposes, as (SOP class, transfer syntaxes)."""
+    return [
+        (str(cx.abstract_syntax), [str(ts) for ts in cx.transfer_syntax])
+        for cx in storage_contexts()
+    ]
+
+
+def _at_limit(deadline: Deadline | None, failures: list[BaseException]) -> BaseException | None:
+    """The first failure the call's ``timeout=`` caused, marking the deadline as fired.
+
+    The engine enforces the limit in each association's thread
+    (:class:`~pacsframe.net.driver.LimitReached`); an abort anywhere is what the
+    error reports, as it is the harder end.
+    """
+    limits = [f for f in failures if isinstance(f, LimitReached)]
+    limits.sort(key=lambda f: getattr(f, "action", "") == "aborted")
+    for exc in limits:
+        timed_out(deadline, exc, "C-GET")
+    return limits[-1] if limits else None
 
 
 def _deadline_error(
@@ -1334,14 +1434,18 @@ def _run(threads: list[_Worker], receiver: _Receiver) -> None:
             while thread.is_alive():
                 thread.join(0.1)
     except KeyboardInterrupt:
+        # Each worker sends C-CANCEL on its own association, files what still
+        # arrives and releases; one that has not ended in 10 s aborts.
         receiver.stop.set()
         for thread in threads:
             thread.cancel()
         deadline = time.monotonic() + 10
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
-            if thread.is_alive() and thread.assoc is not None:
-                thread.assoc.abort()
+            if thread.is_alive():
+                thread.abort()
+        for thread in threads:
+            thread.join(1.0)
         raise
 
 
@@ -1406,48 +1510,36 @@ def _move(
         if scp is not None:
             scp.start()
         model_uid = MOVE_MODELS[model]
-        with (
-            pacs.association([build_context(model_uid)], purpose="move", keep=False) as assoc,
-            watch(
-                deadline,
-                cancel=lambda: assoc.send_c_cancel(requests, query_model=model_uid),
-                abort=lambda: abort(assoc),
-                grace=_grace(pacs),
-            ),
-        ):
-            if not assoc.accepted_contexts:
-                raise NotSupported(
-                    f"{pacs.ae_title} accepts no C-MOVE in the {model}-root model.", status=0x0122
-                )
+        # The call's timeout= is the association's limit: the engine cancels the
+        # request in flight when it passes (then aborts if the peer does not stop).
+        with pacs.session([(model_uid, _RETRIEVE_SYNTAXES)], purpose="move", keep=False) as assoc:
+            syntax = _syntax(assoc, model_uid)
             for unit in planner.units:
-                if (receiver is not None and receiver.stop.is_set()) or fired(deadline):
-                    stopped = fired(deadline)
+                if receiver is not None and receiver.stop.is_set():
+                    break
+                if assoc.limit is not None and time.monotonic() >= assoc.limit:
+                    timed_out(deadline, LimitReached("between requests", "none"), "C-MOVE")
+                    stopped = True  # the rest was not asked for
                     break
                 requests += 1
                 what = f"{unit.level}-level C-MOVE"
-                last = time.monotonic()
-                final = final_identifier = None
                 first = len(receiver.arrivals) if receiver is not None else 0
-                pause_reactor(assoc)  # as for C-GET: see pause_reactor
-                for status, identifier in assoc.send_c_move(
-                    _identifier(unit, model), target, model_uid, msg_id=requests
-                ):
-                    if not status or "Status" not in status:
-                        raise pacs._lost(assoc, what, time.monotonic() - last)
-                    last = time.monotonic()
-                    _announce(unit, status)
-                    if code_to_category(int(status.Status)) != "Pending":
-                        final, final_identifier = status, identifier
-                        break
-                if final is None:
-                    raise pacs._lost(assoc, what, time.monotonic() - last)
-                if int(final.Status) == 0xFE00 and fired(deadline):
+                try:
+                    final = _move_one(assoc, unit, model, model_uid, syntax, target, receiver)
+                except LimitReached as exc:
+                    if exc.action == "aborted":
+                        raise
+                    if not isinstance(exc, Interrupted):
+                        timed_out(deadline, exc, "C-MOVE")
                     stopped = True  # cancelled: nothing failed; the rest was not asked for
                     break
+                except AssociationError as exc:
+                    raise _lost(pacs, exc, what) from exc
                 if receiver is not None:
                     # Our SCP filed this request's objects before the final response.
                     seen = receiver.arrivals[first:]
-                    missed, note = _peer_failures(pacs, final, final_identifier, seen, unit, what)
+                    listed = _failed_list(final, syntax)
+                    missed, note = _peer_failures(pacs, final, listed, seen, unit, what)
                     receiver.extend(missed, note)
                     if _ours_only(final, seen, missed):
                         continue
@@ -1460,6 +1552,8 @@ def _move(
                     remote_notes += [note] if note else []
     except PacsFrameError as exc:
         failure = exc
+        if isinstance(exc, LimitReached) and not isinstance(exc, Interrupted):
+            timed_out(deadline, exc, "C-MOVE")  # the engine acted for the deadline
     finally:
         if scp is not None:
             scp.stop()
@@ -1475,6 +1569,38 @@ def _move(
         raise _with_result(failure, result, "move")
     _warn_counts(pacs, result, notes, None if ours else target)
     return result
+
+
+def _move_one(
+    assoc: ClientAssociation,
+    unit: _Unit,
+    model: str,
+    model_uid: str,
+    syntax: str,
+    target: str,
+    receiver: _Receiver | None,
+) -> RetrieveResponse:
+    """One C-MOVE request: its final response (a failure status's too).
+
+    ``on_received`` raising (the receiver stops) cancels it at the next response.
+    """
+    final: RetrieveResponse | None = None
+    try:
+        for response in assoc.move(_identifier(unit, model, syntax), model_uid, target):
+            _announce(unit, response)
+            if not response.pending:
+                final = response
+            elif receiver is not None and receiver.stop.is_set():
+                assoc.interrupt()  # C-CANCEL before the next message
+    except LimitReached:
+        raise
+    except DimseError as exc:
+        final = getattr(exc, "response", None)  # a failure status: its counts count
+        if final is None:
+            raise
+    if final is None:  # pragma: no cover - the engine yields or raises a final response
+        raise AssociationError("no final C-MOVE response", reason="aborted")
+    return final
 
 
 def _untold(pacs: PACS, unit: _Unit, counts: dict[str, int], what: str) -> tuple[int, str | None]:

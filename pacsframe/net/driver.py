@@ -33,7 +33,7 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 from typing import BinaryIO, NoReturn
 
@@ -103,6 +103,10 @@ _RECV_SIZE = DEFAULT_MAX_PDU + 6
 #: association's ``limit`` passes, before we abort.
 CANCEL_GRACE = 2.0
 
+#: At most this many seconds pass, in any wait, before a blocked read notices
+#: :meth:`BlockingAssociation.interrupt` from another thread.
+_INTERRUPT_POLL = 0.1
+
 
 class LimitReached(AssociationError):
     """An association's ``limit`` (a call's overall ``timeout=``) passed.
@@ -119,6 +123,18 @@ class LimitReached(AssociationError):
     def __init__(self, message: str, action: str) -> None:
         super().__init__(message, reason="timeout")
         self.action = action
+
+
+class Interrupted(LimitReached):
+    """The operation was stopped by :meth:`BlockingAssociation.interrupt`, not by time.
+
+    ``action`` says what was done, as for :class:`LimitReached`; ``reason`` is
+    ``"aborted"``. A call's deadline does not count it as its own.
+    """
+
+    def __init__(self, message: str, action: str) -> None:
+        super().__init__(message, action)
+        self.reason = "aborted"
 
 
 #: Outgoing P-DATA-TF bytes gathered into one write: few system calls per
@@ -168,6 +184,42 @@ class BlockingAssociation:
         self.dimse_timeout = dimse_timeout
         self.limit: float | None = None
         self._store_response = dimse.StoreResponseTemplate()
+        # Set from another thread by interrupt(): None, "cancel" or "abort".
+        self._interrupt: str | None = None
+        self._cancelling = False  # our C-CANCEL is out: only "abort" counts now
+
+    def interrupt(self, *, abort: bool = False) -> None:
+        """Stop the C-GET or C-MOVE in flight; safe to call from any thread.
+
+        The thread running the operation does all the I/O: at the next message
+        boundary it sends C-CANCEL and reads up to the final response (storing
+        the objects that still arrive) for at most :data:`CANCEL_GRACE`, then
+        aborts; with ``abort``, it aborts at its next read. A blocked read
+        notices within a tenth of a second. The operation raises
+        :class:`Interrupted`. Later operations on the association are
+        interrupted too: it is meant for ending a call.
+        """
+        if abort or self._interrupt is None:
+            self._interrupt = "abort" if abort else "cancel"
+
+    def _interrupted(self, *, at_boundary: bool) -> bool:
+        """Whether :meth:`interrupt` asks to stop the wait in progress now."""
+        wanted = self._interrupt
+        if wanted == "abort":
+            return True
+        return wanted == "cancel" and at_boundary and not self._cancelling
+
+    def _check_interrupt(self, *, at_boundary: bool) -> None:
+        """Raise :class:`Interrupted` when :meth:`interrupt` asked (abort: abort first)."""
+        if not self._interrupted(at_boundary=at_boundary):
+            return
+        if self._interrupt == "abort":
+            self.abort()
+            raise Interrupted(
+                f"the operation at {self.where} was stopped; the association was aborted",
+                "aborted",
+            )
+        raise Interrupted(f"the operation at {self.where} was stopped", "none")
 
     def _send_bytes(self, data: bytes | bytearray) -> None:
         try:
@@ -195,16 +247,24 @@ class BlockingAssociation:
         with_abort(self._sock, self._machine, error)
         raise error
 
-    def _wait(self, waiting_for: str) -> Event:
-        """The next event, within ``dimse_timeout``; a release request is an error."""
-        event = next_event(
-            self._sock,
-            self._machine,
-            time.monotonic() + self.dimse_timeout,
-            waiting_for,
-            self.where,
-            limit=self.limit,
-        )
+    def _wait(self, waiting_for: str, *, at_boundary: bool = False) -> Event:
+        """The next event, within ``dimse_timeout``; a release request is an error.
+
+        ``at_boundary``: between messages, where :meth:`interrupt` may cancel.
+        """
+        try:
+            event = next_event(
+                self._sock,
+                self._machine,
+                time.monotonic() + self.dimse_timeout,
+                waiting_for,
+                self.where,
+                limit=self.limit,
+                interrupted=lambda: self._interrupted(at_boundary=at_boundary),
+            )
+        except Interrupted:
+            self._check_interrupt(at_boundary=at_boundary)  # an abort is done and raised
+            raise
         if isinstance(event, ReleaseRequested):
             self._send_bytes(self._machine.send(pdu.ReleaseRP()))
             self._sock.close()
@@ -216,7 +276,8 @@ class BlockingAssociation:
         return event
 
     def _next_command(self) -> tuple[int, dimse.Command]:
-        event = self._wait("a DIMSE message")
+        self._check_interrupt(at_boundary=True)
+        event = self._wait("a DIMSE message", at_boundary=True)
         if not isinstance(event, CommandReceived):
             self._protocol_failure(
                 ProtocolError(
@@ -526,10 +587,20 @@ class ClientAssociation(BlockingAssociation):
             raise LimitReached(f"{exc}; the association was aborted", "aborted") from None
 
     def _cancel_at_limit(
-        self, cid: int, message_id: int, field: int, on_store: StoreWriterFactory | None
+        self,
+        cid: int,
+        message_id: int,
+        field: int,
+        on_store: StoreWriterFactory | None,
+        cause: LimitReached | None = None,
     ) -> NoReturn:
-        """The limit passed mid-operation: C-CANCEL, wait briefly for the end, else abort."""
+        """The limit passed (or :meth:`interrupt` asked) mid-operation: C-CANCEL, wait
+        briefly for the end, else abort."""
+        stopped = isinstance(cause, Interrupted)
+        error = Interrupted if stopped else LimitReached
+        why = "the operation was stopped" if stopped else "the time given ran out"
         self.limit = time.monotonic() + CANCEL_GRACE
+        self._cancelling = True
         try:
             self._send_message(cid, dimse.c_cancel_rq(message_id), None)
             # Bounded: the grace ends every wait.
@@ -543,18 +614,20 @@ class ClientAssociation(BlockingAssociation):
                 if rsp.status not in PENDING:
                     break
         except AssociationError:
-            # The grace passed, or the limit had cut a message in two: end it.
+            # The grace passed, the limit had cut a message in two, or an abort
+            # was asked for: end it.
             self.abort()
-            raise LimitReached(
-                f"the time given ran out and the peer at {self.where} did not end the "
+            raise error(
+                f"{why} and the peer at {self.where} did not end the "
                 f"{dimse.COMMAND_NAMES[field][:-4]} within {CANCEL_GRACE:g} s of our C-CANCEL; "
                 "the association was aborted",
                 "aborted",
             ) from None
         finally:
             self.limit = None
-        raise LimitReached(
-            f"the time given ran out; the {dimse.COMMAND_NAMES[field][:-4]} at {self.where} "
+            self._cancelling = False
+        raise error(
+            f"{why}; the {dimse.COMMAND_NAMES[field][:-4]} at {self.where} "
             "was cancelled (C-CANCEL)",
             "cancelled",
         )
@@ -737,7 +810,7 @@ class ClientAssociation(BlockingAssociation):
                     done = True
                     if exc.action == "aborted":
                         raise
-                    self._cancel_at_limit(cid, message_id, field, on_store)
+                    self._cancel_at_limit(cid, message_id, field, on_store, exc)
                 assert rsp.status is not None  # _check_response made sure
                 response = RetrieveResponse(
                     rsp.status,
@@ -882,13 +955,19 @@ def _retrieve_failure(response: RetrieveResponse, name: str, where: str) -> Dims
         message += f": {response.comment}"
     if counts:
         message += f" ({counts})"
+    error: DimseError
     if response.status == 0xA801:
-        return MoveDestinationUnknown(
+        error = MoveDestinationUnknown(
             message + ". The peer must register the destination AE (title, host and port).",
             status=response.status,
             comment=response.comment,
         )
-    return DimseError(message, status=response.status, comment=response.comment)
+    else:
+        error = DimseError(message, status=response.status, comment=response.comment)
+    # The whole final response, for callers that account for its counts and its
+    # Failed SOP Instance UID List.
+    error.response = response  # type: ignore[attr-defined]
+    return error
 
 
 def with_abort(sock: socket.socket, machine: Association, error: ProtocolError) -> None:
@@ -916,6 +995,7 @@ def next_event(
     waiting_for: str,
     where: str,
     limit: float | None = None,
+    interrupted: Callable[[], bool] | None = None,
 ) -> Event:
     """The next event that matters, reading ``sock`` until ``deadline``.
 
@@ -923,7 +1003,9 @@ def next_event(
     :class:`~pacsframe.errors.AssociationError`; ``NEED_DATA`` is never
     returned. When ``limit`` comes before ``deadline`` and passes first,
     :class:`LimitReached` is raised with the association untouched (the
-    caller cancels or aborts); ``deadline`` passing aborts.
+    caller cancels or aborts); ``deadline`` passing aborts. When
+    ``interrupted`` (asked at least every ``_INTERRUPT_POLL`` seconds of
+    waiting) says so, :class:`Interrupted` is raised the same way.
     """
     if limit is not None and limit < deadline:
         deadline, at_limit = limit, True
@@ -952,6 +1034,12 @@ def next_event(
                 )
             return event
         remaining = deadline - time.monotonic()
+        if interrupted is not None:
+            if interrupted():
+                raise Interrupted(
+                    f"stopped while we waited for {waiting_for} from {where}", "none"
+                )
+            remaining = min(remaining, _INTERRUPT_POLL) if remaining > 0 else remaining
         if remaining <= 0 and at_limit:
             raise LimitReached(
                 f"the time given ran out while we waited for {waiting_for} from {where}",
