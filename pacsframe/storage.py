@@ -4,9 +4,11 @@ peer, and the storage SCP that receives C-MOVE sub-operations for the cache.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import ssl
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +17,12 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_file_meta_info
+from pydicom.filewriter import write_dataset
 from pydicom.uid import (
     JPEG2000,
+    UID,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
@@ -33,15 +38,15 @@ from pynetdicom import StoragePresentationContexts
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
 
-from .connection import pause_reactor
-from .deadline import Deadline, abort, deadline_for, fired, timed_out, watch
-from .errors import AssociationError, PacsFrameError, QueryError
+from .deadline import Deadline, deadline_for, fired, timed_out
+from .errors import AssociationError, NotSupported, PacsFrameError, QueryError
 from .net.association import DEFAULT_MAX_PDU
 from .net.operations import StoreWriterFactory
 from .net.server import StorageServer
 
 if TYPE_CHECKING:
     from .connection import PACS
+    from .net import driver
 
 __all__ = ["StorageSCP", "StoreResult", "TransferResult", "storage_contexts", "store"]
 
@@ -320,10 +325,10 @@ def _describe(source: str | Dataset) -> _Item:
     return item
 
 
-def _contexts_for(items: list[_Item]) -> list[PresentationContext]:
+def _contexts_for(items: list[_Item]) -> list[tuple[str, tuple[str]]]:
     # One context per (SOP class, transfer syntax) so each file goes as it is stored.
     pairs = dict.fromkeys((item.sop_class, item.syntax) for item in items)
-    return [build_context(sop_class, [syntax]) for sop_class, syntax in pairs]
+    return [(sop_class, (syntax,)) for sop_class, syntax in pairs]
 
 
 def _batches(items: list[_Item]) -> Iterator[list[_Item]]:
@@ -417,62 +422,34 @@ def _store(pacs: PACS, source: Any, deadline: Deadline | None) -> StoreResult:
 def _send(
     pacs: PACS, sendable: list[_Item], rows: list[dict[str, Any]], deadline: Deadline | None
 ) -> None:
-    """C-STORE ``sendable``, one association per batch of contexts; a row per item reached."""
+    """C-STORE ``sendable``, one association per batch of contexts; a row per item reached.
+
+    The call's ``timeout=`` is the association's ``limit``: the driver aborts a
+    C-STORE in flight when it passes (DIMSE cannot cancel one) and raises
+    :class:`~pacsframe.net.driver.LimitReached`; no object is started after it.
+    """
     for batch in _batches(sendable):
         contexts = _contexts_for(batch)
         # Held associations are keyed by purpose; a batch with other contexts needs its own.
-        purpose = "store:" + ",".join(
-            sorted(f"{c.abstract_syntax}/{c.transfer_syntax[0]}" for c in contexts)
-        )
-        with (
-            pacs.association(contexts, purpose=purpose) as assoc,
-            # At the deadline: abort the C-STORE in flight (DIMSE cannot cancel one).
-            watch(deadline, cancel=None, abort=lambda: abort(assoc)),
-        ):
-            accepted = {
-                (str(cx.abstract_syntax), str(ts))
-                for cx in assoc.accepted_contexts
-                for ts in cx.transfer_syntax
-            }
+        purpose = "store:" + ",".join(sorted(f"{sop_class}/{ts[0]}" for sop_class, ts in contexts))
+        with contextlib.ExitStack() as stack:
+            try:
+                assoc = stack.enter_context(pacs.session(contexts, purpose))
+            except NotSupported:
+                # The peer accepted none of the batch's contexts: a row each, no exception.
+                for item in batch:
+                    rows.append(_row(item, "failed", None, _no_context(pacs, item)))
+                continue
+            accepted = set(assoc.contexts.values())
             for item in batch:
-                if fired(deadline):
+                if deadline is not None and deadline.expired:
+                    deadline.fired = True
                     break
                 if (item.sop_class, item.syntax) not in accepted:
-                    rows.append(
-                        _row(
-                            item,
-                            "failed",
-                            None,
-                            f"{pacs.ae_title} accepted no presentation context for this SOP "
-                            f"class ({item.sop_class}) in transfer syntax {item.syntax}",
-                        )
-                    )
+                    rows.append(_row(item, "failed", None, _no_context(pacs, item)))
                     continue
-                # pynetdicom's own pause check can let the reactor take our
-                # response (the object then reads as lost); see pause_reactor.
-                pause_reactor(assoc)
-                status = assoc.send_c_store(
-                    item.dataset if item.dataset is not None else item.path
-                )
-                if not status or "Status" not in status:
-                    lost = "no response (association lost)"
-                    if fired(deadline):
-                        lost = (
-                            "no response before the call's timeout= ran out (the association "
-                            "was aborted); the peer may or may not have stored it"
-                        )
-                    rows.append({**_row(item, "failed", None, lost), "_cut": fired(deadline)})
-                    if not assoc.is_established:
-                        break
-                    continue
-                code = int(status.Status)
-                category = code_to_category(code)
-                if code == 0x0000:
-                    rows.append(_row(item, "completed", code, None))
-                elif category == "Warning":
-                    rows.append(_row(item, "warning", code, _status_sentence(code, status)))
-                else:
-                    rows.append(_row(item, "failed", code, _status_sentence(code, status)))
+                if not _send_one(assoc, item, rows, deadline):
+                    break
         if fired(deadline):
             return  # _store accounts for what was not sent
         # Anything the loop did not reach (the association was lost) failed too.
@@ -480,6 +457,85 @@ def _send(
         for item in batch:
             if id(item) not in reached:
                 rows.append(_row(item, "failed", None, "not sent: the association was lost"))
+
+
+def _send_one(
+    assoc: driver.ClientAssociation,
+    item: _Item,
+    rows: list[dict[str, Any]],
+    deadline: Deadline | None,
+) -> bool:
+    """C-STORE one object and add its row; False when the association is gone."""
+    if item.dataset is not None:
+        try:
+            source: bytes | str = _encode(item.dataset, item.syntax)
+        except Exception as exc:  # pydicom raises many types for a data set it cannot write
+            rows.append(
+                _row(item, "failed", None, f"not sent: pydicom could not encode it ({exc})")
+            )
+            return True
+    else:
+        assert item.path is not None
+        source = item.path
+    try:
+        rsp = assoc.store_response(source, item.sop_class, item.sop_instance, item.syntax)
+    except AssociationError as exc:  # sending or waiting (before OSError: it is one)
+        return _lost(item, exc, rows, deadline)
+    except (OSError, ValueError) as exc:
+        # Reading the file failed (it changed since we read its meta): nothing was sent.
+        rows.append(_row(item, "failed", None, f"not sent: could not read it ({exc})"))
+        return True
+    code = rsp.status
+    assert code is not None  # the driver checked the response has one
+    category = code_to_category(code)
+    if code == 0x0000:
+        rows.append(_row(item, "completed", code, None))
+    elif category == "Warning":
+        rows.append(_row(item, "warning", code, _status_sentence(code, rsp.error_comment)))
+    else:
+        rows.append(_row(item, "failed", code, _status_sentence(code, rsp.error_comment)))
+    return True
+
+
+def _lost(
+    item: _Item, exc: AssociationError, rows: list[dict[str, Any]], deadline: Deadline | None
+) -> bool:
+    """The row of an object whose C-STORE ended the association."""
+    timed_out(deadline, exc, "C-STORE")  # marks the deadline fired when it was the limit
+    if fired(deadline):
+        lost = (
+            "no response before the call's timeout= ran out (the association was aborted); "
+            "the peer may or may not have stored it"
+        )
+    else:
+        lost = f"no response (association lost: {exc})"
+    rows.append({**_row(item, "failed", None, lost), "_cut": fired(deadline)})
+    return False
+
+
+def _encode(dataset: Dataset, syntax: str) -> bytes:
+    """``dataset`` encoded once, in ``syntax`` (its own transfer syntax)."""
+    uid = UID(syntax)
+    implicit, little, deflated = False, True, False
+    if uid.is_transfer_syntax:
+        implicit, little, deflated = uid.is_implicit_VR, uid.is_little_endian, uid.is_deflated
+    buffer = DicomBytesIO()
+    buffer.is_implicit_VR = implicit
+    buffer.is_little_endian = little
+    write_dataset(buffer, dataset)
+    data = buffer.getvalue()
+    if deflated:
+        compressor = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -zlib.MAX_WBITS)
+        data = compressor.compress(data) + compressor.flush()
+        data += b"\x00" * (len(data) % 2)
+    return data
+
+
+def _no_context(pacs: PACS, item: _Item) -> str:
+    return (
+        f"{pacs.ae_title} accepted no presentation context for this SOP class "
+        f"({item.sop_class}) in transfer syntax {item.syntax}"
+    )
 
 
 def _store_result(pacs: PACS, items: list[_Item], rows: list[dict[str, Any]]) -> StoreResult:
@@ -510,9 +566,8 @@ def _store_result(pacs: PACS, items: list[_Item], rows: list[dict[str, Any]]) ->
     return result
 
 
-def _status_sentence(code: int, status: Dataset) -> str:
+def _status_sentence(code: int, comment: str | None) -> str:
     category, text = STORAGE_SERVICE_CLASS_STATUS.get(code, (code_to_category(code), ""))
-    comment = status.get("ErrorComment")
     sentence = f"0x{code:04X} {category}" + (f": {text}" if text else "")
     return sentence + (f" ({comment})" if comment else "")
 

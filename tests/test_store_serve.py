@@ -7,11 +7,20 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pydicom
 import pytest
-from pydicom.uid import generate_uid
+from pydicom.uid import (
+    CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    MRImageStorage,
+    generate_uid,
+)
+from pynetdicom import AE, evt
 from servers import free_port
 
 import pacsframe as pf
@@ -67,8 +76,90 @@ def test_store_refused_object_is_a_failed_row_and_nothing_escapes(empty_server, 
     result = pf.PACS("127.0.0.1", empty_server.port, empty_server.ae_title).store(ds)
     assert result.failed == 1
     assert result.instances.code.iloc[0] >= 0xA700
+    # The peer's Error Comment is part of the sentence.
+    assert "SeriesInstanceUID is not a valid UID" in result.instances.error.iloc[0]
     assert not any(p.name == "escape" for p in tmp_path.rglob("*"))
     assert not (tmp_path.parent / "escape").exists()
+
+
+def _dataset_bytes(path):
+    """A Part-10 file's data set as it is on disk (the bytes after its file meta)."""
+    data = Path(path).read_bytes()
+    with open(path, "rb") as handle:
+        pydicom.filereader.read_preamble(handle, False)
+        pydicom.filereader._read_file_meta_info(handle)
+        return data[handle.tell() :]
+
+
+def test_files_go_as_on_disk_and_datasets_in_their_own_syntax(empty_server, cohort, tmp_path):
+    _, manifest = cohort
+    pacs = pf.PACS("127.0.0.1", empty_server.port, empty_server.ae_title)
+    paths = manifest.path[:2].tolist()
+    datasets = []
+    for syntax in (ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian):
+        ds = pydicom.dcmread(paths[0])
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.file_meta.TransferSyntaxUID = syntax
+        datasets.append(ds)
+    before = pydicom.config.settings.writing_validation_mode
+    result = pacs.store([*paths, *datasets])
+    assert pydicom.config.settings.writing_validation_mode == before
+    assert result.completed == 4, result.failed_instances
+    assert result.instances.TransferSyntaxUID.tolist()[2:] == [
+        ImplicitVRLittleEndian,
+        DeflatedExplicitVRLittleEndian,
+    ]
+    stored = empty_server.instances().set_index("SOPInstanceUID").path
+    for path in paths:
+        uid = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+        assert _dataset_bytes(stored[uid]) == _dataset_bytes(path)
+    for ds in datasets:
+        back = pydicom.dcmread(stored[ds.SOPInstanceUID])
+        assert back.file_meta.TransferSyntaxUID == ds.file_meta.TransferSyntaxUID
+        assert back.PixelData == ds.PixelData and back.PatientName == ds.PatientName
+
+
+@pytest.fixture
+def ct_only_peer():
+    """A peer that accepts CT Image Storage in Explicit VR Little Endian only."""
+    received = []
+
+    def on_store(event):
+        received.append(event.request.AffectedSOPInstanceUID)
+        status = pydicom.Dataset()
+        status.Status = 0xB000
+        status.ErrorComment = "kept, some elements dropped"
+        return status
+
+    ae = AE(ae_title="CTONLY")
+    ae.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
+    server = ae.start_server(
+        ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
+    try:
+        yield server.server_address[1], received
+    finally:
+        server.shutdown()
+
+
+def test_objects_without_an_accepted_context_are_failed_rows(ct_only_peer, cohort):
+    port, received = ct_only_peer
+    _, manifest = cohort
+    ct = manifest[manifest.SOPClassUID == CTImageStorage].path.tolist()
+    mr = manifest[manifest.SOPClassUID == MRImageStorage].path.tolist()
+    assert ct and mr
+    pacs = pf.PACS("127.0.0.1", port, "CTONLY")
+    result = pacs.store([*ct, *mr])
+    rows = result.instances
+    assert (result.warning, result.failed) == (len(ct), len(mr))
+    assert len(received) == len(ct)
+    assert rows.code.tolist()[: len(ct)] == [0xB000] * len(ct)
+    assert "kept, some elements dropped" in rows.error.iloc[0]
+    assert all("accepted no presentation context" in e for e in result.failed_instances.error)
+    # A batch the peer accepts nothing of: rows again, not an exception.
+    result = pacs.store(mr)
+    assert result.failed == len(mr) and result.instances.code.isna().all()
+    assert "CTONLY accepted no presentation context" in result.failed_instances.error.iloc[0]
 
 
 def test_store_refuses_nonsense_before_connecting():

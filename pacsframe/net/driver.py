@@ -692,6 +692,9 @@ class ClientAssociation(BlockingAssociation):
     ) -> int:
         """C-STORE one object; returns the peer's status (0x0000 is success).
 
+        :meth:`store_response` with the same arguments gives the whole
+        C-STORE-RSP (its error comment, offending element).
+
         Parameters
         ----------
         source : bytes, path or binary file
@@ -710,6 +713,22 @@ class ClientAssociation(BlockingAssociation):
         ValueError
             ``source`` is bytes without the UIDs, or not a Part-10 file.
         """
+        status = self.store_response(
+            source, sop_class_uid, sop_instance_uid, transfer_syntax, priority=priority
+        ).status
+        assert status is not None  # _check_response made sure
+        return status
+
+    def store_response(
+        self,
+        source: bytes | bytearray | memoryview | str | os.PathLike[str] | BinaryIO,
+        sop_class_uid: str | None = None,
+        sop_instance_uid: str | None = None,
+        transfer_syntax: str | None = None,
+        *,
+        priority: int = 0,
+    ) -> dimse.Command:
+        """:meth:`store`, returning the peer's C-STORE-RSP command (it has a status)."""
         if isinstance(source, (bytes, bytearray, memoryview)):
             if not (sop_class_uid and sop_instance_uid and transfer_syntax):
                 raise ValueError(
@@ -729,8 +748,7 @@ class ClientAssociation(BlockingAssociation):
         )
         _, rsp, _ = self._receive_or_abort()
         self._check_response(rsp, dimse.C_STORE_RSP, message_id)
-        assert rsp.status is not None
-        return rsp.status
+        return rsp
 
     def get(
         self,
