@@ -172,6 +172,9 @@ class BlockingAssociation:
         self.dimse_timeout = dimse_timeout
         self.limit: float | None = None
         self._store_response = dimse.StoreResponseTemplate()
+        # The last command set decoded, as bytes and decoded: a peer answering a
+        # C-FIND sends the same pending C-FIND-RSP before every match.
+        self._last_command: tuple[bytes, dimse.Command] = (b"", dimse.Command(0))
 
     def _send_bytes(self, data: bytes | bytearray) -> None:
         try:
@@ -443,10 +446,13 @@ class ClientAssociation(BlockingAssociation):
                             abort_reason=pdu.UNEXPECTED_PARAMETER,
                         )
                     )
-                try:
-                    command = dimse.decode_command(event.data)
-                except ProtocolError as exc:
-                    self._protocol_failure(exc)
+                raw, command = self._last_command
+                if event.data != raw:
+                    try:
+                        command = dimse.decode_command(event.data)
+                    except ProtocolError as exc:
+                        self._protocol_failure(exc)
+                    self._last_command = (bytes(event.data), command)
                 context_id = event.context_id
                 if not command.has_dataset:
                     return context_id, command, None
