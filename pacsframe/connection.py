@@ -24,13 +24,12 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import platformdirs
+from pydicom.filereader import read_dataset
 from pydicom.uid import UID
 from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
-from pynetdicom.dimse_primitives import C_FIND
-from pynetdicom.dsutils import decode, encode
 from pynetdicom.pdu import A_ASSOCIATE_RJ
-from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
@@ -39,12 +38,13 @@ from pynetdicom.sop_class import (
 from pynetdicom.status import QR_FIND_SERVICE_CLASS_STATUS, code_to_category
 
 from . import caps, frames
-from .deadline import GRACE, Deadline, abort, deadline_for, fired, timed_out, watch
+from .deadline import Deadline, deadline_for, fired, timed_out
 from .errors import (
     AssociationError,
     DimseError,
     NotSupported,
     PacsFrameError,
+    ProtocolError,
     QueryError,
     ResultsCapped,
 )
@@ -55,8 +55,6 @@ from .net.tls import TLS, BoundedHandshake
 from .query import LEVELS, UNIQUE_KEY, Query, build_query, normalize_model
 
 if TYPE_CHECKING:
-    from pydicom.dataset import Dataset
-
     from .cache import Cache
     from .retrieve import RetrieveResult
 
@@ -85,7 +83,6 @@ FIND_MODELS = {
     "study": StudyRootQueryRetrieveInformationModelFind,
     "patient": PatientRootQueryRetrieveInformationModelFind,
 }
-_PENDING = (0xFF00, 0xFF01)
 # What to do about a C-FIND failure, by status class (the high byte).
 _FIND_ADVICE = {
     0: "Check the matching keys against what the peer supports.",
@@ -177,6 +174,7 @@ class _SSLErrors(logging.Handler):
 #: C-FIND models, each in the two uncompressed little-endian syntaxes, whose
 #: identifiers go to the frame as bytes (``FrameBuilder.add_raw``).
 _LITTLE_ENDIAN = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
+_IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
 
 
 def query_contexts() -> list[tuple[str, tuple[str, ...]]]:
@@ -194,79 +192,6 @@ def _capped(deadline: Deadline | None, seconds: float) -> float:
 def _status_text(code: int, table: dict[int, tuple[str, str]]) -> str:
     category, text = table.get(code, (code_to_category(code), "unknown status"))
     return f"0x{code:04X} {category}: {text}" if text else f"0x{code:04X} {category}"
-
-
-# An identifier's encoding: (implicit VR, little endian, deflated).
-_Encoding = tuple[bool, bool, bool]
-
-
-def _find_responses(
-    assoc: Association, identifier: Dataset, model_uid: str
-) -> Iterator[tuple[C_FIND | None, bytes | None, _Encoding]]:
-    """Send one C-FIND; yield each response, its identifier's bytes and their encoding.
-
-    This is ``Association.send_c_find`` without its per-response decoding: pynetdicom
-    builds a pydicom ``Dataset`` for every identifier (and another for every status),
-    most of the calling thread's work on a 2,000-row answer, and the frame needs only
-    the bytes of its columns (``FrameBuilder.add_raw``). It drives the
-    association the way ``send_c_find`` does, through the same pynetdicom hooks: the
-    reactor checkpoint, which keeps the association's own reactor from taking our
-    responses off the DIMSE queue, and the DIMSE provider's ``send_msg``/``get_msg``.
-    A lost or invalid response yields ``(None, None, encoding)`` once, after the
-    association has been aborted as pynetdicom would.
-
-    Under a call's ``timeout=`` (:mod:`pacsframe.deadline`) no C-FIND starts after
-    the time is up, and one in flight then is cancelled (aborted if the peer does
-    not end it promptly), which ends this generator as a cancel or a loss would.
-    """
-    deadline = Deadline.current()
-    if deadline is not None:
-        deadline.check(f"{identifier.get('QueryRetrieveLevel', '')}-level C-FIND")
-    context = next(cx for cx in assoc.accepted_contexts if cx.abstract_syntax == model_uid)
-    syntax = UID(context.transfer_syntax[0])
-    encoding = (syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
-    request = C_FIND()
-    request.MessageID = 1
-    request.AffectedSOPClassUID = model_uid
-    request.Priority = 2
-    encoded = encode(identifier, *encoding)
-    if encoded is None:
-        raise QueryError(
-            "the query could not be encoded for the peer (pynetdicom's log says which "
-            "element); check the keys' values."
-        )
-    request.Identifier = BytesIO(encoded)
-    try:
-        pause_reactor(assoc)
-        assoc.dimse.send_msg(request, context.context_id)
-        with watch(
-            deadline,
-            cancel=lambda: assoc.send_c_cancel(request.MessageID, context.context_id),
-            abort=lambda: abort(assoc),
-            grace=min(GRACE, assoc.dimse_timeout or GRACE),
-        ):
-            while True:
-                _, response = assoc.dimse.get_msg(block=True)
-                if response is None:
-                    assoc._handle_no_response()
-                    break
-                if not isinstance(response, C_FIND) or not response.is_valid_response:
-                    LOGGER.error(
-                        "received %s instead of a valid C-FIND response; aborting",
-                        type(response).__name__,
-                    )
-                    assoc.abort()
-                    response = None
-                    break
-                if response.Status not in _PENDING:
-                    break
-                data = response.Identifier
-                yield response, data.getvalue() if data is not None else None, encoding
-        # The final answer (or None) comes after the watch has ended: a caller that
-        # raises on it never resumes this generator.
-        yield response, None, encoding
-    finally:
-        assoc._reactor_checkpoint.set()
 
 
 def pause_reactor(assoc: Association) -> None:
@@ -297,13 +222,12 @@ def pause_reactor(assoc: Association) -> None:
         time.sleep(0.0001)
 
 
-def _add_identifier(builder: frames.FrameBuilder, data: bytes, encoding: _Encoding) -> bool:
-    """Add one identifier to ``builder``; False when it cannot be decoded at all."""
-    implicit, little, deflated = encoding
-    if little and not deflated and builder.add_raw(data, implicit):
+def _add_identifier(builder: frames.FrameBuilder, data: bytes, implicit_vr: bool) -> bool:
+    """Add one little-endian identifier to ``builder``; False when it cannot be decoded."""
+    if builder.add_raw(data, implicit_vr):
         return True
     try:
-        builder.add(decode(BytesIO(data), implicit, little, deflated))
+        builder.add(read_dataset(BytesIO(data), implicit_vr, True))
     except Exception as exc:  # pydicom raises many kinds on malformed data
         LOGGER.debug("an identifier could not be decoded: %r", exc)
         return False
@@ -808,7 +732,10 @@ class PACS:
         Inside ``with pacs:`` the association is kept for later calls with the
         same purpose, unless ``keep`` is False (C-GET workers). The call's
         ``timeout=`` is the association's ``limit`` while the block runs. An
-        exception inside aborts it: the peer may be mid-operation.
+        exception inside aborts it (the peer may be mid-operation) unless the
+        association is :attr:`~pacsframe.net.driver.ClientAssociation.idle`: a
+        failure status, or a C-FIND the peer ended after our C-CANCEL, leaves a
+        held association usable.
         """
         key = f"net:{purpose}"
         deadline = Deadline.current()
@@ -826,11 +753,12 @@ class PACS:
         assoc.limit = deadline.end if deadline is not None else None
         try:
             yield assoc
-        except BaseException:
-            assoc.abort()
-            with self._lock:
-                if self._held.get(key) is assoc:
-                    del self._held[key]
+        except BaseException as exc:
+            if not (isinstance(exc, Exception) and assoc.idle and assoc.is_established):
+                assoc.abort()
+                with self._lock:
+                    if self._held.get(key) is assoc:
+                        del self._held[key]
             raise
         finally:
             assoc.limit = None
@@ -1006,9 +934,6 @@ class PACS:
         finally:
             if not keep:
                 _release(assoc)
-
-    def _query_contexts(self) -> list[PresentationContext]:
-        return [build_context(Verification)] + [build_context(m) for m in FIND_MODELS.values()]
 
     # --- C-ECHO --------------------------------------------------------------------------
 
@@ -1267,8 +1192,8 @@ class PACS:
         counter = caps.Progress(f"{query.level}-level C-FIND", show=progress)
         # (first row, end row, outcome) of each request whose answer was capped.
         splits: list[tuple[int, int, caps.Outcome[range]]] = []
-        with self.association(self._query_contexts()) as assoc:
-            if not any(cx.abstract_syntax == model_uid for cx in assoc.accepted_contexts):
+        with self.session(query_contexts(), "query") as assoc:
+            if not any(abstract == model_uid for abstract, _ in assoc.contexts.values()):
                 other = "patient" if query.model == "study" else "study"
                 raise NotSupported(
                     f"{self.ae_title} does not support C-FIND in the {query.model}-root "
@@ -1292,7 +1217,7 @@ class PACS:
                     if outcome.split:
                         splits.append((before, len(builder), outcome))
             except PacsFrameError as exc:
-                if fired(Deadline.current()):
+                if fired(Deadline.current()) or isinstance(exc, driver.LimitReached):
                     # The rows of the request in flight belong to its parent too.
                     owners.extend([owner] * (len(builder) - len(owners)))
                     exc.partial = self._partial(  # type: ignore[attr-defined]
@@ -1430,7 +1355,7 @@ class PACS:
 
     def _find_one(
         self,
-        assoc: Association,
+        assoc: driver.ClientAssociation,
         query: Query,
         model_uid: str,
         builder: frames.FrameBuilder,
@@ -1438,66 +1363,91 @@ class PACS:
         """Run one C-FIND into ``builder``; say why its answer is cut short, or None.
 
         pacsframe sends C-CANCEL during a find only when the call's ``timeout=`` runs
-        out (an interrupt aborts the association), so any other final 0xFE00 is the
-        peer stopping at its result limit.
+        out, and then the driver raises :class:`~pacsframe.net.driver.LimitReached`
+        (an interrupt aborts the association), so a final 0xFE00 is the peer
+        stopping at its result limit.
         """
-        last = time.monotonic()
+        what = f"{query.level}-level C-FIND"
+        deadline = Deadline.current()
+        if deadline is not None:
+            deadline.check(what)
+        cid = assoc.context_for(model_uid)
+        implicit = assoc.contexts[cid][1] == _IMPLICIT_VR_LITTLE_ENDIAN
+        identifier = query.encode(implicit)
+        add_raw = builder.add_raw
+        started = time.monotonic()
         undecodable = 0
         count = 0
-        for rsp, identifier, encoding in _find_responses(assoc, query.dataset(), model_uid):
-            if rsp is None:
-                raise self._lost(assoc, f"{query.level}-level C-FIND", time.monotonic() - last)
-            last = time.monotonic()
-            code = int(rsp.Status)
-            if code in _PENDING:
-                count += 1
-                if identifier is not None and not _add_identifier(builder, identifier, encoding):
-                    undecodable += 1
-                continue
-            if undecodable:
-                warnings.warn(
-                    f"{undecodable} match(es) in the {query.level}-level C-FIND answer "
-                    f"from {self.ae_title} could not be decoded and are missing from the "
-                    "frame; the peer sent malformed identifiers (pacsframe's debug log "
-                    "says how).",
-                    frames.MalformedValueWarning,
-                    stacklevel=8,
-                )
-            if code == 0x0000:
-                return None
-            comment = rsp.ErrorComment
-            detail = f" The peer says: {comment}." if comment else ""
-            if code == 0xFE00:
-                if fired(Deadline.current()):
-                    # Our own C-CANCEL, at the deadline: find() turns this into the
-                    # timeout error, with the rows so far.
-                    raise DimseError(f"the {query.level}-level C-FIND was cancelled.", status=code)
-                return (
-                    f"it ended an answer with 0xFE00 (Cancel) after {count} match(es) although "
-                    "pacsframe sent no C-CANCEL"
-                )
-            if code == 0xB001:
-                return f"it answered 0xB001 (response limit reached) after {count} match(es)"
-            if ((code & 0xF000) == 0xC000 or (code & 0xFF00) == 0xA700) and caps.names_a_size(
-                comment
-            ):
-                return f"it refused with 0x{code:04X}, {str(comment)!r}, after {count} match(es)"
-            category = code_to_category(code)
-            if category == "Warning":
-                warnings.warn(
-                    f"{self.ae_title} ended the C-FIND with "
-                    f"{_status_text(code, QR_FIND_SERVICE_CLASS_STATUS)}.{detail}",
-                    stacklevel=8,
-                )
-                return None
-            raise DimseError(
-                f"{self.ae_title} answered the {query.level}-level C-FIND with "
-                f"{_status_text(code, QR_FIND_SERVICE_CLASS_STATUS)}.{detail} "
-                f"{_FIND_ADVICE.get(code & 0xFF00, _FIND_ADVICE[0])}",
-                status=code,
-                comment=str(comment) if comment else None,
+        code, comment = -1, None
+        try:
+            # The last item is the final response: its status and comment stay.
+            for code, comment, data in assoc.find_responses(model_uid, identifier):  # noqa: B007
+                if data is not None:  # a pending response and its match
+                    count += 1
+                    if not add_raw(data, implicit) and not _add_identifier(
+                        builder, data, implicit
+                    ):
+                        undecodable += 1
+        except driver.LimitReached:
+            raise  # find() turns it into the timeout error, with the rows so far
+        except ProtocolError:
+            raise
+        except AssociationError as exc:
+            raise self._find_lost(exc, what, time.monotonic() - started) from None
+        if undecodable:
+            warnings.warn(
+                f"{undecodable} match(es) in the {query.level}-level C-FIND answer "
+                f"from {self.ae_title} could not be decoded and are missing from the "
+                "frame; the peer sent malformed identifiers (pacsframe's debug log "
+                "says how).",
+                frames.MalformedValueWarning,
+                stacklevel=8,
             )
-        raise self._lost(assoc, f"{query.level}-level C-FIND", time.monotonic() - last)
+        if code == 0x0000:
+            return None
+        detail = f" The peer says: {comment}." if comment else ""
+        if code == 0xFE00:
+            return (
+                f"it ended an answer with 0xFE00 (Cancel) after {count} match(es) although "
+                "pacsframe sent no C-CANCEL"
+            )
+        if code == 0xB001:
+            return f"it answered 0xB001 (response limit reached) after {count} match(es)"
+        if ((code & 0xF000) == 0xC000 or (code & 0xFF00) == 0xA700) and caps.names_a_size(comment):
+            return f"it refused with 0x{code:04X}, {str(comment)!r}, after {count} match(es)"
+        category = code_to_category(code)
+        if category == "Warning":
+            warnings.warn(
+                f"{self.ae_title} ended the C-FIND with "
+                f"{_status_text(code, QR_FIND_SERVICE_CLASS_STATUS)}.{detail}",
+                stacklevel=8,
+            )
+            return None
+        raise DimseError(
+            f"{self.ae_title} answered the {what} with "
+            f"{_status_text(code, QR_FIND_SERVICE_CLASS_STATUS)}.{detail} "
+            f"{_FIND_ADVICE.get(code & 0xFF00, _FIND_ADVICE[0])}",
+            status=code,
+            comment=str(comment) if comment else None,
+        )
+
+    def _find_lost(self, exc: AssociationError, what: str, waited: float) -> AssociationError:
+        """The driver's loss of the association during ``what``, explained for a PACS user."""
+        where = f"{self.ae_title} at {self.host}:{self.port}"
+        if exc.reason == "timeout" and waited >= self.dimse_timeout * 0.9:
+            return AssociationError(
+                f"no {what} response from {where} within dimse_timeout="
+                f"{self.dimse_timeout:g} s; the association was aborted. Check the peer's "
+                "log, or raise dimse_timeout for a slow peer.",
+                reason="timeout",
+            )
+        if exc.reason == "aborted":
+            return AssociationError(
+                f"{where} aborted the association during {what} ({exc}); check the peer's "
+                "log, then try again.",
+                reason="aborted",
+            )
+        return exc
 
     # --- retrieval ------------------------------------------------------------------------
 

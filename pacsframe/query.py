@@ -20,6 +20,8 @@ import pandas as pd
 from pydicom import config
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 
 from . import frames
 from .errors import QueryError
@@ -528,6 +530,31 @@ class Query:
             # the global one).
             ds.add(DataElement(attr.tag, attr.vr, value, validation_mode=config.IGNORE))
         return ds
+
+    def encode(self, implicit_vr: bool) -> bytes:
+        """The identifier as sent: :meth:`dataset` in little endian, implicit or explicit VR.
+
+        Raises
+        ------
+        QueryError
+            A value cannot be encoded (nothing is sent).
+
+        Examples
+        --------
+        >>> Query("PATIENT", "patient", {"PatientID": "12"}).encode(implicit_vr=True).hex()
+        '080052000800000050415449454e542010002000020000003132'
+        """
+        fp = DicomBytesIO()
+        fp.is_implicit_VR = implicit_vr
+        fp.is_little_endian = True
+        try:
+            write_dataset(fp, self.dataset())
+        except Exception as exc:  # pydicom raises many kinds for a value it cannot write
+            raise QueryError(
+                f"the query could not be encoded for the peer ({type(exc).__name__}: {exc}); "
+                "check the keys' values."
+            ) from None
+        return fp.getvalue()
 
     def to_json(self) -> dict[str, Any]:
         """JSON-safe description, for ``DataFrame.attrs``."""

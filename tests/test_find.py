@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
-import time
 
 import pandas as pd
 import pytest
@@ -210,13 +208,13 @@ def test_frames_write_to_parquet(peer, tmp_path):
 
 def test_association_reused_within_a_call_and_a_block(peer, monkeypatch):
     opened = []
-    original = peer.pacs._open
+    original = peer.pacs.connect
 
     def counting(*args, **kwargs):
         opened.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(peer.pacs, "_open", counting)
+    monkeypatch.setattr(peer.pacs, "connect", counting)
     studies = peer.pacs.find_studies()
     peer.pacs.find_series(studies)
     assert len(opened) == 2  # one per call, however many studies were drilled
@@ -267,32 +265,3 @@ def test_orthanc_latin1_answers_decode(cohort, tmp_path):
         zip(latin1.PatientID, latin1.PatientName, strict=True)
     )
     assert any(not name.isascii() for name in got.PatientName)
-
-
-def test_the_reactor_is_paused_only_once_it_waits():
-    """A stale ``_is_paused`` must not let the reactor take a response (a row lost).
-
-    Right after the checkpoint is set, pynetdicom's reactor may be woken but not yet
-    running, ``_is_paused`` still True; only a reactor blocked on the checkpoint is
-    paused. Here the "reactor" reaches its wait a moment later than the flag says.
-    """
-    from types import SimpleNamespace
-
-    from pacsframe.connection import pause_reactor
-
-    checkpoint = threading.Event()
-    checkpoint.set()
-    assoc = SimpleNamespace(_reactor_checkpoint=checkpoint, _is_paused=True, is_established=True)
-    waiting = threading.Event()
-
-    def reactor():
-        time.sleep(0.2)  # woken, not yet scheduled
-        waiting.set()
-        checkpoint.wait(30)
-
-    thread = threading.Thread(target=reactor, daemon=True)
-    thread.start()
-    pause_reactor(assoc)
-    assert waiting.is_set(), "paused on a stale flag while the reactor was still running"
-    checkpoint.set()
-    thread.join(30)

@@ -29,6 +29,7 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import ssl
@@ -95,6 +96,9 @@ IMPLEMENTATION_VERSION_NAME = "PACSFRAME_01"
 VERIFICATION = "1.2.840.10008.1.1"
 IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
 EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
+
+#: The pending statuses of a C-FIND-RSP: a match follows.
+FIND_PENDING = (0xFF00, 0xFF01)
 
 #: Bytes asked of the kernel per recv: a whole default-sized PDU in one call.
 _RECV_SIZE = DEFAULT_MAX_PDU + 6
@@ -187,6 +191,9 @@ class BlockingAssociation:
         # Set from another thread by interrupt(): None, "cancel" or "abort".
         self._interrupt: str | None = None
         self._cancelling = False  # our C-CANCEL is out: only "abort" counts now
+        # The last command set decoded, as bytes and decoded: a peer answering a
+        # C-FIND sends the same pending C-FIND-RSP before every match.
+        self._last_command: tuple[bytes, dimse.Command] = (b"", dimse.Command(0))
 
     def interrupt(self, *, abort: bool = False) -> None:
         """Stop the C-GET or C-MOVE in flight; safe to call from any thread.
@@ -428,6 +435,11 @@ class ClientAssociation(BlockingAssociation):
         self.accept = accept
         self.contexts = {cid: (proposed[cid], ts) for cid, ts in machine.accepted_contexts.items()}
         self._next_message_id = 1
+        #: True while no operation is in flight as far as we know: set by every
+        #: request sent, cleared when C-ECHO or C-FIND got its final response (or
+        #: the peer ended a C-FIND we cancelled). An association that is idle
+        #: after an error can be used again.
+        self.idle = True
 
     # ------------------------------------------------------------------ plumbing
 
@@ -467,6 +479,7 @@ class ClientAssociation(BlockingAssociation):
             says = "follows" if command.has_dataset else "does not follow"
             given = "none" if dataset is None else "one"
             raise ValueError(f"{command.name} says a data set {says} but {given} was given")
+        self.idle = False
         data = dimse.encode_command(command)
         # One sendall per message: with TCP_NODELAY each write is a segment,
         # and a small message in one write is one segment.
@@ -494,10 +507,13 @@ class ClientAssociation(BlockingAssociation):
                             abort_reason=pdu.UNEXPECTED_PARAMETER,
                         )
                     )
-                try:
-                    command = dimse.decode_command(event.data)
-                except ProtocolError as exc:
-                    self._protocol_failure(exc)
+                raw, command = self._last_command
+                if event.data != raw:
+                    try:
+                        command = dimse.decode_command(event.data)
+                    except ProtocolError as exc:
+                        self._protocol_failure(exc)
+                    self._last_command = (bytes(event.data), command)
                 context_id = event.context_id
                 if not command.has_dataset:
                     return context_id, command, None
@@ -531,6 +547,7 @@ class ClientAssociation(BlockingAssociation):
         _, rsp, _ = self._receive_or_abort()
         self._check_response(rsp, dimse.C_ECHO_RSP, message_id)
         assert rsp.status is not None
+        self.idle = True
         return rsp.status
 
     def find(self, sop_class_uid: str, identifier: bytes, priority: int = 0) -> Iterator[bytes]:
@@ -541,21 +558,53 @@ class ClientAssociation(BlockingAssociation):
         :class:`~pacsframe.errors.DimseError`; closing the generator early
         sends C-CANCEL and reads the responses up to the final one.
         """
+        with contextlib.closing(self.find_responses(sop_class_uid, identifier, priority)) as rsps:
+            for status, comment, data in rsps:
+                if data is not None:
+                    yield data
+                elif status not in (0x0000, 0xFE00):
+                    raise DimseError(
+                        f"the peer at {self.where} answered C-FIND with status 0x{status:04X}"
+                        + (f": {comment}" if comment else ""),
+                        status=status,
+                        comment=comment,
+                    )
+
+    def find_responses(
+        self, sop_class_uid: str, identifier: bytes, priority: int = 0
+    ) -> Iterator[tuple[int, str | None, bytes | None]]:
+        """C-FIND; yields ``(status, error comment, identifier bytes)`` per response.
+
+        Pending responses (0xFF00, 0xFF01) come with their identifier and no
+        comment; the last item is the final response, whatever its status,
+        with its Error Comment (or None) and no identifier: the caller judges
+        it. Closing the generator before the final response sends C-CANCEL and
+        reads the responses up to the final one. When the association's
+        ``limit`` passes, the C-FIND is cancelled (or the association aborted)
+        and :class:`LimitReached` is raised; after ``action="cancelled"`` the
+        association is :attr:`idle` and can be used again.
+        """
         cid = self.context_for(sop_class_uid)
         message_id = self.new_message_id()
         self.send(cid, dimse.c_find_rq(message_id, sop_class_uid, priority), identifier)
+        receive = self.receive
         done = False
         try:
             # Bounded by the peer: each pass waits at most dimse_timeout.
             while True:
                 try:
-                    _, rsp, data = self.receive()
+                    _, rsp, data = receive()
                 except LimitReached:
                     done = True
                     self._cancel_at_limit(cid, message_id, dimse.C_FIND_RSP, None)
-                self._check_response(rsp, dimse.C_FIND_RSP, message_id)
-                status = rsp.status
-                if status in (0xFF00, 0xFF01):
+                if (
+                    rsp.command_field != dimse.C_FIND_RSP
+                    or rsp.message_id_being_responded_to != message_id
+                    or rsp.status is None
+                ):
+                    self._check_response(rsp, dimse.C_FIND_RSP, message_id)
+                status: int = rsp.status  # type: ignore[assignment]
+                if status in FIND_PENDING:
                     if data is None:
                         self._protocol_failure(
                             ProtocolError(
@@ -563,20 +612,20 @@ class ClientAssociation(BlockingAssociation):
                                 abort_reason=pdu.INVALID_PARAMETER,
                             )
                         )
-                    yield data
+                    yield status, None, data
                     continue
                 done = True
-                if status in (0x0000, 0xFE00):
-                    return
-                raise DimseError(
-                    f"the peer at {self.where} answered C-FIND with status 0x{status:04X}"
-                    + (f": {rsp.error_comment}" if rsp.error_comment else ""),
-                    status=status if status is not None else -1,
-                    comment=rsp.error_comment,
-                )
+                self.idle = True
+                yield status, rsp.error_comment, None
+                return
+        except LimitReached as exc:
+            if exc.action == "cancelled":
+                self.idle = True
+            raise
         finally:
             if not done and self._machine.state.name == "ESTABLISHED":
                 self._cancel(cid, message_id, dimse.C_FIND_RSP)
+                self.idle = True
 
     def _receive_or_abort(self) -> tuple[int, dimse.Command, bytes | None]:
         """:meth:`receive` for operations DIMSE cannot cancel: the limit aborts."""
@@ -668,6 +717,7 @@ class ClientAssociation(BlockingAssociation):
         Unlike :meth:`send`, the data set is never joined whole: a large object
         goes out as memoryview fragments, gathered per batch.
         """
+        self.idle = False
         batch: list[bytes | memoryview] = []
         size = 0
         for piece in self._machine.iter_message(
