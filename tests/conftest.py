@@ -1,4 +1,4 @@
-"""Shared fixtures: a seeded cohort served by the demo PACS and by Orthanc.
+"""Shared fixtures: a seeded cohort served by the demo PACS, Orthanc and dcmqrscp.
 
 The same small cohort is loaded into both servers (through ``pacs.store``), so one
 test body parametrized over ``peer`` checks that pacsframe reads both the same way.
@@ -17,7 +17,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from servers import OrthancServer, require_tool
+from servers import DcmqrscpServer, OrthancServer, require_tool
 
 import pacsframe as pf
 from pacsframe.demo import DemoPACS, make_cohort
@@ -70,6 +70,21 @@ def orthanc(cohort, tmp_path_factory):
     try:
         result = pf.PACS(server.host, server.dicom_port, server.aet).store(manifest)
         assert result.failed == 0, result.failed_instances
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def dcmqrscp(cohort, tmp_path_factory):
+    """dcmtk's dcmqrscp holding the cohort (indexed in place with dcmqridx)."""
+    require_tool("dcmqrscp")
+    require_tool("dcmqridx")
+    _, manifest = cohort
+    server = DcmqrscpServer(tmp_path_factory.mktemp("dcmqrscp"))
+    server.index(list(manifest.path))
+    server.start()
+    try:
         yield server
     finally:
         server.stop()

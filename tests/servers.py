@@ -1,15 +1,16 @@
 """Start and stop real DICOM peers for the integration tests and the benchmarks.
 
-Two peers are provided: :class:`OrthancServer` (Debian's ``orthanc`` package) and
-:class:`DcmtkStoreSCP` (dcmtk's ``storescp``). Each runs as a child process in its own
+Three peers are provided: :class:`OrthancServer` (Debian's ``orthanc`` package),
+:class:`DcmtkStoreSCP` (dcmtk's ``storescp``) and :class:`DcmqrscpServer` (dcmtk's
+``dcmqrscp``, a query/retrieve archive). Each runs as a child process in its own
 folder on free ports, is stopped by :meth:`stop`, by its context manager, by an ``atexit``
 hook, and - where ``setpriv`` exists - by the kernel when the Python process dies, so a
 crashed or killed test run does not leave servers behind.
 
 Loopback only: Orthanc 1.10 has no bind-address option (its HTTP and DICOM servers listen
 on all interfaces; ``RemoteAccessAllowed: false`` makes HTTP refuse non-local clients) and
-storescp 3.6.7 has none either, so the peers use loopback addresses throughout but the
-DICOM ports are reachable from other hosts while a test runs.
+storescp and dcmqrscp 3.6.7 have none either, so the peers use loopback addresses
+throughout but the DICOM ports are reachable from other hosts while a test runs.
 
 This module imports without pytest so ``benchmarks/`` can use it too.
 """
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any, Self
 
 __all__ = [
+    "DcmqrscpServer",
     "DcmtkStoreSCP",
     "OrthancRestError",
     "OrthancServer",
@@ -59,6 +61,7 @@ _DEBIAN_PACKAGES = {
             "storescp",
             "dcmdump",
             "dcmodify",
+            "dcmqridx",
             "dcmqrscp",
             "dump2dcm",
             "img2dcm",
@@ -565,6 +568,143 @@ class DcmtkStoreSCP(_ManagedProcess):
             str(self.output_dir),
             "--accept-all",
             "--promiscuous",
+            *self.extra_args,
+            str(self.port),
+        ]
+
+    def _env(self) -> dict[str, str]:
+        return dcmtk_env()
+
+    def _pick_new_ports(self) -> None:
+        self.port = free_port()
+
+    def _ready(self) -> bool:
+        return _port_open(self.host, self.port)
+
+
+class DcmqrscpServer(_ManagedProcess):
+    """dcmtk's ``dcmqrscp`` archive in a temporary folder, on a free port.
+
+    One storage area (AE title ``aet``, read/write, open to any calling AE) under
+    ``workdir/storage``, with a ``dcmqrscp.cfg`` written before each start. It answers
+    C-ECHO, C-FIND (patient and study root), C-GET and C-MOVE, and accepts C-STORE.
+
+    ``destinations`` maps AE titles to ``(host, port)``: dcmqrscp moves only to AEs in
+    its HostTable, which is read once at start-up, so :meth:`add_destination` restarts
+    a running server (the index in the storage area survives; the port may change if
+    it was taken meanwhile). :meth:`index` registers files already on disk
+    (``dcmqridx``) so a cohort is loaded without a network round trip; the files stay
+    where they are and are served as they are, byte for byte.
+
+    Quirks seen with dcmqrscp 3.6.7, which a client must live with:
+
+    * its index holds a fixed set of attributes: C-FIND answers leave out the rest
+      (``ModalitiesInStudy``, the ``NumberOf...Related...`` counts, series date and
+      time), so those columns are empty, and it adds ``RetrieveAETitle``;
+    * it caps a storage area at 500 studies (a larger quota is lowered, with a warning)
+      and deletes the oldest studies beyond the quota;
+    * when a query has no ``SpecificCharacterSet`` it tries to convert non-ASCII
+      answers to ASCII, fails, logs a warning and sends the stored bytes and character
+      set unchanged;
+    * it accepts C-MOVE/C-GET contexts without a C-FIND context but logs an error
+      ("Move Presentation Context but no Find"); ``--require-find`` would refuse them;
+    * its ``MaxPDUSize`` is 16 kB by default, so objects arrive in many PDUs.
+    """
+
+    def __init__(
+        self,
+        workdir: str | os.PathLike[str],
+        *,
+        aet: str = "DCMQRSCP",
+        destinations: dict[str, tuple[str, int]] | None = None,
+        max_pdu: int = 16384,
+        extra_args: list[str] | None = None,
+    ) -> None:
+        super().__init__(workdir, "dcmqrscp.log")
+        self.aet = aet
+        self.destinations = {
+            ae: (host, int(port)) for ae, (host, port) in (destinations or {}).items()
+        }
+        self.max_pdu = max_pdu
+        self.extra_args = list(extra_args or [])
+        self.config_path = self.workdir / "dcmqrscp.cfg"
+        self.storage_dir = self.workdir / "storage" / aet
+        self.port = free_port()
+
+    @property
+    def dicom_port(self) -> int:
+        """Same as :attr:`port`, named like :attr:`OrthancServer.dicom_port`."""
+        return self.port
+
+    def config(self) -> str:
+        """The ``dcmqrscp.cfg`` written for the next start."""
+        hosts = [
+            # Symbolic names are unique words; the AE title is the destination. The
+            # example configuration says a host name, not an IP address, is wanted.
+            f"dest{i} = ({ae}, {'localhost' if host == LOOPBACK else host}, {port})"
+            for i, (ae, (host, port)) in enumerate(sorted(self.destinations.items()))
+        ]
+        return "\n".join(
+            [
+                f"NetworkTCPPort  = {self.port}",
+                f"MaxPDUSize      = {self.max_pdu}",
+                "MaxAssociations = 16",
+                "HostTable BEGIN",
+                *hosts,
+                "HostTable END",
+                "VendorTable BEGIN",
+                "VendorTable END",
+                "AETable BEGIN",
+                # AETitle StorageArea Access Quota(maxStudies, maxBytesPerStudy) Peers.
+                # 500 studies is dcmqrscp's most; beyond the quota it deletes the oldest.
+                f"{self.aet} {self.storage_dir} RW (500, 1024mb) ANY",
+                "AETable END",
+                "",
+            ]
+        )
+
+    def add_destination(self, aet: str, host: str, port: int) -> None:
+        """Let dcmqrscp C-MOVE to ``aet`` at ``host:port``; restarts a running server."""
+        self.destinations[aet] = (host, int(port))
+        if self.running:
+            self.stop()
+            self.start()
+
+    def index(self, paths: list[str] | list[Path], timeout: float = 120) -> None:
+        """Register Part-10 files in the storage area's index (``dcmqridx``), in place.
+
+        The files must stay where they are while the server runs. Raises
+        :class:`RuntimeError` with dcmqridx's output when it fails.
+        """
+        self.storage_dir.mkdir(parents=True, exist_ok=True)
+        dcmqridx = require_tool("dcmqridx")
+        # A batch per call keeps the command line short; each call is bounded.
+        for i in range(0, len(paths), 200):
+            done = subprocess.run(
+                [dcmqridx, str(self.storage_dir), *map(str, paths[i : i + 200])],
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
+            if done.returncode != 0:
+                raise RuntimeError(
+                    f"dcmqridx exited {done.returncode}: {(done.stdout + done.stderr)[-2000:]}"
+                )
+
+    def _prepare(self) -> None:
+        self.storage_dir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(self.config())
+
+    def _command(self) -> list[str]:
+        return [
+            require_tool("dcmqrscp"),
+            "--config",
+            str(self.config_path),
+            # Bounded: a silent peer is dropped after 30 s, not kept for ever.
+            "--dimse-timeout",
+            "30",
+            "--acse-timeout",
+            "30",
             *self.extra_args,
             str(self.port),
         ]

@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.orthanc, pytest.mark.dcmtk]
 
 
 def test_quick_benchmark_prints_and_writes_the_table(tmp_path):
-    for tool in ("Orthanc", "findscu", "getscu", "movescu", "storescp"):
+    for tool in ("Orthanc", "findscu", "getscu", "movescu"):
         require_tool(tool)
     results = tmp_path / "RESULTS.md"
     stale = "<!-- bench:start -->\nSTALE TABLE\n<!-- bench:end -->"
@@ -44,15 +44,31 @@ def test_quick_benchmark_prints_and_writes_the_table(tmp_path):
     out = done.stdout
     assert "timed in process with imports done" in out
     for row in (
-        "C-FIND study level, 21 rows",
-        "C-FIND study level x5, 105 rows",
-        "C-FIND series drill-down from 21 studies",
+        "C-FIND study level, 22 rows",
+        "C-FIND study level x5, 110 rows",
+        "C-FIND series drill-down from 22 studies",
         "C-GET cold, 10 instances, workers=1",
         "C-GET cold, 10 instances, workers=4",
         "C-GET fully cached re-run, 10 instances",
         "C-MOVE to own SCP, 10 instances",
+        "C-GET large study, cold, 40 instances in 4 series, workers=1",
+        "C-GET large study, cold, 40 instances in 4 series, workers=4",
     ):
         assert f"| {row} |" in out, out
+    assert "<= 1.0x movescu receiving on its own port" in out, out
+    workers = (
+        r"Workers \(C-GET cold, 10 instances\): pacsframe's median time relative to "
+        r"workers=1: workers=2 \d+\.\d+x, workers=4 \d+\.\d+x\. Target workers=2 faster "
+        r"than workers=1: (not )?met\."
+    )
+    assert re.search(workers, out), out
+    # The memory a get adds, 10 vs 40 objects: both measured (a failed probe is n/a).
+    added = (
+        r"RSS a get adds over the imported baseline .*: 10 objects -?\d+ MB \(over \d+ MB "
+        r"after import\), 40 objects -?\d+ MB \(over \d+ MB after import\)\. Target < 50 MB "
+        r"and not growing .*: (not )?met"
+    )
+    assert re.search(added, out), out
     assert "every round failed" not in out, out
     # Every fresh-process probe answered (a failed one renders as n/a).
     fresh = (

@@ -16,7 +16,9 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 from pynetdicom import AE, evt
 from pynetdicom.pdu import A_ASSOCIATE_RJ
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove, Verification
-from servers import DcmtkStoreSCP, OrthancServer, free_port, require_tool
+from servers import DcmqrscpServer, DcmtkStoreSCP, OrthancServer, free_port, require_tool
+
+from pacsframe.demo import make_cohort
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -264,3 +266,44 @@ def test_orthanc_moves_to_storescp(
     assert [p.name for p in storescp.received_files()] == [
         f"SC.{pydicom.dcmread(dicom).SOPInstanceUID}"
     ]
+
+
+def test_dcmqrscp_answers_finds_and_moves_to_a_destination_added_later(tmp_path: Path) -> None:
+    require_tool("dcmqrscp")
+    require_tool("dcmqridx")
+    require_tool("storescp")
+    manifest = make_cohort(
+        tmp_path / "cohort",
+        patients=1,
+        seed=5,
+        studies_per_patient=1,
+        series_per_study=1,
+        instances_per_series=2,
+        matrix=8,
+    )
+    server = DcmqrscpServer(tmp_path / "dcmqrscp")
+    server.index(list(manifest.path))
+    with server, DcmtkStoreSCP(tmp_path / "storescp", aet="PFDEST") as dest:
+        assert c_echo(server.host, server.port, server.aet) == 0x0000
+        # The HostTable is read at start-up: adding a destination restarts it.
+        server.add_destination(dest.aet, dest.host, dest.port)
+        assert server.running and "PFDEST" in server.config_path.read_text()
+        ae = AE(ae_title="PFTEST")
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+        assoc = ae.associate(server.host, server.port, ae_title=server.aet)
+        assert assoc.is_established
+        try:
+            query = Dataset()
+            query.QueryRetrieveLevel = "STUDY"
+            query.StudyInstanceUID = manifest.StudyInstanceUID.iloc[0]
+            statuses = [
+                status.Status
+                for status, _ in assoc.send_c_move(
+                    query, dest.aet, StudyRootQueryRetrieveInformationModelMove
+                )
+            ]
+        finally:
+            assoc.release()
+        assert statuses[-1] == 0x0000
+        assert len(dest.received_files()) == len(manifest)
+    assert not server.running and server.last_returncode is not None
