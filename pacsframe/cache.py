@@ -7,7 +7,9 @@ sends ``../../x`` as a UID never gets anything written outside the root.
 
 Every object is written to a temporary file in its final folder
 (``.<SOPInstanceUID>.<host>-<pid>-<random>.part``, a name no instance can have and
-that says which process writes it), its header is checked, and only then is it
+that says which process writes it; an object streamed in by a C-STORE
+(:meth:`Cache.receive`) is written in the root, as its folder is known only once its
+header arrived), its header is checked, and only then is it
 renamed into place (``os.replace``, atomic on POSIX and Windows) and given one row
 in ``<root>/index.sqlite``. A reader therefore sees either no file or a complete
 one, and an index row always points at a complete file. A killed run leaves at
