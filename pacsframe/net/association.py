@@ -495,8 +495,15 @@ class Association:
             _, length = pdu.pdu_header(self._buffer, self.max_receive)
             if len(self._buffer) < 6 + length:
                 return self._at_end_of_buffer()
-            raw = bytes(self._buffer[: 6 + length])
-            del self._buffer[: 6 + length]
+            if len(self._buffer) == 6 + length:
+                # The buffer is this PDU and nothing more (the usual case for a
+                # large P-DATA-TF): take it whole, without a copy.
+                raw: bytes | bytearray = self._buffer
+                self._buffer = bytearray()
+            else:
+                with memoryview(self._buffer) as view:
+                    raw = bytes(view[: 6 + length])
+                del self._buffer[: 6 + length]
             event = self._handle(pdu.decode(raw, self.max_receive))
             if event is not None:
                 return event

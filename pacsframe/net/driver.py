@@ -33,6 +33,7 @@ import contextlib
 import os
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
@@ -1056,6 +1057,17 @@ def _send_and_close(sock: socket.socket, data: bytes) -> None:
         sock.close()
 
 
+_THREAD = threading.local()
+
+
+def _recv_buffer() -> memoryview:
+    """This thread's read buffer, made at its first read."""
+    view: memoryview | None = getattr(_THREAD, "view", None)
+    if view is None:
+        view = _THREAD.view = memoryview(bytearray(_RECV_SIZE))
+    return view
+
+
 def next_event(
     sock: socket.socket,
     machine: Association,
@@ -1079,6 +1091,9 @@ def next_event(
         deadline, at_limit = limit, True
     else:
         at_limit = False
+    # Reads go into this thread's one buffer (the machine copies what it keeps):
+    # no allocation per read.
+    view = _recv_buffer()
     # Bounded: every pass either returns, raises, or reads bytes before the deadline.
     while True:
         try:
@@ -1122,7 +1137,7 @@ def next_event(
             )
         sock.settimeout(remaining)
         try:
-            data = sock.recv(_RECV_SIZE)
+            size = sock.recv_into(view)
         except TimeoutError:
             continue  # the deadline check above raises
         except OSError as exc:
@@ -1135,7 +1150,7 @@ def next_event(
             # callers explain it (pacsframe.net.tls.explain_failure).
             error.ssl_error = exc if isinstance(exc, ssl.SSLError) else None  # type: ignore[attr-defined]
             raise error from None
-        machine.receive_data(data)
+        machine.receive_data(view[:size])
 
 
 def associate(
