@@ -501,10 +501,14 @@ def empty_frame(columns: Iterable[str]) -> pd.DataFrame:
 # --- reading encoded datasets without pydicom's per-element objects ------------------------
 
 _TAG = struct.Struct("<HH").unpack_from
-_VR_LENGTH = struct.Struct("<2sH").unpack_from  # explicit VR: after the tag
 _LENGTH = struct.Struct("<L").unpack_from
 _LONG_VRS = frozenset(vr.encode() for vr in EXPLICIT_VR_LENGTH_32)
 _SHORT_VRS = frozenset(v.value.encode() for v in VR if len(v.value) == 2) - _LONG_VRS
+# One unpack per element header: (group, element, length) implicit; (group, element,
+# VR, 16-bit length) explicit, the VR then looked up once for its text and length size.
+_IMPLICIT_HEADER = struct.Struct("<HHL").unpack_from
+_EXPLICIT_HEADER = struct.Struct("<HH2sH").unpack_from
+_EXPLICIT_VRS = {vr: (vr.decode(), vr in _LONG_VRS) for vr in _LONG_VRS | _SHORT_VRS}
 _UNDEFINED = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _MAX_DEPTH = 32  # sequences nested deeper than this are left to pydicom
@@ -556,33 +560,37 @@ def _scan(
     At depth 0 (``out`` given) the dataset runs to ``end`` or ``stop``; nested (an
     item of undefined length) it runs to its item delimiter.
     """
+    top = out is not None
     while pos + 8 <= end:
-        group, element = _TAG(data, pos)
+        if implicit:
+            group, element, length = _IMPLICIT_HEADER(data, pos)
+            vr_bytes = b""
+        else:
+            group, element, vr_bytes, length = _EXPLICIT_HEADER(data, pos)
         tag = group << 16 | element
         if group == 0xFFFE:
-            if out is None and tag == _ITEM_END:
+            if not top and tag == _ITEM_END:
                 return pos + 8
             return None
-        if out is not None and tag >= stop:
+        if top and tag >= stop:
             return pos
         if implicit:
-            length = _LENGTH(data, pos + 4)[0]
             vr = None
             pos += 8
         else:
-            vr_bytes, length = _VR_LENGTH(data, pos + 4)
-            if vr_bytes in _LONG_VRS:
+            known = _EXPLICIT_VRS.get(vr_bytes)
+            if known is None:
+                return None
+            vr, long = known
+            if long:
                 if pos + 12 > end:
                     return None
                 length = _LENGTH(data, pos + 8)[0]
                 pos += 12
-            elif vr_bytes in _SHORT_VRS:
-                pos += 8
             else:
-                return None
-            vr = vr_bytes.decode()
+                pos += 8
         if length == _UNDEFINED:
-            if (out is not None and tag in wanted) or vr == "UN" or depth >= _MAX_DEPTH:
+            if (top and tag in wanted) or vr == "UN" or depth >= _MAX_DEPTH:
                 return None
             pos = _skip_items(data, pos, end, implicit, depth + 1)
             if pos is None:
@@ -604,7 +612,7 @@ def _scan(
                 True,
             )
         pos += length
-    return pos if out is not None and pos == end else None
+    return pos if top and pos == end else None
 
 
 def _skip_items(
