@@ -119,6 +119,19 @@ def test_files_go_as_on_disk_and_datasets_in_their_own_syntax(empty_server, coho
         assert back.PixelData == ds.PixelData and back.PatientName == ds.PatientName
 
 
+def test_a_dataset_pydicom_cannot_encode_is_a_failed_row(empty_server, cohort):
+    _, manifest = cohort
+    bad = pydicom.dcmread(manifest.path.iloc[0])
+    with pytest.warns(UserWarning, match="cannot be assigned"):
+        bad.Rows = "many"
+    pacs = pf.PACS("127.0.0.1", empty_server.port, empty_server.ae_title)
+    result = pacs.store([bad, manifest.path.iloc[1]])
+    assert result.instances.status.tolist() == ["failed", "completed"]
+    error = result.instances.error.iloc[0]
+    assert error.startswith("not sent: pydicom could not encode it (With tag (0028,0010)")
+    assert "\n" not in error
+
+
 @pytest.fixture
 def ct_only_peer():
     """A peer that accepts CT Image Storage in Explicit VR Little Endian only."""
