@@ -470,8 +470,10 @@ def _send_one(
         try:
             source: bytes | str = _encode(item.dataset, item.syntax)
         except Exception as exc:  # pydicom raises many types for a data set it cannot write
+            # pydicom's message goes on with a traceback and the element's value.
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             rows.append(
-                _row(item, "failed", None, f"not sent: pydicom could not encode it ({exc})")
+                _row(item, "failed", None, f"not sent: pydicom could not encode it ({why})")
             )
             return True
     else:

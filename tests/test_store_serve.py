@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -119,6 +120,19 @@ def test_files_go_as_on_disk_and_datasets_in_their_own_syntax(empty_server, coho
         assert back.PixelData == ds.PixelData and back.PatientName == ds.PatientName
 
 
+def test_a_dataset_pydicom_cannot_encode_is_a_failed_row(empty_server, cohort):
+    _, manifest = cohort
+    bad = pydicom.dcmread(manifest.path.iloc[0])
+    with pytest.warns(UserWarning, match="cannot be assigned"):
+        bad.Rows = "many"
+    pacs = pf.PACS("127.0.0.1", empty_server.port, empty_server.ae_title)
+    result = pacs.store([bad, manifest.path.iloc[1]])
+    assert result.instances.status.tolist() == ["failed", "completed"]
+    error = result.instances.error.iloc[0]
+    assert error.startswith("not sent: pydicom could not encode it (With tag (0028,0010)")
+    assert "\n" not in error
+
+
 @pytest.fixture
 def ct_only_peer():
     """A peer that accepts CT Image Storage in Explicit VR Little Endian only."""
@@ -160,6 +174,43 @@ def test_objects_without_an_accepted_context_are_failed_rows(ct_only_peer, cohor
     result = pacs.store(mr)
     assert result.failed == len(mr) and result.instances.code.isna().all()
     assert "CTONLY accepted no presentation context" in result.failed_instances.error.iloc[0]
+
+
+def test_ctrl_c_mid_store_aborts_the_association(cohort):
+    """Ctrl-C while the peer holds a C-STORE response: KeyboardInterrupt, an A-ABORT."""
+    _, manifest = cohort
+    hold, interrupted, aborted = threading.Event(), threading.Event(), threading.Event()
+
+    def on_store(event):
+        hold.set()
+        # The peer holds the response until we were interrupted (its handler blocks
+        # its reading: our A-ABORT is read after).
+        interrupted.wait(30)
+        return 0x0000
+
+    ae = AE(ae_title="HOLDING")
+    ae.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
+    ae.add_supported_context(MRImageStorage, ExplicitVRLittleEndian)
+    handlers = [(evt.EVT_C_STORE, on_store), (evt.EVT_ABORTED, lambda event: aborted.set())]
+    server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=handlers)
+    main = threading.get_ident()
+    interrupter = threading.Thread(
+        target=lambda: hold.wait(30) and signal.pthread_kill(main, signal.SIGINT)
+    )
+    try:
+        pacs = pf.PACS("127.0.0.1", server.server_address[1], "HOLDING", dimse_timeout=30)
+        interrupter.start()
+        started = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            pacs.store(manifest.path[:3].tolist())
+        assert time.monotonic() - started < 10
+        interrupted.set()
+        assert aborted.wait(5), "the peer saw no A-ABORT"
+    finally:
+        interrupted.set()
+        interrupter.join(30)
+        server.shutdown()
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("pacsframe-")]
 
 
 def test_store_refuses_nonsense_before_connecting():
