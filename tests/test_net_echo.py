@@ -150,9 +150,7 @@ def test_find_responses_give_the_final_status_and_comment(demo_server, cohort) -
         assert final == (0x0000, None, None)
         # A failure status is the last item, not an exception: a bad level.
         query.QueryRetrieveLevel = "NONSENSE"
-        *_, (status, _, data) = assoc.find_responses(
-            STUDY_FIND, dsutils.encode(query, True, True)
-        )
+        *_, (status, _, data) = assoc.find_responses(STUDY_FIND, dsutils.encode(query, True, True))
         assert status not in (0x0000, 0xFF00, 0xFF01) and data is None
         assert assoc.idle
 
