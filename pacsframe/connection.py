@@ -222,10 +222,8 @@ def pause_reactor(assoc: Association) -> None:
         time.sleep(0.0001)
 
 
-def _add_identifier(builder: frames.FrameBuilder, data: bytes, implicit_vr: bool) -> bool:
-    """Add one little-endian identifier to ``builder``; False when it cannot be decoded."""
-    if builder.add_raw(data, implicit_vr):
-        return True
+def _add_decoded(builder: frames.FrameBuilder, data: bytes, implicit_vr: bool) -> bool:
+    """Add an identifier ``FrameBuilder.add_raw`` left to pydicom; False when undecodable."""
     try:
         builder.add(read_dataset(BytesIO(data), implicit_vr, True))
     except Exception as exc:  # pydicom raises many kinds on malformed data
@@ -1375,7 +1373,6 @@ class PACS:
         implicit = assoc.contexts[cid][1] == _IMPLICIT_VR_LITTLE_ENDIAN
         identifier = query.encode(implicit)
         add_raw = builder.add_raw
-        started = time.monotonic()
         undecodable = 0
         count = 0
         code, comment = -1, None
@@ -1384,16 +1381,14 @@ class PACS:
             for code, comment, data in assoc.find_responses(model_uid, identifier):  # noqa: B007
                 if data is not None:  # a pending response and its match
                     count += 1
-                    if not add_raw(data, implicit) and not _add_identifier(
-                        builder, data, implicit
-                    ):
+                    if not add_raw(data, implicit) and not _add_decoded(builder, data, implicit):
                         undecodable += 1
         except driver.LimitReached:
             raise  # find() turns it into the timeout error, with the rows so far
         except ProtocolError:
             raise
         except AssociationError as exc:
-            raise self._find_lost(exc, what, time.monotonic() - started) from None
+            raise self._find_lost(exc, what) from None
         if undecodable:
             warnings.warn(
                 f"{undecodable} match(es) in the {query.level}-level C-FIND answer "
@@ -1431,10 +1426,14 @@ class PACS:
             comment=str(comment) if comment else None,
         )
 
-    def _find_lost(self, exc: AssociationError, what: str, waited: float) -> AssociationError:
-        """The driver's loss of the association during ``what``, explained for a PACS user."""
+    def _find_lost(self, exc: AssociationError, what: str) -> AssociationError:
+        """The driver's loss of the association during ``what``, explained for a PACS user.
+
+        The driver times out only when one message took over ``dimse_timeout``
+        (the call's ``timeout=`` is :class:`~pacsframe.net.driver.LimitReached`).
+        """
         where = f"{self.ae_title} at {self.host}:{self.port}"
-        if exc.reason == "timeout" and waited >= self.dimse_timeout * 0.9:
+        if exc.reason == "timeout":
             return AssociationError(
                 f"no {what} response from {where} within dimse_timeout="
                 f"{self.dimse_timeout:g} s; the association was aborted. Check the peer's "

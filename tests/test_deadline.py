@@ -145,6 +145,29 @@ def test_find_answered_slowly_for_ever_stops_with_the_rows_so_far(env):
     watch.released(pacs)
 
 
+def test_a_find_cancelled_in_a_block_leaves_the_association_usable(env, monkeypatch):
+    """The peer ended the C-FIND after our C-CANCEL: the held association goes on."""
+    server, pacs, watch = env.server, env.pacs, env.watch
+    whole = pacs.find_instances(env.series)
+    opened = []
+    original = pacs.connect
+
+    def counting(*args, **kwargs):
+        opened.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pacs, "connect", counting)
+    with pacs:
+        server.faults = Faults(identifier=_slow_after_fast)
+        exc = limited(lambda: pacs.find_instances(env.series, timeout=TIMEOUT))
+        assert "cancelled the IMAGE-level C-FIND in progress (C-CANCEL)" in str(exc)
+        server.faults = Faults()
+        again = pacs.find_instances(env.series)
+    assert len(opened) == 1
+    assert sorted(again.SOPInstanceUID) == sorted(whole.SOPInstanceUID)
+    watch.released(pacs)
+
+
 def test_find_drill_down_over_many_parents_shares_one_deadline(env):
     # One series' answer takes about 3 s, within the limit; the call (the series
     # of the study, then the instances of each series) takes about 6.5 s.

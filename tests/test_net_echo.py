@@ -128,6 +128,33 @@ def test_find_closed_early_cancels_and_association_goes_on(demo_server) -> None:
         assert assoc.echo() == 0
 
 
+def test_find_responses_give_the_final_status_and_comment(demo_server, cohort) -> None:
+    """Each pending response with its identifier, then the final one, judged by the caller."""
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = ""
+    identifier = dsutils.encode(query, True, True)
+    with net.associate(
+        "127.0.0.1",
+        demo_server.port,
+        called_ae=demo_server.ae_title,
+        contexts=[(STUDY_FIND, [IMPLICIT_VR_LITTLE_ENDIAN])],
+    ) as assoc:
+        assert assoc.idle
+        responses = list(assoc.find_responses(STUDY_FIND, identifier))
+        assert assoc.idle  # the final response came: nothing in flight
+        *pending, final = responses
+        assert {status for status, _, _ in pending} <= {0xFF00, 0xFF01}
+        assert all(comment is None and data for _, comment, data in pending)
+        assert len(pending) == cohort[1].StudyInstanceUID.nunique()
+        assert final == (0x0000, None, None)
+        # A failure status is the last item, not an exception: a bad level.
+        query.QueryRetrieveLevel = "NONSENSE"
+        *_, (status, _, data) = assoc.find_responses(STUDY_FIND, dsutils.encode(query, True, True))
+        assert status not in (0x0000, 0xFF00, 0xFF01) and data is None
+        assert assoc.idle
+
+
 def test_not_supported_without_context(demo_server) -> None:
     with net.associate("127.0.0.1", demo_server.port, called_ae=demo_server.ae_title) as assoc:
         with pytest.raises(pf.NotSupported, match="accepted no presentation context"):
