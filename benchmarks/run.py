@@ -578,7 +578,8 @@ def _added_rss_text(added: dict[int, dict[str, Any]]) -> str:
     if len(known) < 2 or len(known) != len(deltas):
         verdict = "not measured"
     else:
-        small, large = (deltas[c] for c in sorted(deltas)[:: len(deltas) - 1])
+        counts = sorted(deltas)
+        small, large = deltas[counts[0]], deltas[counts[-1]]
         assert small is not None and large is not None
         under = max(known) < ADDED_RSS_TARGET_MB
         flat = large - small <= GROWTH_TOLERANCE_MB
