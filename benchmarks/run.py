@@ -122,7 +122,7 @@ ITEMS = (
 )
 WORKERS = (1, 2, 4)
 # The 2,000-object get: pacsframe's workers timed, and at most this many rounds (each
-# round is four times the 500-object one; its spread is smaller).
+# round takes four times the 500-object one).
 LARGE_WORKERS = (1, 4)
 LARGE_ROUNDS = 3
 # The fresh-process peak-RSS probes run after the get-cold rounds: name -> (kind, op).
