@@ -122,7 +122,7 @@ ITEMS = (
 )
 WORKERS = (1, 2, 4)
 # The 2,000-object get: pacsframe's workers timed, and at most this many rounds (each
-# round is four times the 500-object one; its spread is smaller).
+# round takes four times the 500-object one).
 LARGE_WORKERS = (1, 4)
 LARGE_ROUNDS = 3
 # The fresh-process peak-RSS probes run after the get-cold rounds: name -> (kind, op).
@@ -578,7 +578,8 @@ def _added_rss_text(added: dict[int, dict[str, Any]]) -> str:
     if len(known) < 2 or len(known) != len(deltas):
         verdict = "not measured"
     else:
-        small, large = (deltas[c] for c in sorted(deltas)[:: len(deltas) - 1])
+        counts = sorted(deltas)
+        small, large = deltas[counts[0]], deltas[counts[-1]]
         assert small is not None and large is not None
         under = max(known) < ADDED_RSS_TARGET_MB
         flat = large - small <= GROWTH_TOLERANCE_MB

@@ -717,3 +717,17 @@ class DcmqrscpServer(_ManagedProcess):
 
     def _ready(self) -> bool:
         return _port_open(self.host, self.port)
+
+    def stop(self, timeout: float = 20, *, graceful: bool = True) -> None:
+        """Stop dcmqrscp and the children it forked, one per association. Idempotent.
+
+        A child serving an association would outlive its parent (and the parent's
+        death signal); the children share the server's own session and process group
+        (``start_new_session``), so the whole group gets the signal. Only while the
+        parent is unreaped: its pid, and so the group's id, cannot have been reused.
+        """
+        process = self.process
+        if process is not None and process.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGTERM if graceful else signal.SIGKILL)
+        super().stop(timeout, graceful=graceful)

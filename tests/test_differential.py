@@ -14,6 +14,10 @@ with a reference made here from pynetdicom alone:
   those bytes after their file meta, and so must what
   :meth:`pacsframe.net.driver.ClientAssociation.get` streams to an in-memory writer.
 * C-MOVE to our own SCP: ``PACS.move`` must cache the same bytes.
+* The engine alone: :meth:`pacsframe.net.driver.ClientAssociation.find`, its
+  identifiers' bytes handed to ``FrameBuilder.add_raw``, must read the same frames,
+  and its C-MOVE to its own :class:`pacsframe.net.server.StorageServer` must receive
+  the same bytes.
 
 Whatever engine runs under ``PACS`` (pynetdicom today, ``pacsframe.net`` next), these
 must hold. The cohort is small (a few studies of 16x16 images), so the file runs in
@@ -30,19 +34,21 @@ from typing import Any
 import pandas as pd
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, build_role, evt
+from pynetdicom import AE, build_role, dsutils, evt
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
 )
 from servers import free_port
-from test_net_retrieve import dataset_bytes, study_identifier
+from test_net_retrieve import STUDY_MOVE, dataset_bytes, study_identifier
 
 import pacsframe as pf
 from pacsframe import net
 from pacsframe.frames import FrameBuilder
+from pacsframe.net.driver import IMPLICIT_VR_LITTLE_ENDIAN, VERIFICATION
 from pacsframe.net.operations import StoreRequest, read_part10, retrieve_negotiation
+from pacsframe.net.server import StorageServer
 from pacsframe.query import UNIQUE_KEY, build_query
 from pacsframe.storage import storage_contexts
 
@@ -312,6 +318,52 @@ def test_find_series_and_instances_frames_equal_pynetdicom(peer: DiffPeer) -> No
         )
 
 
+def driver_find(peer: DiffPeer, level: str, model: str = "study", **keys: Any) -> pd.DataFrame:
+    """The frame pacsframe.net's C-FIND gives, identifiers' bytes straight to the builder.
+
+    ``add_raw`` is the fast path a C-FIND over the new engine takes; an identifier it
+    leaves to pydicom is decoded and added the slow way, as ``PACS`` does.
+    """
+    query = build_query(level, model, keys)
+    builder = FrameBuilder(query.columns)
+    model_uid = FIND_MODELS[model]
+    contexts = [(model_uid, UNCOMPRESSED), (VERIFICATION, [IMPLICIT_VR_LITTLE_ENDIAN])]
+    with net.associate(
+        peer.host,
+        peer.port,
+        called_ae=peer.aet,
+        calling_ae=REFERENCE_AE,
+        contexts=contexts,
+        dimse_timeout=30,
+    ) as assoc:
+        assert assoc.echo() == 0x0000
+        implicit = assoc.contexts[assoc.context_for(model_uid)][1] == IMPLICIT_VR_LITTLE_ENDIAN
+        identifier = dsutils.encode(query.dataset(), implicit, True)
+        assert identifier is not None
+        for data in assoc.find(model_uid, identifier):
+            if not builder.add_raw(data, implicit):
+                decoded = dsutils.decode(io.BytesIO(data), implicit, True)
+                builder.add(decoded)
+    return builder.frame()
+
+
+@pytest.mark.parametrize(
+    ("level", "model", "key"),
+    [("patient", "patient", "PatientID"), ("study", "study", "StudyInstanceUID")],
+)
+def test_driver_find_frames_equal_pynetdicom(peer: DiffPeer, level, model, key) -> None:
+    """The engine's own C-FIND (no PACS around it) reads the same frame as pynetdicom."""
+    ours = driver_find(peer, level, model)
+    reference = reference_find(peer, level, model)
+    assert len(reference) > 0
+    assert_same_frame(ours, reference, key, f"{peer.name} {level} over pacsframe.net")
+    study, series = _series(peer, 0)
+    keys = {"StudyInstanceUID": study, "SeriesInstanceUID": series}
+    ours = driver_find(peer, "image", **keys)
+    reference = reference_find(peer, "image", **keys)
+    assert_same_frame(ours, reference, "SOPInstanceUID", f"{peer.name} images over pacsframe.net")
+
+
 # ------------------------------------------------------------------- C-GET and C-MOVE
 
 
@@ -362,3 +414,30 @@ def test_series_get_and_instance_move_cache_the_reference_bytes(peer: DiffPeer, 
     assert_same_objects(
         cached_objects(moved), {uid: reference[uid]}, f"{peer.name}: PACS.move of an instance"
     )
+
+
+def test_driver_move_to_the_engines_scp_gives_the_reference_bytes(peer: DiffPeer) -> None:
+    """pacsframe.net at both ends of a C-MOVE: ClientAssociation.move and StorageServer."""
+    reference = peer.reference_objects()
+    objects = MemoryObjects()
+    storage = [(cx.abstract_syntax, cx.transfer_syntax) for cx in storage_contexts("acceptor")]
+    contexts = [(STUDY_MOVE, UNCOMPRESSED)]
+    with (
+        StorageServer(
+            objects, ae_title=CALLING_AE, storage=storage, port=peer.scp_port, acse_timeout=10
+        ),
+        net.associate(
+            peer.host,
+            peer.port,
+            called_ae=peer.aet,
+            calling_ae=CALLING_AE,
+            contexts=contexts,
+            dimse_timeout=30,
+        ) as assoc,
+    ):
+        for study in sorted(peer.manifest.StudyInstanceUID.unique()):
+            identifier = study_identifier(assoc, STUDY_MOVE, study)
+            final = list(assoc.move(identifier, STUDY_MOVE, CALLING_AE))[-1]
+            assert (final.status, final.failed) == (0x0000, 0), (study, final)
+    # Each object was committed before its C-STORE-RSP, so before the final C-MOVE-RSP.
+    assert_same_objects(objects.committed, reference, f"{peer.name}: pacsframe.net C-MOVE")

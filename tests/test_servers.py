@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -307,3 +309,28 @@ def test_dcmqrscp_answers_finds_and_moves_to_a_destination_added_later(tmp_path:
         assert statuses[-1] == 0x0000
         assert len(dest.received_files()) == len(manifest)
     assert not server.running and server.last_returncode is not None
+
+
+def test_dcmqrscp_stop_ends_the_child_serving_an_open_association(tmp_path: Path) -> None:
+    require_tool("dcmqrscp")
+    server = DcmqrscpServer(tmp_path / "dcmqrscp").start()
+    assert server.process is not None
+    group = server.process.pid
+    ae = AE(ae_title="PFTEST")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(server.host, server.port, ae_title=server.aet)
+    assert assoc.is_established  # a forked child of dcmqrscp now serves it
+    try:
+        server.stop()
+        assert not server.running
+        # Bounded: the group (the server and its children) is gone within 10 s.
+        for _ in range(200):
+            try:
+                os.killpg(group, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("a dcmqrscp child outlived stop()")
+    finally:
+        assoc.abort()
