@@ -672,6 +672,19 @@ class PACS:
                 reason="rejected",
             )
         ssl_error = getattr(exc, "ssl_error", None)
+        if self._tls_context is not None and (
+            (ssl_error is None and getattr(exc, "closed", False))
+            or isinstance(ssl_error, ssl.SSLEOFError)
+            or "EOF" in str(getattr(ssl_error, "reason", "") or "")
+        ):
+            # The peer closed right after the handshake: ask again, only reading,
+            # for the alert that says why (see refusal_alert).
+            ssl_error = (
+                net_tls.refusal_alert(
+                    self.host, self.port, self._tls_context, min(self.connect_timeout, 2.0)
+                )
+                or ssl_error
+            )
         if ssl_error is not None:
             return net_tls.explain_failure(self.host, self.port, self.tls, ssl_error)
         if exc.reason == "tls":
@@ -739,8 +752,11 @@ class PACS:
         deadline = Deadline.current()
         with self._lock:
             assoc = self._held.get(key) if self._depth and keep else None
-            if assoc is not None and not assoc.is_established:
+            if assoc is not None and not assoc.is_quiet():
+                # The peer closed it while idle (its idle timeout, a restart) or
+                # sent something unasked: start afresh rather than fail the call.
                 self._held.pop(key, None)
+                assoc.abort()
                 assoc = None
         if assoc is None:
             assoc = self.connect(contexts, purpose, roles)

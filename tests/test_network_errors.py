@@ -199,3 +199,20 @@ def test_peer_without_c_get_says_use_move(tmp_path):
             pacs.get(["1.2.3"], progress=False)
     finally:
         server.shutdown()
+
+
+def test_a_kept_association_the_peer_closed_while_idle_is_replaced(tmp_path):
+    """Inside ``with pacs:`` an association the peer dropped between calls (its idle
+    timeout, a restart) is noticed before reuse and a new one is opened."""
+    from pacsframe.demo import DemoPACS, make_cohort
+
+    make_cohort(tmp_path / "src", patients=2, matrix=8, instances_per_series=1)
+    with DemoPACS(tmp_path / "src") as server:
+        pacs = pf.PACS("127.0.0.1", server.port, server.ae_title)
+        with pacs:
+            studies = len(pacs.find_studies())
+            first = pacs._held["net:query"]
+            server.stop()  # closes every association it serves
+            server.start()  # same port
+            assert len(pacs.find_studies()) == studies
+            assert pacs._held["net:query"] is not first

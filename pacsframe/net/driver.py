@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import socket
 import ssl
 import threading
@@ -399,6 +400,24 @@ class BlockingAssociation:
     def is_established(self) -> bool:
         """Whether the association is up: not released, aborted or closed."""
         return self._machine.state.name == "ESTABLISHED"
+
+    def is_quiet(self) -> bool:
+        """Whether an idle association still looks usable, without waiting.
+
+        Established, and nothing to read: a peer that closed the connection
+        (its idle timeout), aborted or asked to release while we were not
+        reading leaves something there. Checked before a kept association is
+        used again.
+        """
+        if not self.is_established:
+            return False
+        if isinstance(self._sock, ssl.SSLSocket) and self._sock.pending():
+            return False
+        try:
+            readable, _, _ = select.select([self._sock], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return not readable
 
     def abort(self) -> None:
         """A-ABORT (source: service user) and close, without waiting."""
@@ -1111,10 +1130,12 @@ def next_event(
                 )
             if isinstance(event, ConnectionClosed):
                 sock.close()
-                raise AssociationError(
+                error = AssociationError(
                     f"the connection to {where} closed while we waited for {waiting_for}",
                     reason="aborted",
                 )
+                error.closed = True  # type: ignore[attr-defined]
+                raise error
             return event
         remaining = deadline - time.monotonic()
         if interrupted is not None:

@@ -332,6 +332,36 @@ def speaks_tls(host: str, port: int, connect_timeout: float) -> bool:
         return False
 
 
+def refusal_alert(
+    host: str, port: int, context: ssl.SSLContext, timeout: float
+) -> ssl.SSLError | None:
+    """The TLS alert the peer sends after a handshake, without our sending anything.
+
+    With TLS 1.3 a server checks our certificate after the client's side of the
+    handshake has completed, then sends an alert and closes. When our first
+    write (the A-ASSOCIATE-RQ) crosses that close, the peer's kernel answers it
+    with a reset that can discard the alert, and all we see is an EOF. A second
+    handshake followed only by a read gets the alert itself, so the error can
+    say which certificate was refused. None when no alert comes within
+    ``timeout`` seconds.
+    """
+    try:
+        with (
+            socket.create_connection((host, port), timeout) as raw,
+            context.wrap_socket(raw, server_hostname=host) as sock,
+        ):
+            sock.settimeout(timeout)
+            sock.recv(1)
+    except ssl.SSLError as exc:
+        reason = str(exc.reason or "")
+        if "ALERT" in reason or isinstance(exc, ssl.SSLCertVerificationError):
+            return exc
+        return None
+    except OSError:
+        return None
+    return None
+
+
 def explain_failure(
     host: str, port: int, tls: TLS | ssl.SSLContext | None, exc: ssl.SSLError
 ) -> AssociationError:
