@@ -78,13 +78,14 @@ _FULL: dict[str, dict[str, Any]] = {
         "matrix": 8,
         "modalities": ["CT", "MR"],
     },
-    # One CT study of 500 512x512 instances (about 256 MB).
+    # One CT study of 500 512x512 instances in 2 series (about 256 MB): the issue's
+    # study, where workers=2 can give each association a series.
     "retrieve": {
         "patients": 1,
         "seed": 602,
         "studies_per_patient": 1,
-        "series_per_study": 1,
-        "instances_per_series": 500,
+        "series_per_study": 2,
+        "instances_per_series": 250,
         "matrix": 512,
         "modalities": ["CT"],
     },
@@ -105,7 +106,7 @@ COHORTS: dict[str, dict[str, dict[str, Any]]] = {
     # The smoke run: the same cohorts, smaller.
     "quick": {
         "query": {**_FULL["query"], "patients": 20},
-        "retrieve": {**_FULL["retrieve"], "instances_per_series": 10, "matrix": 64},
+        "retrieve": {**_FULL["retrieve"], "instances_per_series": 5, "matrix": 64},
         "retrieve-large": {**_FULL["retrieve-large"], "instances_per_series": 10, "matrix": 64},
     },
 }
