@@ -460,6 +460,18 @@ def encode_value(keyword: str, value: Any) -> str:
     return _check_string(text, attr)
 
 
+# Identifier encoding without pydicom (Query._encode_text): ASCII values of text VRs
+# are written as given, padded to even length (UI with NUL, the others with a space).
+_TEXT_VRS = frozenset(
+    {"AE", "AS", "CS", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"}
+)
+_EMPTY_ONLY_VRS = frozenset({"DS", "IS"})  # numbers as text: pydicom formats a value
+_LONG_TEXT_VRS = frozenset({"UC", "UR", "UT"})  # 32-bit length in explicit VR
+_IMPLICIT_ELEMENT = struct.Struct("<HHL")
+_EXPLICIT_SHORT = struct.Struct("<HH2sH")
+_EXPLICIT_LONG = struct.Struct("<HH2sHL")
+
+
 # --- whole queries ----------------------------------------------------------------------
 
 
@@ -544,6 +556,9 @@ class Query:
         >>> Query("PATIENT", "patient", {"PatientID": "12"}).encode(implicit_vr=True).hex()
         '080052000800000050415449454e542010002000020000003132'
         """
+        fast = self._encode_text(implicit_vr)
+        if fast is not None:
+            return fast
         fp = DicomBytesIO()
         fp.is_implicit_VR = implicit_vr
         fp.is_little_endian = True
@@ -555,6 +570,44 @@ class Query:
                 "check the keys' values."
             ) from None
         return fp.getvalue()
+
+    def _encode_text(self, implicit_vr: bool) -> bytes | None:
+        """:meth:`encode` with ``struct`` for the common query, or None for pydicom's way.
+
+        The common query (every drill-down) is ASCII text in text VRs; it encodes
+        to the bytes pydicom writes (tests/test_fuzz.py checks), about ten times
+        faster. Anything else (a number in a binary or DS/IS VR, non-ASCII text, a
+        value too long for its length field) is left to pydicom.
+        """
+        elements = {0x00080052: ("CS", self.level)}
+        for keyword, text in self.keys.items():
+            attr = frames.attribute(keyword)
+            vr = attr.vr
+            if not (vr in _TEXT_VRS or (not text and vr in _EMPTY_ONLY_VRS)):
+                return None
+            if not text.isascii():
+                return None
+            elements[attr.tag] = (vr, text)
+        parts = []
+        for tag in sorted(elements):
+            vr, text = elements[tag]
+            value = text.encode("ascii")
+            if len(value) % 2:
+                value += b"\0" if vr == "UI" else b" "
+            if implicit_vr:
+                parts.append(_IMPLICIT_ELEMENT.pack(tag >> 16, tag & 0xFFFF, len(value)))
+            elif vr in _LONG_TEXT_VRS:
+                parts.append(
+                    _EXPLICIT_LONG.pack(tag >> 16, tag & 0xFFFF, vr.encode(), 0, len(value))
+                )
+            elif len(value) > 0xFFFF:
+                return None
+            else:
+                parts.append(
+                    _EXPLICIT_SHORT.pack(tag >> 16, tag & 0xFFFF, vr.encode(), len(value))
+                )
+            parts.append(value)
+        return b"".join(parts)
 
     def to_json(self) -> dict[str, Any]:
         """JSON-safe description, for ``DataFrame.attrs``."""

@@ -246,6 +246,9 @@ def assert_encodes_and_round_trips(query) -> None:
     """The identifier writes in both VR encodings and reads back as the query's strings."""
     ds = query.dataset()
     for implicit in (True, False):
+        # What is sent (Query.encode: struct for ASCII text, else pydicom) is what
+        # pydicom writes.
+        assert query.encode(implicit) == _encoded(ds, implicit), (query.keys, implicit)
         back = decode(io.BytesIO(_encoded(ds, implicit)), implicit, True)
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # no malformed value in what we send
