@@ -7,7 +7,9 @@ sends ``../../x`` as a UID never gets anything written outside the root.
 
 Every object is written to a temporary file in its final folder
 (``.<SOPInstanceUID>.<host>-<pid>-<random>.part``, a name no instance can have and
-that says which process writes it), its header is checked, and only then is it
+that says which process writes it; an object streamed in by a C-STORE
+(:meth:`Cache.receive`) is written in the root, as its folder is known only once its
+header arrived), its header is checked, and only then is it
 renamed into place (``os.replace``, atomic on POSIX and Windows) and given one row
 in ``<root>/index.sqlite``. A reader therefore sees either no file or a complete
 one, and an index row always points at a complete file. A killed run leaves at
@@ -1646,6 +1648,10 @@ class IncomingObject:
         self._head_size = len(head)
         self._kept = bytearray()
         self._done = False
+        # Set when the header shows the object cached already (and not overwrite):
+        # the rest of it is counted, not written. (existing path, header strings)
+        self._cached: tuple[Path, dict[str, str | None]] | None = None
+        self._strings: dict[str, str | None] | None = None  # the header, once read
         sop = str(request.sop_instance_uid)
         self._tmp = _temp_path(cache.root / "x", sop if frames.is_uid(sop) else "received")
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
@@ -1673,11 +1679,42 @@ class IncomingObject:
         """Append the next fragment of the data set to the temporary file."""
         if self._done:
             raise CacheError("this received object was already committed or discarded")
-        room = _KEPT_BYTES - len(self._kept)
-        if room > 0:
-            self._kept += data[:room]
-        self._handle.write(data)
+        if self._cached is None:
+            room = _KEPT_BYTES - len(self._kept)
+            if room > 0:
+                self._kept += data[:room]
+                if len(self._kept) == _KEPT_BYTES and not self.overwrite:
+                    # If the header shows the object cached, the rest need not touch
+                    # the disk, as write() would not write it.
+                    self._cached = self._held()
+                    if self._cached is not None:
+                        self._remove()
+        if self._cached is None:
+            self._handle.write(data)
         self.size += len(data)
+
+    def _held(self) -> tuple[Path, dict[str, str | None]] | None:
+        """The cached copy of this object and its header, when the kept bytes show one."""
+        uid = UID(self.syntax)
+        if not uid.is_transfer_syntax or uid.is_deflated or not uid.is_little_endian:
+            return None
+        try:
+            found = self._scan_kept(uid.is_implicit_VR, complete=False)
+            if found is None:
+                return None
+            ds = Dataset({BaseTag(tag): elem for tag, elem in found.items()})
+            strings = frames.dicom_strings(ds, matching.INDEX_KEYWORDS)
+        except Exception:
+            return None  # commit reads it its own way
+        self._strings = strings  # the header is read: commit need not read it again
+        sop = strings["SOPInstanceUID"]
+        if not frames.is_uid(sop):
+            return None
+        old = self.cache._existing(str(sop))
+        if old is None:
+            return None
+        existing = self.cache._absolute(old)
+        return (existing, strings) if existing.exists() else None
 
     def commit(self) -> None:
         """Scan the header, file the object and index it; ``None`` means status 0x0000.
@@ -1689,6 +1726,17 @@ class IncomingObject:
             raise CacheError("this received object was already committed or discarded")
         self._done = True
         cache = self.cache
+        if self._cached is not None:
+            existing, strings = self._cached
+            study, series, sop = (strings[k] or "" for k in _UID_KEYS)
+            cache.path_for(study, series, sop)  # refused as write() refuses it
+            if not existing.exists():
+                raise FileNotFoundError(
+                    f"the cached copy of {sop} was removed while the object arrived again; "
+                    "it was not kept: retrieve it again"
+                )
+            self.path, self.header = existing, strings
+            return None
         try:
             self._handle.close()
             header = self._scan()
@@ -1725,6 +1773,8 @@ class IncomingObject:
 
     def _scan(self) -> tuple[dict[str, str | None], str]:
         """The header's index strings and transfer syntax, as :meth:`Cache.add_received`."""
+        if self._strings is not None:
+            return self._strings, self.syntax
         uid = UID(self.syntax)
         label = "the received object"
         if not uid.is_transfer_syntax or uid.is_deflated:
@@ -1754,10 +1804,14 @@ class IncomingObject:
             return self.cache._header(self._tmp, label)
         return strings, self.syntax
 
-    def _scan_kept(self, implicit: bool) -> dict[int, Any] | None:
-        """Scan the kept bytes; None unless they surely hold the whole header."""
+    def _scan_kept(self, implicit: bool, complete: bool | None = None) -> dict[int, Any] | None:
+        """Scan the kept bytes; None unless they surely hold the whole header.
+
+        ``complete``: whether they are the whole data set (default: as far as written).
+        """
         view = memoryview(self._kept)
-        complete = self.size - self._head_size <= len(view)
+        if complete is None:
+            complete = self.size - self._head_size <= len(view)
         out: dict[int, Any] = {}
         # frames.scan_elements, told apart: stopping at the pixel data from running
         # to the end of what was kept (which, cut short, may lack later elements).

@@ -305,3 +305,51 @@ def test_an_empty_request_uid_still_files_the_object_under_its_header(tmp_path, 
     writer = _send(cache, request, dataset, [3])
     assert dcmread(writer.path).SOPInstanceUID == row.SOPInstanceUID
     cache.close()
+
+
+def _big(tmp_path):
+    ds = _dataset(Rows=256, Columns=512, BitsAllocated=16, BitsStored=16, HighBit=15)
+    ds.SamplesPerPixel, ds.PixelRepresentation = 1, 0
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = os.urandom(256 * 512 * 2)
+    return ds, _encoded(ds, ExplicitVRLittleEndian)
+
+
+def test_the_rest_of_an_object_already_cached_never_touches_the_disk(tmp_path):
+    ds, dataset = _big(tmp_path)
+    request = StoreRequest(CT, ds.SOPInstanceUID, ExplicitVRLittleEndian, 1)
+    cache = Cache(tmp_path / "cache")
+    first = _send(cache, request, dataset, [70_000])
+    before = first.path.stat()
+    writer = cache.receive(request)
+    view = memoryview(dataset)
+    for start in range(0, len(dataset), 16_000):
+        writer.write(view[start : start + 16_000])
+        if start >= 1 << 16:  # the header is in: nothing more is written
+            assert list(cache.root.glob(".*.part")) == []
+    writer.commit()
+    assert writer.path == first.path and not writer.written
+    assert writer.size == first.size and writer.header["SOPInstanceUID"] == ds.SOPInstanceUID
+    after = first.path.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    # With overwrite, it is written again, whole.
+    again = _send(cache, request, dataset, [70_000], overwrite=True)
+    assert again.written and again.path.read_bytes().endswith(dataset)
+    assert again.path.stat().st_ino != before.st_ino
+    assert len(cache) == 1 and cache.verify().empty
+    cache.close()
+
+
+def test_a_cached_copy_removed_while_the_object_arrives_again_fails_the_object(tmp_path):
+    ds, dataset = _big(tmp_path)
+    request = StoreRequest(CT, ds.SOPInstanceUID, ExplicitVRLittleEndian, 1)
+    cache = Cache(tmp_path / "cache")
+    first = _send(cache, request, dataset, [])
+    writer = cache.receive(request)
+    writer.write(memoryview(dataset)[:100_000])
+    first.path.unlink()
+    writer.write(memoryview(dataset)[100_000:])
+    with pytest.raises(FileNotFoundError, match="retrieve it again"):
+        writer.commit()
+    assert list(cache.root.rglob("*.part")) == []
+    cache.close()
