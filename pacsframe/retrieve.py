@@ -1506,13 +1506,15 @@ def _move(
     stopped = False  # by the deadline, before every unit was done
     scp = StorageSCP(pacs, receiver.writer) if receiver is not None else None
     failure: PacsFrameError | None = None
-    try:
-        if scp is not None:
-            scp.start()
+    holder: list[ClientAssociation] = []
+
+    def run() -> None:
+        nonlocal requests, stopped
         model_uid = MOVE_MODELS[model]
         # The call's timeout= is the association's limit: the engine cancels the
         # request in flight when it passes (then aborts if the peer does not stop).
         with pacs.session([(model_uid, _RETRIEVE_SYNTAXES)], purpose="move", keep=False) as assoc:
+            holder.append(assoc)
             syntax = _syntax(assoc, model_uid)
             for unit in planner.units:
                 if receiver is not None and receiver.stop.is_set():
@@ -1549,7 +1551,12 @@ def _move(
                         remote[key] += value
                     untold, note = _untold(pacs, unit, counts, what)
                     remote["failed"] += untold
-                    remote_notes += [note] if note else []
+                    remote_notes.extend([note] if note else [])
+
+    try:
+        if scp is not None:
+            scp.start()
+        _in_thread(run, holder, "pacsframe-move")
     except PacsFrameError as exc:
         failure = exc
         if isinstance(exc, LimitReached) and not isinstance(exc, Interrupted):
@@ -1569,6 +1576,42 @@ def _move(
         raise _with_result(failure, result, "move")
     _warn_counts(pacs, result, notes, None if ours else target)
     return result
+
+
+def _in_thread(work: Callable[[], None], holder: list[ClientAssociation], name: str) -> None:
+    """Run ``work`` (an association's whole life) in a thread of its own, and wait.
+
+    The association's I/O stays in that thread, so Ctrl-C here asks it to cancel
+    (C-CANCEL at the next message boundary, then release) instead of cutting a
+    read in two; after 10 s it aborts. ``holder`` gets the association once open.
+    What ``work`` raises is raised here.
+    """
+    failures: list[BaseException] = []
+    context = contextvars.copy_context()  # the call's timeout= holds there too
+
+    def target() -> None:
+        try:
+            context.run(work)
+        except BaseException as exc:
+            failures.append(exc)
+
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    thread.start()
+    try:
+        # Short joins keep this thread responsive to Ctrl-C.
+        while thread.is_alive():
+            thread.join(0.1)
+    except KeyboardInterrupt:
+        for assoc in holder:
+            assoc.interrupt()
+        thread.join(10)
+        if thread.is_alive():
+            for assoc in holder:
+                assoc.interrupt(abort=True)
+            thread.join(1)
+        raise
+    if failures:
+        raise failures[0]
 
 
 def _move_one(

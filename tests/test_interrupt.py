@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _thread
 import os
 import signal
 import subprocess
@@ -9,11 +10,13 @@ import sys
 import threading
 import time
 
+import pytest
+from pydicom.dataset import Dataset
 from pynetdicom import evt
 
 import pacsframe as pf
 from pacsframe.demo import DemoPACS, make_cohort
-from pacsframe.demo.server import handle_get
+from pacsframe.demo.server import handle_get, handle_move
 
 HOLD_AFTER = 40  # sub-operations sent in all before the rest wait for a C-CANCEL
 
@@ -96,3 +99,74 @@ def test_sigint_mid_get_leaves_a_consistent_cache_and_resumes(tmp_path):
         assert rest.cached == have
         assert rest.completed == len(manifest) - have
     assert os.path.exists(cache / "index.sqlite")
+
+
+class HeldMovePACS(DemoPACS):
+    """The demo PACS, holding a C-MOVE after ``HOLD_AFTER`` sub-operations until cancelled.
+
+    ``holding`` is set once it holds, ``cancelled`` when it sees our C-CANCEL there.
+    """
+
+    def start(self) -> HeldMovePACS:
+        super().start()
+        self.release = threading.Event()
+        self.holding = threading.Event()
+        self.cancelled = threading.Event()
+        self._sent = 0
+        self._server.bind(evt.EVT_C_MOVE, _held_move, [self])
+        return self
+
+
+def _held_move(event: evt.Event, server: HeldMovePACS):
+    for item in handle_move(event, server):
+        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], Dataset):
+            server._sent += 1
+            deadline = time.monotonic() + 60
+            while server._sent > HOLD_AFTER and time.monotonic() < deadline:
+                server.holding.set()
+                if event.is_cancelled:
+                    server.cancelled.set()
+                    break
+                if server.release.wait(0.05):
+                    break
+        yield item
+
+
+def test_interrupt_mid_move_cancels_releases_and_resumes(tmp_path):
+    # Ctrl-C in the thread that called move(): the association's own thread sends
+    # C-CANCEL and releases; what arrived is cached, and a re-run fetches the rest.
+    folder = tmp_path / "served"
+    manifest = make_cohort(
+        folder,
+        patients=1,
+        seed=52,
+        studies_per_patient=1,
+        series_per_study=1,
+        instances_per_series=60,
+        matrix=32,
+        modalities=("CT",),
+    )
+    cache = tmp_path / "cache"
+    with HeldMovePACS(folder) as server:
+        pacs = pf.PACS("127.0.0.1", server.port, server.ae_title, cache=cache, calling_ae="HELD")
+        server.add_known_ae("HELD", "127.0.0.1", pacs.scp_port)
+        studies = pacs.find_studies()
+
+        def interrupt() -> None:
+            server.holding.wait(60)
+            _thread.interrupt_main()
+
+        threading.Thread(target=interrupt, daemon=True).start()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                pacs.move(studies, progress=False)
+            assert server.cancelled.wait(10), "the peer saw no C-CANCEL"
+        finally:
+            server.release.set()
+        held = pf.Cache(cache)
+        assert held.verify().empty
+        have = len(held)
+        assert 0 < have < len(manifest)
+        assert not [p for p in cache.rglob("*") if p.name.endswith(".part")]
+        rest = pacs.move(pacs.find_studies(), progress=False)
+        assert (rest.cached, rest.completed) == (have, len(manifest) - have)
