@@ -26,11 +26,14 @@ instances.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import socket
 import ssl
 import struct
 import threading
+import time
 import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -48,7 +51,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.dimse_messages import C_GET_RSP, C_MOVE_RSP
 from pynetdicom.dsutils import encode
 from pynetdicom.presentation import PresentationContext, build_context
@@ -64,9 +67,10 @@ from pynetdicom.sop_class import (
 
 from .. import frames, matching
 from ..cache import atomic_write
-from ..connection import TLS, BoundedHandshake, check_ae_title, pause_reactor, set_nodelay
+from ..connection import check_ae_title
 from ..errors import QueryError
 from ..matching import INDEX_KEYWORDS, LEVEL_KEYWORDS
+from ..net.tls import TLS, BoundedHandshake
 
 __all__ = [
     "INDEX_KEYWORDS",
@@ -81,6 +85,50 @@ __all__ = [
 ]
 
 LOGGER = logging.getLogger(__name__)
+
+
+# The demo PACS runs on pynetdicom (an implementation we did not write, which keeps
+# it an independent peer for pacsframe's own engine). pynetdicom writes every
+# request and response identifier (patient names, IDs, birth dates) to its INFO
+# log; the demo server's logs name AE titles, levels, counts and UIDs only. To
+# debug identifiers, set these back to True after importing pacsframe.demo.
+_config.LOG_REQUEST_IDENTIFIERS = False
+_config.LOG_RESPONSE_IDENTIFIERS = False
+
+
+def set_nodelay(event: evt.Event) -> None:
+    """EVT_CONN_OPEN handler: turn off Nagle's algorithm on the association's socket."""
+    # Nagle's algorithm and the peer's delayed ACK stall every small request by
+    # ~40 ms; DIMSE traffic is request/response, so we always want it off.
+    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def pause_reactor(assoc: Any) -> None:
+    """Keep a pynetdicom association's reactor from taking a response off its queue.
+
+    pynetdicom's own wait before ``send_c_store`` (``while not assoc._is_paused``)
+    can be fooled right after the previous request ended: the reactor has been
+    woken but not yet run, its ``_is_paused`` still True, and it then takes the
+    C-STORE response off the DIMSE queue, so a delivered object counts as failed.
+    A reactor blocked in ``Event.wait`` is a waiter of the event's condition, so
+    that is what we wait for (at most 5 s). These are pynetdicom internals: where a
+    version lacks them this does nothing and the demo server's C-MOVE is as
+    reliable as pynetdicom itself.
+    """
+    checkpoint = getattr(assoc, "_reactor_checkpoint", None)
+    if checkpoint is None:
+        return
+    checkpoint.clear()
+    waiters = getattr(getattr(checkpoint, "_cond", None), "_waiters", None)
+    deadline = time.monotonic() + 5
+    while assoc.is_established and time.monotonic() < deadline:
+        if (len(waiters) > 0) if waiters is not None else getattr(assoc, "_is_paused", True):
+            return
+        time.sleep(0.0001)
+
 
 _CHARSET = "SpecificCharacterSet"
 
