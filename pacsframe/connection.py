@@ -26,10 +26,6 @@ import pandas as pd
 import platformdirs
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID
-from pynetdicom import AE, _config, evt
-from pynetdicom.association import Association
-from pynetdicom.pdu import A_ASSOCIATE_RJ
-from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
@@ -64,20 +60,9 @@ __all__ = [
     "BoundedHandshake",
     "check_ae_title",
     "config_path",
-    "pause_reactor",
-    "set_nodelay",
 ]
 
 LOGGER = logging.getLogger("pacsframe")
-
-# pynetdicom writes every request and response identifier to its INFO log, patient
-# names, IDs and birth dates included, and formats them even when no handler
-# listens (about 0.25 ms per C-FIND answer). pacsframe's own logs name AE titles,
-# levels, counts and UIDs only; to debug a peer's identifiers, set these back to
-# True after importing pacsframe. Unlike pydicom's datetime_conversion, these
-# flags change what is logged, never what is sent or returned.
-_config.LOG_REQUEST_IDENTIFIERS = False
-_config.LOG_RESPONSE_IDENTIFIERS = False
 
 FIND_MODELS = {
     "study": StudyRootQueryRetrieveInformationModelFind,
@@ -137,39 +122,6 @@ def config_path() -> Path:
     return Path(platformdirs.user_config_dir("pacsframe")) / "config.toml"
 
 
-def set_nodelay(event: evt.Event) -> None:
-    """EVT_CONN_OPEN handler: turn off Nagle's algorithm on the association's socket."""
-    # Nagle's algorithm and the peer's delayed ACK stall every small request by
-    # ~40 ms; DIMSE traffic is request/response, so we always want it off.
-    sock = getattr(event.assoc.dul.socket, "socket", None)
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-class _SSLErrors(logging.Handler):
-    """Collects the ssl errors pynetdicom logs (and otherwise swallows) in its threads.
-
-    pynetdicom catches a failed TLS handshake (or a TLS alert on the first read)
-    inside its transport and only logs it; this handler keeps those exceptions so
-    the AssociationError can say what went wrong. Records carry the emitting
-    thread, so each association keeps only its own.
-    """
-
-    def __init__(self) -> None:
-        super().__init__(logging.ERROR)
-        self.errors: list[tuple[int | None, ssl.SSLError]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, ssl.SSLError):
-            self.errors.append((record.thread, exc))
-
-    def first_for(self, assoc: Association) -> ssl.SSLError | None:
-        threads = {assoc.ident, getattr(assoc.dul, "ident", None)} - {None}
-        return next((exc for thread, exc in self.errors if thread in threads), None)
-
-
 #: What a query association proposes (pacsframe's engine): C-ECHO and both
 #: C-FIND models, each in the two uncompressed little-endian syntaxes, whose
 #: identifiers go to the frame as bytes (``FrameBuilder.add_raw``).
@@ -192,34 +144,6 @@ def _capped(deadline: Deadline | None, seconds: float) -> float:
 def _status_text(code: int, table: dict[int, tuple[str, str]]) -> str:
     category, text = table.get(code, (code_to_category(code), "unknown status"))
     return f"0x{code:04X} {category}: {text}" if text else f"0x{code:04X} {category}"
-
-
-def pause_reactor(assoc: Association) -> None:
-    """Keep the association's reactor thread from taking our responses off the queue.
-
-    pynetdicom's own wait (``while not assoc._is_paused``) can be fooled: just after
-    the checkpoint was set at the end of the previous request, the reactor has been
-    woken but may not have run yet, its ``_is_paused`` still True from before. It
-    then takes one message off the DIMSE queue (our next response, logged as
-    "Received unexpected C-FIND service message") and the answer lacks a row without
-    a word: measured twice in 40 drill-downs against Orthanc on a busy machine. A
-    reactor blocked in ``Event.wait`` is a waiter of the event's condition, so that
-    is what we wait for. The reactor pauses within a loop of its own (about a
-    millisecond); a reactor that has stopped (an aborted association) never will.
-
-    pynetdicom's ``send_c_echo``, ``send_c_store``, ``send_c_get`` and ``send_c_move``
-    have the same check, so pacsframe calls this before each of them too: a lost
-    C-STORE response read as a failed object when loading Orthanc on a busy machine.
-    They set the checkpoint again when they end.
-    """
-    checkpoint = assoc._reactor_checkpoint
-    checkpoint.clear()
-    waiters = getattr(getattr(checkpoint, "_cond", None), "_waiters", None)
-    deadline = time.monotonic() + 5
-    while assoc.is_established and time.monotonic() < deadline:
-        if (len(waiters) > 0) if waiters is not None else assoc._is_paused:
-            return
-        time.sleep(0.0001)
 
 
 def _add_decoded(builder: frames.FrameBuilder, data: bytes, implicit_vr: bool) -> bool:
@@ -332,7 +256,7 @@ class PACS:
         self._cache_setting = cache
         self._cache: Cache | None = None
         self._checked: str | None = None  # what the last echo() found, for the HTML repr
-        self._held: dict[str, Association] = {}
+        self._held: dict[str, driver.ClientAssociation] = {}
         self._depth = 0
         self._lock = threading.RLock()
 
@@ -479,100 +403,6 @@ class PACS:
             held, self._held = self._held, {}
         for assoc in held.values():
             _release(assoc)
-
-    def _open(
-        self,
-        contexts: Sequence[PresentationContext],
-        purpose: str,
-        ext_neg: Sequence[Any] = (),
-        handlers: Sequence[tuple[Any, Any]] = (),
-    ) -> Association:
-        deadline = Deadline.current()
-        doing = f"association request to {self.ae_title} at {self.host}:{self.port}"
-        advice = "Check that the peer answers (pacs.echo()), or raise timeout=."
-        if deadline is not None:
-            deadline.check(doing, advice)
-        ae = AE(ae_title=self.calling_ae)
-        # The call's timeout= caps the waits for the connection and the negotiation.
-        ae.connection_timeout = _capped(deadline, self.connect_timeout)
-        ae.acse_timeout = _capped(deadline, self.acse_timeout)
-        ae.dimse_timeout = self.dimse_timeout
-        ae.network_timeout = self.network_timeout
-        ae.maximum_pdu_size = self.max_pdu
-        ae.requested_contexts = list(contexts)
-        opened = threading.Event()
-        received = threading.Event()
-        rejections: list[Any] = []
-
-        def on_open(event: evt.Event) -> None:
-            opened.set()
-            set_nodelay(event)
-
-        def on_pdu(event: evt.Event) -> None:
-            # Under load pynetdicom can end an association as "aborted" although it
-            # decoded the peer's A-ASSOCIATE-RJ (the peer closes right after sending
-            # it); keeping the PDU lets us report the real rejection and its reason.
-            received.set()
-            if isinstance(event.pdu, A_ASSOCIATE_RJ):
-                rejections.append(event.pdu)
-
-        tls_args = (self._tls_context, self.host) if self._tls_context is not None else None
-        ssl_errors = _SSLErrors()
-        started = time.monotonic()
-        for delay in (*_TRANSIENT_RETRY_DELAYS, None):
-            opened.clear()
-            received.clear()
-            rejections.clear()
-            ssl_errors.errors.clear()
-            if tls_args is not None:
-                logging.getLogger("pynetdicom").addHandler(ssl_errors)
-            try:
-                assoc = ae.associate(
-                    self.host,
-                    self.port,
-                    ae_title=self.ae_title,
-                    max_pdu=self.max_pdu,
-                    ext_neg=list(ext_neg) or None,
-                    evt_handlers=[
-                        (evt.EVT_CONN_OPEN, on_open),
-                        (evt.EVT_PDU_RECV, on_pdu),
-                        *handlers,
-                    ],
-                    tls_args=tls_args,
-                )
-            finally:
-                logging.getLogger("pynetdicom").removeHandler(ssl_errors)
-            transient = [r for r in rejections if r.result == 0x02] or (
-                assoc.is_rejected and getattr(assoc.acceptor.primitive, "result", None) == 0x02
-            )
-            if assoc.is_established or not transient or delay is None:
-                break
-            # A busy peer rejects "transient" (e.g. its association limit); it says
-            # to try again, so we do, a few times with growing pauses.
-            LOGGER.info("%s rejected the association as transient; retrying", self.ae_title)
-            time.sleep(_capped(deadline, delay))
-            if deadline is not None:
-                deadline.check(doing, advice)
-        if assoc.is_established:
-            LOGGER.info(
-                "association %s -> %s at %s:%s established for %s",
-                self.calling_ae,
-                self.ae_title,
-                self.host,
-                self.port,
-                purpose,
-            )
-            return assoc
-        if deadline is not None:
-            deadline.check(doing, advice)
-        raise self._association_failure(
-            assoc,
-            opened.is_set(),
-            time.monotonic() - started,
-            rejections,
-            tls_error=ssl_errors.first_for(assoc),
-            received=received.is_set(),
-        )
 
     def connect(
         self,
@@ -781,174 +611,6 @@ class PACS:
             if not held and assoc.is_established:
                 assoc.release()
 
-    def _association_failure(
-        self,
-        assoc: Association,
-        connected: bool,
-        elapsed: float,
-        rejections: list[Any],
-        *,
-        tls_error: ssl.SSLError | None = None,
-        received: bool = True,
-    ) -> AssociationError | NotSupported:
-        where = f"{self.host}:{self.port}"
-        if assoc.is_rejected or rejections:
-            prim = rejections[0] if rejections else assoc.acceptor.primitive
-            reason = getattr(prim, "reason_str", "unknown reason")
-            source = getattr(prim, "source_str", "unknown source")
-            result = getattr(prim, "result_str", "Rejected")
-            if getattr(prim, "result", None) == 0x02:
-                advice = (
-                    f"The peer is busy and said to try later; pacsframe tried "
-                    f"{len(_TRANSIENT_RETRY_DELAYS) + 1} times. Try again later, or use "
-                    "fewer parallel associations (workers=)."
-                )
-            else:
-                advice = (
-                    "Check that ae_title is the peer's AE title and that the peer knows "
-                    f"{self.calling_ae!r}."
-                )
-            return AssociationError(
-                f"the peer at {where} rejected the association ({result}; source: {source}; "
-                f"reason: {reason}) for called AE {self.ae_title!r} from calling AE "
-                f"{self.calling_ae!r}. {advice}",
-                reason="rejected",
-            )
-        if tls_error is not None:
-            return self._tls_failure(tls_error)
-        if not connected:
-            try:
-                with socket.create_connection((self.host, self.port), self.connect_timeout):
-                    pass
-            except ConnectionRefusedError:
-                return AssociationError(
-                    f"connection refused by {where}: nothing listens there. Check the host "
-                    "and port, and that the PACS is running.",
-                    reason="refused",
-                )
-            except TimeoutError:
-                return AssociationError(
-                    f"timed out after {self.connect_timeout:g} s connecting to {where}; check "
-                    "the host, the port and any firewall, or raise connect_timeout.",
-                    reason="timeout",
-                )
-            except OSError as exc:
-                return AssociationError(
-                    f"could not connect to {where}: {exc.strerror or exc}. Check the host "
-                    "name and port.",
-                    reason="refused",
-                )
-            if self._tls_context is not None:
-                return AssociationError(
-                    f"the TLS handshake with {where} failed (the TCP connection works); check "
-                    "that this is the peer's TLS port and that tls= matches its TLS settings "
-                    "(CA, client certificate).",
-                    reason="tls",
-                )
-            return AssociationError(
-                f"could not connect to {where} (the connection failed, then succeeded on a "
-                "second try); try again.",
-                reason="refused",
-            )
-        if assoc.rejected_contexts and not assoc.accepted_contexts and assoc.acceptor.primitive:
-            names = [str(cx.abstract_syntax.name) for cx in assoc.rejected_contexts]
-            shown = ", ".join(names[:3]) + (
-                f" and {len(names) - 3} more" if len(names) > 3 else ""
-            )
-            return NotSupported(
-                f"{self.ae_title} at {where} accepted none of the presentation contexts "
-                f"proposed ({shown}); the peer does not offer this service to "
-                f"{self.calling_ae!r}.",
-                status=0x0122,
-            )
-        if assoc.acceptor.primitive is None and elapsed >= self.acse_timeout * 0.9:
-            return AssociationError(
-                f"{where} accepted the TCP connection but did not answer the association "
-                f"request within acse_timeout={self.acse_timeout:g} s; check that this is "
-                "the peer's DICOM port (not its web port), or raise acse_timeout.",
-                reason="timeout",
-            )
-        if not received and self._tls_context is None and self._speaks_tls():
-            return AssociationError(
-                f"{self.ae_title} at {where} requires DICOM TLS: it closed our plain "
-                "association request and answers a TLS handshake. Pass "
-                "tls=pf.TLS(ca=..., cert=..., key=...) with the CA that signed its "
-                "certificate (and our certificate, if it asks for one).",
-                reason="tls",
-            )
-        if not received and self._tls_context is not None:
-            return AssociationError(
-                f"{self.ae_title} at {where} closed the TLS connection without answering the "
-                f"association request from {self.calling_ae!r}; check the peer's log (it may "
-                "have refused our client certificate, or not know our AE title).",
-                reason="aborted",
-            )
-        return AssociationError(
-            f"{self.ae_title} at {where} aborted the association request from "
-            f"{self.calling_ae!r}; check the peer's log for why (unknown calling AE, "
-            "too many connections).",
-            reason="aborted",
-        )
-
-    def _speaks_tls(self) -> bool:
-        return net_tls.speaks_tls(self.host, self.port, self.connect_timeout)
-
-    def _tls_failure(self, exc: ssl.SSLError) -> AssociationError:
-        return net_tls.explain_failure(self.host, self.port, self.tls, exc)
-
-    @contextlib.contextmanager
-    def association(
-        self,
-        contexts: Sequence[PresentationContext],
-        purpose: str = "query",
-        *,
-        ext_neg: Sequence[Any] = (),
-        handlers: Sequence[tuple[Any, Any]] = (),
-        keep: bool = True,
-    ) -> Iterator[Association]:
-        """An established association for ``purpose``, released afterwards.
-
-        Inside ``with pacs:`` the association is kept for later calls with the
-        same purpose, unless ``keep`` is False (associations with call-specific
-        event handlers, such as a C-GET's receiver, are never reused).
-        """
-        with self._lock:
-            held = self._held.get(purpose) if self._depth and keep else None
-            if held is not None and not held.is_established:
-                self._held.pop(purpose, None)
-                held = None
-        if held is not None:
-            try:
-                yield held
-            except BaseException:
-                # As below: responses of the interrupted exchange may still be on
-                # its way or queued, and would be read as the next call's answers.
-                if held.is_established:
-                    held.abort()
-                with self._lock:
-                    if self._held.get(purpose) is held:
-                        del self._held[purpose]
-                raise
-            return
-        assoc = self._open(contexts, purpose, ext_neg, handlers)
-        with self._lock:
-            keep = bool(self._depth) and keep
-            if keep:
-                self._held[purpose] = assoc
-        try:
-            yield assoc
-        except BaseException:
-            # An interrupted exchange leaves the peer mid-operation: abort rather
-            # than reuse or release into an unknown state.
-            if assoc.is_established:
-                assoc.abort()
-            with self._lock:
-                self._held.pop(purpose, None)
-            raise
-        finally:
-            if not keep:
-                _release(assoc)
-
     # --- C-ECHO --------------------------------------------------------------------------
 
     def echo(self, *, timeout: float | None = None) -> float:
@@ -990,21 +652,6 @@ class PACS:
                 f"{self.ae_title} answered C-ECHO with status 0x{status:04X}.", status=status
             )
         return time.monotonic() - started
-
-    def _lost(self, assoc: Association, what: str, waited: float) -> AssociationError:
-        where = f"{self.ae_title} at {self.host}:{self.port}"
-        if waited >= self.dimse_timeout * 0.9:
-            return AssociationError(
-                f"no {what} response from {where} within dimse_timeout="
-                f"{self.dimse_timeout:g} s; the association was aborted. Check the peer's "
-                "log, or raise dimse_timeout for a slow peer.",
-                reason="timeout",
-            )
-        return AssociationError(
-            f"{where} aborted the association during {what}; check the peer's log, then "
-            "try again.",
-            reason="aborted",
-        )
 
     # --- C-FIND --------------------------------------------------------------------------
 
@@ -1631,7 +1278,7 @@ class PACS:
         return store(self, source, timeout=timeout)
 
 
-def _release(assoc: Association | driver.ClientAssociation) -> None:
+def _release(assoc: driver.ClientAssociation) -> None:
     if assoc.is_established:
         assoc.release()
 

@@ -1,24 +1,28 @@
 """An overall time limit for one public call: ``timeout=`` on echo, find*, get, move, store.
 
-pynetdicom's timeouts bound each wait (``acse_timeout`` for the association,
-``dimse_timeout`` for each response), so a peer that answers every match or
-sub-operation just inside ``dimse_timeout`` keeps a call alive for ever. A
-:class:`Deadline` bounds the whole call, whatever it does inside: the
-associations it opens (their connect and negotiation waits are capped by the time
-left), drill-downs over many parents, split queries, planning listings and
-parallel C-GET workers.
+Each association's timeouts bound one wait (``acse_timeout`` for the
+association, ``dimse_timeout`` for each response), so a peer that answers
+every match or sub-operation just inside ``dimse_timeout`` keeps a call alive
+for ever. A :class:`Deadline` bounds the whole call, whatever it does inside:
+the associations it opens (their connect and negotiation waits are capped by
+the time left), drill-downs over many parents, split queries, planning
+listings and parallel C-GET workers.
 
 The deadline of the running call is a context variable, so code deep inside a
 call (another ``find`` made to plan a retrieval, a worker thread started with a
 copy of the context) shares it without passing it along; a nested call with no
 ``timeout=`` of its own inherits it.
 
-When the time is up a watchdog thread (:meth:`Deadline.watch`) ends the
-operation in flight: a C-CANCEL first where DIMSE has one (C-FIND, C-GET,
-C-MOVE), then, if the peer does not end the operation within a short grace,
-an A-ABORT. The call then raises :meth:`Deadline.error`, an
-:class:`~pacsframe.errors.AssociationError` with ``reason="timeout"`` that the
-call completes with what it obtained (``.partial`` or ``.result``).
+The deadline is enforced where the waiting happens, in the calling thread:
+``PACS.session`` makes ``Deadline.end`` the association's ``limit``
+(:class:`pacsframe.net.driver.BlockingAssociation`). When it passes, pacsframe's
+engine sends a C-CANCEL where DIMSE has one (C-FIND, C-GET, C-MOVE) and, if
+the peer does not end the operation within a short grace, an A-ABORT; it
+aborts a C-ECHO or C-STORE at once. It then raises
+:class:`~pacsframe.net.driver.LimitReached`, which :func:`timed_out` turns into
+:meth:`Deadline.error`, an :class:`~pacsframe.errors.AssociationError` with
+``reason="timeout"`` that the call completes with what it obtained
+(``.partial`` or ``.result``).
 """
 
 from __future__ import annotations
@@ -27,29 +31,22 @@ import contextlib
 import contextvars
 import logging
 import math
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from .errors import AssociationError, QueryError
 
 __all__ = [
-    "GRACE",
     "Deadline",
-    "abort",
     "check_timeout",
     "deadline_for",
     "fired",
     "is_timeout",
     "timed_out",
-    "watch",
 ]
 
 LOGGER = logging.getLogger("pacsframe")
-
-# Seconds a peer gets to end an operation after our C-CANCEL before we abort.
-GRACE = 2.0
 
 _CURRENT: contextvars.ContextVar[Deadline | None] = contextvars.ContextVar(
     "pacsframe_deadline", default=None
@@ -153,45 +150,6 @@ class Deadline:
         exc.doing = doing  # type: ignore[attr-defined]
         return exc
 
-    @contextlib.contextmanager
-    def watch(
-        self,
-        *,
-        cancel: Callable[[], Any] | None,
-        abort: Callable[[], Any],
-        grace: float = GRACE,
-    ) -> Iterator[None]:
-        """End the operation run inside when the time is up.
-
-        A thread waits for the deadline, then calls ``cancel`` (a C-CANCEL) and,
-        if the block has not ended ``grace`` seconds later, ``abort``; without
-        ``cancel`` (C-ECHO, C-STORE: DIMSE has no cancel for them) it aborts at
-        once. Leaving the block stops the thread, so no thread outlives it.
-        """
-        done = threading.Event()
-
-        def run() -> None:
-            if done.wait(self.remaining()):
-                return
-            self.fired = True
-            if cancel is not None:
-                self.action = "cancelled"
-                LOGGER.info("pacs.%s(): timeout=%g s passed; cancelling", self.call, self.timeout)
-                _quietly(cancel)
-                if done.wait(grace):
-                    return
-            self.action = "aborted"
-            LOGGER.info("pacs.%s(): timeout=%g s passed; aborting", self.call, self.timeout)
-            _quietly(abort)
-
-        thread = threading.Thread(target=run, name="pacsframe-deadline", daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            done.set()
-            thread.join()
-
 
 @contextlib.contextmanager
 def deadline_for(timeout: Any, call: str) -> Iterator[Deadline | None]:
@@ -211,33 +169,6 @@ def deadline_for(timeout: Any, call: str) -> Iterator[Deadline | None]:
         yield deadline
     finally:
         _CURRENT.reset(token)
-
-
-def watch(
-    deadline: Deadline | None,
-    *,
-    cancel: Callable[[], Any] | None,
-    abort: Callable[[], Any],
-    grace: float = GRACE,
-) -> contextlib.AbstractContextManager[None]:
-    """``deadline.watch(...)``, or a no-op without a deadline."""
-    if deadline is None:
-        return contextlib.nullcontext()
-    return deadline.watch(cancel=cancel, abort=abort, grace=grace)
-
-
-def abort(assoc: Any) -> None:
-    """Abort ``assoc`` and wake the thread waiting on it for a DIMSE message.
-
-    pynetdicom's own A-ABORT does not wake a ``get_msg`` wait (it would sleep out
-    its ``dimse_timeout``); the ``(None, None)`` it reads instead is what
-    pynetdicom itself queues when a connection closes.
-    """
-    try:
-        if assoc.is_established:
-            assoc.abort()
-    finally:
-        assoc.dimse.msg_queue.put((None, None))
 
 
 def fired(deadline: Deadline | None) -> bool:
@@ -279,10 +210,3 @@ def timed_out(
 
 
 _LIMIT_ACTIONS = frozenset({"cancelled", "aborted", "none"})
-
-
-def _quietly(action: Callable[[], Any]) -> None:
-    try:
-        action()
-    except Exception as exc:  # best effort while stopping; the caller raises the timeout
-        LOGGER.debug("stopping at the deadline: %r", exc)
