@@ -11,7 +11,6 @@ PACS('127.0.0.1', 4242, ae_title='ORTHANC', calling_ae='PACSFRAME')
 """
 
 from .cache import Cache, Volume
-from .connection import PACS, TLS
 from .errors import (
     AssociationError,
     CacheError,
@@ -25,6 +24,7 @@ from .errors import (
     UnusableListingWarning,
 )
 from .frames import MalformedValueWarning
+from .pacs import PACS, TLS
 from .retrieve import RetrieveResult
 from .storage import StoreResult
 from .widgets import QueryForm

@@ -10,7 +10,7 @@ status that says so. What peers do instead:
 * the Repository Query class answers 0xB001 ("matching reached response limit");
 * other PACS stop at N and answer Success: only a known ``max_results`` tells.
 
-The client detects the protocol signs (see ``connection.PACS._find_one``); this
+The client detects the protocol signs (see ``finder._find_one``); this
 module does the rest, without any networking, so a QIDO-RS client can reuse it:
 :func:`split_find` drives a function that runs one query for a dict of keys (DICOM
 string form) and says whether that answer was cut short, splits a capped query

@@ -38,9 +38,9 @@ from typing import Any
 
 import pandas as pd
 
-from .connection import PACS, TLS
 from .deadline import deadline_for
 from .errors import PacsFrameError, QueryError
+from .pacs import PACS, TLS
 
 __all__ = ["main"]
 

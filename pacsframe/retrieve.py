@@ -95,7 +95,7 @@ from .storage import StorageSCP, TransferResult, storage_contexts
 
 if TYPE_CHECKING:
     from .cache import Cache, IncomingObject
-    from .connection import PACS
+    from .pacs import PACS
 
 __all__ = ["RetrieveResult", "get", "move"]
 
@@ -862,7 +862,7 @@ def _lost(pacs: PACS, exc: AssociationError, what: str) -> AssociationError:
 
 def _tls_scp_hint(pacs: PACS, destination: str | None) -> str:
     """A hint when the failed destination is our storage SCP and it speaks only TLS."""
-    from .connection import TLS
+    from .pacs import TLS
 
     tls = pacs.tls
     if destination != pacs.calling_ae or not isinstance(tls, TLS) or tls.cert is None:

@@ -45,8 +45,8 @@ from .net.operations import StoreWriterFactory
 from .net.server import StorageServer
 
 if TYPE_CHECKING:
-    from .connection import PACS
     from .net import driver
+    from .pacs import PACS
 
 __all__ = ["StorageSCP", "StoreResult", "TransferResult", "storage_contexts", "store"]
 
@@ -214,7 +214,7 @@ class StorageSCP:
     @property
     def ssl_context(self) -> ssl.SSLContext | None:
         """The server-side TLS the SCP uses (None: plain DICOM)."""
-        from .connection import TLS
+        from .pacs import TLS
 
         tls = self.pacs.tls
         if not isinstance(tls, TLS) or tls.cert is None:

@@ -36,7 +36,7 @@ from .matching import LEVEL_KEYWORDS
 from .query import INSTANCE_COUNT_KEY, UNIQUE_KEY, build_query, encode_value, normalize_level
 
 if TYPE_CHECKING:
-    from .connection import PACS
+    from .pacs import PACS
     from .retrieve import RetrieveResult
 
 __all__ = ["MODALITIES", "QueryForm", "QueryModel", "parse_more_keys"]

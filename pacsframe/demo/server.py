@@ -67,10 +67,10 @@ from pynetdicom.sop_class import (
 
 from .. import frames, matching
 from ..cache import atomic_write
-from ..connection import check_ae_title
 from ..errors import QueryError
 from ..matching import INDEX_KEYWORDS, LEVEL_KEYWORDS
 from ..net.tls import TLS, BoundedHandshake
+from ..pacs import check_ae_title
 
 __all__ = [
     "INDEX_KEYWORDS",

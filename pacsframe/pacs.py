@@ -1,9 +1,13 @@
-"""The PACS peer: settings, associations, C-ECHO, C-FIND into frames, configuration.
+"""The PACS facade: a peer's settings, its associations, and the public calls.
 
 One :class:`PACS` object describes one remote Application Entity. Each call opens
-an association, uses it for every request the call needs (a drill-down over 200
-studies is 200 C-FINDs on one association) and releases it; inside ``with pacs:``
-associations are kept open across calls until the block ends.
+an association (pacsframe's own engine, :mod:`pacsframe.net`), uses it for every
+request the call needs (a drill-down over 200 studies is 200 C-FINDs on one
+association) and releases it; inside ``with pacs:`` associations are kept open
+across calls until the block ends. The work is done by services that take the
+PACS as their peer and never import it: :mod:`pacsframe.finder` (C-FIND),
+:mod:`pacsframe.retrieve` (C-GET, C-MOVE), :mod:`pacsframe.storage` (C-STORE and
+our storage SCP). TLS settings live in :mod:`pacsframe.net.tls`.
 """
 
 from __future__ import annotations
@@ -16,43 +20,29 @@ import ssl
 import threading
 import time
 import tomllib
-import warnings
 from collections.abc import Callable, Iterator, Sequence
-from io import BytesIO
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
 import platformdirs
-from pydicom.filereader import read_dataset
 from pydicom.uid import UID
-from pynetdicom.sop_class import (
-    PatientRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelFind,
-    Verification,
-)
-from pynetdicom.status import QR_FIND_SERVICE_CLASS_STATUS, code_to_category
 
-from . import caps, frames
-from .deadline import Deadline, deadline_for, fired, timed_out
+from . import finder, frames, retrieve, storage
+from .cache import Cache
+from .deadline import Deadline, deadline_for, timed_out
 from .errors import (
     AssociationError,
     DimseError,
     NotSupported,
     PacsFrameError,
-    ProtocolError,
     QueryError,
-    ResultsCapped,
 )
 from .net import driver, pdu
 from .net import tls as net_tls
 from .net.association import DEFAULT_MAX_PDU, describe_rejection
 from .net.tls import TLS, BoundedHandshake
-from .query import LEVELS, UNIQUE_KEY, Query, build_query, normalize_model
-
-if TYPE_CHECKING:
-    from .cache import Cache
-    from .retrieve import RetrieveResult
+from .query import build_query, normalize_model
 
 __all__ = [
     "PACS",
@@ -64,20 +54,6 @@ __all__ = [
 
 LOGGER = logging.getLogger("pacsframe")
 
-FIND_MODELS = {
-    "study": StudyRootQueryRetrieveInformationModelFind,
-    "patient": PatientRootQueryRetrieveInformationModelFind,
-}
-# What to do about a C-FIND failure, by status class (the high byte).
-_FIND_ADVICE = {
-    0: "Check the matching keys against what the peer supports.",
-    0xA700: "The peer ran out of resources: narrow the query (more matching keys, a "
-    "shorter date range) or try again later.",
-    0xA900: "The peer says the identifier does not fit the information model: check the "
-    "level and model= ('study' or 'patient').",
-    0xC000: "The peer could not process the query: check the matching keys against what "
-    "the peer supports, and the peer's log.",
-}
 # Pauses before retrying an association the peer rejected as transient (busy).
 _TRANSIENT_RETRY_DELAYS = (0.25, 0.5, 1.0, 2.0)
 _SETTING_TYPES: dict[str, type] = {
@@ -122,38 +98,9 @@ def config_path() -> Path:
     return Path(platformdirs.user_config_dir("pacsframe")) / "config.toml"
 
 
-#: What a query association proposes (pacsframe's engine): C-ECHO and both
-#: C-FIND models, each in the two uncompressed little-endian syntaxes, whose
-#: identifiers go to the frame as bytes (``FrameBuilder.add_raw``).
-_LITTLE_ENDIAN = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
-_IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
-
-
-def query_contexts() -> list[tuple[str, tuple[str, ...]]]:
-    """The presentation contexts of a query association: Verification and C-FIND."""
-    return [(str(Verification), _LITTLE_ENDIAN)] + [
-        (str(uid), _LITTLE_ENDIAN) for uid in FIND_MODELS.values()
-    ]
-
-
 def _capped(deadline: Deadline | None, seconds: float) -> float:
     """A wait of ``seconds``, shortened to what is left of the call's ``timeout=``."""
     return seconds if deadline is None else deadline.cap(seconds)
-
-
-def _status_text(code: int, table: dict[int, tuple[str, str]]) -> str:
-    category, text = table.get(code, (code_to_category(code), "unknown status"))
-    return f"0x{code:04X} {category}: {text}" if text else f"0x{code:04X} {category}"
-
-
-def _add_decoded(builder: frames.FrameBuilder, data: bytes, implicit_vr: bool) -> bool:
-    """Add an identifier ``FrameBuilder.add_raw`` left to pydicom; False when undecodable."""
-    try:
-        builder.add(read_dataset(BytesIO(data), implicit_vr, True))
-    except Exception as exc:  # pydicom raises many kinds on malformed data
-        LOGGER.debug("an identifier could not be decoded: %r", exc)
-        return False
-    return True
 
 
 class PACS:
@@ -645,7 +592,7 @@ class PACS:
 
     def _echo(self, deadline: Deadline | None) -> float:
         started = time.monotonic()
-        with self.session(query_contexts()) as assoc:
+        with self.session(finder.query_contexts()) as assoc:
             status = assoc.echo()
         if status != 0x0000:
             raise DimseError(
@@ -737,8 +684,8 @@ class PACS:
             try:
                 if parents is None:
                     query.check_required()
-                    return self._run(query, None, progress)
-                return self._run(query, self._parents(parents, query), progress)
+                    return finder.run(self, query, None, progress)
+                return finder.run(self, query, finder.parents_of(self, parents, query), progress)
             except PacsFrameError as exc:
                 error = timed_out(
                     deadline,
@@ -753,9 +700,9 @@ class PACS:
                 # Rows of this call's level only: a drill-down through a level in
                 # between may have stopped there, before any row of this one.
                 partial = getattr(exc, "partial", None)
-                if not _same_level(partial, query):
+                if not finder.same_level(partial, query):
                     empty = frames.FrameBuilder(query.columns)
-                    partial = self._partial(query, empty, None, [])
+                    partial = finder.partial(self, query, empty, None, [])
                 error.partial = partial  # type: ignore[attr-defined]
                 raise error from error.__cause__
 
@@ -797,328 +744,12 @@ class PACS:
         with deadline_for(timeout, "find_instances"):
             return self.find("IMAGE", parents, **keys)
 
-    def _parents(
-        self, parents: pd.DataFrame | pd.Series | Sequence[str], query: Query
-    ) -> pd.DataFrame:
-        """The parent rows to drill down from, with every key the child query needs."""
-        level_index = LEVELS.index(query.level)
-        if isinstance(parents, pd.Series):
-            if parents.name not in UNIQUE_KEY.values():
-                raise QueryError(
-                    "a Series to drill down from must be a UID column (PatientID, "
-                    f"StudyInstanceUID, SeriesInstanceUID); got {parents.name!r}."
-                )
-            frame = parents.to_frame()
-        elif isinstance(parents, pd.DataFrame):
-            frame = parents
-        elif isinstance(parents, (str, bytes)):
-            raise QueryError(
-                "parents must be a frame or a list of UIDs, not a single string; pass "
-                f"[{parents!r}] or a matching key such as StudyInstanceUID=..."
-            )
-        else:
-            if level_index == 0:
-                raise QueryError("patient-level queries have no parents to drill down from.")
-            key = UNIQUE_KEY[LEVELS[level_index - 1]]
-            values = list(parents)
-            frame = pd.DataFrame({key: frames.to_series(values, key)})
-        parent_level = frames.infer_level(frame)
-        if LEVELS.index(parent_level) >= level_index:
-            raise QueryError(
-                f"cannot drill down to {query.level} from a frame at {parent_level} level; "
-                "pass a frame of a level above, or filter this frame with pandas."
-            )
-        needed = [*query.keys_required(), UNIQUE_KEY[parent_level]]
-        missing = [k for k in dict.fromkeys(needed) if k not in frame.columns]
-        if missing:
-            next_level = LEVELS[LEVELS.index(parent_level) + 1]
-            if next_level == query.level or (
-                query.model == "patient" and parent_level != "PATIENT" and "PatientID" in missing
-            ):
-                raise QueryError(
-                    f"drilling down to {query.level} needs the column(s) {missing} in the "
-                    "parent frame; pass a frame returned by a find_* call."
-                )
-            # Drill through the level in between (e.g. studies -> series -> instances).
-            frame = self.find(next_level, frame, model=query.model)
-        return frame
-
-    def _run(
-        self, query: Query, parents: pd.DataFrame | None, progress: bool = True
-    ) -> pd.DataFrame:
-        model_uid = FIND_MODELS[query.model]
-        builder = frames.FrameBuilder(query.columns)
-        owners: list[int] = []
-        requests = [(-1, query)] if parents is None else list(self._child_queries(query, parents))
-        counter = caps.Progress(f"{query.level}-level C-FIND", show=progress)
-        # (first row, end row, outcome) of each request whose answer was capped.
-        splits: list[tuple[int, int, caps.Outcome[range]]] = []
-        with self.session(query_contexts(), "query") as assoc:
-            if not any(abstract == model_uid for abstract, _ in assoc.contexts.values()):
-                other = "patient" if query.model == "study" else "study"
-                raise NotSupported(
-                    f"{self.ae_title} does not support C-FIND in the {query.model}-root "
-                    f"model; use model={other!r}.",
-                    status=0x0122,
-                )
-
-            def run(keys: dict[str, str]) -> caps.Answer[range]:
-                before = len(builder)
-                asked = Query(query.level, query.model, keys)
-                truncated = self._find_one(assoc, asked, model_uid, builder)
-                return caps.Answer(range(before, len(builder)), len(builder) - before, truncated)
-
-            try:
-                for owner, request in requests:
-                    before = len(builder)
-                    outcome = caps.split_find(
-                        run, request.keys, query.level, cap=self.max_results, progress=counter
-                    )
-                    owners.extend([owner] * (len(builder) - before))
-                    if outcome.split:
-                        splits.append((before, len(builder), outcome))
-            except PacsFrameError as exc:
-                if fired(Deadline.current()) or isinstance(exc, driver.LimitReached):
-                    # The rows of the request in flight belong to its parent too.
-                    owners.extend([owner] * (len(builder) - len(owners)))
-                    exc.partial = self._partial(  # type: ignore[attr-defined]
-                        query, builder, parents, owners
-                    )
-                raise
-            finally:
-                counter.close()
-        result = builder.frame()
-        if splits:
-            result, owners = self._merge_splits(result, owners, query, splits)
-        _check_answer(result, query.level, self.ae_title)
-        LOGGER.info(
-            "C-FIND %s level (%s root) at %s: %d request(s), %d match(es)",
-            query.level,
-            query.model,
-            self.ae_title,
-            counter.queries,
-            len(result),
-        )
-        if parents is not None:
-            result = _carry_parents(result, parents, owners)
-        result.attrs["pacsframe"] = {
-            **query.to_json(),
-            "peer": self.peer,
-            "requests": counter.queries,
-            "split": bool(splits),
-        }
-        capped = [outcome for _, _, outcome in splits if outcome.capped]
-        if capped:
-            windows = [w for outcome in capped for w in outcome.capped]
-            more = (
-                f" (in {len(capped)} of the {len(requests)} parent queries)"
-                if parents is not None
-                else ""
-            )
-            raise ResultsCapped(
-                caps.capped_message(query.level, self.ae_title, capped[0], len(result), more=more),
-                partial=result,
-                windows=windows,
-                cap=capped[0].cap,
-            )
-        return result
-
-    def _merge_splits(
-        self,
-        result: pd.DataFrame,
-        owners: list[int],
-        query: Query,
-        splits: list[tuple[int, int, caps.Outcome[range]]],
-    ) -> tuple[pd.DataFrame, list[int]]:
-        """Drop the rows a split answer repeats (capped answers overlap their pieces)."""
-        keep = pd.Series(True, index=result.index)
-        unmatched: dict[str, int] = {}
-        for start, end, outcome in splits:
-            part = result.iloc[start:end]
-            keep.iloc[start:end] = ~caps.repeated(part, query.level).to_numpy()
-            for key in outcome.unmatched:
-                if key in part.columns:
-                    kept = part[key][keep.iloc[start:end].to_numpy()]
-                    unmatched[key] = unmatched.get(key, 0) + int(kept.isna().sum())
-        LOGGER.info(
-            "C-FIND %s level at %s: %d capped answer(s) split and merged; %d repeated row(s) "
-            "dropped",
-            query.level,
-            self.ae_title,
-            len(splits),
-            int((~keep).sum()),
-        )
-        for key, count in unmatched.items():
-            if key == caps.SPLIT_KEYS[query.level][0]:
-                what = f"the query was split into {key} windows"
-                kept = f" ({count} such row(s) here)"
-            else:  # the time key: only the days split by time lose their untimed rows
-                what = f"a day holding at least the cap was split into {key} windows"
-                kept = ""
-            warnings.warn(
-                f"{self.ae_title} capped the {query.level}-level C-FIND answer and {what}; "
-                f"entities with no {key} match no window, so only those in a capped answer "
-                f"are included{kept} and more may exist. Give {key}=... to leave them out "
-                "on purpose, or ask the PACS administrator to raise the limit.",
-                stacklevel=5,
-            )
-        mask = keep.to_numpy()
-        owners = [owner for owner, kept in zip(owners, mask, strict=True) if kept]
-        return result[mask].reset_index(drop=True), owners
-
-    def _partial(
-        self,
-        query: Query,
-        builder: frames.FrameBuilder,
-        parents: pd.DataFrame | None,
-        owners: list[int],
-    ) -> pd.DataFrame:
-        """The rows received before a call's ``timeout=`` stopped it, typed as usual.
-
-        Each row once: the answers of a split query overlap their capped first answer.
-        """
-        result = builder.frame()
-        keep = ~caps.repeated(result, query.level).to_numpy()
-        result = result[keep].reset_index(drop=True)
-        owners = [owner for owner, kept in zip(owners, keep, strict=True) if kept]
-        if parents is not None:
-            result = _carry_parents(result, parents, owners)
-        result.attrs["pacsframe"] = {**query.to_json(), "peer": self.peer, "partial": True}
-        return result
-
-    def _child_queries(self, query: Query, parents: pd.DataFrame) -> Iterator[tuple[int, Query]]:
-        keys = list(
-            dict.fromkeys([*query.keys_required(), UNIQUE_KEY[frames.infer_level(parents)]])
-        )
-        for key in keys:
-            if query.keys.get(key):
-                raise QueryError(
-                    f"{key} comes from the parent frame when drilling down; do not also "
-                    f"pass {key}=... (filter the parent frame instead)."
-                )
-        seen: set[tuple[str, ...]] = set()
-        columns = [parents[k].tolist() for k in keys]
-        for position, values in enumerate(zip(*columns, strict=True)):
-            texts = tuple(frames.to_dicom(v, k) for k, v in zip(keys, values, strict=True))
-            if any(not t for t in texts):
-                missing = [k for k, t in zip(keys, texts, strict=True) if not t]
-                warnings.warn(
-                    f"parent row {position} has no {', '.join(missing)}; it was skipped.",
-                    stacklevel=4,
-                )
-                continue
-            if texts in seen:
-                continue
-            seen.add(texts)
-            child = query.with_keys(**dict(zip(keys, texts, strict=True)))
-            child.check_required()
-            yield position, child
-
-    def _find_one(
-        self,
-        assoc: driver.ClientAssociation,
-        query: Query,
-        model_uid: str,
-        builder: frames.FrameBuilder,
-    ) -> str | None:
-        """Run one C-FIND into ``builder``; say why its answer is cut short, or None.
-
-        pacsframe sends C-CANCEL during a find only when the call's ``timeout=`` runs
-        out, and then the driver raises :class:`~pacsframe.net.driver.LimitReached`
-        (an interrupt aborts the association), so a final 0xFE00 is the peer
-        stopping at its result limit.
-        """
-        what = f"{query.level}-level C-FIND"
-        deadline = Deadline.current()
-        if deadline is not None:
-            deadline.check(what)
-        cid = assoc.context_for(model_uid)
-        implicit = assoc.contexts[cid][1] == _IMPLICIT_VR_LITTLE_ENDIAN
-        identifier = query.encode(implicit)
-        add_raw = builder.add_raw
-        undecodable = 0
-        count = 0
-        code, comment = -1, None
-        try:
-            # The last item is the final response: its status and comment stay.
-            for code, comment, data in assoc.find_responses(model_uid, identifier):  # noqa: B007
-                if data is not None:  # a pending response and its match
-                    count += 1
-                    if not add_raw(data, implicit) and not _add_decoded(builder, data, implicit):
-                        undecodable += 1
-        except driver.LimitReached:
-            raise  # find() turns it into the timeout error, with the rows so far
-        except ProtocolError:
-            raise
-        except AssociationError as exc:
-            raise self._find_lost(exc, what) from None
-        if undecodable:
-            warnings.warn(
-                f"{undecodable} match(es) in the {query.level}-level C-FIND answer "
-                f"from {self.ae_title} could not be decoded and are missing from the "
-                "frame; the peer sent malformed identifiers (pacsframe's debug log "
-                "says how).",
-                frames.MalformedValueWarning,
-                stacklevel=8,
-            )
-        if code == 0x0000:
-            return None
-        detail = f" The peer says: {comment}." if comment else ""
-        if code == 0xFE00:
-            return (
-                f"it ended an answer with 0xFE00 (Cancel) after {count} match(es) although "
-                "pacsframe sent no C-CANCEL"
-            )
-        if code == 0xB001:
-            return f"it answered 0xB001 (response limit reached) after {count} match(es)"
-        if ((code & 0xF000) == 0xC000 or (code & 0xFF00) == 0xA700) and caps.names_a_size(comment):
-            return f"it refused with 0x{code:04X}, {str(comment)!r}, after {count} match(es)"
-        category = code_to_category(code)
-        if category == "Warning":
-            warnings.warn(
-                f"{self.ae_title} ended the C-FIND with "
-                f"{_status_text(code, QR_FIND_SERVICE_CLASS_STATUS)}.{detail}",
-                stacklevel=8,
-            )
-            return None
-        raise DimseError(
-            f"{self.ae_title} answered the {what} with "
-            f"{_status_text(code, QR_FIND_SERVICE_CLASS_STATUS)}.{detail} "
-            f"{_FIND_ADVICE.get(code & 0xFF00, _FIND_ADVICE[0])}",
-            status=code,
-            comment=str(comment) if comment else None,
-        )
-
-    def _find_lost(self, exc: AssociationError, what: str) -> AssociationError:
-        """The driver's loss of the association during ``what``, explained for a PACS user.
-
-        The driver times out only when one message took over ``dimse_timeout``
-        (the call's ``timeout=`` is :class:`~pacsframe.net.driver.LimitReached`).
-        """
-        where = f"{self.ae_title} at {self.host}:{self.port}"
-        if exc.reason == "timeout":
-            return AssociationError(
-                f"no {what} response from {where} within dimse_timeout="
-                f"{self.dimse_timeout:g} s; the association was aborted. Check the peer's "
-                "log, or raise dimse_timeout for a slow peer.",
-                reason="timeout",
-            )
-        if exc.reason == "aborted":
-            return AssociationError(
-                f"{where} aborted the association during {what} ({exc}); check the peer's "
-                "log, then try again.",
-                reason="aborted",
-            )
-        return exc
-
     # --- retrieval ------------------------------------------------------------------------
 
     @property
     def cache(self) -> Cache:
         """The on-disk cache retrieved objects go to (created on first use)."""
         if self._cache is None:
-            from .cache import Cache
-
             setting = self._cache_setting
             self._cache = setting if isinstance(setting, Cache) else Cache(setting)
         return self._cache
@@ -1142,7 +773,7 @@ class PACS:
         overwrite: bool = False,
         model: str | None = None,
         timeout: float | None = None,
-    ) -> RetrieveResult:
+    ) -> retrieve.RetrieveResult:
         """C-GET what ``frame`` describes into :attr:`cache`; skip what is cached.
 
         Parameters
@@ -1194,9 +825,8 @@ class PACS:
         >>> first.completed > 0, again.completed, again.cached == first.completed
         (True, 0, True)
         """
-        from .retrieve import get
 
-        return get(
+        return retrieve.get(
             self,
             frame,
             workers=workers,
@@ -1217,7 +847,7 @@ class PACS:
         overwrite: bool = False,
         model: str | None = None,
         timeout: float | None = None,
-    ) -> RetrieveResult:
+    ) -> retrieve.RetrieveResult:
         """C-MOVE what ``frame`` describes, to us (the cache) or to another AE.
 
         With no ``destination`` (or our own ``calling_ae``) pacsframe runs its own
@@ -1249,9 +879,8 @@ class PACS:
             The peer cannot be reached, stops answering, or ``timeout`` ran out;
             ``.result`` says what arrived.
         """
-        from .retrieve import move
 
-        return move(
+        return retrieve.move(
             self,
             frame,
             destination=destination,
@@ -1273,9 +902,8 @@ class PACS:
         carries the ``StoreResult`` as ``.result``. See
         :func:`pacsframe.storage.store`.
         """
-        from .storage import store
 
-        return store(self, source, timeout=timeout)
+        return storage.store(self, source, timeout=timeout)
 
 
 def _release(assoc: driver.ClientAssociation) -> None:
@@ -1287,62 +915,3 @@ def _uid_name(uid: str) -> str:
     """A SOP class's name where pydicom knows it, else the UID."""
     name = UID(uid).name
     return str(name) if name and name != uid else uid
-
-
-def _same_level(frame: Any, query: Query) -> bool:
-    """Whether ``frame`` is a frame of ``query``'s level (from its attrs)."""
-    attrs = frame.attrs.get("pacsframe", {}) if isinstance(frame, pd.DataFrame) else {}
-    return isinstance(attrs, dict) and attrs.get("level") == query.level
-
-
-def _carry_parents(result: pd.DataFrame, parents: pd.DataFrame, owners: list[int]) -> pd.DataFrame:
-    """Put the parents' columns (repeated per child row) in front of the children's."""
-    carried = parents.iloc[owners].reset_index(drop=True)
-    carried.attrs = {}
-    children = result.drop(columns=[c for c in result.columns if c in carried.columns])
-    out = pd.concat([carried, children.reset_index(drop=True)], axis=1)
-    # Where the parent lacks a value the child knows (e.g. a parent column that was
-    # empty), prefer the child's answer.
-    for column in result.columns.intersection(carried.columns):
-        if result[column].dtype == out[column].dtype and out[column].isna().any():
-            out[column] = out[column].where(out[column].notna(), result[column].to_numpy())
-    return out
-
-
-def _check_answer(frame: pd.DataFrame, level: str, peer: str) -> None:
-    """Warn about rows a retrieval or drill-down trips over: no, invalid or repeated UIDs."""
-    what = f"the {level}-level C-FIND answer from {peer}"
-    key = UNIQUE_KEY[level]
-    if key in frame.columns:
-        missing = int(frame[key].isna().sum())
-        if missing:
-            warnings.warn(
-                f"{missing} row(s) of {what} have no {key}, the level's unique key; the "
-                "peer sent malformed data. They are kept, but cannot be retrieved or "
-                "drilled down from.",
-                frames.MalformedValueWarning,
-                stacklevel=5,
-            )
-        values = frame[key].dropna()
-        repeated = values[values.duplicated()].unique()
-        if len(repeated) and level != "PATIENT":  # one PatientID may have two issuers
-            warnings.warn(
-                f"{len(repeated)} {key} value(s) appear in more than one row of {what} "
-                f"(e.g. {repeated[0]!r}); the peer sent malformed data. All rows are "
-                "kept; a retrieval requests each UID once.",
-                frames.MalformedValueWarning,
-                stacklevel=5,
-            )
-    for column in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
-        if column not in frame.columns:
-            continue
-        values = pd.Series(frame[column].dropna().unique(), dtype="string")
-        bad = values[~(values.str.len().le(64) & values.str.fullmatch(frames.UID_PATTERN))]
-        if len(bad):
-            warnings.warn(
-                f"{len(bad)} distinct {column} value(s) in {what} are not valid UIDs (e.g. "
-                f"{bad.iloc[0][:70]!r}); the peer sent malformed data. They are kept as "
-                "sent, but objects under them cannot be cached.",
-                frames.MalformedValueWarning,
-                stacklevel=5,
-            )
