@@ -1428,11 +1428,18 @@ def _with_result(exc: BaseException, result: RetrieveResult, call: str) -> BaseE
 def _run(threads: list[_Worker], receiver: _Receiver) -> None:
     for thread in threads:
         thread.start()
+    stopping = False
     try:
         for thread in threads:
             # Short joins keep the main thread responsive to Ctrl-C.
             while thread.is_alive():
                 thread.join(0.1)
+                if receiver.stop.is_set() and not stopping:
+                    # A worker failed, or on_received raised: the others cancel
+                    # their requests in flight rather than finish them.
+                    stopping = True
+                    for other in threads:
+                        other.cancel()
     except KeyboardInterrupt:
         # Each worker sends C-CANCEL on its own association, files what still
         # arrives and releases; one that has not ended in 10 s aborts.
