@@ -25,6 +25,7 @@ import re
 import struct
 import warnings
 from decimal import Decimal
+from unittest import mock
 
 import numpy as np
 import pandas as pd
@@ -43,7 +44,7 @@ from pynetdicom.dsutils import decode
 from pynetdicom.dsutils import encode as _encode
 
 import pacsframe as pf
-from pacsframe import frames
+from pacsframe import finder, frames
 from pacsframe.frames import FrameBuilder, MalformedValueWarning
 from pacsframe.query import _BINARY_RANGE, build_query
 
@@ -341,15 +342,14 @@ def test_find_arguments_give_a_valid_identifier_or_a_query_error(method, parent,
     """The ``find_*`` path up to the network: keyword arguments, drilling down, models."""
     sent = []
 
-    def offline(query, parents, progress=True):
+    def offline(pacs, query, parents, progress=True):
         sent.append((query, parents))
         return frames.empty_frame(query.columns)
 
     pacs = pf.PACS("127.0.0.1", 9, "NOWHERE")  # nothing is ever sent
-    pacs._run = offline
     args = () if method == "find_patients" else (parent,)
     try:
-        with warnings.catch_warnings():
+        with mock.patch.object(finder, "run", offline), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "parent row has no ..." warnings are fine
             getattr(pacs, method)(*args, **keys)
     except pf.QueryError:
