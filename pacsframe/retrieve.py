@@ -76,6 +76,7 @@ from .errors import (
     QueryError,
     UnusableListingWarning,
 )
+from .finder import FIND_MODELS
 from .net.driver import IMPLICIT_VR_LITTLE_ENDIAN, ClientAssociation, Interrupted, LimitReached
 from .net.operations import (
     ObjectWriter,
@@ -1520,7 +1521,10 @@ def _move(
         model_uid = MOVE_MODELS[model]
         # The call's timeout= is the association's limit: the engine cancels the
         # request in flight when it passes (then aborts if the peer does not stop).
-        with pacs.session([(model_uid, _RETRIEVE_SYNTAXES)], purpose="move", keep=False) as assoc:
+        # The same model's C-FIND context too: dcmqrscp (with --require-find) refuses
+        # a C-MOVE on an association that did not propose it.
+        contexts = [(model_uid, _RETRIEVE_SYNTAXES), (str(FIND_MODELS[model]), _RETRIEVE_SYNTAXES)]
+        with pacs.session(contexts, purpose="move", keep=False) as assoc:
             holder.append(assoc)
             syntax = _syntax(assoc, model_uid)
             for unit in planner.units:
