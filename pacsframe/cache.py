@@ -56,7 +56,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_file_meta_info
-from pydicom.tag import BaseTag, Tag
+from pydicom.tag import Tag
 from pydicom.uid import UID
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
@@ -884,7 +884,7 @@ class Cache:
                         view, uid.is_implicit_VR, _HEADER_TAG_SET, stop=_HEADER_END
                     )
             if found is not None:
-                ds = Dataset({BaseTag(tag): elem for tag, elem in found.items()})
+                strings = frames.raw_strings(found, matching.INDEX_KEYWORDS)
             else:
                 dataset.seek(0)
                 ds = read_dataset(
@@ -894,7 +894,7 @@ class Cache:
                     stop_when=lambda tag, vr, length: tag in _PIXEL_TAGS,
                     specific_tags=_HEADER_TAGS,
                 )
-            strings = frames.dicom_strings(ds, matching.INDEX_KEYWORDS)
+                strings = frames.dicom_strings(ds, matching.INDEX_KEYWORDS)
         except Exception:
             # Let the whole-file path refuse it, with the same error as ever.
             return self.add(head + dataset.getvalue(), overwrite=overwrite)
@@ -1702,8 +1702,7 @@ class IncomingObject:
             found = self._scan_kept(uid.is_implicit_VR, complete=False)
             if found is None:
                 return None
-            ds = Dataset({BaseTag(tag): elem for tag, elem in found.items()})
-            strings = frames.dicom_strings(ds, matching.INDEX_KEYWORDS)
+            strings = frames.raw_strings(found, matching.INDEX_KEYWORDS)
         except Exception:
             return None  # commit reads it its own way
         self._strings = strings  # the header is read: commit need not read it again
@@ -1785,7 +1784,7 @@ class IncomingObject:
             if uid.is_little_endian:
                 found = self._scan_kept(uid.is_implicit_VR)
             if found is not None:
-                ds = Dataset({BaseTag(tag): elem for tag, elem in found.items()})
+                strings = frames.raw_strings(found, matching.INDEX_KEYWORDS)
             else:
                 # The header runs past what was kept, or the scan leaves it to pydicom:
                 # read it back from the file, up to the pixel data.
@@ -1798,7 +1797,7 @@ class IncomingObject:
                         stop_when=lambda tag, vr, length: tag in _PIXEL_TAGS,
                         specific_tags=_HEADER_TAGS,
                     )
-            strings = frames.dicom_strings(ds, matching.INDEX_KEYWORDS)
+                strings = frames.dicom_strings(ds, matching.INDEX_KEYWORDS)
         except Exception:
             # Let the whole-file path read it or refuse it, with the same error as ever.
             return self.cache._header(self._tmp, label)
