@@ -1779,8 +1779,10 @@ class IncomingObject:
             self._remove()
 
     def _remove(self) -> None:
-        with contextlib.suppress(OSError):
-            self._handle.close()
+        handle = getattr(self, "_handle", None)  # none when the file could not be made
+        if handle is not None:
+            with contextlib.suppress(OSError):
+                handle.close()
         if not self._filed:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._tmp)
