@@ -928,7 +928,8 @@ class Cache:
         does (atomically; an object already cached is kept unless
         ``overwrite``; invalid UIDs refused with the same :class:`CacheError`);
         ``discard`` leaves no trace. Memory per object is bounded (the first
-        64 KiB of the data set, for the header scan), whatever its size.
+        64 KiB of the data set, for the header scan, and a 256 KiB write
+        buffer), whatever its size.
 
         Parameters
         ----------
