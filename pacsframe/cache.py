@@ -56,7 +56,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_file_meta_info
-from pydicom.tag import BaseTag, Tag
+from pydicom.tag import Tag
 from pydicom.uid import UID
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
@@ -128,6 +128,10 @@ _HEADER_END = min(_PIXEL_TAGS)  # scan_elements stops at the first tag from here
 # How much of a received object's data set IncomingObject keeps in memory for the
 # header scan; a header running longer is read back from the temporary file.
 _KEPT_BYTES = 1 << 16
+# The write buffer of a received object's temporary file: fragments (16 KiB PDVs
+# from most peers) reach the kernel in writes this large, which costs it less per
+# byte than a write per fragment.
+_WRITE_BUFFER = 1 << 18
 # Series folders path_for() found inside the root (see there); reset when this large.
 _SAFE_FOLDERS_MAX = 4096
 
@@ -719,7 +723,7 @@ class Cache:
                     "written."
                 )
         stored_at = _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds")
-        relative = path.relative_to(self.root).as_posix()
+        relative = f"{study}/{series}/{sop}.dcm"  # path_for's layout, relative to root
         fixed = {
             "SOPInstanceUID": sop,
             "StudyInstanceUID": study,
@@ -732,8 +736,16 @@ class Cache:
         }
         return [*fixed.values(), *(strings[k] for k in _KEYWORD_COLUMNS)]
 
-    def _commit(self, row: list[Any], tmp: Path, path: Path, old: str | None) -> None:
-        row[_FIXED.index("size")] = os.stat(tmp).st_size
+    def _commit(
+        self,
+        row: list[Any],
+        tmp: str | Path,
+        path: Path,
+        old: str | None,
+        size: int | None = None,
+    ) -> None:
+        """File ``tmp`` at ``path`` and index it; ``size``: its size, when known."""
+        row[_FIXED.index("size")] = os.stat(tmp).st_size if size is None else size
         for attempt in range(3):
             try:
                 os.replace(tmp, path)
@@ -884,7 +896,7 @@ class Cache:
                         view, uid.is_implicit_VR, _HEADER_TAG_SET, stop=_HEADER_END
                     )
             if found is not None:
-                ds = Dataset({BaseTag(tag): elem for tag, elem in found.items()})
+                strings = frames.raw_strings(found, matching.INDEX_KEYWORDS)
             else:
                 dataset.seek(0)
                 ds = read_dataset(
@@ -894,7 +906,7 @@ class Cache:
                     stop_when=lambda tag, vr, length: tag in _PIXEL_TAGS,
                     specific_tags=_HEADER_TAGS,
                 )
-            strings = frames.dicom_strings(ds, matching.INDEX_KEYWORDS)
+                strings = frames.dicom_strings(ds, matching.INDEX_KEYWORDS)
         except Exception:
             # Let the whole-file path refuse it, with the same error as ever.
             return self.add(head + dataset.getvalue(), overwrite=overwrite)
@@ -916,7 +928,8 @@ class Cache:
         does (atomically; an object already cached is kept unless
         ``overwrite``; invalid UIDs refused with the same :class:`CacheError`);
         ``discard`` leaves no trace. Memory per object is bounded (the first
-        64 KiB of the data set, for the header scan), whatever its size.
+        64 KiB of the data set, for the header scan, and a 256 KiB write
+        buffer), whatever its size.
 
         Parameters
         ----------
@@ -1653,17 +1666,21 @@ class IncomingObject:
         self._cached: tuple[Path, dict[str, str | None]] | None = None
         self._strings: dict[str, str | None] | None = None  # the header, once read
         sop = str(request.sop_instance_uid)
-        self._tmp = _temp_path(cache.root / "x", sop if frames.is_uid(sop) else "received")
+        # _temp_path's name, in the root, built as strings (a Path costs more per object).
+        base = sop if frames.is_uid(sop) else "received"
+        self._tmp_name = f".{base}.{_host_tag()}-{os.getpid()}-{secrets.token_hex(8)}.part"
+        self._tmp = os.path.join(cache.root, self._tmp_name)
+        self._filed = False  # renamed into place: nothing left to remove
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
         with _LIVE_LOCK:
-            _LIVE_TEMPS.add(self._tmp.name)  # before it exists: verify() leaves it alone
+            _LIVE_TEMPS.add(self._tmp_name)  # before it exists: verify() leaves it alone
         try:
             try:
                 fd = os.open(self._tmp, flags, 0o666)
             except FileNotFoundError:
                 cache.root.mkdir(parents=True, exist_ok=True)
                 fd = os.open(self._tmp, flags, 0o666)
-            self._handle: IO[bytes] = os.fdopen(fd, "wb")
+            self._handle: IO[bytes] = os.fdopen(fd, "wb", buffering=_WRITE_BUFFER)
             self._handle.write(head)
         except BaseException:
             self._done = True
@@ -1702,8 +1719,7 @@ class IncomingObject:
             found = self._scan_kept(uid.is_implicit_VR, complete=False)
             if found is None:
                 return None
-            ds = Dataset({BaseTag(tag): elem for tag, elem in found.items()})
-            strings = frames.dicom_strings(ds, matching.INDEX_KEYWORDS)
+            strings = frames.raw_strings(found, matching.INDEX_KEYWORDS)
         except Exception:
             return None  # commit reads it its own way
         self._strings = strings  # the header is read: commit need not read it again
@@ -1750,7 +1766,8 @@ class IncomingObject:
                     self.path, self.header = existing, strings
                     return None
             row = cache._row(header, study, series, sop, path)
-            cache._commit(row, self._tmp, path, old)
+            cache._commit(row, self._tmp, path, old, self.size)
+            self._filed = True
         finally:
             self._remove()  # renamed into place, or kept out of sight
         self.path, self.header, self.written = path, strings, True
@@ -1763,12 +1780,15 @@ class IncomingObject:
             self._remove()
 
     def _remove(self) -> None:
-        with contextlib.suppress(OSError):
-            self._handle.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._tmp)
+        handle = getattr(self, "_handle", None)  # none when the file could not be made
+        if handle is not None:
+            with contextlib.suppress(OSError):
+                handle.close()
+        if not self._filed:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._tmp)
         with _LIVE_LOCK:
-            _LIVE_TEMPS.discard(self._tmp.name)
+            _LIVE_TEMPS.discard(self._tmp_name)
         self._kept = bytearray()
 
     def _scan(self) -> tuple[dict[str, str | None], str]:
@@ -1785,7 +1805,7 @@ class IncomingObject:
             if uid.is_little_endian:
                 found = self._scan_kept(uid.is_implicit_VR)
             if found is not None:
-                ds = Dataset({BaseTag(tag): elem for tag, elem in found.items()})
+                strings = frames.raw_strings(found, matching.INDEX_KEYWORDS)
             else:
                 # The header runs past what was kept, or the scan leaves it to pydicom:
                 # read it back from the file, up to the pixel data.
@@ -1798,7 +1818,7 @@ class IncomingObject:
                         stop_when=lambda tag, vr, length: tag in _PIXEL_TAGS,
                         specific_tags=_HEADER_TAGS,
                     )
-            strings = frames.dicom_strings(ds, matching.INDEX_KEYWORDS)
+                strings = frames.dicom_strings(ds, matching.INDEX_KEYWORDS)
         except Exception:
             # Let the whole-file path read it or refuse it, with the same error as ever.
             return self.cache._header(self._tmp, label)

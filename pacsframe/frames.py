@@ -21,7 +21,7 @@ import math
 import re
 import struct
 import warnings
-from collections.abc import Container, Iterable, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -293,14 +293,19 @@ def _cached_encodings(terms: tuple[str, ...]) -> list[str]:
 
 
 def _decode_all(
-    ds: Dataset, attributes: Sequence[Attribute]
+    ds: Dataset | Mapping[int, RawDataElement], attributes: Sequence[Attribute]
 ) -> tuple[list[Any], list[tuple[str, Exception]]]:
-    """Decode each attribute of ``ds``; values that fail become None and are reported."""
-    encodings = _encodings_of(ds)
+    """Decode each attribute of ``ds``; values that fail become None and are reported.
+
+    ``ds`` may also be what :func:`scan_elements` returns, read as the ``Dataset``
+    made of those elements would be (its ``get_item`` returns them as they are).
+    """
+    get = ds.get_item if isinstance(ds, Dataset) else ds.get
+    encodings = _charset_encodings(get(0x00080005))
     values: list[Any] = []
     failures: list[tuple[str, Exception]] = []
     for attr in attributes:
-        elem = ds.get_item(attr.tag)
+        elem = get(attr.tag)
         if elem is None:
             values.append(None)
             continue
@@ -362,11 +367,31 @@ def dicom_strings(ds: Dataset, keywords: Sequence[str]) -> dict[str, str | None]
     >>> dicom_strings(ds, ["PixelSpacing"])
     {'PixelSpacing': '0.5\\\\0.75'}
     """
-    attributes = [attribute(k) for k in keywords]
+    attributes = _attributes(tuple(keywords))
     values, failures = _decode_all(ds, attributes)
     for keyword, exc in failures:
         _warn_undecodable(keyword, exc, stacklevel=2)
     return {a.keyword: _as_text(v) for a, v in zip(attributes, values, strict=True)}
+
+
+def raw_strings(
+    elements: Mapping[int, RawDataElement], keywords: Sequence[str]
+) -> dict[str, str | None]:
+    """:func:`dicom_strings` of the elements :func:`scan_elements` found, by tag.
+
+    The same strings and warnings as ``dicom_strings(Dataset(elements), keywords)``,
+    without building the ``Dataset`` (a received object's header, once per object).
+    """
+    attributes = _attributes(tuple(keywords))
+    values, failures = _decode_all(elements, attributes)
+    for keyword, exc in failures:
+        _warn_undecodable(keyword, exc, stacklevel=2)
+    return {a.keyword: _as_text(v) for a, v in zip(attributes, values, strict=True)}
+
+
+@functools.lru_cache(maxsize=64)
+def _attributes(keywords: tuple[str, ...]) -> tuple[Attribute, ...]:
+    return tuple(attribute(k) for k in keywords)
 
 
 # --- strings -> typed columns -----------------------------------------------------------

@@ -353,3 +353,18 @@ def test_a_cached_copy_removed_while_the_object_arrives_again_fails_the_object(t
         writer.commit()
     assert list(cache.root.rglob("*.part")) == []
     cache.close()
+
+
+def test_a_temporary_file_that_cannot_be_made_raises_its_os_error(tmp_path, monkeypatch):
+    import pacsframe.cache as cache_module
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    cache = Cache(tmp_path / "cache")
+    monkeypatch.setattr(cache_module.os, "open", no_space)
+    with pytest.raises(OSError, match="No space left"):
+        cache.receive(StoreRequest("1.2.3", "1.2.3.4", ExplicitVRLittleEndian, 1))
+    monkeypatch.undo()
+    assert not [p for p in (tmp_path / "cache").glob(".*.part")]
+    cache.close()
