@@ -52,7 +52,6 @@ import pandas as pd
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
-from pynetdicom import evt
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove,
@@ -62,7 +61,6 @@ from pynetdicom.sop_class import (
 from pynetdicom.status import code_to_category
 
 from . import frames
-from .cache import part10_head
 from .deadline import Deadline, deadline_for, fired, timed_out
 from .errors import (
     AssociationError,
@@ -246,30 +244,6 @@ def _entity_name(level: str, keys: dict[str, str]) -> str:
     return f"{level} {keys[UNIQUE_KEY[level]]}"
 
 
-def _file_received(
-    cache: Cache, event: evt.Event, overwrite: bool
-) -> tuple[Any, dict[str, str | None], int]:
-    """File one C-STORE's object: (path, header strings, size in bytes).
-
-    The dataset pynetdicom assembled from the PDV fragments goes to the object's
-    temporary file in the cache next to an encoded file meta, without being joined
-    to it, copied or decoded.
-    """
-    request = event.request
-    syntax = str(event.context.transfer_syntax)
-    dataset = request.DataSet
-    head = part10_head(
-        str(request.AffectedSOPClassUID or ""), str(request.AffectedSOPInstanceUID or ""), syntax
-    )
-    size = dataset.seek(0, io.SEEK_END) if isinstance(dataset, io.BytesIO) else 0
-    if head is not None and size:
-        path, header = cache.add_received(head, dataset, syntax, overwrite=overwrite)
-        return path, header, len(head) + size
-    data = event.encoded_dataset()
-    path, header = cache.add(data, overwrite=overwrite)
-    return path, header, len(data)
-
-
 class _Receiver:
     """Files each received object into the cache; shared by C-GET and the storage SCP."""
 
@@ -298,36 +272,17 @@ class _Receiver:
         self._lock = threading.Lock()
         self._filed: set[str] = set()
 
-    def __call__(self, event: evt.Event) -> int:
-        """pynetdicom's EVT_C_STORE handler: file the object the event holds whole."""
-        code = self._file(event)
-        with self._lock:
-            self.arrivals.append((str(event.request.AffectedSOPInstanceUID or ""), code != 0))
-        return code
-
     def writer(self, request: StoreRequest) -> _ReceivedWriter:
         """An ``on_store`` for our own engine: a writer per incoming object.
 
         For :meth:`pacsframe.net.driver.ClientAssociation.get` and
         :class:`pacsframe.net.server.StorageServer`: the object streams into the
-        cache (:meth:`Cache.receive`) and ``commit`` files it as ``__call__``
-        does, with the same rows, statuses, progress and ``on_received``. It
-        never raises: what the cache refuses answers 0xC000, any other failure
-        0xC001, each with a failed row; an object cut short (``discard``)
-        leaves no row.
+        cache (:meth:`Cache.receive`) and ``commit`` files it, with the rows,
+        statuses, progress and ``on_received``. It never raises: what the
+        cache refuses answers 0xC000, any other failure 0xC001, each with a
+        failed row; an object cut short (``discard``) leaves no row.
         """
         return _ReceivedWriter(self, request)
-
-    def _file(self, event: evt.Event) -> int:
-        sop = str(event.request.AffectedSOPInstanceUID or "")
-        sop_class = str(event.request.AffectedSOPClassUID or "")
-        try:
-            path, header, size = _file_received(self.cache, event, self.overwrite)
-        except Exception as exc:
-            return self._failed(sop_class, sop, exc)
-        return self._filed_ok(
-            sop_class, sop, path, header, str(event.context.transfer_syntax), size
-        )
 
     def _failed(self, sop_class: str, sop: str, exc: Exception) -> int:
         """Record an object that could not be filed; the status to answer it with."""
@@ -424,8 +379,8 @@ class _ReceivedWriter:
 
     An :class:`~pacsframe.net.operations.ObjectWriter` whose ``commit`` never
     raises: a failure to open, write or file the object becomes its status
-    (0xC000 refused by the cache, 0xC001 anything else) and a failed row, as
-    in :meth:`_Receiver.__call__`. Once a write failed, the rest of the object
+    (0xC000 refused by the cache, 0xC001 anything else) and a failed row.
+    Once a write failed, the rest of the object
     is read and dropped.
     """
 
