@@ -134,6 +134,8 @@ _KEPT_BYTES = 1 << 16
 _WRITE_BUFFER = 1 << 18
 # Series folders path_for() found inside the root (see there); reset when this large.
 _SAFE_FOLDERS_MAX = 4096
+# What Cache.locate gives per cached instance.
+_LOCATE_FIELDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "path")
 
 # Temporary files are named ``.<name>.<host>-<pid>-<random>.part``: <host> tells
 # whether <pid> is a process of this machine (and PID namespace), so that verify()
@@ -1084,13 +1086,29 @@ class Cache:
         >>> Cache(tempfile.mkdtemp()).locate("series", ["1.2.3"]).columns.tolist()
         ['StudyInstanceUID', 'SeriesInstanceUID', 'SOPInstanceUID', 'SOPClassUID', 'path']
         """
+        return pd.DataFrame(
+            self.locate_records(level, uids), columns=list(_LOCATE_FIELDS), dtype="string"
+        )
+
+    def locate_records(self, level: str, uids: Iterable[str]) -> list[dict[str, str | None]]:
+        """:meth:`locate` as plain dicts, one per cached instance, without pandas.
+
+        What a retrieval's planning reads for every unit it finds cached: a fully
+        cached re-run is this lookup and nothing else, so it stays a list.
+        """
         column = _LEVEL_COLUMN[normalize_level(level)]
-        fields = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "path")
-        rows = self._rows_where(column, _uid_list(uids), ", ".join(fields))
-        frame = pd.DataFrame(rows, columns=list(fields), dtype="string")
-        root = self.root
-        frame["path"] = pd.array([str(root / p) for p in frame["path"]], dtype="string")
-        return frame
+        rows = self._rows_where(column, _uid_list(uids), ", ".join(_LOCATE_FIELDS))
+        root = str(self.root)
+        return [
+            {
+                "StudyInstanceUID": study,
+                "SeriesInstanceUID": series,
+                "SOPInstanceUID": sop,
+                "SOPClassUID": sop_class,
+                "path": os.path.join(root, relative),
+            }
+            for study, series, sop, sop_class, relative in rows
+        ]
 
     def cached(self, sop_uids: Iterable[str]) -> set[str]:
         """The SOPInstanceUIDs among ``sop_uids`` that are in the cache.
