@@ -410,7 +410,7 @@ def _find_one(
     except ProtocolError:
         raise
     except AssociationError as exc:
-        raise _find_lost(pacs, exc, what) from None
+        raise pacs.explain_loss(exc, what) from None
     if undecodable:
         warnings.warn(
             f"{undecodable} match(es) in the {query.level}-level C-FIND answer "
@@ -447,26 +447,3 @@ def _find_one(
         status=code,
         comment=str(comment) if comment else None,
     )
-
-
-def _find_lost(pacs: PACS, exc: AssociationError, what: str) -> AssociationError:
-    """The driver's loss of the association during ``what``, explained for a PACS user.
-
-    The driver times out only when one message took over ``dimse_timeout``
-    (the call's ``timeout=`` is :class:`~pacsframe.net.driver.LimitReached`).
-    """
-    where = f"{pacs.ae_title} at {pacs.host}:{pacs.port}"
-    if exc.reason == "timeout":
-        return AssociationError(
-            f"no {what} response from {where} within dimse_timeout="
-            f"{pacs.dimse_timeout:g} s; the association was aborted. Check the peer's "
-            "log, or raise dimse_timeout for a slow peer.",
-            reason="timeout",
-        )
-    if exc.reason == "aborted":
-        return AssociationError(
-            f"{where} aborted the association during {what} ({exc}); check the peer's "
-            "log, then try again.",
-            reason="aborted",
-        )
-    return exc

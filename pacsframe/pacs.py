@@ -36,6 +36,7 @@ from .errors import (
     DimseError,
     NotSupported,
     PacsFrameError,
+    ProtocolError,
     QueryError,
 )
 from .net import driver, pdu
@@ -503,6 +504,29 @@ class PACS:
             f"{self.ae_title} at {where} aborted the association request from "
             f"{self.calling_ae!r}; check the peer's log for why (unknown calling AE, "
             "too many connections).",
+            reason="aborted",
+        )
+
+    def explain_loss(self, exc: AssociationError, what: str) -> AssociationError:
+        """The engine's loss of an association during ``what``, said for a PACS user.
+
+        The driver times out only when one message took over ``dimse_timeout``
+        (the call's ``timeout=`` is :class:`~pacsframe.net.driver.LimitReached`);
+        a protocol error keeps its own sentence, which says what the peer did.
+        """
+        if isinstance(exc, ProtocolError) or exc.reason not in ("timeout", "aborted"):
+            return exc
+        where = f"{self.ae_title} at {self.host}:{self.port}"
+        if exc.reason == "timeout":
+            return AssociationError(
+                f"no {what} response from {where} within dimse_timeout="
+                f"{self.dimse_timeout:g} s; the association was aborted. Check the peer's "
+                "log, or raise dimse_timeout for a slow peer.",
+                reason="timeout",
+            )
+        return AssociationError(
+            f"{where} aborted the association during {what} ({exc}); check the peer's "
+            "log, then try again.",
             reason="aborted",
         )
 

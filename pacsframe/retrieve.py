@@ -71,7 +71,6 @@ from .errors import (
     MoveDestinationUnknown,
     NotSupported,
     PacsFrameError,
-    ProtocolError,
     QueryError,
     UnusableListingWarning,
 )
@@ -798,24 +797,6 @@ def _failed_list(response: RetrieveResponse, syntax: str) -> str:
         return ""
 
 
-def _lost(pacs: PACS, exc: AssociationError, what: str) -> AssociationError:
-    """The engine's failure during a C-GET/C-MOVE, said as pacsframe says it."""
-    if isinstance(exc, ProtocolError):
-        return exc  # its own sentence says what the peer did wrong
-    where = f"{pacs.ae_title} at {pacs.host}:{pacs.port}"
-    if exc.reason == "timeout":
-        return AssociationError(
-            f"no {what} response from {where} within dimse_timeout="
-            f"{pacs.dimse_timeout:g} s; the association was aborted. Check the peer's "
-            "log, or raise dimse_timeout for a slow peer.",
-            reason="timeout",
-        )
-    return AssociationError(
-        f"{where} aborted the association during {what}; check the peer's log, then try again.",
-        reason="aborted",
-    )
-
-
 def _tls_scp_hint(pacs: PACS, destination: str | None) -> str:
     """A hint when the failed destination is our storage SCP and it speaks only TLS."""
     from .pacs import TLS
@@ -1157,7 +1138,7 @@ class _Worker(threading.Thread):
             if final is None:
                 raise
         except AssociationError as exc:
-            raise _lost(self.pacs, exc, what) from exc
+            raise self.pacs.explain_loss(exc, what) from exc
         if final is None:  # pragma: no cover - the engine yields or raises a final response
             raise AssociationError(f"no final {what} response", reason="aborted")
         if final.status == 0xFE00 and self.receiver.stop.is_set():
@@ -1507,7 +1488,7 @@ def _move(
                     stopped = True  # cancelled: nothing failed; the rest was not asked for
                     break
                 except AssociationError as exc:
-                    raise _lost(pacs, exc, what) from exc
+                    raise pacs.explain_loss(exc, what) from exc
                 if receiver is not None:
                     # Our SCP filed this request's objects before the final response.
                     seen = receiver.arrivals[first:]
