@@ -9,8 +9,9 @@ from pathlib import Path
 import pandas as pd
 import pydicom
 import pytest
-from servers import DcmtkStoreSCP, dcmtk_env, require_tool
+from servers import DcmqrscpServer, DcmtkStoreSCP, dcmtk_env, free_port, require_tool
 
+import pacsframe as pf
 from pacsframe.demo import DemoPACS, make_cohort
 
 
@@ -142,3 +143,28 @@ def test_movescu_to_an_unknown_destination_reports_the_comment(demo, cohort):
     output = done.stdout + done.stderr
     assert "MoveDestinationUnknown" in output, output
     assert "Move destination unknown: NOWHERE" in output, output
+
+
+def test_pacs_moves_from_a_dcmqrscp_that_requires_a_find_context(tmp_path: Path, cohort) -> None:
+    """dcmqrscp ``--require-find`` refuses a C-MOVE on an association without the
+    model's C-FIND context; pacsframe proposes it, so the move goes through."""
+    require_tool("dcmqridx")
+    _, manifest = cohort
+    scp_port = free_port()
+    server = DcmqrscpServer(
+        tmp_path / "dcmqrscp",
+        destinations={"PFMOVE": ("localhost", scp_port)},
+        extra_args=["--require-find"],
+    )
+    server.index(list(manifest.path))
+    with server:
+        pacs = pf.PACS(
+            server.host,
+            server.port,
+            server.aet,
+            calling_ae="PFMOVE",
+            scp_port=scp_port,
+            cache=tmp_path / "cache",
+        )
+        result = pacs.move(pacs.find_studies(), progress=False)
+    assert (result.completed, result.failed) == (len(manifest), 0), result
