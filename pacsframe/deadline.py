@@ -192,8 +192,8 @@ def timed_out(
     the call's ``advice``; anything else is returned as it is.
     """
     if deadline is not None and getattr(exc, "action", None) in _LIMIT_ACTIONS:
-        # pacsframe's engine enforces the deadline itself, in the calling thread
-        # (pacsframe.net.driver.LimitReached): it acted as the watchdog would.
+        # pacsframe's engine enforced the deadline where it waited, in the calling
+        # thread (pacsframe.net.driver.LimitReached): it cancelled or aborted.
         deadline.fired = True
         if exc.action != "none":  # type: ignore[attr-defined]
             deadline.action = exc.action  # type: ignore[attr-defined]
