@@ -78,6 +78,15 @@ def _slow_after_fast(n: int, ds):
     return ds
 
 
+def _slower_after_fast(n: int, ds):
+    """As _slow_after_fast at twice SLOW: a 12-object series then takes 10 s, twice
+    TIMEOUT, so no retrieval finishes in time, however fast the client (at SLOW a
+    series took exactly TIMEOUT, and pacsframe's own engine sometimes won the race)."""
+    if n >= FAST:
+        time.sleep(2 * SLOW)
+    return ds
+
+
 def limited(call):
     """Run ``call``; it must raise the deadline's AssociationError, in reasonable time."""
     started = time.monotonic()
@@ -207,7 +216,7 @@ def test_association_setup_is_capped_by_the_deadline(silent_peer):  # noqa: F811
 @pytest.mark.parametrize(("op", "workers"), [("get", 1), ("get", 2), ("move", 1)])
 def test_retrieval_answered_slowly_for_ever_keeps_what_arrived(env, served, op, workers):
     server, pacs, watch = env.server, env.pacs, env.watch
-    server.faults = Faults(objects=_slow_after_fast)
+    server.faults = Faults(objects=_slower_after_fast)
     if op == "get":
         exc = limited(
             lambda: pacs.get(env.studies, progress=False, workers=workers, timeout=TIMEOUT)
