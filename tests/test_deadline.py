@@ -34,7 +34,10 @@ from pacsframe.demo import make_cohort
 # on a loaded 2-core machine; the slow rest of each answer takes well over it.
 TIMEOUT = 5.0
 MARGIN = 20.0  # a limited call ends within TIMEOUT + MARGIN, however loaded the machine
-SLOW = 0.5  # seconds per match or sub-operation: far inside dimse_timeout
+# Seconds per match or sub-operation: far inside dimse_timeout, and slow enough that a
+# 12-row answer or 12-object series (10 s) takes twice TIMEOUT. At 0.5 s one took
+# exactly TIMEOUT, and pacsframe's own engine sometimes finished it in time.
+SLOW = 1.0
 FAST = 2  # matches or objects per answer sent at once, before the slow ones
 
 
@@ -75,15 +78,6 @@ def _slow_after_fast(n: int, ds):
     """The first FAST of each answer at once, then one every SLOW seconds."""
     if n >= FAST:
         time.sleep(SLOW)
-    return ds
-
-
-def _slower_after_fast(n: int, ds):
-    """As _slow_after_fast at twice SLOW: a 12-object series then takes 10 s, twice
-    TIMEOUT, so no retrieval finishes in time, however fast the client (at SLOW a
-    series took exactly TIMEOUT, and pacsframe's own engine sometimes won the race)."""
-    if n >= FAST:
-        time.sleep(2 * SLOW)
     return ds
 
 
@@ -181,7 +175,7 @@ def test_find_drill_down_over_many_parents_shares_one_deadline(env):
     # One series' answer takes about 3 s, within the limit; the call (the series
     # of the study, then the instances of each series) takes about 6.5 s.
     server, pacs, watch = env.server, env.pacs, env.watch
-    server.faults = Faults(delay=SLOW / 2)
+    server.faults = Faults(delay=SLOW / 4)
     exc = limited(lambda: pacs.find_instances(env.studies, timeout=TIMEOUT))
     assert "pacs.find_instances() did not finish" in str(exc)
     # Instances only (none when the time ran out among the series).
@@ -216,7 +210,7 @@ def test_association_setup_is_capped_by_the_deadline(silent_peer):  # noqa: F811
 @pytest.mark.parametrize(("op", "workers"), [("get", 1), ("get", 2), ("move", 1)])
 def test_retrieval_answered_slowly_for_ever_keeps_what_arrived(env, served, op, workers):
     server, pacs, watch = env.server, env.pacs, env.watch
-    server.faults = Faults(objects=_slower_after_fast)
+    server.faults = Faults(objects=_slow_after_fast)
     if op == "get":
         exc = limited(
             lambda: pacs.get(env.studies, progress=False, workers=workers, timeout=TIMEOUT)
@@ -242,7 +236,7 @@ def test_retrieval_planning_shares_the_deadline(env):
     # Planning may list series or instances (C-FIND) to spread the work; whether the
     # time runs out there or in the C-GETs, the call ends the same way.
     server, pacs, watch = env.server, env.pacs, env.watch
-    server.faults = Faults(delay=SLOW)
+    server.faults = Faults(delay=SLOW / 2)
     exc = limited(lambda: pacs.get(env.studies, progress=False, workers=4, timeout=TIMEOUT))
     assert "pacs.get() did not finish" in str(exc)
     assert isinstance(exc.result, pf.RetrieveResult)
