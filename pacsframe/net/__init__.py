@@ -7,10 +7,10 @@ a thin blocking driver (:mod:`~pacsframe.net.driver`) runs it over a socket in
 the calling thread. Only the storage SCP (:mod:`~pacsframe.net.server`) starts
 threads: one to accept, one per association.
 
-This package is not yet used by :class:`pacsframe.PACS` (issue 12 wires it in
-step by step); today it carries C-ECHO, C-FIND, C-STORE, C-GET (objects
-streamed to a caller's writer, :mod:`~pacsframe.net.operations`), C-MOVE and
-C-CANCEL end to end, and a storage SCP for C-MOVE (C-ECHO, C-STORE).
+Every call of :class:`pacsframe.PACS` runs on it: C-ECHO, C-FIND, C-STORE,
+C-GET (objects streamed to a caller's writer, :mod:`~pacsframe.net.operations`),
+C-MOVE and C-CANCEL, and our storage SCP for C-MOVE (C-ECHO, C-STORE). DICOM TLS
+settings and handshake diagnoses are in :mod:`~pacsframe.net.tls`.
 
 Examples
 --------
