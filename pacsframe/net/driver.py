@@ -1087,6 +1087,17 @@ def _recv_buffer() -> memoryview:
     return view
 
 
+def _socket_failure(text: str, reason: str, exc: OSError) -> AssociationError:
+    """An AssociationError for a failed socket call, keeping a TLS error as ``ssl_error``.
+
+    Callers explain the TLS error itself (:func:`pacsframe.net.tls.explain_failure`):
+    which certificate was refused, or that the peer speaks no TLS.
+    """
+    error = AssociationError(text, reason=reason)
+    error.ssl_error = exc if isinstance(exc, ssl.SSLError) else None  # type: ignore[attr-defined]
+    return error
+
+
 def next_event(
     sock: socket.socket,
     machine: Association,
@@ -1163,14 +1174,12 @@ def next_event(
             continue  # the deadline check above raises
         except OSError as exc:
             sock.close()
-            error = AssociationError(
+            # A TLS alert (e.g. our certificate refused) arrives on the first read.
+            raise _socket_failure(
                 f"the connection to {where} broke while we waited for {waiting_for}: {exc}",
-                reason="aborted",
-            )
-            # A TLS alert (e.g. our certificate refused) arrives on the first read;
-            # callers explain it (pacsframe.net.tls.explain_failure).
-            error.ssl_error = exc if isinstance(exc, ssl.SSLError) else None  # type: ignore[attr-defined]
-            raise error from None
+                "aborted",
+                exc,
+            ) from None
         machine.receive_data(view[:size])
 
 
@@ -1240,12 +1249,11 @@ def associate(
         sock.sendall(request_bytes)
     except OSError as exc:
         sock.close()
-        error = AssociationError(
+        raise _socket_failure(
             f"the connection to {where} broke while sending the A-ASSOCIATE-RQ: {exc}",
-            reason="aborted",
-        )
-        error.ssl_error = exc if isinstance(exc, ssl.SSLError) else None  # type: ignore[attr-defined]
-        raise error from None
+            "aborted",
+            exc,
+        ) from None
     event = next_event(
         sock, machine, time.monotonic() + acse_timeout, "the A-ASSOCIATE answer", where
     )
@@ -1309,13 +1317,12 @@ def _connect(
         return ssl_context.wrap_socket(sock, server_hostname=host)
     except (ssl.SSLError, OSError) as exc:
         sock.close()
-        error = AssociationError(
+        raise _socket_failure(
             f"the TLS handshake with {where} failed: {exc}. Check that this is the peer's TLS "
             "port and that the TLS settings (CA, client certificate) match.",
-            reason="tls",
-        )
-        error.ssl_error = exc if isinstance(exc, ssl.SSLError) else None  # type: ignore[attr-defined]
-        raise error from None
+            "tls",
+            exc,
+        ) from None
 
 
 def echo(
