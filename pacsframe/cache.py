@@ -505,6 +505,10 @@ class Cache:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Its root is all a Cache is: connections and locks are made where it is used.
+        return (type(self), (str(self.root),))
+
     def close(self) -> None:
         """Close every index connection this Cache opened (they reopen on next use)."""
         with self._lock:

@@ -171,6 +171,20 @@ def deadline_for(timeout: Any, call: str) -> Iterator[Deadline | None]:
         _CURRENT.reset(token)
 
 
+@contextlib.contextmanager
+def deadline_scope(deadline: Deadline | None) -> Iterator[Deadline | None]:
+    """Make ``deadline`` (another process's, unpickled) the current one inside.
+
+    For a worker process (:mod:`pacsframe.workers`): ``Deadline.end`` is on the
+    system-wide monotonic clock, so it means the same moment there.
+    """
+    token = _CURRENT.set(deadline)
+    try:
+        yield deadline
+    finally:
+        _CURRENT.reset(token)
+
+
 def fired(deadline: Deadline | None) -> bool:
     """Whether ``deadline`` exists and has acted."""
     return deadline is not None and deadline.fired

@@ -345,6 +345,27 @@ class PACS:
             if self._depth == 0:
                 self.close()
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Settings only: a worker process (:mod:`pacsframe.workers`) gets a PACS
+        that opens its own associations, never this one's kept ones."""
+        if isinstance(self.tls, ssl.SSLContext):
+            raise TypeError(
+                "a PACS whose tls= is an ssl.SSLContext cannot be pickled; pass "
+                "pf.TLS(ca=..., cert=..., key=...) settings instead."
+            )
+        state = dict(vars(self))
+        for runtime in ("_lock", "_held", "_tls_context", "_cache"):
+            state.pop(runtime, None)
+        state["_depth"] = 0
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        vars(self).update(state)
+        self._tls_context = net_tls.client_context(self.tls)
+        self._cache = None
+        self._held = {}
+        self._lock = threading.RLock()
+
     def close(self) -> None:
         """Release every association kept open by ``with pacs:``."""
         with self._lock:
@@ -808,6 +829,10 @@ class PACS:
             (frames from :meth:`find_patients` carry it).
         workers : int
             Parallel associations (work is split by study, series or instance list).
+            On Linux each runs in a worker process forked from this one, so they
+            use every core; ``on_received`` and the progress bar still run here
+            (:mod:`pacsframe.workers`; ``PACSFRAME_WORKER_PROCESSES=0`` uses
+            threads instead).
         progress : bool
             Show a ``tqdm`` bar (a widget in notebooks).
         on_received : callable, optional

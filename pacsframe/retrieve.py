@@ -42,6 +42,7 @@ import html
 import io
 import logging
 import queue
+import ssl
 import threading
 import time
 import warnings
@@ -62,7 +63,7 @@ from pynetdicom.sop_class import (
 from pynetdicom.status import code_to_category
 
 from . import frames
-from .deadline import Deadline, deadline_for, fired, timed_out
+from .deadline import Deadline, deadline_for, deadline_scope, fired, timed_out
 from .errors import (
     AssociationError,
     CacheError,
@@ -91,6 +92,7 @@ from .query import (
     required_keys,
 )
 from .storage import StorageSCP, TransferResult, storage_contexts
+from .workers import ChildLink, ProcessWorker, available, portable, restore, warm
 
 if TYPE_CHECKING:
     from .cache import Cache, IncomingObject
@@ -328,6 +330,11 @@ class _Receiver:
             "size": size,
         }
         self._record(sop_class, sop, str(path), "completed", None, header=meta)
+        self._deliver(str(path), meta, size)
+        return 0x0000
+
+    def _deliver(self, path: str, meta: dict[str, Any], size: int) -> None:
+        """Progress and ``on_received`` for an object the cache holds now."""
         with self._lock:
             self.bytes += size
             if self.bar is not None:
@@ -336,14 +343,13 @@ class _Receiver:
                 self.bar.set_postfix_str(f"{self.bytes / elapsed / 1e6:.1f} MB/s", refresh=False)
         if self.on_received is not None and not self.stop.is_set():
             try:
-                self.on_received(str(path), meta)
+                self.on_received(path, meta)
             except BaseException as exc:
                 # The object is safely cached; stop the retrieval and let the driver
                 # cancel, release and re-raise the caller's exception.
                 with self._lock:
                     self.error = self.error or exc
                 self.stop.set()
-        return 0x0000
 
     def extend(self, rows: list[dict[str, Any]], note: str | None = None) -> None:
         """Add rows the driver knows of (objects the peer failed to send), and a note."""
@@ -370,6 +376,9 @@ class _Receiver:
             "status": status,
             "error": error,
         }
+        self._add_row(row)
+
+    def _add_row(self, row: dict[str, Any]) -> None:
         with self._lock:
             self.rows.append(row)
 
@@ -1162,6 +1171,191 @@ class _Worker(threading.Thread):
             self.assoc.interrupt(abort=True)
 
 
+class _Flag:
+    """A stop flag a signal handler may set: ``threading.Event.set`` takes a lock the
+    interrupted code might hold."""
+
+    __slots__ = ("_set",)
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+
+class _ChildReceiver(_Receiver):
+    """A worker process's receiver: it files objects itself, and sends its rows,
+    progress and ``on_received`` to the parent's :class:`_Receiver`."""
+
+    def __init__(self, link: ChildLink, cache: Cache, *, overwrite: bool, again: set[str]) -> None:
+        super().__init__(cache, overwrite=overwrite, on_received=None, bar=None, again=again)
+        self.link = link
+        self.stop = _Flag()  # type: ignore[assignment]
+
+    def _add_row(self, row: dict[str, Any]) -> None:
+        self.link.send("row", row)
+
+    def _deliver(self, path: str, meta: dict[str, Any], size: int) -> None:
+        self.link.send("filed", path, meta, size)
+
+    def extend(self, rows: list[dict[str, Any]], note: str | None = None) -> None:
+        self.link.send("extend", rows, note)
+
+
+class _AskedUnits:
+    """The child's view of the parent's queue of units (``get_nowait``/``put``)."""
+
+    def __init__(self, link: ChildLink) -> None:
+        self.link = link
+        self.current: int | None = None
+
+    def get_nowait(self) -> _Unit:
+        lent = self.link.ask("unit")
+        if lent is None:
+            raise queue.Empty
+        self.current, unit = lent
+        return unit
+
+    def put(self, unit: _Unit) -> None:
+        self.link.send("put", self.current)
+
+
+class _ChildWorker(_Worker):
+    """:class:`_Worker` in a worker process: it tells the parent what each request announced."""
+
+    units: _AskedUnits  # type: ignore[assignment]
+
+    def _get(self, assoc: ClientAssociation, unit: _Unit, model_uid: str, syntax: str) -> None:
+        index = self.units.current
+        try:
+            super()._get(assoc, unit, model_uid, syntax)
+        finally:
+            self.receiver.link.send("announced", index, unit.announced)  # type: ignore[attr-defined]
+
+
+class _ProcessWorker(ProcessWorker):
+    """A :class:`_Worker` whose association runs in a worker process (see
+    :mod:`pacsframe.workers`), with the same face to :func:`_run` and :func:`_get`.
+
+    The child files what arrives into the one cache itself (SQLite's locking
+    shares the index between processes); the parent keeps the queue of units,
+    the rows and the progress bar, and calls ``on_received``.
+    """
+
+    def __init__(
+        self,
+        pacs: PACS,
+        units: queue.Queue[_Unit],
+        receiver: _Receiver,
+        model: str,
+        contexts: list[tuple[str, Sequence[str]]],
+        roles: list[Any],
+        name: str,
+    ) -> None:
+        cache = receiver.cache
+        settings = (cache.root, receiver.overwrite, sorted(receiver.again))
+        args = (pacs, settings, model, contexts, roles, name, Deadline.current())
+        super().__init__(name, _child_get, args, self._on_message)
+        self.units = units
+        self.receiver = receiver
+        self.requests = 0
+        self.failures: list[BaseException] = []
+        self.cancelled = False
+        self._lent: list[_Unit] = []
+        self._done = False
+
+    def _on_message(self, message: tuple[Any, ...]) -> Any:
+        kind, *rest = message
+        receiver = self.receiver
+        if kind == "row":
+            receiver._add_row(rest[0])
+        elif kind == "filed":
+            receiver._deliver(*rest)
+        elif kind == "?":  # the child asks for its next unit
+            if receiver.stop.is_set():
+                return None
+            try:
+                unit = self.units.get_nowait()
+            except queue.Empty:
+                return None
+            self._lent.append(unit)
+            return len(self._lent) - 1, unit
+        elif kind == "announced":
+            self._lent[rest[0]].announced = rest[1]
+        elif kind == "put":
+            self.units.put(self._lent[rest[0]])
+        elif kind == "extend":
+            receiver.extend(*rest)
+        elif kind == "done":
+            self._done = True
+            self.requests, self.cancelled = rest[0], rest[1]
+            self.failures.extend(restore(f) for f in rest[2])
+            if self.failures:
+                receiver.stop.set()
+        elif kind == "crashed":
+            self.failures.append(restore(rest[0]))
+            receiver.stop.set()
+        elif kind == "ended" and not self._done:
+            self.failures.append(
+                AssociationError(
+                    f"the C-GET worker process {self.name} ended without a result (it "
+                    "was killed, or crashed); what it filed is in the cache, and the "
+                    "same call again fetches only what is missing.",
+                    reason="aborted",
+                )
+            )
+            receiver.stop.set()
+        return None
+
+
+def _child_get(
+    link: ChildLink,
+    pacs: PACS,
+    settings: tuple[Any, bool, list[str]],
+    model: str,
+    contexts: list[tuple[str, Sequence[str]]],
+    roles: list[Any],
+    name: str,
+    deadline: Deadline | None,
+) -> None:
+    """A worker process's C-GETs: the units the parent lends, filed into the cache."""
+    from .cache import Cache
+
+    root, overwrite, again = settings
+    receiver = _ChildReceiver(link, Cache(root), overwrite=overwrite, again=set(again))
+    units = _AskedUnits(link)
+    with deadline_scope(deadline):
+        # The worker copies this context: the call's timeout= holds in here too.
+        worker = _ChildWorker(pacs, units, receiver, model, contexts, roles, name)
+
+    def cancel() -> None:
+        receiver.stop.set()
+        worker.cancel()
+
+    def abort() -> None:
+        receiver.stop.set()
+        worker.abort()
+
+    link.on_cancel, link.on_abort = cancel, abort
+    if link.aborted:  # asked before the handlers above were set
+        abort()
+    elif link.cancelled:
+        cancel()
+    worker.run()  # in this process's only thread; failures are collected, not raised
+    failures = [portable(f) for f in worker.failures]
+    link.send("done", worker.requests, worker.cancelled, failures)
+
+
+def _parallel(pacs: PACS) -> bool:
+    """Whether this call's parallel associations may run in worker processes."""
+    # A TLS context the caller built (not pf.TLS settings) cannot reach a child.
+    return available() and not isinstance(pacs.tls, ssl.SSLContext)
+
+
 def _progress(total: int | None, enabled: bool, what: str) -> Any:
     if not enabled:
         return None
@@ -1201,6 +1395,8 @@ def _get(
     frame = _as_frame(frame)
     model = normalize_model(model or _model_of(frame))
     cache = pacs.cache
+    if workers > 1 and _parallel(pacs):
+        warm()  # the worker server's imports overlap the planning C-FINDs
     planner = _Planner(pacs, cache, model, overwrite)
     _plan(planner, frame, "get", workers)
     planner.warn(pacs)
@@ -1216,9 +1412,12 @@ def _get(
     contexts, roles = retrieve_negotiation(
         GET_MODELS[model], _storage(), transfer_syntaxes=_RETRIEVE_SYNTAXES
     )
-    threads = [
-        _Worker(pacs, units, receiver, model, contexts, roles, f"pacsframe-get-{i}")
-        for i in range(min(workers, len(planner.units)))
+    n = min(workers, len(planner.units))
+    # Parallel associations in processes where forking is safe: threads would
+    # share one GIL, and overlap only their waits.
+    kind = _ProcessWorker if n > 1 and _parallel(pacs) else _Worker
+    threads: list[Any] = [
+        kind(pacs, units, receiver, model, contexts, roles, f"pacsframe-get-{i}") for i in range(n)
     ]
     LOGGER.info(
         "C-GET from %s: %d request(s) over %d association(s), %d object(s) already cached",
@@ -1367,7 +1566,8 @@ def _with_result(exc: BaseException, result: RetrieveResult, call: str) -> BaseE
     return exc
 
 
-def _run(threads: list[_Worker], receiver: _Receiver) -> None:
+def _run(threads: list[Any], receiver: _Receiver) -> None:
+    """Run the workers (threads or :class:`_ProcessWorker`) until each has ended."""
     for thread in threads:
         thread.start()
     stopping = False

@@ -277,9 +277,19 @@ def uint32(number: int) -> bytes:
 
 
 def sockets() -> int:
-    """Open sockets of this process (``/proc/self/fd`` links to ``socket:[...]``)."""
+    """Open sockets of this process (``/proc/self/fd`` links to ``socket:[...]``).
+
+    Not counted: the worker server's control socket (pacsframe.workers), which
+    the first parallel retrieval opens and which lives for the session by design.
+    """
+    from pacsframe import workers
+
+    server = workers._SERVER
+    ours = str(server.sock.fileno()) if server is not None and server.alive() else None
     count = 0
     for fd in Path("/proc/self/fd").iterdir():
+        if fd.name == ours:
+            continue
         try:
             if os.readlink(fd).startswith("socket:"):
                 count += 1
