@@ -22,6 +22,7 @@ from pacsframe.net.association import (
     Association,
     CommandReceived,
     ConnectionClosed,
+    DataFragments,
     DatasetReceived,
     PDataFragment,
     Released,
@@ -339,3 +340,174 @@ def test_fuzz_requestor_awaiting_accept(data: bytes) -> None:
         events(scu, b"")
     except ProtocolError:
         assert scu.state in (State.CLOSED, State.AWAITING_ASSOCIATE_RESPONSE)
+
+
+# ----------------------------------------------------- batched data fragments (fast path)
+
+
+def streaming(*, batch: bool, scp_max: int = 16384) -> tuple[Association, Association]:
+    """An established pair whose acceptor streams data sets, batched or not."""
+    scu, scp = established(scp_max=scp_max)
+    scp.reassemble, scp.batch = False, batch
+    return scu, scp
+
+
+def trace(machine: Association, pieces: list[bytes], *, eof: bool = False) -> list[object]:
+    """Every event for ``pieces`` fed one after another, with data fragments flattened.
+
+    A :class:`DataFragments` becomes the :class:`PDataFragment` events it
+    stands for, so a batched and an unbatched machine compare equal; a
+    protocol error ends the trace with its message and abort reason.
+    """
+    out: list[object] = []
+    # An empty piece feeds nothing (b"" alone means the end of the stream).
+    for piece in [*(p for p in pieces if p), *([b""] if eof else [])]:
+        machine.receive_data(piece)
+        for _ in range(10_000):  # bounded, as events()
+            try:
+                event = machine.next_event()
+            except ProtocolError as exc:
+                out += [("error", str(exc), exc.abort_reason), machine.state]
+                return out
+            if event is NEED_DATA or isinstance(event, ConnectionClosed):
+                if event is not NEED_DATA:
+                    out.append(event)
+                break
+            if isinstance(event, DataFragments):
+                last = len(event.fragments) - 1
+                assert event.fragments, "an empty batch"
+                out += [
+                    ("data", event.context_id, bytes(f), event.is_last and i == last)
+                    for i, f in enumerate(event.fragments)
+                ]
+            elif isinstance(event, PDataFragment):
+                out.append(("data", event.context_id, bytes(event.data), event.is_last))
+            else:
+                out.append(event)
+    out.append(machine.state)
+    return out
+
+
+def _store_stream(scu: Association, size: int = 5000, messages: int = 2) -> bytes:
+    """C-STORE-RQs with data sets in PDUs of at most the acceptor's maximum."""
+    wire = b""
+    for i in range(messages):
+        command = dimse.encode_command(dimse.c_store_rq(i + 1, CT, f"1.2.{i}"))
+        wire += scu.send_message(3, command, bytes(range(251)) * (size // 251) + b"!" * i)
+    return wire
+
+
+def test_whole_pdus_in_the_buffer_come_as_one_batch() -> None:
+    scu, scp = streaming(batch=True, scp_max=1000)
+    command = dimse.encode_command(dimse.c_store_rq(1, CT, "1.2.3"))
+    dataset = bytes(range(256)) * 20  # 5,120 bytes: six PDUs of at most 994
+    out = events(scp, scu.send_message(3, command, dataset))
+    assert out[0] == CommandReceived(3, command)
+    [batch] = out[1:]
+    assert isinstance(batch, DataFragments) and batch.context_id == 3 and batch.is_last
+    assert [len(f) for f in batch.fragments] == [994] * 5 + [150]
+    assert b"".join(batch.fragments) == dataset
+    # The fragments stay valid while more bytes arrive.
+    events(scp, scu.send_message(3, command, b"y" * 3000))
+    assert b"".join(batch.fragments) == dataset
+
+
+def test_a_batch_stops_at_the_end_of_its_data_set() -> None:
+    scu, scp = streaming(batch=True, scp_max=1000)
+    out = events(scp, _store_stream(scu, size=2500))
+    kinds = [type(e).__name__ for e in out]
+    assert kinds == ["CommandReceived", "DataFragments"] * 2
+    assert [e.is_last for e in out[1::2]] == [True, True]
+    assert scp._current is None
+
+
+@pytest.mark.parametrize("scp_max", [1000, 16384])
+def test_a_stream_split_at_every_byte_gives_the_same_fragments(scp_max: int) -> None:
+    scu, _ = streaming(batch=True, scp_max=scp_max)
+    wire = _store_stream(scu)
+    _, plain = streaming(batch=False, scp_max=scp_max)
+    expected = trace(plain, [wire])
+    for cut in range(len(wire) + 1):
+        _, batched = streaming(batch=True, scp_max=scp_max)
+        assert trace(batched, [wire[:cut], wire[cut:]]) == expected, cut
+    _, batched = streaming(batch=True, scp_max=scp_max)
+    assert trace(batched, [wire[i : i + 1] for i in range(len(wire))]) == expected
+
+
+def _data_pdu(context_id: int, data: bytes, *, last: bool = False, control: int | None = None):
+    header = pdu.encode_pdv_header(context_id, False, last, len(data))
+    if control is not None:
+        header = header[:-1] + bytes([control])
+    return header + data
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (_data_pdu(5, b"x"), "presentation context 5, which was not accepted"),
+        (_data_pdu(1, b"x"), "interleaved a data set fragment on context 1"),
+        (_data_pdu(3, b"x", control=4), "message control header 0x04"),
+        (b"\x04\x00" + struct.pack(">L", 1100) + b"\0" * 1100, "over the maximum PDU length"),
+        (b"\x09\x00\x00\x00\x00\x04" + b"\0" * 4, "unknown PDU type 0x09"),
+        (_data_pdu(3, b"xy")[:6] + struct.pack(">L", 99) + b"\x03\x00xy", "a PDV of 99 bytes"),
+        (b"\x04\x00\x00\x00\x00\x02\x00\x00", "ends 2 bytes into a PDV item header"),
+    ],
+)
+def test_a_protocol_error_mid_batch_comes_after_the_good_fragments(
+    bad: bytes, message: str
+) -> None:
+    scu, scp = streaming(batch=True, scp_max=1000)
+    command = dimse.encode_command(dimse.c_store_rq(1, CT, "1.2.3"))
+    head = scu.send_message(3, command, None)
+    wire = head + _data_pdu(3, b"a" * 10) + _data_pdu(3, b"b" * 20) + bad + _data_pdu(3, b"c")
+    got = trace(scp, [wire])
+    _, plain = streaming(batch=False, scp_max=1000)
+    assert got == trace(plain, [wire])
+    assert got[1:3] == [("data", 3, b"a" * 10, False), ("data", 3, b"b" * 20, False)]
+    kind, text, _ = got[3]
+    assert kind == "error" and message in text, text
+
+
+def test_a_pdu_with_several_pdvs_takes_the_general_path() -> None:
+    scu, scp = streaming(batch=True)
+    command = dimse.encode_command(dimse.c_store_rq(1, CT, "1.2.3"))
+    two = pdu.encode(pdu.PDataTF((pdu.PDV(3, False, False, b"12"), pdu.PDV(3, False, True, b"3"))))
+    wire = scu.send_message(3, command, None) + _data_pdu(3, b"0") + two
+    out = events(scp, wire)
+    assert isinstance(out[1], DataFragments) and [bytes(f) for f in out[1].fragments] == [b"0"]
+    assert out[2:] == [
+        PDataFragment(3, False, False, memoryview(b"12")),
+        PDataFragment(3, False, True, memoryview(b"3")),
+    ]
+
+
+def test_batching_needs_streaming_mode() -> None:
+    scu, scp = established(scp_max=1000)
+    scp.batch = True  # still reassembling: whole data sets, as before
+    command = dimse.encode_command(dimse.c_store_rq(1, CT, "1.2.3"))
+    assert events(scp, scu.send_message(3, command, b"z" * 3000)) == [
+        CommandReceived(3, command),
+        DatasetReceived(3, b"z" * 3000),
+    ]
+
+
+@FUZZ
+@given(
+    st.lists(st.tuples(st.integers(0, 100_000), st.integers(0, 255)), min_size=0, max_size=6),
+    st.lists(st.integers(1, 3000), min_size=1, max_size=12),
+)
+def test_fuzz_batched_and_unbatched_machines_agree(
+    flips: list[tuple[int, int]], cuts: list[int]
+) -> None:
+    scu, _ = streaming(batch=False, scp_max=1000)
+    wire = bytearray(_store_stream(scu, size=2200) + scu.send(pdu.ReleaseRQ()))
+    for position, value in flips:
+        wire[position % len(wire)] = value
+    pieces, offset = [], 0
+    for cut in cuts:
+        pieces.append(bytes(wire[offset : offset + cut]))
+        offset += cut
+    pieces.append(bytes(wire[offset:]))
+    _, plain = streaming(batch=False, scp_max=1000)
+    _, batched = streaming(batch=True, scp_max=1000)
+    assert trace(batched, pieces, eof=True) == trace(plain, pieces, eof=True)

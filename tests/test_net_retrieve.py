@@ -573,6 +573,28 @@ _AFTER_STORE_RQ = {
         ProtocolError,
         "interleaved a data set fragment on context 1",
     ),
+    # Whole data PDUs come in one batch; a bad PDU after them still fails alone.
+    "unaccepted context after a batch": (
+        _HALF_DATASET * 3 + _pdv(7, False, True, b"rest"),
+        False,
+        ProtocolError,
+        "presentation context 7, which was not accepted",
+    ),
+    "PDV longer than its PDU after a batch": (
+        _HALF_DATASET * 2
+        + b"\x04\x00\x00\x00\x00\x08\x00\x00\x00\x63"
+        + bytes([_STORAGE_CX, 0])
+        + b"xy",
+        False,
+        ProtocolError,
+        "a PDV of 99 bytes",
+    ),
+    "unknown PDU type after a batch": (
+        _HALF_DATASET * 2 + b"\x0a\x00\x00\x00\x00\x04\x00\x00\x00\x00",
+        False,
+        ProtocolError,
+        "unknown PDU type 0x0A",
+    ),
 }
 
 

@@ -57,6 +57,7 @@ from pacsframe.net.association import (
     Association,
     CommandReceived,
     ConnectionClosed,
+    DataFragments,
     DatasetReceived,
     Event,
     PDataFragment,
@@ -300,12 +301,21 @@ class BlockingAssociation:
             self._protocol_failure(exc)
         return event.context_id, command
 
-    def _fragments(self, context_id: int, command: dimse.Command) -> Iterator[memoryview]:
-        """The data set ``command`` announced, fragment by fragment, as it arrives."""
-        # Bounded: each pass takes one fragment, each wait at most dimse_timeout.
+    def _fragments(self, context_id: int, command: dimse.Command) -> Iterator[list[memoryview]]:
+        """The data set ``command`` announced, as lists of fragments, as it arrives.
+
+        Each list is what the buffer held (a :class:`DataFragments` event),
+        or one fragment when the machine gave a :class:`PDataFragment`.
+        """
+        waiting_for = f"the data set of a {command.name}"
+        # Bounded: each pass takes one or more fragments, each wait at most dimse_timeout.
         while True:
-            event = self._wait(f"the data set of a {command.name}")
-            if not isinstance(event, PDataFragment):
+            event = self._wait(waiting_for)
+            if type(event) is DataFragments:
+                fragments = event.fragments
+            elif isinstance(event, PDataFragment):
+                fragments = [event.data]
+            else:
                 self._protocol_failure(
                     ProtocolError(
                         f"the peer sent a new command before the data set its "
@@ -321,11 +331,13 @@ class BlockingAssociation:
                         abort_reason=pdu.UNEXPECTED_PARAMETER,
                     )
                 )
-            yield event.data
+            yield fragments
             if event.is_last:
                 return
 
-    def _fragments_or_abort(self, context_id: int, command: dimse.Command) -> Iterator[memoryview]:
+    def _fragments_or_abort(
+        self, context_id: int, command: dimse.Command
+    ) -> Iterator[list[memoryview]]:
         """:meth:`_fragments`; the limit passing mid-object aborts (the rest would follow)."""
         try:
             yield from self._fragments(context_id, command)
@@ -368,11 +380,13 @@ class BlockingAssociation:
                 status = OUT_OF_RESOURCES
         complete = False
         try:
-            for fragment in self._fragments_or_abort(context_id, command):
+            for fragments in self._fragments_or_abort(context_id, command):
                 if writer is None:
                     continue  # refused: read the rest of the object and drop it
                 try:
-                    writer.write(fragment)
+                    write = writer.write
+                    for fragment in fragments:
+                        write(fragment)
                 except OSError:
                     writer.discard()
                     writer, status = None, OUT_OF_RESOURCES
@@ -964,8 +978,9 @@ class ClientAssociation(BlockingAssociation):
     def _joined_dataset(self, context_id: int, command: dimse.Command) -> bytes:
         """A response's (small) data set, joined, within the machine's cap."""
         parts = bytearray()
-        for fragment in self._fragments(context_id, command):
-            parts += fragment
+        for fragments in self._fragments(context_id, command):
+            for fragment in fragments:
+                parts += fragment
             if len(parts) > self._machine.max_dataset:
                 self._protocol_failure(
                     ProtocolError(
@@ -1241,7 +1256,7 @@ def associate(
         ),
     )
     # Encode before connecting: a bad AE title is our caller's error, not the network's.
-    machine = Association("requestor", max_receive=max_pdu)
+    machine = Association("requestor", max_receive=max_pdu, batch=True)
     request_bytes = machine.send(request)
     sock = _connect(host, port, connect_timeout, ssl_context, where)
     try:

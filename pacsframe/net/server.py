@@ -323,7 +323,7 @@ class StorageServer:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.ssl_context is not None:
             conn = self._handshake(conn, where)
-        machine = Association("acceptor", max_receive=self.max_pdu, reassemble=False)
+        machine = Association("acceptor", max_receive=self.max_pdu, reassemble=False, batch=True)
         event = next_event(
             conn, machine, time.monotonic() + self.acse_timeout, "an A-ASSOCIATE-RQ", where
         )
