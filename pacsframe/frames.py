@@ -502,6 +502,10 @@ def _scalar_column(values: Sequence[Any], vr: str, keyword: str) -> pd.Series:
             stamp = stamp + parts[i].fillna(default)
         fraction = parts[6].fillna("0").str.ljust(6, "0")
         out = pd.to_datetime(stamp + "." + fraction, format="%Y%m%d%H%M%S.%f", errors="coerce")
+    if vr not in TIME_VRS:
+        # pandas 3 parses at microsecond resolution: a date datetime64[ns] cannot hold
+        # (after 2262-04-11, before 1677-09-21) is malformed here, not an error.
+        out = out.where((out >= pd.Timestamp.min) & (out <= pd.Timestamp.max))
     out = pd.Series(out.to_numpy(), dtype=DTYPES[vr])
     bad = present.to_numpy() & out.isna().to_numpy()
     _warn_malformed(keyword, pd.Series(bad, index=raw.astype(str)))
