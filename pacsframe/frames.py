@@ -713,6 +713,9 @@ def _skip_items(
 _KNOWN_VRS = frozenset(v.value for v in VR)
 _UTF8_CHARSET = RawDataElement(BaseTag(0x00080005), "CS", 10, b"ISO_IR 192", 0, False, True)
 _PN_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
+# VRs whose single JSON string is its DICOM form as it is (not PN, AT, SQ, numbers).
+_ONE_STRING_VRS = (STRING_VRS - {"PN"}) | DATE_VRS | TIME_VRS | DATETIME_VRS | INT_STRING_VRS
+_ONE_STRING_VRS |= FLOAT_STRING_VRS
 
 
 def _json_text(item: Any) -> str:
@@ -797,11 +800,22 @@ def json_element(tag: int, item: Any, attr: Attribute) -> RawDataElement:
     """
     vr = None
     try:
-        if not isinstance(item, Mapping):
+        if type(item) is not dict and not isinstance(item, Mapping):
             raise ValueError(f"a JSON {type(item).__name__} is not a DICOM JSON attribute")
         declared = item.get("vr")
         vr = declared if declared in _KNOWN_VRS else None
-        value = _json_value(item, _value_vr(vr, attr) if vr != "SQ" else "SQ")
+        reading = _value_vr(vr, attr) if vr != "SQ" else "SQ"
+        values = item.get("Value")
+        if (
+            type(values) is list
+            and len(values) == 1
+            and type(values[0]) is str
+            and reading in _ONE_STRING_VRS
+        ):
+            # The common case, as _json_value would take it: one string of a text VR.
+            value = values[0].encode("utf-8", "surrogatepass")
+        else:
+            value = _json_value(item, reading)
     except (ValueError, TypeError, binascii.Error, struct.error) as exc:
         value = exc if isinstance(exc, ValueError) else ValueError(str(exc))
     return RawDataElement(BaseTag(tag), vr, 0, value, 0, False, True)
