@@ -8,6 +8,14 @@ character set, collected per column as strings, and converted a column at a time
 
 The dtype of a column follows its VR (see ``DTYPES``); an attribute whose
 dictionary VM is not ``"1"`` becomes a column of lists.
+
+DICOM JSON (PS3.18 F.2, what QIDO-RS answers) takes the same road: each attribute
+becomes the raw element its DICOM encoding would give (:func:`json_element`) and
+goes through the same per-column conversion (:meth:`FrameBuilder.add_json`,
+:func:`from_dicom_json`), so both protocols give equal frames for equal data.
+AT values become ``"GGGGEEEE"`` strings, as DICOM JSON writes them, and values of
+OB, OW and the other binary VRs stay ``bytes`` (over DICOM JSON: ``InlineBinary``
+decoded; a ``BulkDataURI`` kept as its URI string).
 """
 
 from __future__ import annotations

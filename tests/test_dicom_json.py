@@ -454,3 +454,66 @@ def test_any_dataset_gives_the_same_frame_over_json_as_over_cfind(batch):
     for column in PROPERTY_COLUMNS:
         pd.testing.assert_series_equal(frame[column], reference[column], obj=column)
     assert warned_json == warned
+
+
+# --- property: any JSON at all ---------------------------------------------------------------
+
+json_values = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(2**70), 2**70),
+        st.floats(),
+        st.text(max_size=12),
+        st.sampled_from(["20260301", "083000", "1.5", "CT", "0020000D", "AQI=", "=山田"]),
+    ),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=12), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@st.composite
+def json_objects(draw):
+    """(columns, objects): DICOM JSON as a careless or hostile server might send it."""
+    columns = draw(st.lists(st.sampled_from(PROPERTY_COLUMNS), min_size=1, max_size=6))
+    columns = list(dict.fromkeys(columns))
+    keys = st.one_of(
+        st.sampled_from([f"{frames.attribute(c).tag:08X}" for c in columns]),
+        st.sampled_from([f"{frames.attribute(c).tag:08x}" for c in columns]),
+        st.text(max_size=9),
+    )
+    attribute = st.one_of(
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "vr": st.one_of(st.sampled_from(sorted(frames._KNOWN_VRS)), st.text(max_size=3)),
+                "Value": json_values,
+                "InlineBinary": st.one_of(
+                    st.binary(max_size=9).map(base64.b64encode), json_values
+                ),
+                "BulkDataURI": json_values,
+            },
+        ).map(lambda d: {k: v.decode() if isinstance(v, bytes) else v for k, v in d.items()}),
+        json_values,
+    )
+    objects = draw(
+        st.lists(st.one_of(st.dictionaries(keys, attribute, max_size=6), json_values), max_size=4)
+    )
+    return columns, objects
+
+
+@FUZZ
+@given(json_objects())
+def test_any_json_becomes_a_typed_frame_with_malformed_value_warnings_only(case):
+    from tests.test_fuzz import check_frame
+
+    columns, objects = case
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        frame = frames.from_dicom_json(objects, columns)
+    unexpected = [w for w in caught if not issubclass(w.category, MalformedValueWarning)]
+    assert not unexpected, [str(w.message) for w in unexpected]
+    rows = sum(isinstance(o, dict) for o in objects)
+    check_frame(frame, columns, rows)
