@@ -14,6 +14,7 @@ __all__ = [
     "CountMismatchWarning",
     "DimseError",
     "MoveDestinationUnknown",
+    "MultipartError",
     "NotSupported",
     "PacsFrameError",
     "ProtocolError",
@@ -101,6 +102,20 @@ class ProtocolError(AssociationError):
     def __init__(self, message: str, *, abort_reason: int = 0) -> None:
         super().__init__(message, reason="aborted")
         self.abort_reason = abort_reason
+
+
+class MultipartError(ProtocolError):
+    """A DICOMweb peer's multipart/related body is malformed or was cut short.
+
+    Raised by :mod:`pacsframe.multipart` for a WADO-RS answer that does not follow
+    RFC 2046 as PS3.18 uses it: a Content-Type without a boundary, a body in which
+    that boundary never appears (the peer sent another boundary, or no multipart
+    body at all), part headers that never end, or a body that stops before the
+    closing ``--boundary--`` (the connection dropped mid-transfer, or a proxy cut
+    it short). The part being written when it happened is incomplete: it must be
+    discarded, never cached. Like a dropped association, ``reason`` is
+    ``"aborted"``; running the retrieval again fetches what is missing.
+    """
 
 
 class DimseError(PacsFrameError):

@@ -8,15 +8,26 @@ character set, collected per column as strings, and converted a column at a time
 
 The dtype of a column follows its VR (see ``DTYPES``); an attribute whose
 dictionary VM is not ``"1"`` becomes a column of lists.
+
+DICOM JSON (PS3.18 F.2, what QIDO-RS answers) takes the same road: each attribute
+becomes the raw element its DICOM encoding would give (:func:`json_element`) and
+goes through the same per-column conversion (:meth:`FrameBuilder.add_json`,
+:func:`from_dicom_json`), so both protocols give equal frames for equal data.
+AT values become ``"GGGGEEEE"`` strings, as DICOM JSON writes them, and values of
+OB, OW and the other binary VRs stay ``bytes`` (over DICOM JSON: ``InlineBinary``
+decoded; a ``BulkDataURI`` kept as its URI string).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import codecs
 import contextlib
 import datetime as _dt
 import difflib
 import functools
+import json
 import math
 import re
 import struct
@@ -44,6 +55,7 @@ __all__ = [
     "attribute",
     "dicom_strings",
     "empty_frame",
+    "from_dicom_json",
     "infer_level",
     "is_missing",
     "is_uid",
@@ -67,6 +79,8 @@ STRING_VRS = frozenset({"PN", "UI", "CS", "SH", "LO", "ST", "LT", "UT", "AE", "A
 CHARSET_VRS = frozenset({"PN", "SH", "LO", "ST", "LT", "UT", "UC"})
 # Leading spaces are significant only in these (PS3.5 6.2).
 KEEP_LEADING_SPACE_VRS = frozenset({"ST", "LT", "UT"})
+#: Binary VRs whose value stays the bytes as sent (a ``bytes`` cell in an object column).
+BYTES_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 
 #: The pandas dtype of a single value of each VR family.
 DTYPES: dict[str, str] = {
@@ -76,6 +90,22 @@ DTYPES: dict[str, str] = {
     **dict.fromkeys(FLOAT_VRS, "Float64"),
     **dict.fromkeys(STRING_VRS, "string"),
 }
+
+
+def _value_vr(wire_vr: Any, attr: Attribute) -> str:
+    """The VR that reads a value: the one on the wire, else the dictionary's.
+
+    UN, SQ and a binary VR (OB, OW...) on the wire say nothing about how to read the
+    bytes of an attribute the dictionary gives another VR: they are read by that one.
+    """
+    if (
+        not wire_vr
+        or wire_vr in ("UN", "SQ")
+        or (wire_vr in BYTES_VRS and attr.vr not in BYTES_VRS)
+    ):
+        return attr.vr
+    return wire_vr
+
 
 UID_COLUMNS = ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "PatientID")
 _LEVEL_OF_COLUMN = dict(zip(UID_COLUMNS, ("IMAGE", "SERIES", "STUDY", "PATIENT"), strict=True))
@@ -189,6 +219,8 @@ def is_uid(text: str) -> bool:
 def _decode_raw(elem: Any, vr: str, encodings: list[str] | None) -> Any:
     """Turn one element of an identifier into a DICOM string (or number, for binary VRs)."""
     value = elem.value
+    if isinstance(value, Exception):
+        raise value  # a DICOM JSON value that has no DICOM form (see json_element)
     if value is None or value == b"" or value == "":
         return None
     if isinstance(value, bytes):
@@ -202,6 +234,17 @@ def _decode_raw(elem: Any, vr: str, encodings: list[str] | None) -> Any:
                 raise ValueError(f"{len(value)} bytes are not a whole number of {vr} values")
             numbers = struct.unpack(f"{endian}{count}{code}", value)
             return list(numbers) if count != 1 else numbers[0]
+        if vr == "AT":
+            # Tags as DICOM JSON writes them: "GGGGEEEE", upper-case hex.
+            endian = "<" if getattr(elem, "is_little_endian", True) else ">"
+            count, extra = divmod(len(value), 4)
+            if extra:
+                raise ValueError(f"{len(value)} bytes are not a whole number of AT values")
+            pairs = struct.unpack(f"{endian}{2 * count}H", value)
+            tags = [f"{g:04X}{e:04X}" for g, e in zip(pairs[::2], pairs[1::2], strict=True)]
+            return tags if count != 1 else tags[0]
+        if vr in BYTES_VRS:
+            return value
         codec = "ascii"
         if vr in CHARSET_VRS and encodings:
             if b"\x1b" not in value:
@@ -309,7 +352,7 @@ def _decode_all(
         if elem is None:
             values.append(None)
             continue
-        vr = elem.VR if elem.VR and elem.VR not in ("UN", "SQ") else attr.vr
+        vr = _value_vr(elem.VR, attr)
         try:
             values.append(_decode_raw(elem, vr, encodings))
         except _Lossy as exc:
@@ -467,6 +510,10 @@ def _scalar_column(values: Sequence[Any], vr: str, keyword: str) -> pd.Series:
             stamp = stamp + parts[i].fillna(default)
         fraction = parts[6].fillna("0").str.ljust(6, "0")
         out = pd.to_datetime(stamp + "." + fraction, format="%Y%m%d%H%M%S.%f", errors="coerce")
+    if vr not in TIME_VRS:
+        # pandas 3 parses at microsecond resolution: a date datetime64[ns] cannot hold
+        # (after 2262-04-11, before 1677-09-21) is malformed here, not an error.
+        out = out.where((out >= pd.Timestamp.min) & (out <= pd.Timestamp.max))
     out = pd.Series(out.to_numpy(), dtype=DTYPES[vr])
     bad = present.to_numpy() & out.isna().to_numpy()
     _warn_malformed(keyword, pd.Series(bad, index=raw.astype(str)))
@@ -664,6 +711,124 @@ def _skip_items(
     return None
 
 
+# --- DICOM JSON (PS3.18 F.2) -> the raw elements the C-FIND path keeps --------------------
+#
+# A QIDO-RS answer goes through the same converter as a C-FIND identifier: each
+# attribute becomes the element its DICOM encoding would give (text as UTF-8 bytes read
+# with a row character set of ISO_IR 192, binary numbers as numbers, AT as the encoded
+# tag, InlineBinary as its bytes), so no VR rule exists twice.
+
+_KNOWN_VRS = frozenset(v.value for v in VR)
+_UTF8_CHARSET = RawDataElement(BaseTag(0x00080005), "CS", 10, b"ISO_IR 192", 0, False, True)
+_PN_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
+# VRs whose single JSON string is its DICOM form as it is (not PN, AT, SQ, numbers).
+_ONE_STRING_VRS = (STRING_VRS - {"PN"}) | DATE_VRS | TIME_VRS | DATETIME_VRS | INT_STRING_VRS
+_ONE_STRING_VRS |= FLOAT_STRING_VRS
+
+
+def _json_text(item: Any) -> str:
+    """One value of a text, date/time, IS or DS attribute in its DICOM string form."""
+    if item is None:
+        return ""  # an empty value of a multi-valued attribute (PS3.18 F.2.5)
+    if isinstance(item, str):
+        return item
+    if isinstance(item, float):
+        return repr(item)  # the shortest text that reads back as the same number
+    if isinstance(item, int):
+        return str(item)  # bool too: "True", which no numeric VR reads
+    raise ValueError(f"a JSON {type(item).__name__} is not a value of this VR")
+
+
+def _json_pn(item: Any) -> str:
+    """A PN value object as the DICOM form: ``Alphabetic=Ideographic=Phonetic``."""
+    if item is None:
+        return ""
+    if isinstance(item, str):
+        return item  # some services send the DICOM form; it reads the same
+    if not isinstance(item, Mapping):
+        raise ValueError(f"a JSON {type(item).__name__} is not a PN value object")
+    groups = [item.get(name) or "" for name in _PN_GROUPS]
+    if not all(isinstance(g, str) for g in groups):
+        raise ValueError("a PN component group is not a string")
+    while groups and not groups[-1]:
+        groups.pop()  # trailing empty groups are dropped, as in the DICOM form
+    return "=".join(groups)
+
+
+def _json_at(item: Any) -> bytes:
+    if not (isinstance(item, str) and len(item) == 8):
+        raise ValueError(f"{item!r} is not a tag as DICOM JSON writes one (GGGGEEEE)")
+    number = int(item, 16)
+    return struct.pack("<HH", number >> 16, number & 0xFFFF)
+
+
+def _json_value(item: Mapping[str, Any], vr: str) -> Any:
+    """The value of one DICOM JSON attribute object, read with ``vr``, in encoded form."""
+    if "Value" in item:
+        values = item["Value"]
+        if not isinstance(values, list):
+            values = [values]
+        if vr == "SQ":
+            raise ValueError("a sequence (SQ) where a flat value was expected")
+        if vr in BINARY_INT_VRS or vr in BINARY_FLOAT_VRS:
+            numbers = [v for v in values if v is not None]
+            if any(not isinstance(v, (int, float, str)) for v in numbers):
+                raise ValueError(f"a {vr} value is not a number")
+            return numbers or b""
+        if vr == "AT":
+            return b"".join(_json_at(v) for v in values if v is not None)
+        to_text = _json_pn if vr == "PN" else _json_text
+        return "\\".join(to_text(v) for v in values).encode("utf-8", "surrogatepass")
+    if "InlineBinary" in item:
+        text = item["InlineBinary"]
+        if not isinstance(text, str):
+            raise ValueError("InlineBinary is not a base64 string")
+        return base64.b64decode(text, validate=True)
+    if "BulkDataURI" in item:
+        uri = item["BulkDataURI"]
+        if vr in BYTES_VRS and isinstance(uri, str):
+            return uri
+        raise ValueError(
+            "the peer sent the value by reference (BulkDataURI), not inline; ask for the "
+            "attribute at a level where the archive sends it inline"
+        )
+    return b""  # an attribute with no value
+
+
+def json_element(tag: int, item: Any, attr: Attribute) -> RawDataElement:
+    """One DICOM JSON attribute object as the raw element a C-FIND identifier would give.
+
+    The value is what the C-FIND path would hold for the same attribute: text in
+    UTF-8 (read with ISO_IR 192), binary numbers as numbers, AT and ``InlineBinary``
+    values as their bytes. A ``BulkDataURI`` of a binary VR (OB, OW, UN...) is kept as
+    the URI string, since fetching it is a request of its own; of any other VR it
+    makes the cell empty with a :class:`MalformedValueWarning`. A value that cannot
+    be put in DICOM form holds the reason (an exception), which the converter
+    reports as a malformed value.
+    """
+    vr = None
+    try:
+        if type(item) is not dict and not isinstance(item, Mapping):
+            raise ValueError(f"a JSON {type(item).__name__} is not a DICOM JSON attribute")
+        declared = item.get("vr")
+        vr = declared if declared in _KNOWN_VRS else None
+        reading = _value_vr(vr, attr) if vr != "SQ" else "SQ"
+        values = item.get("Value")
+        if (
+            type(values) is list
+            and len(values) == 1
+            and type(values[0]) is str
+            and reading in _ONE_STRING_VRS
+        ):
+            # The common case, as _json_value would take it: one string of a text VR.
+            value = values[0].encode("utf-8", "surrogatepass")
+        else:
+            value = _json_value(item, reading)
+    except (ValueError, TypeError, binascii.Error, struct.error) as exc:
+        value = exc if isinstance(exc, ValueError) else ValueError(str(exc))
+    return RawDataElement(BaseTag(tag), vr, 0, value, 0, False, True)
+
+
 _CHARSET_TAG = 0x00080005
 # Joined text is cut at this byte, which no value of a fast-path column may hold.
 _SEPARATOR = b"\x01"
@@ -710,6 +875,11 @@ class FrameBuilder:
         for i, attr in enumerate(self.attributes):
             self._index.setdefault(attr.tag, []).append(i)
         self._cells: list[list[Any]] = [[] for _ in self.attributes]
+        # DICOM JSON keys ("0020000D", or in lower case) -> tag.
+        self._json_tags = {f"{t:08X}": t for t in self._index} | {
+            f"{t:08x}": t for t in self._index
+        }
+        self._by_tag = {a.tag: a for a in self.attributes}
         # Per row: the raw SpecificCharacterSet element (None when absent).
         self._charsets: list[Any] = []
         self._warned: set[str] = set()
@@ -751,6 +921,40 @@ class FrameBuilder:
         self._keep(found.items())
         return True
 
+    def add_json(self, obj: Any) -> bool:
+        """Add one match of a QIDO-RS answer: a DICOM JSON object (PS3.18 F.2).
+
+        Each attribute goes through the same conversion as a C-FIND identifier (see
+        :func:`json_element`), so a frame built from DICOM JSON has the columns,
+        dtypes and values of one built from the same datasets' encoding; sequences,
+        private and other attributes that are not columns are skipped as C-FIND's
+        are. Returns False, adding nothing, when ``obj`` is not a JSON object.
+
+        Examples
+        --------
+        >>> fb = FrameBuilder(["PatientName", "StudyDate"])
+        >>> fb.add_json({"00100010": {"vr": "PN", "Value": [{"Alphabetic": "Doe^Jane"}]},
+        ...              "00080020": {"vr": "DA", "Value": ["20260301"]}})
+        True
+        >>> fb.frame().iloc[0].tolist()
+        ['Doe^Jane', Timestamp('2026-03-01 00:00:00')]
+        """
+        if not isinstance(obj, Mapping):
+            return False
+        tags = self._json_tags
+        found = []
+        for key, item in obj.items():
+            tag = tags.get(key)
+            if tag is None:
+                continue
+            attr = self._by_tag.get(tag) or attribute("SpecificCharacterSet")
+            found.append((tag, json_element(tag, item, attr)))
+        self._keep(found)
+        # Decoded with UTF-8: the text is already Unicode, whatever character set the
+        # object names (which stays the SpecificCharacterSet column's value).
+        self._charsets[-1] = _UTF8_CHARSET
+        return True
+
     def _keep(self, elements: Iterable[tuple[int, Any]]) -> None:
         """Append one row: each (tag, raw element) to its columns or the charsets."""
         row: list[Any] = [None] * len(self.attributes)
@@ -782,8 +986,14 @@ class FrameBuilder:
 
     @staticmethod
     def _kind(attr: Attribute, wire_vr: Any, enc: list[str] | None) -> tuple[str, bool] | None:
-        vr = wire_vr if wire_vr and wire_vr not in ("UN", "SQ") else attr.vr
-        if vr in BINARY_INT_VRS or vr in BINARY_FLOAT_VRS or vr in KEEP_LEADING_SPACE_VRS:
+        vr = _value_vr(wire_vr, attr)
+        if (
+            vr in BINARY_INT_VRS
+            or vr in BINARY_FLOAT_VRS
+            or vr in KEEP_LEADING_SPACE_VRS
+            or vr in BYTES_VRS
+            or vr == "AT"
+        ):
             return None
         codec, escapes = "ascii", False
         if vr in CHARSET_VRS and enc:
@@ -837,7 +1047,7 @@ class FrameBuilder:
         failures: list[Exception] = []
         for r in sorted(slow):
             elem = elems[r]
-            vr = elem.VR if elem.VR and elem.VR not in ("UN", "SQ") else attr.vr
+            vr = _value_vr(elem.VR, attr)
             try:
                 values[r] = _decode_raw(elem, vr, encodings[r])
             except _Lossy as exc:
@@ -859,6 +1069,51 @@ class FrameBuilder:
                 for a, cells in zip(self.attributes, self._cells, strict=True)
             }
         )
+
+
+def from_dicom_json(
+    objects: Iterable[Any] | str | bytes,
+    columns: Sequence[str] | Any,
+    *,
+    peer: str | None = None,
+) -> pd.DataFrame:
+    """A QIDO-RS answer (a list of DICOM JSON objects) as the frame C-FIND would give.
+
+    ``columns`` is the frame's columns in order, or the :class:`~pacsframe.query.Query`
+    that was asked (then its columns, and ``attrs["pacsframe"]`` records its level,
+    model and matching keys, with ``peer``, as a C-FIND frame's do). ``objects`` may
+    also be the answer's JSON text. Matches that are not JSON objects are left out
+    with a :class:`MalformedValueWarning`; malformed values become empty with one,
+    and the row is kept.
+
+    Examples
+    --------
+    >>> answer = [{"0020000D": {"vr": "UI", "Value": ["1.2.3"]},
+    ...            "00080061": {"vr": "CS", "Value": ["CT", "MR"]},
+    ...            "00201208": {"vr": "IS", "Value": [42]}}]
+    >>> f = from_dicom_json(answer, ["StudyInstanceUID", "ModalitiesInStudy",
+    ...                              "NumberOfStudyRelatedInstances"])
+    >>> f.NumberOfStudyRelatedInstances.tolist(), f.dtypes.astype(str).tolist()
+    ([42], ['string', 'object', 'Int64'])
+    """
+    query = columns if hasattr(columns, "to_json") and hasattr(columns, "columns") else None
+    builder = FrameBuilder(query.columns if query is not None else list(columns))
+    if isinstance(objects, (str, bytes)):
+        objects = json.loads(objects)
+    if isinstance(objects, Mapping):
+        objects = [objects]  # one object where a list was due
+    skipped = sum(not builder.add_json(obj) for obj in objects)
+    if skipped:
+        warnings.warn(
+            f"{skipped} match(es) of the DICOM JSON answer are not JSON objects and are "
+            "missing from the frame; the peer sent malformed data.",
+            MalformedValueWarning,
+            stacklevel=2,
+        )
+    frame = builder.frame()
+    if query is not None:
+        frame.attrs["pacsframe"] = {**query.to_json(), **({"peer": peer} if peer else {})}
+    return frame
 
 
 # --- typed values -> DICOM strings -------------------------------------------------------

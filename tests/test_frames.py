@@ -122,6 +122,18 @@ def test_malformed_values_become_empty_with_a_warning_naming_the_attribute():
         to_series(["996"], "StudyTime")
 
 
+@pytest.mark.parametrize(
+    ("keyword", "value"), [("StudyDate", "22630101"), ("AcquisitionDateTime", "16000101120000")]
+)
+def test_dates_datetime64_ns_cannot_hold_are_empty_with_a_warning(keyword, value):
+    # pandas 3 parses them at microsecond resolution; the cast to ns raised, losing
+    # the whole frame (found by tests/test_dicom_json.py).
+    with pytest.warns(MalformedValueWarning, match=keyword):
+        s = to_series([value, "20260301"], keyword)
+    assert pd.isna(s[0]) and s[1] == pd.Timestamp("2026-03-01")
+    assert str(s.dtype) == "datetime64[ns]"
+
+
 def test_empty_frame_has_the_right_dtypes():
     f = frames.empty_frame(["StudyDate", "StudyTime", "SeriesNumber", "PatientName"])
     assert list(f.dtypes.astype(str)) == ["datetime64[ns]", "timedelta64[ns]", "Int64", "string"]
