@@ -943,10 +943,76 @@ def handle_store(event: evt.Event, server: DemoPACS) -> int | Dataset:
     """
     try:
         data = event.encoded_dataset()
-        ds = _read_header(BytesIO(data))
     except (InvalidDicomError, ValueError, EOFError, OSError) as exc:
         LOGGER.info("C-STORE refused: unreadable dataset (%s)", exc)
         return _status(0xC000, f"the dataset could not be read: {exc}")
+    expected = str(event.request.AffectedSOPInstanceUID).strip("\x00 ")
+    try:
+        stored = store_instance(server, data, sop_instance_uid=expected, what="C-STORE")
+    except _Refused as exc:
+        return _status(exc.status, exc.comment)
+    LOGGER.info("C-STORE stored %s", stored.path)
+    return 0x0000
+
+
+@dataclass(frozen=True)
+class Stored:
+    """An instance :func:`store_instance` filed: its UIDs and where it was written."""
+
+    sop_class_uid: str
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    path: Path
+
+
+def store_instance(
+    server: DemoPACS,
+    data: bytes,
+    *,
+    sop_instance_uid: str | None = None,
+    study_uid: str | None = None,
+    what: str = "store",
+) -> Stored:
+    """File one encoded instance under the server's folder and index it.
+
+    ``data`` is a DICOM file (or, from C-STORE, the dataset with file meta added).
+    It is written as received to ``<folder>/<StudyUID>/<SeriesUID>/<SOPUID>.dcm``,
+    atomically (a temporary file, then ``os.replace``), after each UID has been
+    checked against the UI grammar, so nothing is ever written outside the folder.
+    C-STORE (:func:`handle_store`) and STOW-RS (:mod:`pacsframe.demo.web`) share it.
+
+    Parameters
+    ----------
+    server : DemoPACS
+        The server to store into.
+    data : bytes
+        The encoded instance.
+    sop_instance_uid : str, optional
+        The SOP Instance UID the request announced; the data must carry the same.
+    study_uid : str, optional
+        The study the request targets (STOW-RS ``POST /studies/{study}``); the
+        data must belong to it.
+    what : str
+        The operation's name for the log.
+
+    Returns
+    -------
+    Stored
+
+    Raises
+    ------
+    _Refused
+        With the failure status that C-STORE answers and STOW-RS reports as the
+        FailureReason: ``0xC000`` for unreadable data or a UID that is not a valid
+        UID, ``0xA900`` when a UID differs from the request's, ``0xA700`` when the
+        file cannot be written.
+    """
+    try:
+        ds = _read_header(BytesIO(data))
+    except (InvalidDicomError, ValueError, EOFError, OSError) as exc:
+        LOGGER.info("%s refused: unreadable dataset (%s)", what, exc)
+        raise _Refused(0xC000, f"the dataset could not be read: {exc}") from None
     uids = {
         "StudyInstanceUID": _text_of(ds, _TAG_STUDY_UID),
         "SeriesInstanceUID": _text_of(ds, _TAG_SERIES_UID),
@@ -954,24 +1020,31 @@ def handle_store(event: evt.Event, server: DemoPACS) -> int | Dataset:
     }
     for name, uid in uids.items():
         if not uid or not frames.is_uid(uid):
-            LOGGER.warning("C-STORE refused: %s %r is not a valid UID", name, uid)
+            LOGGER.warning("%s refused: %s %r is not a valid UID", what, name, uid)
             shown = repr(uid) if uid is None or len(uid) <= 20 else repr(uid[:17] + "...")
-            return _status(0xC000, f"{name} is not a valid UID: {shown}")
-    if uids["SOPInstanceUID"] != str(event.request.AffectedSOPInstanceUID).strip("\x00 "):
-        return _status(0xA900, "SOPInstanceUID differs from Affected SOP Instance UID")
+            raise _Refused(0xC000, f"{name} is not a valid UID: {shown}")
+    if sop_instance_uid is not None and uids["SOPInstanceUID"] != sop_instance_uid:
+        raise _Refused(0xA900, "SOPInstanceUID differs from Affected SOP Instance UID")
+    if study_uid is not None and uids["StudyInstanceUID"] != study_uid:
+        raise _Refused(0xA900, "StudyInstanceUID differs from the study in the request")
     folder = server.folder.resolve()
     path = folder / uids["StudyInstanceUID"] / uids["SeriesInstanceUID"]
     path = path / f"{uids['SOPInstanceUID']}.dcm"
     if not path.resolve().is_relative_to(folder):  # defence in depth after the UID check
-        return _status(0xC000, "refusing to write outside the storage folder")
+        raise _Refused(0xC000, "refusing to write outside the storage folder")
     try:
         atomic_write(path, data)
     except OSError as exc:
-        LOGGER.error("C-STORE could not write %s: %s", path, exc)
-        return _status(0xA700, f"out of resources: {exc.strerror or exc}")
+        LOGGER.error("%s could not write %s: %s", what, path, exc)
+        raise _Refused(0xA700, f"out of resources: {exc.strerror or exc}") from None
     server._index.add(ds, str(path))
-    LOGGER.info("C-STORE stored %s", path)
-    return 0x0000
+    return Stored(
+        _text_of(ds, 0x00080016) or "",
+        uids["StudyInstanceUID"],
+        uids["SeriesInstanceUID"],
+        uids["SOPInstanceUID"],
+        path,
+    )
 
 
 def handle_echo(event: evt.Event) -> int:
