@@ -71,6 +71,7 @@ from ..errors import QueryError
 from ..matching import INDEX_KEYWORDS, LEVEL_KEYWORDS
 from ..net.tls import TLS, BoundedHandshake
 from ..pacs import check_ae_title
+from . import web
 
 __all__ = [
     "INDEX_KEYWORDS",
@@ -150,6 +151,15 @@ _UPPER_KEYS = {
     ("study", "STUDY"): (),
     ("study", "SERIES"): ("StudyInstanceUID",),
     ("study", "IMAGE"): ("StudyInstanceUID", "SeriesInstanceUID"),
+}
+
+# The levels whose attributes a wide view (QIDO-RS) adds to a level's rows.
+_UPPER_LEVELS = {"PATIENT": (), "STUDY": (), "SERIES": ("STUDY",), "IMAGE": ("STUDY", "SERIES")}
+_LEVEL_UNIQUE_KEY = {
+    "PATIENT": "PatientID",
+    "STUDY": "StudyInstanceUID",
+    "SERIES": "SeriesInstanceUID",
+    "IMAGE": "SOPInstanceUID",
 }
 
 _TAG_CHARSET = 0x00080005
@@ -298,14 +308,33 @@ class _Index:
             self._merge()
             return self._instances
 
-    def view(self, level: str) -> _View:
+    def view(self, level: str, *, wide: bool = False) -> _View:
+        """The rows of one query level; ``wide`` adds the levels above (for QIDO-RS).
+
+        A wide SERIES view carries its study's attributes (patient and study
+        columns, ModalitiesInStudy, the study's counts), a wide IMAGE view its
+        study's and series' computed attributes, so that a QIDO-RS search for all
+        series or instances can match on and return them (PS3.18 6.7.1.2.1).
+        """
         with self._lock:
             self._merge()
-            view = self._views.get(level)
-            if view is None:
-                view = _make_view(matching.level_frame(self._instances, level))
-                self._views[level] = view
-            return view
+            return self._view(level, wide)
+
+    def _view(self, level: str, wide: bool) -> _View:
+        name = f"{level}+" if wide else level
+        view = self._views.get(name)
+        if view is None:
+            frame = matching.level_frame(self._instances, level)
+            for upper in _UPPER_LEVELS[level] if wide else ():
+                other = self._view(upper, False).frame
+                key = _LEVEL_UNIQUE_KEY[upper]
+                extra = [c for c in other.columns if c not in frame.columns]
+                if extra and key in frame.columns:
+                    # One row per key on the right: a left join keeps the rows' order.
+                    frame = frame.merge(other[[key, *extra]], on=key, how="left")
+            view = _make_view(frame)
+            self._views[name] = view
+        return view
 
     def _merge(self) -> None:
         if not self._pending_paths:
@@ -586,12 +615,6 @@ _RETRIEVE_MODELS = {
     StudyRootQueryRetrieveInformationModelGet: "study",
     PatientRootQueryRetrieveInformationModelMove: "patient",
     StudyRootQueryRetrieveInformationModelMove: "study",
-}
-_LEVEL_UNIQUE_KEY = {
-    "PATIENT": "PatientID",
-    "STUDY": "StudyInstanceUID",
-    "SERIES": "SeriesInstanceUID",
-    "IMAGE": "SOPInstanceUID",
 }
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 _MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are odd numbers 1 to 255
@@ -1121,7 +1144,24 @@ class DemoPACS:
         Cap every C-FIND answer as Orthanc's ``LimitFindResults`` does: past this
         many matches, send that many and end with an unsolicited 0xFE00. For
         showing and testing how clients cope with a capped PACS; may be changed
-        while the server runs.
+        while the server runs. QIDO-RS answers are capped too (see
+        ``qido_cap_warning``).
+    http_port : int, optional
+        Also serve DICOMweb (QIDO-RS, WADO-RS, STOW-RS; :mod:`pacsframe.demo.web`)
+        over HTTP on 127.0.0.1 at this port (0 picks a free one), from the same
+        index and matching engine; :attr:`url` gives the base URL once started.
+        Loopback only, whatever ``host`` is.
+    http_auth : (str, str), optional
+        A (user, password) pair every HTTP request must carry as basic
+        authorization; without it the answer is 401.
+    qido_cap_warning : bool, default True
+        With ``max_results``: a capped QIDO-RS answer carries PS3.18's
+        ``Warning: 299 ... "There are N additional results that can be
+        requested"`` header; False cuts silently, as Orthanc 1.7's plugin does.
+        May be changed while the server runs.
+    max_upload : int, optional
+        The largest STOW-RS request body in bytes (larger ones are answered
+        413); default 512 MiB.
 
     Examples
     --------
@@ -1150,7 +1190,22 @@ class DemoPACS:
         tls: TLS | ssl.SSLContext | None = None,
         require_client_cert: bool | None = None,
         max_results: int | None = None,
+        http_port: int | None = None,
+        http_auth: tuple[str, str] | None = None,
+        qido_cap_warning: bool = True,
+        max_upload: int | None = None,
     ) -> None:
+        if http_port is not None and not 0 <= int(http_port) < 65536:
+            raise ValueError(f"http_port must be 0 to 65535, or None; got {http_port}.")
+        if http_auth is not None and (
+            len(http_auth) != 2 or not all(isinstance(p, str) for p in http_auth)
+        ):
+            raise QueryError("http_auth must be a (user, password) pair of strings, or None.")
+        self.http_port = None if http_port is None else int(http_port)
+        self.http_auth = None if http_auth is None else (http_auth[0], http_auth[1])
+        self.qido_cap_warning = bool(qido_cap_warning)
+        self.max_upload = web.DEFAULT_MAX_UPLOAD if max_upload is None else int(max_upload)
+        self._web: web.WebServer | None = None
         if max_results is not None and (
             not isinstance(max_results, int) or isinstance(max_results, bool) or max_results < 1
         ):
@@ -1186,6 +1241,14 @@ class DemoPACS:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    @property
+    def url(self) -> str | None:
+        """The DICOMweb base URL, ``http://127.0.0.1:<port>/dicom-web``, while serving HTTP.
+
+        None when the server is stopped or was made without ``http_port``.
+        """
+        return self._web.url if self._web is not None else None
 
     @property
     def running(self) -> bool:
@@ -1282,6 +1345,18 @@ class DemoPACS:
         )
         self._ae = ae
         self.port = int(self._server.server_address[1])
+        if self.http_port is not None:
+            try:
+                self._web = web.WebServer(
+                    self,
+                    self.http_port,
+                    auth=self.http_auth,
+                    max_upload=self.max_upload,
+                ).start()
+            except BaseException:
+                self.stop()
+                raise
+            self.http_port = self._web.port
         LOGGER.info(
             "Demo PACS %r serving %d instance(s) from %s on %s:%d%s",
             self.ae_title,
@@ -1291,11 +1366,16 @@ class DemoPACS:
             self.port,
             " (TLS)" if ssl_context is not None else "",
         )
+        if self._web is not None:
+            LOGGER.info("Demo PACS %r serving DICOMweb at %s", self.ae_title, self.url)
         return self
 
     def stop(self) -> DemoPACS:
         """Stop listening and abort open associations; return ``self``. Idempotent."""
         ae, self._ae, self._server = self._ae, None, None
+        site, self._web = self._web, None
+        if site is not None:
+            site.stop()
         if ae is not None:
             ae.shutdown()
         return self
