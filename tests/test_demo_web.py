@@ -27,6 +27,7 @@ from pynetdicom.sop_class import CTImageStorage
 
 import pacsframe as pf
 from pacsframe.demo import DemoPACS, make_cohort
+from pacsframe.demo.web import DEFAULT_MAX_UPLOAD
 
 WADO_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 UID_RE = re.compile(r"\b\d+(?:\.\d+)+\b")
@@ -112,7 +113,7 @@ def _small_ct(**uids: str) -> Dataset:
     ds.SeriesInstanceUID = uids.get("series", generate_uid())
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.PatientID = "STOWED1"
+    ds.PatientID = uids.get("patient", "STOWED2")
     ds.PatientName = "Stowed^Patient"
     ds.StudyDate = "20260405"
     ds.Modality = "CT"
@@ -504,141 +505,180 @@ def test_keep_alive_connection_serves_several_requests(server, manifest):
 # --- STOW-RS --------------------------------------------------------------------------------
 
 
-def test_stow_round_trip(tmp_path):
-    ds = small_ct()
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    """A demo PACS over an empty folder, shared by the STOW-RS tests (one start per module)."""
+    root = tmp_path_factory.mktemp("stow") / "store"
+    with DemoPACS(root, http_port=0) as pacs:
+        yield pacs
+
+
+def stowed(target: DemoPACS) -> set[str]:
+    return set(target.instances().SOPInstanceUID)
+
+
+def test_stow_round_trip(target):
+    ds = small_ct(patient="STOWED1")
     data = encode(ds)
-    with DemoPACS(tmp_path / "store", http_port=0) as target:
-        response = stow(target.url, data)
-        assert response.status_code == 200, response.text
-        answer = response.json()
-        base = f"{target.url}/studies/{ds.StudyInstanceUID}"
-        assert answer["00081190"]["Value"] == [base]
-        (item,) = answer["00081199"]["Value"]
-        assert item["00081150"]["Value"] == [CTImageStorage]
-        assert item["00081155"]["Value"] == [ds.SOPInstanceUID]
-        assert item["00081190"]["Value"] == [
-            f"{base}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
-        ]
-        assert "00081198" not in answer
-        # QIDO finds it, C-FIND finds it, WADO gives the same bytes back.
-        rows = qido(target.url, "/studies", {"PatientID": "STOWED1"}).json()
-        assert uids(rows, "0020000D") == {ds.StudyInstanceUID}
-        found = pf.PACS("127.0.0.1", target.port, target.ae_title).find_studies(
-            PatientID="STOWED1", progress=False
-        )
-        assert found.StudyInstanceUID.tolist() == [ds.StudyInstanceUID]
-        response = requests.get(item["00081190"]["Value"][0], timeout=5)
-        ((_, content),) = split_multipart(response)
-        assert content == data
-    path = tmp_path / "store" / ds.StudyInstanceUID / ds.SeriesInstanceUID
+    response = stow(target.url, data)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    base = f"{target.url}/studies/{ds.StudyInstanceUID}"
+    assert answer["00081190"]["Value"] == [base]
+    (item,) = answer["00081199"]["Value"]
+    assert item["00081150"]["Value"] == [CTImageStorage]
+    assert item["00081155"]["Value"] == [ds.SOPInstanceUID]
+    assert item["00081190"]["Value"] == [
+        f"{base}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+    ]
+    assert "00081198" not in answer
+    path = target.folder / ds.StudyInstanceUID / ds.SeriesInstanceUID
     assert (path / f"{ds.SOPInstanceUID}.dcm").read_bytes() == data
+    # QIDO finds it, C-FIND finds it, WADO gives the same bytes back.
+    rows = qido(target.url, "/studies", {"PatientID": "STOWED1"}).json()
+    assert uids(rows, "0020000D") == {ds.StudyInstanceUID}
+    found = pf.PACS("127.0.0.1", target.port, target.ae_title).find_studies(
+        PatientID="STOWED1", progress=False
+    )
+    assert found.StudyInstanceUID.tolist() == [ds.StudyInstanceUID]
+    response = requests.get(item["00081190"]["Value"][0], timeout=5)
+    ((_, content),) = split_multipart(response)
+    assert content == data
 
 
-def test_stow_chunked_request(tmp_path):
-    data = encode(small_ct())
-    body, ctype = multipart(data)
-    with DemoPACS(tmp_path, http_port=0) as target:
-        chunks = (body[i : i + 1000] for i in range(0, len(body), 1000))
-        response = requests.post(
-            target.url + "/studies", data=chunks, headers={"Content-Type": ctype}, timeout=10
-        )
-        assert response.status_code == 200, response.text
-        assert len(target.instances()) == 1
+def test_stow_chunked_request(target):
+    ds = small_ct()
+    body, ctype = multipart(encode(ds))
+    chunks = (body[i : i + 1000] for i in range(0, len(body), 1000))
+    response = requests.post(
+        target.url + "/studies", data=chunks, headers={"Content-Type": ctype}, timeout=10
+    )
+    assert response.status_code == 200, response.text
+    assert ds.SOPInstanceUID in stowed(target)
 
 
-def test_stow_path_like_uid_is_refused_and_nothing_escapes(tmp_path):
+def test_stow_path_like_uid_is_refused_and_nothing_escapes(target):
     good = small_ct()
     evil = small_ct(sop="../../../evil")
     evil_series = small_ct(series="../outside")
-    root = tmp_path / "store"
-    with DemoPACS(root, http_port=0) as target:
-        response = stow(target.url, encode(evil), encode(evil_series))
-        assert response.status_code == 409
-        failed = response.json()["00081198"]["Value"]
-        assert [f["00081197"]["Value"] for f in failed] == [[0xC000], [0xC000]]
-        assert "00081155" not in failed[0]  # the path-like UID is not echoed as a UI
-        assert failed[1]["00081155"]["Value"] == [evil_series.SOPInstanceUID]
-        assert "00081199" not in response.json()
-        # A partial failure is 202, with both sequences.
-        response = stow(target.url, encode(good), encode(evil))
-        assert response.status_code == 202
-        answer = response.json()
-        assert len(answer["00081199"]["Value"]) == 1 and len(answer["00081198"]["Value"]) == 1
-    written = sorted(p for p in tmp_path.rglob("*") if p.is_file())
-    assert written == [
-        root / good.StudyInstanceUID / good.SeriesInstanceUID / f"{good.SOPInstanceUID}.dcm"
-    ]
+    response = stow(target.url, encode(evil), encode(evil_series))
+    assert response.status_code == 409
+    failed = response.json()["00081198"]["Value"]
+    assert [f["00081197"]["Value"] for f in failed] == [[0xC000], [0xC000]]
+    assert "00081155" not in failed[0]  # the path-like UID is not echoed as a UI
+    assert failed[1]["00081155"]["Value"] == [evil_series.SOPInstanceUID]
+    assert "00081199" not in response.json()
+    # A partial failure is 202, with both sequences.
+    response = stow(target.url, encode(good), encode(evil))
+    assert response.status_code == 202
+    answer = response.json()
+    assert len(answer["00081199"]["Value"]) == 1 and len(answer["00081198"]["Value"]) == 1
+    assert good.SOPInstanceUID in stowed(target)
+    # Nothing outside the folder, nothing named after the bad UIDs inside it.
+    root = target.folder
+    # (root/<study>/<series>/../../../evil.dcm would be root.parent/evil.dcm)
+    outside = [p for p in root.parent.rglob("*") if p.is_file() and root not in p.parents]
+    assert outside == []
+    written = [p.relative_to(root).as_posix() for p in root.rglob("*")]
+    assert not [p for p in written if "evil" in p or "outside" in p]
 
 
-def test_stow_to_a_study_refuses_other_studies(tmp_path):
+def test_stow_to_a_study_refuses_other_studies(target):
     ds = small_ct()
-    with DemoPACS(tmp_path, http_port=0) as target:
-        response = stow(target.url, encode(ds), path="/studies/1.2.3.4")
-        assert response.status_code == 409
-        (failed,) = response.json()["00081198"]["Value"]
-        assert failed["00081197"]["Value"] == [0xA900]
-        assert failed["00081155"]["Value"] == [ds.SOPInstanceUID]
-        response = stow(target.url, encode(ds), path=f"/studies/{ds.StudyInstanceUID}")
-        assert response.status_code == 200
+    response = stow(target.url, encode(ds), path="/studies/1.2.3.4")
+    assert response.status_code == 409
+    (failed,) = response.json()["00081198"]["Value"]
+    assert failed["00081197"]["Value"] == [0xA900]
+    assert failed["00081155"]["Value"] == [ds.SOPInstanceUID]
+    assert ds.SOPInstanceUID not in stowed(target)
+    response = stow(target.url, encode(ds), path=f"/studies/{ds.StudyInstanceUID}")
+    assert response.status_code == 200
 
 
-def test_stow_refusals(tmp_path):
+@pytest.fixture
+def small_uploads(target):
+    target.max_upload = 2000
+    try:
+        yield target
+    finally:
+        target.max_upload = DEFAULT_MAX_UPLOAD
+
+
+def test_stow_refusals(small_uploads):
+    target = small_uploads
+    before = stowed(target)
     data = encode(small_ct())
-    with DemoPACS(tmp_path, http_port=0, max_upload=len(data) + 200) as target:
-        body, ctype = multipart(data, data)
-        response = requests.post(
-            target.url + "/studies", data=body, headers={"Content-Type": ctype}, timeout=10
-        )
-        assert response.status_code == 413
-        response = requests.post(
-            target.url + "/studies",
-            data=body,
-            headers={"Content-Type": "application/dicom"},
-            timeout=10,
-        )
-        assert response.status_code == 415
-        small, ctype = multipart(data)
-        response = requests.post(
-            target.url + "/studies",
-            data=small[:-20],  # no closing delimiter
-            headers={"Content-Type": ctype},
-            timeout=10,
-        )
-        assert response.status_code == 400
-        response = requests.post(
-            target.url + "/studies",
-            data=small,
-            headers={"Content-Type": ctype.replace("boundary=", "boundary=x")},
-            timeout=10,
-        )
-        assert response.status_code == 400  # a wrong boundary finds no delimiter
-        response = stow(target.url, b"not DICOM at all")
-        assert response.status_code == 409
-        assert response.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xC000]
-        assert target.instances().empty
+    body, ctype = multipart(data, data, data)
+    assert len(body) > target.max_upload > len(multipart(data)[0])
+    response = requests.post(
+        target.url + "/studies", data=body, headers={"Content-Type": ctype}, timeout=10
+    )
+    assert response.status_code == 413
+    response = requests.post(
+        target.url + "/studies",
+        data=body,
+        headers={"Content-Type": "application/dicom"},
+        timeout=10,
+    )
+    assert response.status_code == 415
+    small, ctype = multipart(data)
+    response = requests.post(
+        target.url + "/studies",
+        data=small[:-20],  # no closing delimiter
+        headers={"Content-Type": ctype},
+        timeout=10,
+    )
+    assert response.status_code == 400
+    response = requests.post(
+        target.url + "/studies",
+        data=small,
+        headers={"Content-Type": ctype.replace("boundary=", "boundary=x")},
+        timeout=10,
+    )
+    assert response.status_code == 400  # a wrong boundary finds no delimiter
+    response = stow(target.url, b"not DICOM at all")
+    assert response.status_code == 409
+    assert response.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xC000]
+    assert stowed(target) == before
 
 
 # --- basic auth and logs ----------------------------------------------------------------------
 
 
-def test_basic_auth(cohort):
-    folder, manifest = cohort
-    with DemoPACS(folder, http_port=0, http_auth=("alice", "s3cret")) as locked:
-        response = qido(locked.url, "/studies")
-        assert response.status_code == 401
-        assert response.headers["WWW-Authenticate"].startswith("Basic")
-        assert qido(locked.url, "/studies", auth=("alice", "wrong")).status_code == 401
-        response = qido(locked.url, "/studies", auth=("alice", "s3cret"))
-        assert response.status_code == 200
-        study = manifest.StudyInstanceUID.iloc[0]
-        assert requests.get(f"{locked.url}/studies/{study}", timeout=5).status_code == 401
-        body, ctype = multipart(encode(small_ct()))
-        response = requests.post(
-            locked.url + "/studies", data=body, headers={"Content-Type": ctype}, timeout=5
-        )
-        assert response.status_code == 401
+@pytest.fixture
+def locked(target):
+    target.http_auth = ("alice", "s3cret")
+    try:
+        yield target
+    finally:
+        target.http_auth = None
+
+
+def test_basic_auth(locked):
+    response = qido(locked.url, "/studies")
+    assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"].startswith("Basic")
+    assert qido(locked.url, "/studies", auth=("alice", "wrong")).status_code == 401
+    assert qido(locked.url, "/studies", auth=("alice", "s3cret")).status_code in (200, 204)
+    assert requests.get(f"{locked.url}/studies/1.2.3", timeout=5).status_code == 401
+    body, ctype = multipart(encode(small_ct()))
+    response = requests.post(
+        locked.url + "/studies", data=body, headers={"Content-Type": ctype}, timeout=5
+    )
+    assert response.status_code == 401
+    response = requests.post(
+        locked.url + "/studies",
+        data=body,
+        headers={"Content-Type": ctype},
+        auth=("alice", "s3cret"),
+        timeout=5,
+    )
+    assert response.status_code == 200
+
+
+def test_bad_http_auth(tmp_path):
     with pytest.raises(ValueError, match="http_auth"):
-        DemoPACS(folder, http_port=0, http_auth=("alice",))
+        DemoPACS(tmp_path, http_port=0, http_auth=("alice",))
 
 
 def test_logs_carry_no_patient_data(server, manifest, caplog):

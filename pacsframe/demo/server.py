@@ -1153,7 +1153,8 @@ class DemoPACS:
         Loopback only, whatever ``host`` is.
     http_auth : (str, str), optional
         A (user, password) pair every HTTP request must carry as basic
-        authorization; without it the answer is 401.
+        authorization; without it the answer is 401. May be changed while the
+        server runs.
     qido_cap_warning : bool, default True
         With ``max_results``: a capped QIDO-RS answer carries PS3.18's
         ``Warning: 299 ... "There are N additional results that can be
@@ -1161,7 +1162,7 @@ class DemoPACS:
         May be changed while the server runs.
     max_upload : int, optional
         The largest STOW-RS request body in bytes (larger ones are answered
-        413); default 512 MiB.
+        413); default 512 MiB. May be changed while the server runs.
 
     Examples
     --------
@@ -1347,12 +1348,7 @@ class DemoPACS:
         self.port = int(self._server.server_address[1])
         if self.http_port is not None:
             try:
-                self._web = web.WebServer(
-                    self,
-                    self.http_port,
-                    auth=self.http_auth,
-                    max_upload=self.max_upload,
-                ).start()
+                self._web = web.WebServer(self, self.http_port).start()
             except BaseException:
                 self.stop()
                 raise

@@ -47,7 +47,7 @@ Resources (PS3.18), below the base URL:
   ``202`` when some failed (PS3.18 10.5.3), ``409`` when all failed. (Orthanc
   answers ``409`` for a partial failure too; clients must read the sequences.)
 
-With ``auth=(user, password)`` every request needs that HTTP basic
+With ``http_auth=(user, password)`` every request needs that HTTP basic
 authorization, else ``401``.
 
 A server with ``max_results`` answers a QIDO-RS search as a capped archive does:
@@ -517,7 +517,7 @@ class _Handler(BaseHTTPRequestHandler):
         web = self.server.web
         self._body_read = self.command != "POST"
         try:
-            self._authorize(web.auth)
+            self._authorize(web.pacs.http_auth)
             url = urlsplit(self.path)
             if url.path != ROOT and not url.path.startswith(ROOT + "/"):
                 raise HTTPError(404, f"no resource here; the DICOMweb service is at {ROOT}")
@@ -681,7 +681,7 @@ class _Handler(BaseHTTPRequestHandler):
     # --- POST ---
 
     def _read_body(self) -> bytes:
-        limit = self.server.web.max_upload
+        limit = self.server.web.pacs.max_upload
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             chunks: list[bytes] = []
             total = 0
@@ -788,14 +788,11 @@ class WebServer:
     Parameters
     ----------
     pacs : DemoPACS
-        The server whose index, files, ``max_results`` and ``qido_cap_warning``
-        answer (read at each request, so they may change while it runs).
+        The server whose index and files answer, and whose settings apply:
+        ``max_results``, ``qido_cap_warning``, ``http_auth`` and ``max_upload``
+        (read at each request, so they may change while it runs).
     port : int, default 0
         The TCP port on 127.0.0.1; 0 picks a free one.
-    auth : (str, str), optional
-        HTTP basic credentials every request must carry.
-    max_upload : int
-        The largest STOW-RS request body, in bytes (larger: 413).
     """
 
     host = "127.0.0.1"
@@ -804,14 +801,9 @@ class WebServer:
         self,
         pacs: DemoPACS,
         port: int = 0,
-        *,
-        auth: tuple[str, str] | None = None,
-        max_upload: int = DEFAULT_MAX_UPLOAD,
     ) -> None:
         self.pacs = pacs
         self.port = int(port)
-        self.auth = auth
-        self.max_upload = int(max_upload)
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._connections: set[socket.socket] = set()
