@@ -271,6 +271,11 @@ def test_qido_series_and_instances_find_what_c_find_finds(server, dimse, manifes
     assert uids(rows, "00080018") == set(
         manifest[manifest.PatientID == manifest.PatientID.iloc[0]].SOPInstanceUID
     )
+    # Series and instance searches within a study match on the study's attributes too.
+    own = manifest[manifest.StudyInstanceUID == study].PatientID.iloc[0]
+    other = manifest[manifest.PatientID != own].PatientID.iloc[0]
+    assert qido(server.url, f"/studies/{study}/series", {"PatientID": other}).status_code == 204
+    assert qido(server.url, f"/studies/{study}/instances", {"PatientID": own}).status_code == 200
     # A search over all series carries the study's attributes too (PS3.18 6.7.1.2.1).
     rows = qido(server.url, "/series", {"SeriesInstanceUID": ct.SeriesInstanceUID.iloc[0]}).json()
     assert rows[0]["00100020"]["Value"] == [ct.PatientID.iloc[0]]
@@ -694,3 +699,25 @@ def test_logs_carry_no_patient_data(server, manifest, caplog):
     assert "QIDO-RS STUDY level" in text
     for value in (first.PatientID, str(first.PatientName).split("^")[0]):
         assert value not in text
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+def test_cli_serve_takes_http_port(tmp_path, monkeypatch, capsys):
+    from pacsframe import cli
+    from pacsframe.demo import server as server_module
+
+    calls = {}
+
+    def fake_serve(folder, **kwargs):
+        calls.update(kwargs, folder=folder)
+
+    monkeypatch.setattr(server_module, "serve", fake_serve)
+    monkeypatch.setattr("pacsframe.demo.serve", fake_serve)
+    assert cli.main(["serve", str(tmp_path), "--port", "11999", "--http-port", "8042"]) == 0
+    assert calls["http_port"] == 8042 and calls["port"] == 11999
+    assert "DICOMweb at http://127.0.0.1:8042/dicom-web" in capsys.readouterr().out
+    assert cli.main(["serve", str(tmp_path)]) == 0
+    assert calls["http_port"] is None
+    assert "DICOMweb" not in capsys.readouterr().out

@@ -1387,6 +1387,7 @@ def serve(
     tls: TLS | ssl.SSLContext | None = None,
     require_client_cert: bool | None = None,
     max_results: int | None = None,
+    http_port: int | None = None,
 ) -> None:
     """Serve ``folder`` as a demo PACS until interrupted (Ctrl-C), then shut down.
 
@@ -1397,8 +1398,9 @@ def serve(
     ----------
     folder : str or os.PathLike
         The folder of DICOM files to serve (created when missing).
-    ae_title, host, port, known_aes, tls, require_client_cert, max_results
-        As for :class:`DemoPACS`; the port defaults to 11112 here.
+    ae_title, host, port, known_aes, tls, require_client_cert, max_results, http_port
+        As for :class:`DemoPACS`; the port defaults to 11112 here. With
+        ``http_port`` DICOMweb is served too (on 127.0.0.1, see :attr:`DemoPACS.url`).
 
     Examples
     --------
@@ -1416,6 +1418,7 @@ def serve(
         tls=tls,
         require_client_cert=require_client_cert,
         max_results=max_results,
+        http_port=http_port,
     )
     with server:
         # Waiting on an Event (not a sleep loop) keeps the main thread interruptible.

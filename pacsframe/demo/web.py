@@ -286,7 +286,8 @@ def search(
         400 for a bad parameter or value.
     """
     request = _Search(query)
-    view = pacs._index.view(level, wide=not path_keys or level == "IMAGE")
+    # Wide views: a series or instance search may match on its study's attributes too.
+    view = pacs._index.view(level, wide=True)
     frame = view.frame
     try:
         mask = matching.match(frame, request.keys).to_numpy()
