@@ -517,6 +517,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         web = self.server.web
         self._body_read = self.command != "POST"
+        self._streaming = False  # True once a streamed body's headers are out
         try:
             self._authorize(web.pacs.http_auth)
             url = urlsplit(self.path)
@@ -537,7 +538,8 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as exc:
             LOGGER.exception("DICOMweb request failed")
             self.close_connection = True
-            self._send(500, f"internal error: {type(exc).__name__}\n".encode(), "text/plain")
+            if not self._streaming:  # else the client sees a body shorter than announced
+                self._send(500, f"internal error: {type(exc).__name__}\n".encode(), "text/plain")
 
     def _authorize(self, auth: tuple[str, str] | None) -> None:
         if auth is None:
@@ -647,6 +649,7 @@ class _Handler(BaseHTTPRequestHandler):
         )
         self.send_header("Content-Length", str(length))
         self.end_headers()
+        self._streaming = True
         for head, size, path in zip(heads, sizes, paths, strict=True):
             self.wfile.write(head)
             with open(path, "rb") as source:
