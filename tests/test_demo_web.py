@@ -309,6 +309,9 @@ def test_includefield(server):
         assert row["00081030"]["vr"] == "LO" and row["00101010"]["vr"] == "AS"
     every = qido(server.url, "/studies", {"includefield": "all"}).json()[0]
     assert {"00081030", "00101010", "00080061", "00201206"} <= set(every)
+    every = qido(server.url, "/instances", {"includefield": "all", "limit": "1"}).json()[0]
+    assert {"00280030", "00200032", "00080061", "00201209", "00080080"} <= set(every)
+    assert all(re.fullmatch(r"[0-9A-F]{8}", tag) for tag in every)
     # A field the archive does not hold comes back empty, like a C-FIND return key.
     row = qido(server.url, "/studies", {"includefield": "InstitutionalDepartmentName"}).json()[0]
     assert row["00081040"] == {"vr": "LO"}
@@ -505,6 +508,28 @@ def test_keep_alive_connection_serves_several_requests(server, manifest):
             )
             assert len(split_multipart(response)) > 0
             assert session.get(server.url + "/studies/1.2.3.999", timeout=5).status_code == 404
+
+
+def test_parallel_retrievals_and_a_client_that_hangs_up(server, manifest):
+    from concurrent.futures import ThreadPoolExecutor
+
+    studies = manifest.StudyInstanceUID.unique().tolist()
+    # A client that asks for a study, reads a few bytes and goes away.
+    port = int(server.url.split(":")[2].split("/")[0])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(f"GET /dicom-web/studies/{studies[0]} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert sock.recv(16).startswith(b"HTTP/1.1 200")
+
+    def fetch(study: str) -> int:
+        response = requests.get(
+            f"{server.url}/studies/{study}", headers={"Accept": WADO_ACCEPT}, timeout=10
+        )
+        return len(split_multipart(response))
+
+    with ThreadPoolExecutor(4) as pool:
+        counts = list(pool.map(fetch, studies * 2))
+    expected = manifest.groupby("StudyInstanceUID").size()
+    assert counts == [int(expected[s]) for s in studies * 2]
 
 
 # --- STOW-RS --------------------------------------------------------------------------------

@@ -147,6 +147,9 @@ _INSTANCE_DEFAULTS = (
     "BitsAllocated",
     "NumberOfFrames",
 )
+_KEYWORDS = frozenset(
+    k for level in matching.LEVEL_KEYWORDS.values() for k in level
+)  # the DICOM columns of the index's views
 _TAG_RE = re.compile(r"[0-9A-Fa-f]{8}")
 _TAG_RETRIEVE_URL = "00081190"
 _SINGLE_VALUE_VRS = frozenset({"ST", "LT", "UT", "UR"})
@@ -315,7 +318,10 @@ def search(
     held = set(frame.columns)
     keywords = [k for k in defaults if k in held]
     keywords += list(request.keys)
-    keywords += list(frame.columns) if request.include_all else request.include
+    if request.include_all:  # every DICOM column of the view (not the file's path)
+        keywords += [k for k in frame.columns if k in _KEYWORDS]
+    else:
+        keywords += request.include
     attrs = sorted({frames.attribute(k) for k in keywords}, key=lambda a: a.tag)
     columns: list[tuple[str, frames.Attribute, list[str] | None]] = [
         (f"{a.tag:08X}", a, view.strings(a.keyword))
