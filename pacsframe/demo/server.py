@@ -15,6 +15,11 @@ cache layout) and become visible to the next request.
 The handlers follow pynetdicom's ``apps/`` idiom: small functions bound to
 events, with the server passed as an extra handler argument.
 
+With ``http_port=`` the same index is also served as DICOMweb (QIDO-RS, WADO-RS,
+STOW-RS) on 127.0.0.1 by :mod:`pacsframe.demo.web`; :attr:`DemoPACS.url` is its base
+URL. QIDO-RS matches with the same engine as C-FIND, and STOW-RS files instances
+with :func:`store_instance`, as C-STORE does.
+
 With ``tls=`` the server speaks only DICOM TLS (and, given a CA, requires client
 certificates); C-MOVE sub-associations use TLS towards destinations added with
 ``add_known_ae(..., tls=...)``.
@@ -83,6 +88,7 @@ __all__ = [
     "handle_move",
     "handle_store",
     "serve",
+    "store_instance",
 ]
 
 LOGGER = logging.getLogger(__name__)
@@ -218,6 +224,8 @@ class _View:
     charsets: list[str | None]
     _strings: dict[str, list[str]] = field(default_factory=dict)
     _bytes: dict[tuple[str, str, bool], list[bytes]] = field(default_factory=dict)
+    # Per column, each row's attribute as a DICOM JSON member (pacsframe.demo.web).
+    json: dict[str, list[str]] = field(default_factory=dict)
 
     def strings(self, keyword: str) -> list[str] | None:
         """The column as DICOM strings, converted once per view and then reused."""
@@ -1232,6 +1240,8 @@ class DemoPACS:
         state = f"listening on {self.host}:{self.port}" if self.running else "stopped"
         if self.running and self._ssl_context is not None:
             state += " (TLS)"
+        if self.url is not None:
+            state += f", DICOMweb at {self.url}"
         return (
             f"DemoPACS({self.ae_title!r}, {state}, folder={str(self.folder)!r}, "
             f"{len(self._index.instances())} instances)"

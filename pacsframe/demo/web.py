@@ -93,7 +93,7 @@ from .. import frames, matching
 from ..errors import QueryError
 
 if TYPE_CHECKING:
-    from .server import DemoPACS
+    from .server import DemoPACS, _View
 
 __all__ = ["DEFAULT_MAX_UPLOAD", "ROOT", "WebServer"]
 
@@ -278,10 +278,42 @@ def _retrieve_url(base: str, study: str, series: str | None = None, sop: str | N
     return url
 
 
+def _members(view: _View, attr: frames.Attribute, level: str, base: str) -> list[str]:
+    """Each row's ``"tag": {...}`` JSON member for one column, made once per view."""
+    tag = f"{attr.tag:08X}"
+    name = f"{tag} {base}" if tag == _TAG_RETRIEVE_URL else tag
+    cached = view.json.get(name)
+    if cached is not None:
+        return cached
+    size = len(view.frame)
+    if attr.keyword == "SpecificCharacterSet":
+        # JSON text is Unicode, whatever character set the files were written in.
+        texts = [_UTF8] * size
+    elif attr.keyword == "RetrieveURL":
+        depth = {"STUDY": 1, "SERIES": 2}.get(level, 3)
+        keys = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")[:depth]
+        uids = [view.strings(k) or [""] * size for k in keys]
+        texts = [_retrieve_url(base, *row) for row in zip(*uids, strict=True)]
+    else:
+        texts = view.strings(attr.keyword) or [""] * size
+    cached = [
+        f'"{tag}":' + json.dumps(element(text, attr), ensure_ascii=False, allow_nan=False)
+        for text in texts
+    ]
+    view.json[name] = cached
+    return cached
+
+
 def search(
     pacs: DemoPACS, level: str, path_keys: Mapping[str, str], query: str, base: str
-) -> tuple[list[dict[str, Any]], int]:
-    """Answer one QIDO-RS search: the DICOM JSON rows and how many further matches exist.
+) -> tuple[bytes, int, int]:
+    """Answer one QIDO-RS search.
+
+    Returns
+    -------
+    (bytes, int, int)
+        The DICOM JSON body (a UTF-8 array), how many rows it holds, and how many
+        further matches a capped answer left out.
 
     Raises
     ------
@@ -317,41 +349,15 @@ def search(
             defaults += _STUDY_DEFAULTS
     held = set(frame.columns)
     keywords = [k for k in defaults if k in held]
-    keywords += list(request.keys)
+    keywords += [*request.keys, "RetrieveURL"]
     if request.include_all:  # every DICOM column of the view (not the file's path)
         keywords += [k for k in frame.columns if k in _KEYWORDS]
     else:
         keywords += request.include
     attrs = sorted({frames.attribute(k) for k in keywords}, key=lambda a: a.tag)
-    columns: list[tuple[str, frames.Attribute, list[str] | None]] = [
-        (f"{a.tag:08X}", a, view.strings(a.keyword))
-        for a in attrs
-        if a.keyword != "SpecificCharacterSet"
-    ]
-    charset = "SpecificCharacterSet" in {a.keyword for a in attrs}
-    studies = view.strings("StudyInstanceUID") or []
-    series = view.strings("SeriesInstanceUID") if level != "STUDY" else None
-    sops = view.strings("SOPInstanceUID") if level == "IMAGE" else None
-    out: list[dict[str, Any]] = []
-    for row in sent.tolist():
-        item: dict[str, Any] = {}
-        if charset:
-            item["00080005"] = {"vr": "CS", "Value": [_UTF8]}
-        for tag, attr, strings in columns:
-            item[tag] = element(strings[row] if strings is not None else "", attr)
-        item[_TAG_RETRIEVE_URL] = {
-            "vr": "UR",
-            "Value": [
-                _retrieve_url(
-                    base,
-                    studies[row],
-                    series[row] if series is not None else None,
-                    sops[row] if sops is not None else None,
-                )
-            ],
-        }
-        out.append(dict(sorted(item.items())))
-    return out, more
+    columns = [_members(view, a, level, base) for a in attrs]
+    body = ",".join("{" + ",".join(c[row] for c in columns) + "}" for row in sent.tolist())
+    return ("[" + body + "]").encode("utf-8"), len(sent), more
 
 
 # --- WADO-RS -------------------------------------------------------------------------------
@@ -602,17 +608,17 @@ class _Handler(BaseHTTPRequestHandler):
         if not _json_accepted(self.headers.get("Accept")):
             raise HTTPError(406, f"QIDO-RS answers {_JSON} only.")
         web = self.server.web
-        rows, more = search(web.pacs, level, keys, query, self._base)
+        body, count, more = search(web.pacs, level, keys, query, self._base)
         headers = {}
         if more and getattr(web.pacs, "qido_cap_warning", True):
             host = f"{web.host}:{web.port}"
             headers["Warning"] = (
                 f'299 {host}: "There are {more} additional results that can be requested"'
             )
-        if not rows:
+        if not count:
             self._send(204, headers=headers)
             return
-        self._send_json(200, rows, headers)
+        self._send(200, body, _JSON, headers)
 
     def _wado(self, keys: dict[str, str]) -> None:
         selected = select(self.server.web.pacs, keys)
