@@ -82,6 +82,7 @@ __all__ = [
     "INDEX_KEYWORDS",
     "LEVEL_KEYWORDS",
     "DemoPACS",
+    "Stored",
     "handle_echo",
     "handle_find",
     "handle_get",
