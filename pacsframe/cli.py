@@ -14,7 +14,8 @@ a saved frame into the cache; ``pacsframe move ... --destination OTHER_AE`` move
 matches without saying so (capped answers are split and merged; see README).
 
 ``pacsframe serve ./folder --port 11112`` runs the demo PACS over a folder
-(``--max-results N`` makes it cap its answers as Orthanc's LimitFindResults does);
+(``--max-results N`` makes it cap its answers as Orthanc's LimitFindResults does,
+``--http-port 8042`` serves DICOMweb beside DIMSE on 127.0.0.1);
 ``pacsframe demo`` makes a synthetic cohort, serves it and runs a short tour.
 
 ``--timeout`` bounds each response; ``--deadline SECONDS`` bounds the whole
@@ -159,6 +160,12 @@ def _setup_argparser() -> argparse.ArgumentParser:
         metavar="N",
         help="answer at most N C-FIND matches, then 0xFE00 (as Orthanc's LimitFindResults)",
     )
+    serve.add_argument(
+        "--http-port",
+        type=int,
+        metavar="PORT",
+        help="also serve DICOMweb (QIDO-RS, WADO-RS, STOW-RS) on 127.0.0.1:PORT/dicom-web",
+    )
     _add_tls_files(
         serve.add_argument_group("DICOM TLS (serve TLS only)"),
         "the CA (PEM) that signs client certificates; they are then required",
@@ -268,9 +275,10 @@ def _demo(args: argparse.Namespace) -> None:
         # The tour's client trusts the CA (or the self-signed server certificate)
         # and, when client certificates are required, presents the same one.
         client_tls = TLS(ca=tls.ca or tls.cert, cert=tls.cert, key=tls.key)
-    with DemoPACS(folder, tls=tls) as server:
+    with DemoPACS(folder, tls=tls, http_port=0) as server:
         secure = " (TLS)" if tls is not None else ""
-        print(f"Demo PACS {server.ae_title!r} listening on 127.0.0.1:{server.port}{secure}\n")
+        print(f"Demo PACS {server.ae_title!r} listening on 127.0.0.1:{server.port}{secure}")
+        print(f"DICOMweb (QIDO-RS, WADO-RS, STOW-RS) at {server.url}\n")
         pacs = PACS("127.0.0.1", server.port, ae_title=server.ae_title, tls=client_tls)
         print(f"C-ECHO: {pacs.echo() * 1000:.1f} ms\n")
         with pd.option_context("display.width", 160, "display.max_columns", 12):
@@ -331,8 +339,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 tls.server_context()  # a missing --tls-cert fails before "Serving"
             args.folder.mkdir(parents=True, exist_ok=True)
             secure = " over TLS" if tls is not None else ""
+            web = ""
+            if args.http_port:
+                web = f", DICOMweb at http://127.0.0.1:{args.http_port}/dicom-web"
             print(
-                f"Serving {args.folder} as {args.aet!r} on 127.0.0.1:{args.port}{secure}; "
+                f"Serving {args.folder} as {args.aet!r} on 127.0.0.1:{args.port}{secure}{web}; "
                 "Ctrl-C stops."
             )
             serve(
@@ -341,6 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 port=args.port,
                 tls=tls,
                 max_results=args.max_results,
+                http_port=args.http_port,
             )
         elif args.command == "demo":
             _demo(args)

@@ -15,6 +15,11 @@ cache layout) and become visible to the next request.
 The handlers follow pynetdicom's ``apps/`` idiom: small functions bound to
 events, with the server passed as an extra handler argument.
 
+With ``http_port=`` the same index is also served as DICOMweb (QIDO-RS, WADO-RS,
+STOW-RS) on 127.0.0.1 by :mod:`pacsframe.demo.web`; :attr:`DemoPACS.url` is its base
+URL. QIDO-RS matches with the same engine as C-FIND, and STOW-RS files instances
+with :func:`store_instance`, as C-STORE does.
+
 With ``tls=`` the server speaks only DICOM TLS (and, given a CA, requires client
 certificates); C-MOVE sub-associations use TLS towards destinations added with
 ``add_known_ae(..., tls=...)``.
@@ -71,17 +76,20 @@ from ..errors import QueryError
 from ..matching import INDEX_KEYWORDS, LEVEL_KEYWORDS
 from ..net.tls import TLS, BoundedHandshake
 from ..pacs import check_ae_title
+from . import web
 
 __all__ = [
     "INDEX_KEYWORDS",
     "LEVEL_KEYWORDS",
     "DemoPACS",
+    "Stored",
     "handle_echo",
     "handle_find",
     "handle_get",
     "handle_move",
     "handle_store",
     "serve",
+    "store_instance",
 ]
 
 LOGGER = logging.getLogger(__name__)
@@ -152,6 +160,15 @@ _UPPER_KEYS = {
     ("study", "IMAGE"): ("StudyInstanceUID", "SeriesInstanceUID"),
 }
 
+# The levels whose attributes a wide view (QIDO-RS) adds to a level's rows.
+_UPPER_LEVELS = {"PATIENT": (), "STUDY": (), "SERIES": ("STUDY",), "IMAGE": ("STUDY", "SERIES")}
+_LEVEL_UNIQUE_KEY = {
+    "PATIENT": "PatientID",
+    "STUDY": "StudyInstanceUID",
+    "SERIES": "SeriesInstanceUID",
+    "IMAGE": "SOPInstanceUID",
+}
+
 _TAG_CHARSET = 0x00080005
 _TAG_LEVEL = 0x00080052
 _TAG_RETRIEVE_AE = 0x00080054
@@ -208,6 +225,8 @@ class _View:
     charsets: list[str | None]
     _strings: dict[str, list[str]] = field(default_factory=dict)
     _bytes: dict[tuple[str, str, bool], list[bytes]] = field(default_factory=dict)
+    # Per column, each row's attribute as a DICOM JSON member (pacsframe.demo.web).
+    json: dict[str, list[str]] = field(default_factory=dict)
 
     def strings(self, keyword: str) -> list[str] | None:
         """The column as DICOM strings, converted once per view and then reused."""
@@ -298,14 +317,33 @@ class _Index:
             self._merge()
             return self._instances
 
-    def view(self, level: str) -> _View:
+    def view(self, level: str, *, wide: bool = False) -> _View:
+        """The rows of one query level; ``wide`` adds the levels above (for QIDO-RS).
+
+        A wide SERIES view carries its study's attributes (patient and study
+        columns, ModalitiesInStudy, the study's counts), a wide IMAGE view its
+        study's and series' computed attributes, so that a QIDO-RS search for all
+        series or instances can match on and return them (PS3.18 6.7.1.2.1).
+        """
         with self._lock:
             self._merge()
-            view = self._views.get(level)
-            if view is None:
-                view = _make_view(matching.level_frame(self._instances, level))
-                self._views[level] = view
-            return view
+            return self._view(level, wide)
+
+    def _view(self, level: str, wide: bool) -> _View:
+        name = f"{level}+" if wide else level
+        view = self._views.get(name)
+        if view is None:
+            frame = matching.level_frame(self._instances, level)
+            for upper in _UPPER_LEVELS[level] if wide else ():
+                other = self._view(upper, False).frame
+                key = _LEVEL_UNIQUE_KEY[upper]
+                extra = [c for c in other.columns if c not in frame.columns]
+                if extra and key in frame.columns:
+                    # One row per key on the right: a left join keeps the rows' order.
+                    frame = frame.merge(other[[key, *extra]], on=key, how="left")
+            view = _make_view(frame)
+            self._views[name] = view
+        return view
 
     def _merge(self) -> None:
         if not self._pending_paths:
@@ -586,12 +624,6 @@ _RETRIEVE_MODELS = {
     StudyRootQueryRetrieveInformationModelGet: "study",
     PatientRootQueryRetrieveInformationModelMove: "patient",
     StudyRootQueryRetrieveInformationModelMove: "study",
-}
-_LEVEL_UNIQUE_KEY = {
-    "PATIENT": "PatientID",
-    "STUDY": "StudyInstanceUID",
-    "SERIES": "SeriesInstanceUID",
-    "IMAGE": "SOPInstanceUID",
 }
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 _MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are odd numbers 1 to 255
@@ -943,10 +975,76 @@ def handle_store(event: evt.Event, server: DemoPACS) -> int | Dataset:
     """
     try:
         data = event.encoded_dataset()
-        ds = _read_header(BytesIO(data))
     except (InvalidDicomError, ValueError, EOFError, OSError) as exc:
         LOGGER.info("C-STORE refused: unreadable dataset (%s)", exc)
         return _status(0xC000, f"the dataset could not be read: {exc}")
+    expected = str(event.request.AffectedSOPInstanceUID).strip("\x00 ")
+    try:
+        stored = store_instance(server, data, sop_instance_uid=expected, what="C-STORE")
+    except _Refused as exc:
+        return _status(exc.status, exc.comment)
+    LOGGER.info("C-STORE stored %s", stored.path)
+    return 0x0000
+
+
+@dataclass(frozen=True)
+class Stored:
+    """An instance :func:`store_instance` filed: its UIDs and where it was written."""
+
+    sop_class_uid: str
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    path: Path
+
+
+def store_instance(
+    server: DemoPACS,
+    data: bytes,
+    *,
+    sop_instance_uid: str | None = None,
+    study_uid: str | None = None,
+    what: str = "store",
+) -> Stored:
+    """File one encoded instance under the server's folder and index it.
+
+    ``data`` is a DICOM file (or, from C-STORE, the dataset with file meta added).
+    It is written as received to ``<folder>/<StudyUID>/<SeriesUID>/<SOPUID>.dcm``,
+    atomically (a temporary file, then ``os.replace``), after each UID has been
+    checked against the UI grammar, so nothing is ever written outside the folder.
+    C-STORE (:func:`handle_store`) and STOW-RS (:mod:`pacsframe.demo.web`) share it.
+
+    Parameters
+    ----------
+    server : DemoPACS
+        The server to store into.
+    data : bytes
+        The encoded instance.
+    sop_instance_uid : str, optional
+        The SOP Instance UID the request announced; the data must carry the same.
+    study_uid : str, optional
+        The study the request targets (STOW-RS ``POST /studies/{study}``); the
+        data must belong to it.
+    what : str
+        The operation's name for the log.
+
+    Returns
+    -------
+    Stored
+
+    Raises
+    ------
+    _Refused
+        With the failure status that C-STORE answers and STOW-RS reports as the
+        FailureReason: ``0xC000`` for unreadable data or a UID that is not a valid
+        UID, ``0xA900`` when a UID differs from the request's, ``0xA700`` when the
+        file cannot be written.
+    """
+    try:
+        ds = _read_header(BytesIO(data))
+    except (InvalidDicomError, ValueError, EOFError, OSError) as exc:
+        LOGGER.info("%s refused: unreadable dataset (%s)", what, exc)
+        raise _Refused(0xC000, f"the dataset could not be read: {exc}") from None
     uids = {
         "StudyInstanceUID": _text_of(ds, _TAG_STUDY_UID),
         "SeriesInstanceUID": _text_of(ds, _TAG_SERIES_UID),
@@ -954,24 +1052,31 @@ def handle_store(event: evt.Event, server: DemoPACS) -> int | Dataset:
     }
     for name, uid in uids.items():
         if not uid or not frames.is_uid(uid):
-            LOGGER.warning("C-STORE refused: %s %r is not a valid UID", name, uid)
+            LOGGER.warning("%s refused: %s %r is not a valid UID", what, name, uid)
             shown = repr(uid) if uid is None or len(uid) <= 20 else repr(uid[:17] + "...")
-            return _status(0xC000, f"{name} is not a valid UID: {shown}")
-    if uids["SOPInstanceUID"] != str(event.request.AffectedSOPInstanceUID).strip("\x00 "):
-        return _status(0xA900, "SOPInstanceUID differs from Affected SOP Instance UID")
+            raise _Refused(0xC000, f"{name} is not a valid UID: {shown}")
+    if sop_instance_uid is not None and uids["SOPInstanceUID"] != sop_instance_uid:
+        raise _Refused(0xA900, "SOPInstanceUID differs from Affected SOP Instance UID")
+    if study_uid is not None and uids["StudyInstanceUID"] != study_uid:
+        raise _Refused(0xA900, "StudyInstanceUID differs from the study in the request")
     folder = server.folder.resolve()
     path = folder / uids["StudyInstanceUID"] / uids["SeriesInstanceUID"]
     path = path / f"{uids['SOPInstanceUID']}.dcm"
     if not path.resolve().is_relative_to(folder):  # defence in depth after the UID check
-        return _status(0xC000, "refusing to write outside the storage folder")
+        raise _Refused(0xC000, "refusing to write outside the storage folder")
     try:
         atomic_write(path, data)
     except OSError as exc:
-        LOGGER.error("C-STORE could not write %s: %s", path, exc)
-        return _status(0xA700, f"out of resources: {exc.strerror or exc}")
+        LOGGER.error("%s could not write %s: %s", what, path, exc)
+        raise _Refused(0xA700, f"out of resources: {exc.strerror or exc}") from None
     server._index.add(ds, str(path))
-    LOGGER.info("C-STORE stored %s", path)
-    return 0x0000
+    return Stored(
+        _text_of(ds, 0x00080016) or "",
+        uids["StudyInstanceUID"],
+        uids["SeriesInstanceUID"],
+        uids["SOPInstanceUID"],
+        path,
+    )
 
 
 def handle_echo(event: evt.Event) -> int:
@@ -1048,7 +1153,25 @@ class DemoPACS:
         Cap every C-FIND answer as Orthanc's ``LimitFindResults`` does: past this
         many matches, send that many and end with an unsolicited 0xFE00. For
         showing and testing how clients cope with a capped PACS; may be changed
-        while the server runs.
+        while the server runs. QIDO-RS answers are capped too (see
+        ``qido_cap_warning``).
+    http_port : int, optional
+        Also serve DICOMweb (QIDO-RS, WADO-RS, STOW-RS; :mod:`pacsframe.demo.web`)
+        over HTTP on 127.0.0.1 at this port (0 picks a free one), from the same
+        index and matching engine; :attr:`url` gives the base URL once started.
+        Loopback only, whatever ``host`` is.
+    http_auth : (str, str), optional
+        A (user, password) pair every HTTP request must carry as basic
+        authorization; without it the answer is 401. May be changed while the
+        server runs.
+    qido_cap_warning : bool, default True
+        With ``max_results``: a capped QIDO-RS answer carries PS3.18's
+        ``Warning: 299 ... "There are N additional results that can be
+        requested"`` header; False cuts silently, as Orthanc 1.7's plugin does.
+        May be changed while the server runs.
+    max_upload : int, optional
+        The largest STOW-RS request body in bytes (larger ones are answered
+        413); default 512 MiB. May be changed while the server runs.
 
     Examples
     --------
@@ -1077,7 +1200,22 @@ class DemoPACS:
         tls: TLS | ssl.SSLContext | None = None,
         require_client_cert: bool | None = None,
         max_results: int | None = None,
+        http_port: int | None = None,
+        http_auth: tuple[str, str] | None = None,
+        qido_cap_warning: bool = True,
+        max_upload: int | None = None,
     ) -> None:
+        if http_port is not None and not 0 <= int(http_port) < 65536:
+            raise ValueError(f"http_port must be 0 to 65535, or None; got {http_port}.")
+        if http_auth is not None and (
+            len(http_auth) != 2 or not all(isinstance(p, str) for p in http_auth)
+        ):
+            raise QueryError("http_auth must be a (user, password) pair of strings, or None.")
+        self.http_port = None if http_port is None else int(http_port)
+        self.http_auth = None if http_auth is None else (http_auth[0], http_auth[1])
+        self.qido_cap_warning = bool(qido_cap_warning)
+        self.max_upload = web.DEFAULT_MAX_UPLOAD if max_upload is None else int(max_upload)
+        self._web: web.WebServer | None = None
         if max_results is not None and (
             not isinstance(max_results, int) or isinstance(max_results, bool) or max_results < 1
         ):
@@ -1103,6 +1241,8 @@ class DemoPACS:
         state = f"listening on {self.host}:{self.port}" if self.running else "stopped"
         if self.running and self._ssl_context is not None:
             state += " (TLS)"
+        if self.url is not None:
+            state += f", DICOMweb at {self.url}"
         return (
             f"DemoPACS({self.ae_title!r}, {state}, folder={str(self.folder)!r}, "
             f"{len(self._index.instances())} instances)"
@@ -1113,6 +1253,14 @@ class DemoPACS:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    @property
+    def url(self) -> str | None:
+        """The DICOMweb base URL, ``http://127.0.0.1:<port>/dicom-web``, while serving HTTP.
+
+        None when the server is stopped or was made without ``http_port``.
+        """
+        return self._web.url if self._web is not None else None
 
     @property
     def running(self) -> bool:
@@ -1209,6 +1357,13 @@ class DemoPACS:
         )
         self._ae = ae
         self.port = int(self._server.server_address[1])
+        if self.http_port is not None:
+            try:
+                self._web = web.WebServer(self, self.http_port).start()
+            except BaseException:
+                self.stop()
+                raise
+            self.http_port = self._web.port
         LOGGER.info(
             "Demo PACS %r serving %d instance(s) from %s on %s:%d%s",
             self.ae_title,
@@ -1218,11 +1373,16 @@ class DemoPACS:
             self.port,
             " (TLS)" if ssl_context is not None else "",
         )
+        if self._web is not None:
+            LOGGER.info("Demo PACS %r serving DICOMweb at %s", self.ae_title, self.url)
         return self
 
     def stop(self) -> DemoPACS:
         """Stop listening and abort open associations; return ``self``. Idempotent."""
         ae, self._ae, self._server = self._ae, None, None
+        site, self._web = self._web, None
+        if site is not None:
+            site.stop()
         if ae is not None:
             ae.shutdown()
         return self
@@ -1238,6 +1398,7 @@ def serve(
     tls: TLS | ssl.SSLContext | None = None,
     require_client_cert: bool | None = None,
     max_results: int | None = None,
+    http_port: int | None = None,
 ) -> None:
     """Serve ``folder`` as a demo PACS until interrupted (Ctrl-C), then shut down.
 
@@ -1248,8 +1409,9 @@ def serve(
     ----------
     folder : str or os.PathLike
         The folder of DICOM files to serve (created when missing).
-    ae_title, host, port, known_aes, tls, require_client_cert, max_results
-        As for :class:`DemoPACS`; the port defaults to 11112 here.
+    ae_title, host, port, known_aes, tls, require_client_cert, max_results, http_port
+        As for :class:`DemoPACS`; the port defaults to 11112 here. With
+        ``http_port`` DICOMweb is served too (on 127.0.0.1, see :attr:`DemoPACS.url`).
 
     Examples
     --------
@@ -1267,6 +1429,7 @@ def serve(
         tls=tls,
         require_client_cert=require_client_cert,
         max_results=max_results,
+        http_port=http_port,
     )
     with server:
         # Waiting on an Event (not a sleep loop) keeps the main thread interruptible.
