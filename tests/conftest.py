@@ -14,13 +14,20 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from hypothesis import HealthCheck, settings
 
 sys.path.insert(0, str(Path(__file__).parent))
+
 
 from servers import DcmqrscpServer, OrthancServer, require_tool
 
 import pacsframe as pf
 from pacsframe.demo import DemoPACS, make_cohort
+
+# No per-example deadline anywhere: wall-clock limits flake on a loaded 2-core
+# machine (CI), and a test's own settings() still set its number of examples.
+settings.register_profile("pacsframe", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("pacsframe")
 
 COHORT = {
     "patients": 4,
