@@ -1268,13 +1268,34 @@ class _ProcessWorker(ProcessWorker):
         self.cancelled = False
         self._lent: list[_Unit] = []
         self._done = False
+        self._dropped = False
+
+    @staticmethod
+    def _again(receiver: _Receiver, sop: str) -> bool:
+        """Whether another worker's object ``sop`` was counted already (and note it)."""
+        with receiver._lock:
+            again = sop in receiver._filed
+            receiver._filed.add(sop)
+        if again:
+            LOGGER.warning("%s arrived twice in one retrieval; counted once", sop)
+        return again
 
     def _on_message(self, message: tuple[Any, ...]) -> Any:
         kind, *rest = message
         receiver = self.receiver
         if kind == "row":
-            receiver._add_row(rest[0])
+            row = rest[0]
+            if row["status"] == "completed" and self._again(receiver, row["SOPInstanceUID"]):
+                # Filed by another worker process too (a peer that sends one object in
+                # two requests): one row, one count, as with threads; its "filed"
+                # message, next from this child, is dropped as well.
+                self._dropped = True
+                return None
+            receiver._add_row(row)
         elif kind == "filed":
+            if self._dropped:
+                self._dropped = False
+                return None
             receiver._deliver(*rest)
         elif kind == "?":  # the child asks for its next unit
             if receiver.stop.is_set():

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pydicom
 import pytest
 from faults import Faults, FaultyPACS, raw, sockets, status, uint32
 from pydicom.dataset import Dataset
@@ -578,3 +579,35 @@ def test_an_object_sent_twice_counts_once(env, served, op):
     assert len(held) == 5
     watch.released(pacs, moved=op == "move")
     resumes(served, watch.root, one, op, held)
+
+
+@pytest.mark.parametrize("processes", ["1", "0"], ids=["processes", "threads"])
+def test_an_object_sent_in_two_requests_counts_once(env, served, monkeypatch, processes):
+    """The same object in two parallel requests (two workers): filed once, counted once,
+    whether the workers are processes or threads; the result is short of the one the
+    duplicate displaced."""
+    monkeypatch.setenv("PACSFRAME_WORKER_PROCESSES", processes)
+    server, manifest, pacs, watch, studies = env
+    one = studies.iloc[:1]
+    study = manifest[manifest.StudyInstanceUID == one.StudyInstanceUID.iloc[0]]
+    series = sorted(study.SeriesInstanceUID.unique())
+    assert len(series) == 2
+    first = study[study.SeriesInstanceUID == series[0]].sort_values("SOPInstanceUID")
+    stand_in = pydicom.dcmread(first.path.iloc[0])
+    displaced: list[str] = []
+
+    def duplicate(n: int, ds: Dataset) -> Dataset:
+        # The second series' first object sent comes as the first series' object.
+        if ds.SeriesInstanceUID == series[1] and not displaced:
+            displaced.append(ds.SOPInstanceUID)
+            return stand_in
+        return ds
+
+    server.faults = Faults(objects=duplicate)
+    result = pacs.get(one, workers=2, progress=False)
+    assert result.instances.SOPInstanceUID.dropna().is_unique
+    assert (result.completed, result.failed) == (5, 0)
+    assert (result.expected, result.shortfall) == (6, 1)
+    held = watch.cache_is_consistent()
+    assert len(held) == 5 and displaced[0] not in held
+    watch.released(pacs)
