@@ -244,8 +244,9 @@ def read_headers(
     Returns
     -------
     pandas.DataFrame
-        One row per instance (or series, study, patient), sorted by the level's
-        unique key, columns and dtypes as :meth:`pacsframe.PACS.find` gives them.
+        One row per file (or per series, study, patient; copies of an instance
+        count once there), sorted by the level's unique key, columns and dtypes
+        as :meth:`pacsframe.PACS.find` gives them.
         ``attrs["pacsframe"]`` holds ``level``, ``model``, ``keys`` (empty),
         ``source`` (the paths given), ``files`` (how many were looked at),
         ``skipped`` (files that are not DICOM, DICOMDIRs) and ``errors`` (a list of
@@ -329,6 +330,9 @@ def read_headers(
     instances = instances[keep.to_numpy()].reset_index(drop=True)
     errors.sort(key=lambda e: e["path"])
     instances = instances.sort_values(list(_UID_COLUMNS), kind="stable", ignore_index=True)
+    if lv != "IMAGE":
+        # Copies of one instance (the same file in two folders) count once, as in a PACS.
+        instances = instances.drop_duplicates("SOPInstanceUID", ignore_index=True)
     frame = matching.answer(instances, query)
     frame = frame.sort_values(UNIQUE_KEY[lv], kind="stable", ignore_index=True)
     frame.attrs["pacsframe"] = {

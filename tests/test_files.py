@@ -142,6 +142,12 @@ def test_nested_folders_and_a_list_of_paths(folder, tmp_path):
     assert meta["skipped"] == 2
     assert meta["errors"] == []
     assert len(meta["source"]) == 4
+    # Above the instance level the copy counts once, as in a PACS.
+    series = pf.read_headers([one, series_folder, tmp_path / "a"], level="series")
+    counts = manifest.groupby("SeriesInstanceUID").size()
+    assert dict(
+        zip(series.SeriesInstanceUID, series.NumberOfSeriesRelatedInstances, strict=True)
+    ) == {uid: counts[uid] if uid == series_folder.name else 1 for uid in series.SeriesInstanceUID}
 
 
 def _hostile(folder: Path, manifest: pd.DataFrame, out: Path) -> dict[str, str]:
