@@ -282,7 +282,7 @@ def read_headers(
     query, columns = _columns(lv, keys)
     paths, sources = _files(path_or_paths)
     builder = frames.FrameBuilder(columns)
-    tags = frozenset(builder._index)
+    tags = builder.tags
     if workers is None:
         workers = _DEFAULT_WORKERS
     if workers < 1:
@@ -302,7 +302,7 @@ def read_headers(
     skipped = 0
     for path, (kind, payload) in zip(paths, results, strict=True):
         if kind == "row":
-            builder._keep(payload.items())
+            builder.add_elements(payload)
         elif kind == "ds":
             builder.add(payload)
         elif kind == "skip":
