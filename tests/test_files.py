@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from pydicom import dcmread
+from pydicom.uid import ImplicitVRLittleEndian
 
 import pacsframe as pf
 from pacsframe import matching
@@ -212,3 +214,20 @@ def test_bad_arguments(tmp_path):
     empty = pf.read_headers(tmp_path, level="study")
     assert len(empty) == 0
     assert str(empty.StudyDate.dtype) == "datetime64[ns]"
+
+
+def test_long_header_and_implicit_vr(folder, tmp_path):
+    """A header past the first 64 KiB is read on; implicit VR files read the same."""
+    _, manifest = folder
+    first, second = (dcmread(p) for p in manifest.path.iloc[:2])
+    first.add_new(0x00091010, "LO", "PRIVATE")
+    first.add_new(0x00091011, "OB", b"\1" * 300_000)
+    first.save_as(tmp_path / "long.dcm")
+    second.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    second.save_as(tmp_path / "implicit.dcm", implicit_vr=True, little_endian=True)
+    keys = ["PatientName", "StudyDate", "PixelSpacing"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        frame = pf.read_headers(tmp_path, keys=keys)
+    reference = pf.read_headers(list(manifest.path.iloc[:2]), keys=keys)
+    pd.testing.assert_frame_equal(frame, reference)
