@@ -21,8 +21,10 @@ from .errors import (
     PacsFrameError,
     QueryError,
     ResultsCapped,
+    UnreadableFileWarning,
     UnusableListingWarning,
 )
+from .files import read_headers
 from .frames import MalformedValueWarning
 from .pacs import PACS, TLS
 from .retrieve import RetrieveResult
@@ -46,8 +48,10 @@ __all__ = [
     "ResultsCapped",
     "RetrieveResult",
     "StoreResult",
+    "UnreadableFileWarning",
     "UnusableListingWarning",
     "Volume",
+    "read_headers",
 ]
 
 __version__ = "0.1.0"

@@ -166,3 +166,13 @@ class CountMismatchWarning(UserWarning):
     response. ``RetrieveResult.expected`` and ``.shortfall`` give the totals, and
     ``.notes`` names each request that came up short (or long).
     """
+
+
+class UnreadableFileWarning(UserWarning):
+    """Some files given to :func:`pacsframe.read_headers` could not be read.
+
+    One warning per call summarises them (how many, the first few); each is in
+    the frame's ``attrs["pacsframe"]["errors"]`` as ``{"path": ..., "error": ...}``.
+    Such a file (truncated, a ``.dcm`` that is not DICOM, an element whose declared
+    length runs past the end of the file, a UID that is not a UID) has no row.
+    """

@@ -921,6 +921,32 @@ class FrameBuilder:
         self._keep(found.items())
         return True
 
+    @property
+    def tags(self) -> frozenset[int]:
+        """The tags this frame keeps: its columns' and SpecificCharacterSet's.
+
+        What to pass :func:`scan_elements` as ``wanted`` for :meth:`add_elements`.
+        """
+        return frozenset(self._index)
+
+    def add_elements(self, elements: Mapping[int, Any]) -> None:
+        """Add one row from raw elements by tag, as :func:`scan_elements` returns them.
+
+        For a caller that scans the bytes itself (a file's header up to its pixel
+        data, see :func:`pacsframe.files.read_headers`); tags that are not
+        :attr:`tags` are ignored.
+
+        Examples
+        --------
+        >>> fb = FrameBuilder(["PatientID"])
+        >>> data = bytes.fromhex("10002000" "04000000") + b"123 "
+        >>> fb.add_elements(scan_elements(data, True, fb.tags))
+        >>> fb.frame().PatientID.tolist()
+        ['123']
+        """
+        index = self._index
+        self._keep((tag, elem) for tag, elem in elements.items() if tag in index)
+
     def add_json(self, obj: Any) -> bool:
         """Add one match of a QIDO-RS answer: a DICOM JSON object (PS3.18 F.2).
 
