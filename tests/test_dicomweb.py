@@ -230,6 +230,32 @@ def test_silent_cap_is_split(cohort, dimse):
     assert "QIDO-RS" in str(info.value)
 
 
+@pytest.mark.filterwarnings("ignore:.*capped the STUDY-level QIDO-RS answer")
+def test_413_is_split(server, dimse):
+    def fault(path, params):
+        # The server refuses an answer of more than 3 matches, as "too large".
+        keys = {k: v for k, v in params.items() if k not in ("limit", "offset")}
+        got = requests.get(server.url + path.removeprefix("/dicom-web"), params=keys)
+        if got.status_code == 200 and len(got.json()) > 3:
+            return 413, b"Request Entity Too Large: narrow the query\n"
+        return None
+
+    httpd, url = _proxy(server.url, fault)
+    try:
+        got = pf.DICOMweb(url).find_studies(StudyDate=("2000-01-01", "2030-12-31"), progress=False)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    expected = dimse.find_studies(StudyDate=("2000-01-01", "2030-12-31"))
+    assert got.attrs["pacsframe"]["split"] is True
+    same(expected, got, "STUDY")
+
+
+def test_patient_level_has_no_parents(web):
+    with pytest.raises(pf.QueryError, match="no parents"):
+        web.find("patient", ["1.2.3"], model="patient")
+
+
 # --- errors ------------------------------------------------------------------------------
 
 
