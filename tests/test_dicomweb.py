@@ -375,3 +375,37 @@ def test_from_config(server, tmp_path, monkeypatch, dimse):
     assert isinstance(pf.PACS.from_config("web", cfg), pf.DICOMweb)
     with pytest.raises(pf.QueryError, match="DIMSE peer"):
         pf.DICOMweb.from_config("dimse", cfg)
+
+
+def test_query_form_searches_over_dicomweb(web, dimse):
+    patient = dimse.find_patients().PatientID.iloc[0]
+    results = []
+    for backend in (dimse, web):
+        form = pf.QueryForm(backend)
+        form.level.value = "study"
+        form.patient_id.value = patient
+        form.search_button.click()
+        assert 'data-kind="ok"' in form.status.value
+        results.append(form.result)
+    same(results[0], results[1], "STUDY")
+
+
+def test_logs_name_no_patient(server, cohort, caplog):
+    from test_log_privacy import UID, identifying_values
+
+    caplog.set_level(logging.DEBUG)
+    for name in ("pacsframe", "urllib3", "requests"):
+        caplog.set_level(logging.DEBUG, logger=name)
+    manifest = cohort[1]
+    first = manifest.iloc[0]
+    web = pf.DICOMweb(server.url)
+    web._page = 2
+    web.echo()
+    patients = web.find_patients(PatientName=first.PatientName, PatientID=first.PatientID)
+    assert len(patients) == 1
+    studies = web.find_studies(PatientID=first.PatientID, PatientName="*")
+    web.find_instances(web.find_series(studies))
+    text = UID.sub("<uid>", caplog.text)
+    assert "/studies" in text  # requests are logged, by path
+    leaked = [value for value in identifying_values(manifest) if value in text]
+    assert not leaked
