@@ -269,7 +269,7 @@ class DICOMweb:
         NotSupported, HTTPError
             The URL is not a QIDO-RS service root, or the server failed.
         """
-        with deadline_for(timeout, "echo") as deadline:
+        with deadline_for(timeout, "web.echo") as deadline:
             started = time.monotonic()
             try:
                 self.transport.request(
@@ -323,7 +323,7 @@ class DICOMweb:
         level = normalize_level(level)
         model = normalize_model(model)
         query = build_query(level, model, keys, return_keys)
-        with deadline_for(timeout, "find") as deadline:
+        with deadline_for(timeout, "web.find") as deadline:
             try:
                 if level == "PATIENT":
                     if parents is not None:
@@ -359,7 +359,7 @@ class DICOMweb:
         ``NumberOfPatientRelated*`` are counted from the matching studies, so a
         patient with no study is not found. See :meth:`find`.
         """
-        with deadline_for(timeout, "find_patients"):
+        with deadline_for(timeout, "web.find_patients"):
             return self.find("PATIENT", None, model="patient", **keys)
 
     def find_studies(
@@ -370,7 +370,7 @@ class DICOMweb:
         **keys: Any,
     ) -> pd.DataFrame:
         """QIDO-RS at STUDY level; ``parents`` may be a frame of patients. See :meth:`find`."""
-        with deadline_for(timeout, "find_studies"):
+        with deadline_for(timeout, "web.find_studies"):
             return self.find("STUDY", parents, **keys)
 
     def find_series(
@@ -381,7 +381,7 @@ class DICOMweb:
         **keys: Any,
     ) -> pd.DataFrame:
         """QIDO-RS at SERIES level; ``parents`` is usually a frame of studies. See :meth:`find`."""
-        with deadline_for(timeout, "find_series"):
+        with deadline_for(timeout, "web.find_series"):
             return self.find("SERIES", parents, **keys)
 
     def find_instances(
@@ -392,7 +392,7 @@ class DICOMweb:
         **keys: Any,
     ) -> pd.DataFrame:
         """QIDO-RS at IMAGE level; ``parents`` is usually a frame of series. See :meth:`find`."""
-        with deadline_for(timeout, "find_instances"):
+        with deadline_for(timeout, "web.find_instances"):
             return self.find("IMAGE", parents, **keys)
 
     def move(self, *args: Any, **kwargs: Any) -> Any:

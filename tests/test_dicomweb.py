@@ -326,6 +326,7 @@ def test_slow_server_against_timeout():
             pf.DICOMweb(url).find_studies(timeout=0.5)
         assert time.monotonic() - started < 1.5
         assert info.value.reason == "timeout" and "timeout=0.5" in str(info.value)
+        assert "web.find_studies()" in str(info.value)
         assert info.value.partial.empty
         assert "StudyInstanceUID" in info.value.partial.columns
         with pytest.raises(pf.AssociationError) as info:
