@@ -11,11 +11,13 @@ PACS('127.0.0.1', 4242, ae_title='ORTHANC', calling_ae='PACSFRAME')
 """
 
 from .cache import Cache, Volume
+from .dicomweb import DICOMweb
 from .errors import (
     AssociationError,
     CacheError,
     CountMismatchWarning,
     DimseError,
+    HTTPError,
     MoveDestinationUnknown,
     NotSupported,
     PacsFrameError,
@@ -38,7 +40,9 @@ __all__ = [
     "Cache",
     "CacheError",
     "CountMismatchWarning",
+    "DICOMweb",
     "DimseError",
+    "HTTPError",
     "MalformedValueWarning",
     "MoveDestinationUnknown",
     "NotSupported",

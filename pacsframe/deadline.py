@@ -141,9 +141,10 @@ class Deadline:
         else:
             how = f"the time ran out during the {doing}"
         advice = advice or "Raise timeout= (None: no overall limit), or ask for less at a time."
+        # "find_studies" is a PACS call; a DICOMweb call names itself ("web.find_studies").
+        name = self.call if "." in self.call else f"pacs.{self.call}"
         exc = AssociationError(
-            f"pacs.{self.call}() did not finish within timeout={self.timeout:g} s; {how}. "
-            f"{advice}",
+            f"{name}() did not finish within timeout={self.timeout:g} s; {how}. {advice}",
             reason="timeout",
         )
         exc.deadline = self  # type: ignore[attr-defined]

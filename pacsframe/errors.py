@@ -13,6 +13,7 @@ __all__ = [
     "CacheError",
     "CountMismatchWarning",
     "DimseError",
+    "HTTPError",
     "MoveDestinationUnknown",
     "MultipartError",
     "NotSupported",
@@ -68,7 +69,9 @@ class AssociationError(PacsFrameError, ConnectionError):
     reason : str
         One of ``"refused"``, ``"timeout"``, ``"rejected"``, ``"aborted"``, or
         ``"tls"`` (the TLS handshake failed: an untrusted or wrong certificate, a
-        missing client certificate, or TLS on one side only).
+        missing client certificate, or TLS on one side only), or ``"auth"``
+        (a DICOMweb server answered 401 or 403: credentials missing, wrong, or
+        not allowed to use the service).
     partial : DataFrame
         Only when a find call's ``timeout=`` ran out: the rows received so far.
     result : RetrieveResult or StoreResult
@@ -133,6 +136,21 @@ class DimseError(PacsFrameError):
         super().__init__(message)
         self.status = status
         self.comment = comment
+
+
+class HTTPError(DimseError):
+    """A DICOMweb server answered with an HTTP failure pacsframe has no closer error for.
+
+    401/403 are an :class:`AssociationError` (``reason="auth"``) and 404/405/501
+    a :class:`NotSupported`; any other status of 400 or more is this.
+
+    Attributes
+    ----------
+    status : int
+        The HTTP status code, e.g. ``500``.
+    comment : str or None
+        The first line of the response body (at most about 200 characters).
+    """
 
 
 class MoveDestinationUnknown(DimseError):
