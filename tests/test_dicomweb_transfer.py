@@ -131,29 +131,51 @@ def test_same_bytes_and_rows_as_cget(demo, tmp_path):
     assert b.verify().empty
 
 
-def test_resumable_and_fully_cached(demo, tmp_path, cohort):
+def _cget(server, cache, frame, **kwargs):
+    return dimse(server, cache).get(frame, **kwargs)
+
+
+def _wado(server, cache, frame, **kwargs):
+    return webtransfer.get(web(server, cache), frame, **kwargs)
+
+
+@pytest.mark.parametrize("get", [_cget, _wado], ids=["cget", "wado"])
+def test_resumable_and_fully_cached(demo, tmp_path, cohort, get):
     cache = Cache(tmp_path / "c")
     frame = studies(demo, cache)
     manifest = cohort[1]
     first = manifest.iloc[:2][["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"]]
-    client = web(demo, cache)
-    assert webtransfer.get(client, first, progress=False).completed == 2
+    assert get(demo, cache, first, progress=False).completed == 2
     counter = Counter()
     demo.wado_fault = counter
     seen: list[tuple[str, dict]] = []
-    result = webtransfer.get(
-        client, frame, progress=True, on_received=lambda p, m: seen.append((p, m))
-    )
+    result = get(demo, cache, frame, progress=True, on_received=lambda p, m: seen.append((p, m)))
     total = len(manifest)
     assert result.cached == 2 and result.completed == total - 2 and result.failed == 0
-    # The partly cached series went instance by instance; the rest whole.
-    assert result.requests == counter.count
+    assert result.notes == [] and result.shortfall == 0
+    if get is _wado:
+        assert result.requests == counter.count
     assert len(seen) == total - 2 and all(Path(p).is_file() for p, _ in seen)
     assert {m["SOPInstanceUID"] for _, m in seen} == set(manifest.SOPInstanceUID) - set(
         first.SOPInstanceUID
     )
-    again = webtransfer.get(client, frame, progress=False)
-    assert again.requests == 0 and again.cached == total and counter.count == result.requests
+    before = counter.count
+    again = get(demo, cache, frame, progress=False)
+    assert again.requests == 0 and again.cached == total and counter.count == before
+    assert cache.verify().empty
+
+
+def test_on_received_error_stops_and_leaves_cache_consistent(demo, tmp_path):
+    cache = Cache(tmp_path / "c")
+    frame = studies(demo, cache)
+
+    def boom(path, meta):
+        raise RuntimeError("stop here")
+
+    with pytest.raises(RuntimeError, match="stop here"):
+        webtransfer.get(web(demo, cache), frame, progress=False, on_received=boom, workers=1)
+    assert len(cache) >= 1
+    no_leftovers(tmp_path / "c")
     assert cache.verify().empty
 
 
