@@ -9,6 +9,7 @@ announced_length)``), which also counts the WADO-RS requests the server answered
 from __future__ import annotations
 
 import threading
+import time
 import tracemalloc
 import warnings
 from pathlib import Path
@@ -329,3 +330,20 @@ def test_stow_datasets(tmp_path, cohort):
         result = webtransfer.store(client, datasets)
         assert result.completed == 2
         assert len(list(Path(server.folder).rglob("*.dcm"))) == 2
+
+
+def test_slow_server_against_timeout(demo, tmp_path):
+    cache = Cache(tmp_path / "c")
+    frame = studies(demo, cache)
+
+    def slow(ctype, body):
+        time.sleep(3)
+        return ctype, body, len(body)
+
+    demo.wado_fault = Counter(slow)
+    began = time.monotonic()
+    with pytest.raises(AssociationError) as info:
+        webtransfer.get(web(demo, cache), frame, progress=False, workers=1, timeout=1)
+    assert info.value.reason == "timeout" and time.monotonic() - began < 2.9
+    assert info.value.result.completed == 0
+    assert cache.verify().empty
