@@ -212,6 +212,16 @@ def _requests_of(unit: _Unit) -> list[tuple[str, list[str]]]:
     return [(f"{series}/instances/{sop}", [sop]) for sop in keys["SOPInstanceUID"].split("\\")]
 
 
+def _per_instance(unit: _Unit) -> list[_Unit]:
+    """An IMAGE unit of several instances as one unit per instance (others as they are)."""
+    if unit.level != "IMAGE" or "\\" not in unit.keys["SOPInstanceUID"]:
+        return [unit]
+    return [
+        _Unit("IMAGE", {**unit.keys, "SOPInstanceUID": sop}, 1)
+        for sop in unit.keys["SOPInstanceUID"].split("\\")
+    ]
+
+
 def _check_uids(unit: _Unit) -> None:
     for key, value in unit.keys.items():
         for uid in value.split("\\"):
@@ -425,6 +435,8 @@ def _get(
     planner = _Planner(web, cache, "study", overwrite)
     planner.plan(frame)
     planner.spread(workers)
+    # An instance is one request: each its own unit, so that they spread over workers.
+    planner.units = [one for unit in planner.units for one in _per_instance(unit)]
     for unit in planner.units:
         _check_uids(unit)
     planner.warn(web)

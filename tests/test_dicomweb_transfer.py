@@ -23,7 +23,7 @@ import pacsframe as pf
 from pacsframe import webtransfer
 from pacsframe.cache import Cache
 from pacsframe.demo import DemoPACS, make_cohort
-from pacsframe.errors import AssociationError, MultipartError
+from pacsframe.errors import AssociationError, CountMismatchWarning, MultipartError
 from pacsframe.webhttp import WebTransport
 
 
@@ -347,3 +347,16 @@ def test_slow_server_against_timeout(demo, tmp_path):
     assert info.value.reason == "timeout" and time.monotonic() - began < 2.9
     assert info.value.result.completed == 0
     assert cache.verify().empty
+
+
+def test_instance_the_peer_lacks_is_a_failed_row_and_a_note(demo, tmp_path, cohort):
+    row = cohort[1].iloc[0]
+    keys = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"]
+    real = {k: row[k] for k in keys}
+    frame = pd.DataFrame([real, {**real, "SOPInstanceUID": generate_uid()}])
+    cache = Cache(tmp_path / "c")
+    with pytest.warns(CountMismatchWarning):
+        result = webtransfer.get(web(demo, cache), frame, progress=False)
+    assert result.completed == 1 and result.failed == 1 and result.requests == 2
+    assert "404" in result.failed_instances.error.iloc[0] and len(result.notes) == 1
+    assert result.shortfall == 1
