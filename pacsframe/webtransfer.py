@@ -497,10 +497,9 @@ class _Body:
             self._length += len(self._tail())
 
     def _head(self, item: _Item) -> bytes:
-        return (
-            f"--{self.boundary}\r\nContent-Type: application/dicom; "
-            f"transfer-syntax={item.syntax}\r\n\r\n"
-        ).encode("ascii")
+        # No transfer-syntax parameter: the file meta says it, and Orthanc's plugin
+        # (1.7) skips a part whose Content-Type is not exactly application/dicom.
+        return f"--{self.boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode("ascii")
 
     def _tail(self) -> bytes:
         return f"--{self.boundary}--\r\n".encode("ascii")

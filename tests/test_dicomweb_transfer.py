@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
+from servers import OrthancServer, require_tool
 
 import pacsframe as pf
 from pacsframe import webtransfer
@@ -360,3 +361,26 @@ def test_instance_the_peer_lacks_is_a_failed_row_and_a_note(demo, tmp_path, coho
     assert result.completed == 1 and result.failed == 1 and result.requests == 2
     assert "404" in result.failed_instances.error.iloc[0] and len(result.notes) == 1
     assert result.shortfall == 1
+
+
+def test_orthanc_stow_then_wado_same_bytes_as_cget(tmp_path, cohort):
+    """A real peer: Orthanc's DICOMweb plugin takes our STOW-RS body and its WADO-RS
+    answer leaves the same cached bytes as its C-GET."""
+    require_tool("Orthanc")
+    plugin = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+    if not Path(plugin).exists():
+        pytest.skip("Orthanc's DICOMweb plugin is not installed")
+    manifest = cohort[1]
+    config = {"Plugins": [plugin], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
+    with OrthancServer(tmp_path / "orthanc", extra_config=config) as server:
+        a, b = Cache(tmp_path / "wado"), Cache(tmp_path / "cget")
+        pacs = pf.PACS(server.host, server.dicom_port, server.aet, cache=b)
+        client = _Web(server.url + "/dicom-web", a, pacs)
+        stored = webtransfer.store(client, manifest, batch=4)
+        assert stored.completed == len(manifest), stored.failed_instances
+        frame = pacs.find_studies()
+        got = webtransfer.get(client, frame, progress=False)
+        assert got.completed == len(manifest) and got.notes == []
+        assert pacs.get(frame, progress=False).completed == len(manifest)
+        assert cached_bytes(a) == cached_bytes(b)
+        pd.testing.assert_frame_equal(index_rows(a), index_rows(b))
