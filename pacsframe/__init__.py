@@ -11,6 +11,7 @@ PACS('127.0.0.1', 4242, ae_title='ORTHANC', calling_ae='PACSFRAME')
 """
 
 from .cache import Cache, Volume
+from .dicomweb import DICOMweb
 from .errors import (
     AssociationError,
     CacheError,
@@ -37,6 +38,7 @@ __all__ = [
     "Cache",
     "CacheError",
     "CountMismatchWarning",
+    "DICOMweb",
     "DimseError",
     "HTTPError",
     "MalformedValueWarning",

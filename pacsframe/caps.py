@@ -518,7 +518,13 @@ def repeated(frame: pd.DataFrame, level: str) -> pd.Series:
 
 
 def capped_message(
-    level: str, peer: str, outcome: Outcome[Any], rows: int, *, more: str = ""
+    level: str,
+    peer: str,
+    outcome: Outcome[Any],
+    rows: int,
+    *,
+    more: str = "",
+    service: str = "C-FIND",
 ) -> str:
     """The sentence of a :class:`~pacsframe.errors.ResultsCapped`: window, cap, what to do."""
     windows = outcome.capped
@@ -542,7 +548,7 @@ def capped_message(
             "LimitFindResults, LimitFindInstances)"
         )
     return (
-        f"{peer} caps {level}-level C-FIND answers at {cap} ({outcome.reason}) and "
+        f"{peer} caps {level}-level {service} answers at {cap} ({outcome.reason}) and "
         f"{advice}. Still capped: {first}{others}{more}. The {rows} row(s) obtained are "
         "in the error's .partial frame."
     )

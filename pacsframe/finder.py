@@ -11,9 +11,10 @@ by :mod:`pacsframe.caps`; the call's ``timeout=`` is the association's limit.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from io import BytesIO
 from typing import TYPE_CHECKING, Any
 
@@ -43,7 +44,15 @@ from .query import LEVELS, UNIQUE_KEY, Query
 if TYPE_CHECKING:
     from .pacs import PACS
 
-__all__ = ["FIND_MODELS", "parents_of", "partial", "query_contexts", "run", "same_level"]
+__all__ = [
+    "FIND_MODELS",
+    "collect",
+    "parents_of",
+    "partial",
+    "query_contexts",
+    "run",
+    "same_level",
+]
 
 LOGGER = logging.getLogger("pacsframe")
 
@@ -111,9 +120,9 @@ def _carry_parents(result: pd.DataFrame, parents: pd.DataFrame, owners: list[int
     return out
 
 
-def _check_answer(frame: pd.DataFrame, level: str, peer: str) -> None:
+def _check_answer(frame: pd.DataFrame, level: str, peer: str, service: str = "C-FIND") -> None:
     """Warn about rows a retrieval or drill-down trips over: no, invalid or repeated UIDs."""
-    what = f"the {level}-level C-FIND answer from {peer}"
+    what = f"the {level}-level {service} answer from {peer}"
     key = UNIQUE_KEY[level]
     if key in frame.columns:
         missing = int(frame[key].isna().sum())
@@ -123,7 +132,7 @@ def _check_answer(frame: pd.DataFrame, level: str, peer: str) -> None:
                 "peer sent malformed data. They are kept, but cannot be retrieved or "
                 "drilled down from.",
                 frames.MalformedValueWarning,
-                stacklevel=5,
+                stacklevel=6,
             )
         values = frame[key].dropna()
         repeated = values[values.duplicated()].unique()
@@ -133,7 +142,7 @@ def _check_answer(frame: pd.DataFrame, level: str, peer: str) -> None:
                 f"(e.g. {repeated[0]!r}); the peer sent malformed data. All rows are "
                 "kept; a retrieval requests each UID once.",
                 frames.MalformedValueWarning,
-                stacklevel=5,
+                stacklevel=6,
             )
     for column in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
         if column not in frame.columns:
@@ -146,12 +155,12 @@ def _check_answer(frame: pd.DataFrame, level: str, peer: str) -> None:
                 f"{bad.iloc[0][:70]!r}); the peer sent malformed data. They are kept as "
                 "sent, but objects under them cannot be cached.",
                 frames.MalformedValueWarning,
-                stacklevel=5,
+                stacklevel=6,
             )
 
 
 def parents_of(
-    pacs: PACS, parents: pd.DataFrame | pd.Series | Sequence[str], query: Query
+    pacs: Any, parents: pd.DataFrame | pd.Series | Sequence[str], query: Query
 ) -> pd.DataFrame:
     """The parent rows to drill down from, with every key the child query needs."""
     level_index = LEVELS.index(query.level)
@@ -200,33 +209,82 @@ def parents_of(
 def run(
     pacs: PACS, query: Query, parents: pd.DataFrame | None, progress: bool = True
 ) -> pd.DataFrame:
+    """C-FIND ``query`` (once, or once per parent) on one association: see :func:`collect`."""
     model_uid = FIND_MODELS[query.model]
+
+    @contextlib.contextmanager
+    def connect() -> Iterator[Ask]:
+        with pacs.session(query_contexts(), "query") as assoc:
+            if not any(abstract == model_uid for abstract, _ in assoc.contexts.values()):
+                other = "patient" if query.model == "study" else "study"
+                raise NotSupported(
+                    f"{pacs.ae_title} does not support C-FIND in the {query.model}-root "
+                    f"model; use model={other!r}.",
+                    status=0x0122,
+                )
+
+            def ask(asked: Query, builder: frames.FrameBuilder) -> str | None:
+                return _find_one(pacs, assoc, asked, model_uid, builder)
+
+            yield ask
+
+    return collect(pacs, query, parents, connect, progress=progress, name=pacs.ae_title)
+
+
+#: ``ask(query, builder) -> reason or None``: send one query, add its matches to the
+#: builder, and say why the answer was cut short (None: complete).
+Ask = Callable[[Query, frames.FrameBuilder], "str | None"]
+
+
+def collect(
+    peer: Any,
+    query: Query,
+    parents: pd.DataFrame | None,
+    connect: Callable[[], contextlib.AbstractContextManager[Ask]],
+    *,
+    progress: bool = True,
+    name: str,
+    service: str = "C-FIND",
+) -> pd.DataFrame:
+    """Run ``query`` (once, or once per parent row) over any search service into one frame.
+
+    The part C-FIND and QIDO-RS share: one request per parent (their columns
+    carried along), capped answers split by :mod:`pacsframe.caps` and merged
+    (every row once, or :class:`ResultsCapped` with ``.partial``), the rows a
+    call's ``timeout=`` cut short as ``.partial``, and the answer checked for
+    missing or invalid UIDs.
+
+    Parameters
+    ----------
+    peer
+        The facade: ``peer.max_results`` (the silent cap), ``peer.peer`` (for
+        attrs), and ``peer.find`` (to drill through a level in between).
+    connect : callable
+        A context manager that opens the connection and yields ``ask``.
+    name : str
+        The peer, as messages name it (an AE title, a URL without credentials).
+    service : str
+        ``"C-FIND"`` or ``"QIDO-RS"``, for messages.
+    """
     builder = frames.FrameBuilder(query.columns)
     owners: list[int] = []
-    requests = [(-1, query)] if parents is None else list(_child_queries(pacs, query, parents))
-    counter = caps.Progress(f"{query.level}-level C-FIND", show=progress)
+    requests = [(-1, query)] if parents is None else list(_child_queries(peer, query, parents))
+    counter = caps.Progress(f"{query.level}-level {service}", show=progress)
     # (first row, end row, outcome) of each request whose answer was capped.
     splits: list[tuple[int, int, caps.Outcome[range]]] = []
-    with pacs.session(query_contexts(), "query") as assoc:
-        if not any(abstract == model_uid for abstract, _ in assoc.contexts.values()):
-            other = "patient" if query.model == "study" else "study"
-            raise NotSupported(
-                f"{pacs.ae_title} does not support C-FIND in the {query.model}-root "
-                f"model; use model={other!r}.",
-                status=0x0122,
-            )
+    with connect() as ask:
 
         def run(keys: dict[str, str]) -> caps.Answer[range]:
             before = len(builder)
-            asked = Query(query.level, query.model, keys)
-            truncated = _find_one(pacs, assoc, asked, model_uid, builder)
+            truncated = ask(Query(query.level, query.model, keys), builder)
             return caps.Answer(range(before, len(builder)), len(builder) - before, truncated)
 
+        owner = -1
         try:
             for owner, request in requests:
                 before = len(builder)
                 outcome = caps.split_find(
-                    run, request.keys, query.level, cap=pacs.max_results, progress=counter
+                    run, request.keys, query.level, cap=peer.max_results, progress=counter
                 )
                 owners.extend([owner] * (len(builder) - before))
                 if outcome.split:
@@ -235,25 +293,22 @@ def run(
             if fired(Deadline.current()) or isinstance(exc, driver.LimitReached):
                 # The rows of the request in flight belong to its parent too.
                 owners.extend([owner] * (len(builder) - len(owners)))
-                exc.partial = partial(
-                    pacs,  # type: ignore[attr-defined]
-                    query,
-                    builder,
-                    parents,
-                    owners,
+                exc.partial = partial(  # type: ignore[attr-defined]
+                    peer, query, builder, parents, owners
                 )
             raise
         finally:
             counter.close()
     result = builder.frame()
     if splits:
-        result, owners = _merge_splits(pacs, result, owners, query, splits)
-    _check_answer(result, query.level, pacs.ae_title)
+        result, owners = _merge_splits(name, result, owners, query, splits, service)
+    _check_answer(result, query.level, name, service)
     LOGGER.info(
-        "C-FIND %s level (%s root) at %s: %d request(s), %d match(es)",
+        "%s %s level (%s root) at %s: %d request(s), %d match(es)",
+        service,
         query.level,
         query.model,
-        pacs.ae_title,
+        name,
         counter.queries,
         len(result),
     )
@@ -261,7 +316,7 @@ def run(
         result = _carry_parents(result, parents, owners)
     result.attrs["pacsframe"] = {
         **query.to_json(),
-        "peer": pacs.peer,
+        "peer": peer.peer,
         "requests": counter.queries,
         "split": bool(splits),
     }
@@ -274,7 +329,9 @@ def run(
             else ""
         )
         raise ResultsCapped(
-            caps.capped_message(query.level, pacs.ae_title, capped[0], len(result), more=more),
+            caps.capped_message(
+                query.level, name, capped[0], len(result), more=more, service=service
+            ),
             partial=result,
             windows=windows,
             cap=capped[0].cap,
@@ -283,11 +340,12 @@ def run(
 
 
 def _merge_splits(
-    pacs: PACS,
+    name: str,
     result: pd.DataFrame,
     owners: list[int],
     query: Query,
     splits: list[tuple[int, int, caps.Outcome[range]]],
+    service: str = "C-FIND",
 ) -> tuple[pd.DataFrame, list[int]]:
     """Drop the rows a split answer repeats (capped answers overlap their pieces)."""
     keep = pd.Series(True, index=result.index)
@@ -300,9 +358,10 @@ def _merge_splits(
                 kept = part[key][keep.iloc[start:end].to_numpy()]
                 unmatched[key] = unmatched.get(key, 0) + int(kept.isna().sum())
     LOGGER.info(
-        "C-FIND %s level at %s: %d capped answer(s) split and merged; %d repeated row(s) dropped",
+        "%s %s level at %s: %d capped answer(s) split and merged; %d repeated row(s) dropped",
+        service,
         query.level,
-        pacs.ae_title,
+        name,
         len(splits),
         int((~keep).sum()),
     )
@@ -314,11 +373,11 @@ def _merge_splits(
             what = f"a day holding at least the cap was split into {key} windows"
             kept = ""
         warnings.warn(
-            f"{pacs.ae_title} capped the {query.level}-level C-FIND answer and {what}; "
+            f"{name} capped the {query.level}-level {service} answer and {what}; "
             f"entities with no {key} match no window, so only those in a capped answer "
             f"are included{kept} and more may exist. Give {key}=... to leave them out "
             "on purpose, or ask the PACS administrator to raise the limit.",
-            stacklevel=5,
+            stacklevel=6,
         )
     mask = keep.to_numpy()
     owners = [owner for owner, kept in zip(owners, mask, strict=True) if kept]
@@ -326,7 +385,7 @@ def _merge_splits(
 
 
 def partial(
-    pacs: PACS,
+    pacs: Any,
     query: Query,
     builder: frames.FrameBuilder,
     parents: pd.DataFrame | None,
@@ -346,7 +405,7 @@ def partial(
     return result
 
 
-def _child_queries(pacs: PACS, query: Query, parents: pd.DataFrame) -> Iterator[tuple[int, Query]]:
+def _child_queries(pacs: Any, query: Query, parents: pd.DataFrame) -> Iterator[tuple[int, Query]]:
     keys = list(dict.fromkeys([*query.keys_required(), UNIQUE_KEY[frames.infer_level(parents)]]))
     for key in keys:
         if query.keys.get(key):
@@ -362,7 +421,7 @@ def _child_queries(pacs: PACS, query: Query, parents: pd.DataFrame) -> Iterator[
             missing = [k for k, t in zip(keys, texts, strict=True) if not t]
             warnings.warn(
                 f"parent row {position} has no {', '.join(missing)}; it was skipped.",
-                stacklevel=4,
+                stacklevel=5,
             )
             continue
         if texts in seen:
@@ -418,7 +477,7 @@ def _find_one(
             "frame; the peer sent malformed identifiers (pacsframe's debug log "
             "says how).",
             frames.MalformedValueWarning,
-            stacklevel=8,
+            stacklevel=10,
         )
     if code == 0x0000:
         return None
@@ -437,7 +496,7 @@ def _find_one(
         warnings.warn(
             f"{pacs.ae_title} ended the C-FIND with "
             f"{_status_text(code, QR_FIND_SERVICE_CLASS_STATUS)}.{detail}",
-            stacklevel=8,
+            stacklevel=10,
         )
         return None
     raise DimseError(

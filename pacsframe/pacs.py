@@ -51,6 +51,7 @@ __all__ = [
     "BoundedHandshake",
     "check_ae_title",
     "config_path",
+    "read_peer",
 ]
 
 LOGGER = logging.getLogger("pacsframe")
@@ -97,6 +98,35 @@ def config_path() -> Path:
     if env:
         return Path(env).expanduser()
     return Path(platformdirs.user_config_dir("pacsframe")) / "config.toml"
+
+
+def read_peer(
+    name: str, path: str | os.PathLike[str] | None = None
+) -> tuple[Path, dict[str, Any]]:
+    """The configuration file and the settings of its ``[peers.NAME]`` table.
+
+    Shared by :meth:`PACS.from_config` and :meth:`~pacsframe.DICOMweb.from_config`
+    (a table with ``url`` is a DICOMweb archive); environment overrides are theirs.
+    """
+    file = Path(path).expanduser() if path is not None else config_path()
+    if not file.is_file():
+        raise QueryError(
+            f"no pacsframe configuration at {file}; create it with a [peers.{name}] "
+            "table (host, port, ae_title, calling_ae; or url for DICOMweb), or set "
+            "PACSFRAME_CONFIG."
+        )
+    try:
+        data = tomllib.loads(file.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise QueryError(f"{file} is not valid TOML ({exc}); fix the file.") from None
+    peers = data.get("peers", {})
+    if name not in peers:
+        known = ", ".join(sorted(peers)) or "none"
+        raise QueryError(
+            f"no peer named {name!r} in {file} (peers defined: {known}); add a "
+            f"[peers.{name}] table."
+        )
+    return file, dict(peers[name])
 
 
 def _capped(deadline: Deadline | None, seconds: float) -> float:
@@ -238,24 +268,12 @@ class PACS:
         >>> PACS.from_config("hospital", cfg).ae_title
         'PACS'
         """
-        file = Path(path).expanduser() if path is not None else config_path()
-        if not file.is_file():
-            raise QueryError(
-                f"no pacsframe configuration at {file}; create it with a [peers.{name}] "
-                "table (host, port, ae_title, calling_ae), or set PACSFRAME_CONFIG."
-            )
-        try:
-            data = tomllib.loads(file.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise QueryError(f"{file} is not valid TOML ({exc}); fix the file.") from None
-        peers = data.get("peers", {})
-        if name not in peers:
-            known = ", ".join(sorted(peers)) or "none"
-            raise QueryError(
-                f"no peer named {name!r} in {file} (peers defined: {known}); add a "
-                f"[peers.{name}] table."
-            )
-        settings = dict(peers[name])
+        file, settings = read_peer(name, path)
+        if "url" in settings:
+            # A table with url is a DICOMweb archive: the same file serves both.
+            from .dicomweb import DICOMweb
+
+            return DICOMweb._from_settings(name, file, settings, overrides)  # type: ignore[return-value]
         for key in ("host", "port", "ae_title", "calling_ae", "max_results"):
             env = os.environ.get(f"PACSFRAME_{key.upper()}")
             if env:

@@ -54,6 +54,27 @@ _COMMENT_CHARS = 200
 _MISSING = frozenset({404, 405, 501})
 
 
+class _NoQueryStrings(logging.Filter):
+    """Drop query strings (patient identifiers as QIDO-RS matching values) from urllib3's
+    DEBUG lines (``"GET /studies?PatientID=... HTTP/1.1" 200``) and its retry notes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and record.args:
+            record.args = tuple(
+                _QUERY.sub("?...", a) if isinstance(a, str) else a for a in record.args
+            )
+        elif isinstance(record.msg, str) and "?" in record.msg:
+            record.msg = _QUERY.sub("?...", record.msg)
+        return True
+
+
+_QUERY = re.compile(r"\?[^\s\"']*")
+for _name in ("urllib3.connectionpool", "urllib3.util.retry"):
+    _logger = logging.getLogger(_name)
+    if not any(isinstance(f, _NoQueryStrings) for f in _logger.filters):
+        _logger.addFilter(_NoQueryStrings())
+
+
 def redact(url: str) -> str:
     """``url`` without ``user:password@`` and with credential-like query values hidden.
 

@@ -1,0 +1,571 @@
+"""The DICOMweb facade: QIDO-RS searches as the same typed frames as C-FIND.
+
+:class:`DICOMweb` has the public surface of :class:`~pacsframe.PACS` where
+DICOMweb has the service: ``echo``, ``find`` and ``find_*`` (the same
+arguments, validation, columns, dtypes and drill-down), ``cache``,
+``from_config`` and ``timeout=`` on every call; ``move`` raises
+:class:`~pacsframe.errors.NotSupported` (DICOMweb has no move). HTTP is
+:class:`~pacsframe.webhttp.WebTransport`; a search runs through
+:func:`pacsframe.finder.collect`, the code C-FIND uses, so drill-down, capped
+answers (split by :mod:`pacsframe.caps`), partial results and answer checks are
+the same code over either protocol.
+
+QIDO-RS mapping
+---------------
+* Matching keys become query parameters in DICOM matching form (ranges
+  ``20260101-20260131``, wildcards, UID lists comma-separated); every other
+  column is asked for with ``includefield``.
+* Paths: ``/studies``; ``/studies/{uid}/series``; ``/studies/{uid}/series/{uid}/
+  instances`` (``/studies/{uid}/instances``, ``/series``, ``/instances`` when
+  the parent UIDs are not single values).
+* Paging: ``limit`` pages (1000 rows) with ``offset``, continued while a page
+  comes back full or the server's ``Warning: 299`` says more results can be
+  requested. An answer the server cut short without saying so (Orthanc's
+  ``LimitFindResults``) is recognised by ``max_results=`` and split by
+  StudyDate/StudyTime windows, as C-FIND does.
+* PATIENT level: PS3.18 defines no patient search, so :meth:`DICOMweb.find_patients`
+  asks for the matching studies and groups them by patient (PatientID, and
+  IssuerOfPatientID when asked for); ``NumberOfPatientRelated*`` are counted
+  from the studies. Patients with no study are not visible over DICOMweb.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from . import finder, frames
+from .cache import Cache
+from .deadline import deadline_for, timed_out
+from .errors import NotSupported, PacsFrameError, ProtocolError, QueryError
+from .query import Query, build_query, normalize_level, normalize_model
+from .webhttp import WebTransport, redact
+
+__all__ = ["DICOMweb"]
+
+_JSON = "application/dicom+json"
+_WARNING_MORE = re.compile(r"\b299\b.*additional\s+results", re.IGNORECASE | re.DOTALL)
+_LEVEL_NAMES = {"STUDY": "studies", "SERIES": "series", "IMAGE": "instances"}
+#: The study columns a patient row is counted from.
+_PATIENT_COUNTS = {
+    "NumberOfPatientRelatedStudies": None,
+    "NumberOfPatientRelatedSeries": "NumberOfStudyRelatedSeries",
+    "NumberOfPatientRelatedInstances": "NumberOfStudyRelatedInstances",
+}
+
+
+class DICOMweb:
+    """A DICOMweb archive (QIDO-RS) to query into typed frames, like :class:`~pacsframe.PACS`.
+
+    Parameters
+    ----------
+    url : str
+        The service root, e.g. ``https://archive.example/dicom-web``.
+    auth : (str, str) or requests auth, optional
+        HTTP basic credentials, or any ``requests`` auth object.
+    headers : mapping, optional
+        Headers for every request (e.g. ``{"Authorization": "Bearer ..."}``).
+    session : requests.Session, optional
+        A session to use as given, e.g. google-auth's ``AuthorizedSession`` for a
+        cloud DICOM store.
+    verify : bool or str
+        Check the server's TLS certificate (True), don't (False), or a CA bundle path.
+    timeout : float or (float, float), optional
+        Seconds to connect and to wait for data, per request (default 10 and 60).
+        The ``timeout=`` of each call bounds the whole call.
+    cache : path or Cache, optional
+        Where retrieved objects go; default ``PACSFRAME_CACHE`` or the user cache
+        directory.
+    max_results : int, optional
+        The server's silent result cap (e.g. Orthanc's ``LimitFindResults``): an
+        answer with at least this many rows is treated as capped and split.
+
+    Examples
+    --------
+    >>> web = DICOMweb("https://user:pw@archive.example/dicom-web")
+    >>> web
+    DICOMweb('https://archive.example/dicom-web')
+    """
+
+    #: Rows asked for per QIDO-RS request (``limit``).
+    _page = 1000
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        auth: Any = None,
+        headers: Any = None,
+        session: Any = None,
+        verify: Any = True,
+        timeout: float | tuple[float, float] | None = None,
+        cache: str | os.PathLike[str] | Cache | None = None,
+        max_results: int | None = None,
+    ) -> None:
+        if max_results is not None and (
+            not isinstance(max_results, int) or isinstance(max_results, bool) or max_results < 1
+        ):
+            raise QueryError(
+                f"max_results={max_results!r} must be a whole number of at least 1 (the "
+                "number of matches at which the server stops answering a search), or None."
+            )
+        options: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
+        self.transport = WebTransport(
+            url, auth=auth, headers=headers, session=session, verify=verify, **options
+        )
+        self.url = redact(self.transport.base)
+        self.max_results = max_results
+        self._cache_setting = cache
+        self._cache: Cache | None = None
+        self._checked: str | None = None
+
+    # --- construction ---------------------------------------------------------------
+
+    @classmethod
+    def from_config(
+        cls, name: str, path: str | os.PathLike[str] | None = None, **overrides: Any
+    ) -> DICOMweb:
+        """An archive from the ``[peers.NAME]`` table of the configuration file.
+
+        The same file as :meth:`PACS.from_config`; a table with ``url = ...`` is a
+        DICOMweb archive. Settings: ``url``, ``user`` and ``password`` (basic
+        auth), ``token`` (a bearer token), ``verify`` (true, false, or a CA bundle
+        path relative to the file's folder), ``timeout``, ``cache``,
+        ``max_results``. ``PACSFRAME_URL``, ``PACSFRAME_USER``,
+        ``PACSFRAME_PASSWORD``, ``PACSFRAME_TOKEN`` and ``PACSFRAME_MAX_RESULTS``
+        override the file (keep credentials out of it), and keyword arguments
+        override both.
+
+        Examples
+        --------
+        >>> import tempfile, pathlib
+        >>> cfg = pathlib.Path(tempfile.mkdtemp()) / "config.toml"
+        >>> _ = cfg.write_text('[peers.web]\\nurl = "http://10.0.0.5/dicom-web"\\n')
+        >>> DICOMweb.from_config("web", cfg)
+        DICOMweb('http://10.0.0.5/dicom-web')
+        """
+        from .pacs import read_peer
+
+        file, settings = read_peer(name, path)
+        if "url" not in settings and "url" not in overrides:
+            raise QueryError(
+                f"[peers.{name}] in {file} has no url, so it is a DIMSE peer: use "
+                f"pf.PACS.from_config({name!r}), or add url = 'https://.../dicom-web'."
+            )
+        return cls._from_settings(name, file, settings, overrides)
+
+    @classmethod
+    def _from_settings(
+        cls, name: str, file: Path, settings: dict[str, Any], overrides: dict[str, Any]
+    ) -> DICOMweb:
+        settings = dict(settings)
+        for key in ("url", "user", "password", "token", "max_results"):
+            env = os.environ.get(f"PACSFRAME_{key.upper()}")
+            if env:
+                settings[key] = env
+        known = {"url", "user", "password", "token", "verify", "timeout", "cache", "max_results"}
+        unknown = set(settings) - known
+        if unknown:
+            raise QueryError(
+                f"[peers.{name}] in {file} has settings {sorted(unknown)} that a DICOMweb "
+                f"archive (a table with url) does not take; the known ones are {sorted(known)}."
+            )
+        kwargs: dict[str, Any] = {}
+        try:
+            if "user" in settings or "password" in settings:
+                kwargs["auth"] = (str(settings.get("user", "")), str(settings.get("password", "")))
+            if "token" in settings:
+                kwargs["headers"] = {"Authorization": f"Bearer {settings['token']}"}
+            if "verify" in settings:
+                verify = settings["verify"]
+                if isinstance(verify, str) and verify.lower() in ("true", "false"):
+                    verify = verify.lower() == "true"
+                if isinstance(verify, str):
+                    verify = str(file.parent / Path(verify).expanduser())
+                kwargs["verify"] = verify
+            if "timeout" in settings:
+                kwargs["timeout"] = float(settings["timeout"])
+            if "max_results" in settings:
+                kwargs["max_results"] = int(settings["max_results"])
+            if "cache" in settings:
+                kwargs["cache"] = str(settings["cache"])
+        except (TypeError, ValueError) as exc:
+            raise QueryError(f"[peers.{name}] in {file}: {exc}; fix the value.") from None
+        url = overrides.pop("url", None) or str(settings["url"])
+        return cls(url, **{**kwargs, **overrides})
+
+    def __repr__(self) -> str:
+        return f"DICOMweb({self.url!r})"
+
+    def _repr_html_(self) -> str:
+        from html import escape
+
+        rows = {
+            "service root": self.url,
+            "credentials": "yes" if self._has_credentials() else "none",
+            "TLS check": str(self.transport.verify) if self.url.startswith("https") else "n/a",
+            "cache": str(self.cache.root),
+        }
+        body = "".join(
+            f"<tr><th style='text-align:left'>{escape(k)}</th><td>{escape(v)}</td></tr>"
+            for k, v in rows.items()
+        )
+        checked = escape(self._checked or "not checked; echo() tests it")
+        return f"<div><b>DICOMweb</b> <i>({checked})</i><table>{body}</table></div>"
+
+    def _has_credentials(self) -> bool:
+        t = self.transport
+        return (
+            t.auth is not None
+            or getattr(t.session, "auth", None) is not None
+            or any(k.lower() == "authorization" for k in t.headers)
+        )
+
+    @property
+    def peer(self) -> dict[str, Any]:
+        """JSON-safe description of the archive (for ``DataFrame.attrs``), no credentials."""
+        return {"url": self.url, "protocol": "DICOMweb"}
+
+    @property
+    def ae_title(self) -> str:
+        """How messages name the archive (its URL, without credentials)."""
+        return self.url
+
+    def __enter__(self) -> DICOMweb:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the HTTP connections (a session passed in by the caller stays open)."""
+        self.transport.close()
+
+    @property
+    def cache(self) -> Cache:
+        """The on-disk cache retrieved objects go to (created on first use)."""
+        if self._cache is None:
+            setting = self._cache_setting
+            self._cache = setting if isinstance(setting, Cache) else Cache(setting)
+        return self._cache
+
+    # --- echo -------------------------------------------------------------------------
+
+    def echo(self, *, timeout: float | None = None) -> float:
+        """Ask for one study (``GET /studies?limit=1``); the round trip in seconds.
+
+        Raises
+        ------
+        AssociationError
+            Unreachable, TLS, 401/403 (``reason="auth"``) or ``timeout``.
+        NotSupported, HTTPError
+            The URL is not a QIDO-RS service root, or the server failed.
+        """
+        with deadline_for(timeout, "echo") as deadline:
+            started = time.monotonic()
+            try:
+                self.transport.request(
+                    "GET",
+                    "/studies",
+                    params={"limit": "1"},
+                    headers={"Accept": _JSON},
+                    what="QIDO-RS echo (a search for one study)",
+                ).close()
+            except PacsFrameError as exc:
+                error = timed_out(deadline, exc, "QIDO-RS echo")
+                self._checked = f"not reachable at the last echo(): {error}"
+                if error is exc:
+                    raise
+                raise error from error.__cause__
+        self._checked = "reachable: it answered the last echo()"
+        return time.monotonic() - started
+
+    # --- QIDO-RS ----------------------------------------------------------------------
+
+    def find(
+        self,
+        level: str,
+        parents: pd.DataFrame | pd.Series | Sequence[str] | None = None,
+        *,
+        model: str = "study",
+        return_keys: Sequence[str] | None = None,
+        progress: bool = True,
+        timeout: float | None = None,
+        **keys: Any,
+    ) -> pd.DataFrame:
+        """QIDO-RS search at ``level``: one typed row per match, as :meth:`PACS.find`.
+
+        The arguments, validation, columns, dtypes, drill-down, capped-answer
+        splitting and ``timeout=`` behave as for :meth:`pacsframe.PACS.find`.
+        ``model`` only decides which keys are required (QIDO-RS has no models).
+
+        Raises
+        ------
+        QueryError
+            Wrong input (nothing was sent); :class:`ResultsCapped` when a window
+            is still capped after every split.
+        AssociationError
+            Unreachable, TLS, 401/403 (``reason="auth"``), or ``timeout`` (then
+            ``.partial`` holds the rows received).
+        NotSupported
+            The server offers no QIDO-RS at this URL (404, 405, 501).
+        HTTPError
+            Any other HTTP failure (``.status``, ``.comment``).
+        """
+        level = normalize_level(level)
+        model = normalize_model(model)
+        if level == "PATIENT":
+            with deadline_for(timeout, "find"):
+                return self._find_patients(model, return_keys, progress, keys)
+        query = build_query(level, model, keys, return_keys)
+        with deadline_for(timeout, "find") as deadline:
+            try:
+                if parents is None:
+                    query.check_required()
+                    return self._collect(query, None, progress)
+                return self._collect(query, finder.parents_of(self, parents, query), progress)
+            except PacsFrameError as exc:
+                error = timed_out(
+                    deadline,
+                    exc,
+                    f"{query.level}-level QIDO-RS search",
+                    "The rows received so far are in this error's .partial. Narrow the query "
+                    "(a shorter date range, more matching keys), or raise timeout= (None: no "
+                    "overall limit).",
+                )
+                if error is exc:
+                    raise
+                partial = getattr(exc, "partial", None)
+                if not finder.same_level(partial, query):
+                    empty = frames.FrameBuilder(query.columns)
+                    partial = finder.partial(self, query, empty, None, [])
+                error.partial = partial  # type: ignore[attr-defined]
+                raise error from error.__cause__
+
+    def find_patients(self, *, timeout: float | None = None, **keys: Any) -> pd.DataFrame:
+        """Patients, from a study search grouped by patient (PS3.18 has no patient search).
+
+        The same columns and dtypes as :meth:`PACS.find_patients`;
+        ``NumberOfPatientRelated*`` are counted from the matching studies, so a
+        patient with no study is not found. See :meth:`find`.
+        """
+        with deadline_for(timeout, "find_patients"):
+            return self.find("PATIENT", None, model="patient", **keys)
+
+    def find_studies(
+        self,
+        parents: pd.DataFrame | pd.Series | Sequence[str] | None = None,
+        *,
+        timeout: float | None = None,
+        **keys: Any,
+    ) -> pd.DataFrame:
+        """QIDO-RS at STUDY level; ``parents`` may be a frame of patients. See :meth:`find`."""
+        with deadline_for(timeout, "find_studies"):
+            return self.find("STUDY", parents, **keys)
+
+    def find_series(
+        self,
+        parents: pd.DataFrame | pd.Series | Sequence[str] | None = None,
+        *,
+        timeout: float | None = None,
+        **keys: Any,
+    ) -> pd.DataFrame:
+        """QIDO-RS at SERIES level; ``parents`` is usually a frame of studies. See :meth:`find`."""
+        with deadline_for(timeout, "find_series"):
+            return self.find("SERIES", parents, **keys)
+
+    def find_instances(
+        self,
+        parents: pd.DataFrame | pd.Series | Sequence[str] | None = None,
+        *,
+        timeout: float | None = None,
+        **keys: Any,
+    ) -> pd.DataFrame:
+        """QIDO-RS at IMAGE level; ``parents`` is usually a frame of series. See :meth:`find`."""
+        with deadline_for(timeout, "find_instances"):
+            return self.find("IMAGE", parents, **keys)
+
+    def move(self, *args: Any, **kwargs: Any) -> Any:
+        """DICOMweb has no move: raises :class:`~pacsframe.errors.NotSupported`."""
+        raise NotSupported(
+            "DICOMweb has no C-MOVE: a DICOMweb archive sends objects only to the client "
+            "that asks. Use get() to retrieve into the cache, or pf.PACS(...).move() if the "
+            "archive also speaks DIMSE.",
+            status=501,
+        )
+
+    # --- searching --------------------------------------------------------------------
+
+    def _collect(self, query: Query, parents: pd.DataFrame | None, progress: bool) -> pd.DataFrame:
+        @contextlib.contextmanager
+        def connect() -> Iterator[finder.Ask]:
+            yield self._search
+
+        return finder.collect(
+            self, query, parents, connect, progress=progress, name=self.url, service="QIDO-RS"
+        )
+
+    def _search(self, query: Query, builder: frames.FrameBuilder) -> str | None:
+        """One QIDO-RS search, every page, into ``builder``; why it is cut short, or None."""
+        path, params = qido_request(query)
+        what = f"QIDO-RS search for {_LEVEL_NAMES[query.level]}"
+        offset = 0
+        while True:
+            page = {**params, "limit": str(self._page)}
+            if offset:
+                page["offset"] = str(offset)
+            response = self.transport.request(
+                "GET", path, params=page, headers={"Accept": _JSON}, what=what
+            )
+            more = bool(_WARNING_MORE.search(response.headers.get("Warning", "")))
+            if response.status_code == 204 or not response.content.strip():
+                count = 0
+            else:
+                try:
+                    objects = response.json()
+                except ValueError:
+                    raise ProtocolError(
+                        f"{self.url} answered the {what} with a body that is not DICOM JSON "
+                        f"(Content-Type {response.headers.get('Content-Type', 'none')!r}); "
+                        "check that the URL is the DICOMweb service root."
+                    ) from None
+                if isinstance(objects, dict):
+                    objects = [objects]
+                if not isinstance(objects, list):
+                    raise ProtocolError(
+                        f"{self.url} answered the {what} with JSON that is not a list of "
+                        "matches; check that the URL is the DICOMweb service root."
+                    )
+                count = len(objects)
+                skipped = sum(not builder.add_json(obj) for obj in objects)
+                if skipped:
+                    warnings.warn(
+                        f"{skipped} match(es) of the {what} at {self.url} are not JSON "
+                        "objects and are missing from the frame; the server sent malformed "
+                        "data.",
+                        frames.MalformedValueWarning,
+                        stacklevel=10,
+                    )
+            offset += count
+            if more and count == 0:
+                return (
+                    "its Warning header says more results can be requested, but asking "
+                    f"from offset={offset} returned none"
+                )
+            if not (more or count >= self._page):
+                return None
+
+    def _find_patients(
+        self, model: str, return_keys: Sequence[str] | None, progress: bool, keys: dict[str, Any]
+    ) -> pd.DataFrame:
+        query = build_query("PATIENT", model, keys, return_keys)
+        query.check_required()
+        patient_columns = [c for c in query.columns if c not in _PATIENT_COUNTS]
+        studies = build_query(
+            "STUDY",
+            "study",
+            {k: v for k, v in query.matching.items() if k not in _PATIENT_COUNTS},
+            [
+                *patient_columns,
+                "NumberOfStudyRelatedSeries",
+                "NumberOfStudyRelatedInstances",
+            ],
+            defaults=False,
+        )
+        # Matching on the counts is not possible over a study search: refuse it.
+        counted = [k for k in query.matching if k in _PATIENT_COUNTS]
+        if counted:
+            raise QueryError(
+                f"{counted[0]} cannot be matched over DICOMweb (patients are counted from "
+                "a study search); filter the frame with pandas instead."
+            )
+        found = self._collect(studies, None, progress)
+        return _patients_from_studies(found, query, self.peer)
+
+
+def qido_request(query: Query) -> tuple[str, dict[str, str]]:
+    """The QIDO-RS path and query parameters (without paging) for ``query``.
+
+    Examples
+    --------
+    >>> q = build_query("series", keys={"StudyInstanceUID": "1.2", "Modality": "CT"})
+    >>> path, params = qido_request(q)
+    >>> path, params["Modality"], params["includefield"].split(",")[:2]
+    ('/studies/1.2/series', 'CT', ['SeriesInstanceUID', 'SeriesNumber'])
+    """
+    params: dict[str, str] = {}
+    matching = dict(query.matching)
+
+    def single(key: str) -> str | None:
+        value = matching.get(key, "")
+        if value and "\\" not in value and "*" not in value and "?" not in value:
+            return value
+        return None
+
+    study, series = single("StudyInstanceUID"), single("SeriesInstanceUID")
+    if query.level == "SERIES" and study:
+        path = f"/studies/{study}/series"
+        matching.pop("StudyInstanceUID")
+    elif query.level == "IMAGE" and study and series:
+        path = f"/studies/{study}/series/{series}/instances"
+        matching.pop("StudyInstanceUID")
+        matching.pop("SeriesInstanceUID")
+    elif query.level == "IMAGE" and study:
+        path = f"/studies/{study}/instances"
+        matching.pop("StudyInstanceUID")
+    else:
+        path = "/" + _LEVEL_NAMES[query.level]
+    for key, value in matching.items():
+        attr = frames.attribute(key)
+        params[key] = value.replace("\\", ",") if attr.vr == "UI" else value
+    include = [k for k in query.columns if k not in query.matching]
+    if include:
+        params["includefield"] = ",".join(include)
+    return path, params
+
+
+def _patients_from_studies(
+    studies: pd.DataFrame, query: Query, peer: dict[str, Any]
+) -> pd.DataFrame:
+    """One row per patient of a study frame, typed as a PATIENT-level C-FIND frame."""
+    typed = frames.FrameBuilder(query.columns).frame()
+    identity = [c for c in ("PatientID", "IssuerOfPatientID") if c in query.columns]
+    if studies.empty:
+        out = typed
+    else:
+        keys = studies[identity].astype(object).where(studies[identity].notna(), "")
+        group = keys.apply(tuple, axis=1)
+        rows: list[dict[str, Any]] = []
+        for _, members in studies.groupby(group, sort=False):
+            row: dict[str, Any] = {}
+            for column in query.columns:
+                if column == "NumberOfPatientRelatedStudies":
+                    row[column] = members["StudyInstanceUID"].nunique()
+                elif column in _PATIENT_COUNTS:
+                    source = members[_PATIENT_COUNTS[column]]
+                    row[column] = pd.NA if source.isna().all() else int(source.sum())
+                else:
+                    values = members[column].dropna()
+                    row[column] = values.iloc[0] if len(values) else None
+            rows.append(row)
+        out = pd.DataFrame(rows, columns=query.columns)
+        for column in query.columns:
+            if typed[column].dtype != object:
+                out[column] = out[column].astype(typed[column].dtype)
+            else:
+                out[column] = [v if isinstance(v, list) else [] for v in out[column]]
+    out.attrs["pacsframe"] = {
+        **query.to_json(),
+        "peer": peer,
+        "requests": studies.attrs.get("pacsframe", {}).get("requests", 0),
+        "split": studies.attrs.get("pacsframe", {}).get("split", False),
+    }
+    return out

@@ -1,0 +1,351 @@
+"""QIDO-RS through pf.DICOMweb against the demo PACS over real loopback HTTP.
+
+The same test bodies run over DIMSE (pf.PACS) and DICOMweb on the same DemoPACS:
+the frames must be equal column by column. Faults (a refused port, 401, 404, a slow
+server, a 500 in the middle of paging) come from the demo's own options and from
+small ``http.server`` peers in front of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qsl, urlsplit
+
+import pandas as pd
+import pytest
+import requests
+
+import pacsframe as pf
+from pacsframe.demo import DemoPACS, make_cohort
+
+PASSWORD = "pw-Xy7!secret"
+UNIQUE = {
+    "PATIENT": "PatientID",
+    "STUDY": "StudyInstanceUID",
+    "SERIES": "SeriesInstanceUID",
+    "IMAGE": "SOPInstanceUID",
+}
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pd.DataFrame]:
+    folder = tmp_path_factory.mktemp("dicomweb")
+    manifest = make_cohort(
+        folder,
+        patients=6,
+        seed=11,
+        studies_per_patient=(1, 3),
+        series_per_study=(1, 3),
+        instances_per_series=(1, 3),
+        matrix=8,
+    )
+    return folder, manifest
+
+
+@pytest.fixture(scope="module")
+def server(cohort):
+    with DemoPACS(cohort[0], http_port=0) as pacs:
+        yield pacs
+
+
+@pytest.fixture(scope="module")
+def dimse(server) -> pf.PACS:
+    return pf.PACS("127.0.0.1", server.port, server.ae_title, dimse_timeout=30)
+
+
+@pytest.fixture(scope="module")
+def web(server) -> pf.DICOMweb:
+    with pf.DICOMweb(server.url) as client:
+        yield client
+
+
+def same(a: pd.DataFrame, b: pd.DataFrame, level: str) -> None:
+    """Equal column by column (names, order, dtypes, values), whatever the row order."""
+    assert list(a.columns) == list(b.columns)
+    key = UNIQUE[level]
+    a = a.sort_values(key).reset_index(drop=True)
+    b = b.sort_values(key).reset_index(drop=True)
+    pd.testing.assert_frame_equal(a, b, check_like=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _serve(handler: type[BaseHTTPRequestHandler]):
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd, f"http://127.0.0.1:{httpd.server_address[1]}/dicom-web"
+
+
+def _proxy(upstream: str, fault: Callable[[str, dict[str, str]], tuple[int, bytes] | None]):
+    """A front server that forwards to ``upstream`` unless ``fault(path, params)`` answers."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            parts = urlsplit(self.path)
+            params = dict(parse_qsl(parts.query, keep_blank_values=True))
+            answer = fault(parts.path, params)
+            if answer is None:
+                rest = self.path.removeprefix("/dicom-web")
+                got = requests.get(upstream + rest, headers={"Accept": "application/dicom+json"})
+                status, body = got.status_code, got.content
+                headers = {
+                    k: v for k, v in got.headers.items() if k in ("Content-Type", "Warning")
+                }
+            else:
+                status, body = answer
+                headers = {"Content-Type": "text/plain"}
+            self.send_response(status)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    return _serve(Handler)
+
+
+# --- the same answers over DIMSE and DICOMweb --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "call, keys",
+    [
+        ("find_patients", {}),
+        ("find_patients", {"PatientName": "*"}),
+        ("find_studies", {}),
+        ("find_studies", {"ModalitiesInStudy": "CT"}),
+        ("find_studies", {"StudyDate": ("2000-01-01", None), "return_keys": ["PatientAge"]}),
+        ("find_studies", {"PatientName": "M*", "StudyTime": "0000-120000"}),
+    ],
+)
+def test_same_frames(dimse, web, call, keys):
+    a = getattr(dimse, call)(**keys)
+    b = getattr(web, call)(**keys)
+    level = "PATIENT" if call == "find_patients" else "STUDY"
+    same(a, b, level)
+    assert b.attrs["pacsframe"]["level"] == level
+
+
+def test_same_drill_down(dimse, web, manifest=None):
+    studies_a, studies_b = dimse.find_studies(), web.find_studies()
+    same(studies_a, studies_b, "STUDY")
+    series_a, series_b = dimse.find_series(studies_a), web.find_series(studies_b)
+    same(series_a, series_b, "SERIES")
+    same(dimse.find_instances(series_a), web.find_instances(series_b), "IMAGE")
+    # Through a level in between, from a list of UIDs, with matching keys.
+    same(dimse.find_instances(studies_a), web.find_instances(studies_b), "IMAGE")
+    uids = studies_a.StudyInstanceUID.tolist()[:3]
+    same(dimse.find_series(uids, Modality="MR"), web.find_series(uids, Modality="MR"), "SERIES")
+    same(dimse.find_studies(dimse.find_patients()), web.find_studies(web.find_patients()), "STUDY")
+    # Without drill-down: a UID list matches at the level's own key.
+    pick = studies_a.StudyInstanceUID.tolist()[:2]
+    same(
+        dimse.find_studies(StudyInstanceUID=pick), web.find_studies(StudyInstanceUID=pick), "STUDY"
+    )
+    one = series_a.iloc[0]
+    keys = {"StudyInstanceUID": one.StudyInstanceUID, "SeriesInstanceUID": one.SeriesInstanceUID}
+    same(dimse.find_instances(**keys), web.find_instances(**keys), "IMAGE")
+
+
+def test_empty_answer_has_the_columns(dimse, web):
+    a = dimse.find_studies(PatientID="NOBODY")
+    b = web.find_studies(PatientID="NOBODY")
+    assert b.empty
+    same(a, b, "STUDY")
+
+
+@pytest.mark.parametrize(
+    "call, args, keys",
+    [
+        ("find_studies", (), {"PatientNme": "X"}),
+        ("find_studies", (), {"StudyDate": "2026*"}),
+        ("find_studies", (), {"StudyDate": "2026-02-30"}),
+        ("find_series", (), {"Modality": "CT"}),
+        ("find_studies", (), {"timeout": 0}),
+        ("find_series", ("1.2.3",), {}),
+        ("find", ("nonsense",), {}),
+    ],
+)
+def test_validation_is_the_same_and_sends_nothing(call, args, keys):
+    # Nothing listens on either port: an error other than QueryError would mean a send.
+    port = _free_port()
+    dimse = pf.PACS("127.0.0.1", port, "NOBODY")
+    web = pf.DICOMweb(f"http://127.0.0.1:{port}/dicom-web")
+    with pytest.raises(pf.QueryError) as a:
+        getattr(dimse, call)(*args, **keys)
+    with pytest.raises(pf.QueryError) as b:
+        getattr(web, call)(*args, **keys)
+    assert str(a.value) == str(b.value)
+
+
+def test_paging(web, dimse, server):
+    small = pf.DICOMweb(server.url)
+    small._page = 2
+    same(dimse.find_studies(), small.find_studies(), "STUDY")
+    same(
+        dimse.find_instances(dimse.find_studies()),
+        small.find_instances(small.find_studies()),
+        "IMAGE",
+    )
+
+
+# --- capped answers ----------------------------------------------------------------------
+
+
+def test_cap_with_warning_header(cohort, dimse):
+    with DemoPACS(cohort[0], http_port=0, max_results=2) as capped:
+        got = pf.DICOMweb(capped.url).find_studies()
+    same(dimse.find_studies(), got, "STUDY")
+
+
+@pytest.mark.filterwarnings("ignore:.*capped the STUDY-level QIDO-RS answer")
+def test_silent_cap_is_split(cohort, dimse):
+    with DemoPACS(cohort[0], http_port=0, max_results=2, qido_cap_warning=False) as capped:
+        blind = pf.DICOMweb(capped.url).find_studies(progress=False)
+        web = pf.DICOMweb(capped.url, max_results=2)
+        got = web.find_studies(progress=False)
+        assert got.attrs["pacsframe"]["split"] is True
+        with pytest.raises(pf.ResultsCapped) as info:
+            web.find_series(got, progress=False)
+    assert len(blind) == 2  # a silent cap is invisible without max_results=
+    expected = dimse.find_studies()
+    same(expected, got, "STUDY")
+    assert not got.StudyInstanceUID.duplicated().any()
+    partial = info.value.partial
+    assert not partial.SeriesInstanceUID.duplicated().any() and len(partial) > 0
+    assert "QIDO-RS" in str(info.value)
+
+
+# --- errors ------------------------------------------------------------------------------
+
+
+def test_refused():
+    web = pf.DICOMweb(f"http://127.0.0.1:{_free_port()}/dicom-web")
+    with pytest.raises(pf.AssociationError) as info:
+        web.find_studies()
+    assert info.value.reason == "refused" and "QIDO-RS search for studies" in str(info.value)
+    with pytest.raises(pf.AssociationError):
+        web.echo()
+
+
+def test_auth_and_credentials_never_shown(cohort, caplog):
+    caplog.set_level(logging.DEBUG)
+    with DemoPACS(cohort[0], http_port=0, http_auth=("alice", PASSWORD)) as locked:
+        with pytest.raises(pf.AssociationError) as none:
+            pf.DICOMweb(locked.url).find_studies()
+        wrong = pf.DICOMweb(locked.url, auth=("alice", PASSWORD[:-1] + "?"))
+        with pytest.raises(pf.AssociationError) as bad:
+            wrong.find_studies(PatientID="PF-SECRET-ID")
+        url = locked.url.replace("http://", f"http://alice:{PASSWORD}@")
+        good = pf.DICOMweb(url)
+        assert good.echo() >= 0
+        found = good.find_studies(PatientID="PF-SECRET-ID")
+        html = good._repr_html_()
+    assert none.value.reason == "auth" and "credentials" in str(none.value)
+    assert bad.value.reason == "auth"
+    assert found.empty
+    for text in (
+        str(none.value),
+        str(bad.value),
+        repr(good),
+        html,
+        repr(wrong),
+        str(found.attrs),
+        caplog.text,
+    ):
+        assert PASSWORD not in text and PASSWORD[:-1] not in text
+    assert "PF-SECRET-ID" not in caplog.text
+
+
+def test_missing_service(server):
+    web = pf.DICOMweb(server.url + "/not-here")
+    with pytest.raises(pf.NotSupported) as info:
+        web.find_studies()
+    assert info.value.status == 404 and "service root" in str(info.value)
+    with pytest.raises(pf.NotSupported):
+        web.move(pd.DataFrame())
+
+
+def test_slow_server_against_timeout():
+    class Slow(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            time.sleep(2)
+            try:
+                self.send_response(204)
+                self.end_headers()
+            except OSError:
+                pass
+
+    httpd, url = _serve(Slow)
+    try:
+        started = time.monotonic()
+        with pytest.raises(pf.AssociationError) as info:
+            pf.DICOMweb(url).find_studies(timeout=0.5)
+        assert time.monotonic() - started < 1.5
+        assert info.value.reason == "timeout" and "timeout=0.5" in str(info.value)
+        assert info.value.partial.empty
+        assert "StudyInstanceUID" in info.value.partial.columns
+        with pytest.raises(pf.AssociationError) as info:
+            pf.DICOMweb(url, timeout=(2, 0.3)).echo()
+        assert info.value.reason == "timeout"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_500_in_the_middle_of_paging(server):
+    def fault(path, params):
+        if params.get("offset") == "4":
+            return 500, b"Database error: lock timeout\nTraceback ...\n"
+        return None
+
+    httpd, url = _proxy(server.url, fault)
+    try:
+        web = pf.DICOMweb(url)
+        web._page = 2
+        with pytest.raises(pf.HTTPError) as info:
+            web.find_studies()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert info.value.status == 500
+    assert info.value.comment == "Database error: lock timeout"
+    assert "HTTP 500" in str(info.value) and isinstance(info.value, pf.DimseError)
+
+
+# --- configuration -----------------------------------------------------------------------
+
+
+def test_from_config(server, tmp_path, monkeypatch, dimse):
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(
+        f'[peers.web]\nurl = "{server.url}"\nuser = "alice"\nmax_results = 500\n'
+        f'[peers.dimse]\nhost = "127.0.0.1"\nport = {server.port}\n'
+        f'ae_title = "{server.ae_title}"\n'
+    )
+    monkeypatch.setenv("PACSFRAME_PASSWORD", PASSWORD)
+    web = pf.DICOMweb.from_config("web", cfg)
+    assert isinstance(web, pf.DICOMweb) and web.max_results == 500
+    assert web.transport.auth == ("alice", PASSWORD)
+    assert PASSWORD not in repr(web)
+    same(dimse.find_studies(), web.find_studies(), "STUDY")  # the demo ignores basic auth
+    assert isinstance(pf.PACS.from_config("web", cfg), pf.DICOMweb)
+    with pytest.raises(pf.QueryError, match="DIMSE peer"):
+        pf.DICOMweb.from_config("dimse", cfg)
