@@ -25,27 +25,6 @@ from pacsframe import webtransfer
 from pacsframe.cache import Cache
 from pacsframe.demo import DemoPACS, make_cohort
 from pacsframe.errors import AssociationError, CountMismatchWarning, MultipartError
-from pacsframe.webhttp import WebTransport
-
-
-class _Web:
-    """What webtransfer needs of the DICOMweb facade: transport, cache, find, a name.
-
-    Stands in for ``pf.DICOMweb`` where that facade is not there; its ``find``
-    (for planning listings) is the demo's C-FIND.
-    """
-
-    def __init__(self, url: str, cache: Cache, dimse: pf.PACS) -> None:
-        self.transport = WebTransport(url)
-        self.base = self.transport.base
-        self.cache = cache
-        self._dimse = dimse
-
-    def find(self, level: str, model: str = "study", **keys):
-        return self._dimse.find(level, model=model, **keys)
-
-    def close(self) -> None:
-        self.transport.close()
 
 
 class Counter:
@@ -96,8 +75,8 @@ def dimse(server, cache) -> pf.PACS:
     return pf.PACS("127.0.0.1", server.port, server.ae_title, dimse_timeout=30, cache=cache)
 
 
-def web(server, cache: Cache):
-    return _Web(server.url, cache, dimse(server, cache))
+def web(server, cache: Cache) -> pf.DICOMweb:
+    return pf.DICOMweb(server.url, cache=cache)
 
 
 def studies(server, cache) -> pd.DataFrame:
@@ -138,7 +117,7 @@ def _cget(server, cache, frame, **kwargs):
 
 
 def _wado(server, cache, frame, **kwargs):
-    return webtransfer.get(web(server, cache), frame, **kwargs)
+    return web(server, cache).get(frame, **kwargs)
 
 
 @pytest.mark.parametrize("get", [_cget, _wado], ids=["cget", "wado"])
@@ -280,7 +259,7 @@ def test_stow_round_trip(tmp_path, cohort):
     with DemoPACS(tmp_path / "empty", http_port=0) as server:
         cache = Cache(tmp_path / "c")
         client = web(server, cache)
-        stored = webtransfer.store(client, manifest, batch=3)
+        stored = client.store(manifest, batch=3)
         assert stored.completed == len(manifest) and stored.failed == 0
         assert list(stored.instances.SOPInstanceUID) == list(manifest.SOPInstanceUID)
         found = dimse(server, cache).find_studies()
@@ -375,11 +354,11 @@ def test_orthanc_stow_then_wado_same_bytes_as_cget(tmp_path, cohort):
     with OrthancServer(tmp_path / "orthanc", extra_config=config) as server:
         a, b = Cache(tmp_path / "wado"), Cache(tmp_path / "cget")
         pacs = pf.PACS(server.host, server.dicom_port, server.aet, cache=b)
-        client = _Web(server.url + "/dicom-web", a, pacs)
-        stored = webtransfer.store(client, manifest, batch=4)
+        client = pf.DICOMweb(server.url + "/dicom-web", cache=a)
+        stored = client.store(manifest, batch=4)
         assert stored.completed == len(manifest), stored.failed_instances
-        frame = pacs.find_studies()
-        got = webtransfer.get(client, frame, progress=False)
+        frame = client.find_studies()
+        got = client.get(frame, progress=False)
         assert got.completed == len(manifest) and got.notes == []
         assert pacs.get(frame, progress=False).completed == len(manifest)
         assert cached_bytes(a) == cached_bytes(b)
