@@ -45,7 +45,7 @@ import pandas as pd
 from . import finder, frames
 from .cache import Cache
 from .deadline import deadline_for, timed_out
-from .errors import NotSupported, PacsFrameError, ProtocolError, QueryError
+from .errors import HTTPError, NotSupported, PacsFrameError, ProtocolError, QueryError
 from .query import Query, build_query, normalize_level, normalize_model
 from .webhttp import WebTransport, redact
 
@@ -322,12 +322,14 @@ class DICOMweb:
         """
         level = normalize_level(level)
         model = normalize_model(model)
-        if level == "PATIENT":
-            with deadline_for(timeout, "find"):
-                return self._find_patients(model, return_keys, progress, keys)
         query = build_query(level, model, keys, return_keys)
         with deadline_for(timeout, "find") as deadline:
             try:
+                if level == "PATIENT":
+                    if parents is not None:
+                        finder.parents_of(self, parents, query)  # raises: no parents
+                    query.check_required()
+                    return self._find_patients(query, progress)
                 if parents is None:
                     query.check_required()
                     return self._collect(query, None, progress)
@@ -442,9 +444,19 @@ class DICOMweb:
             page = {**params, "limit": str(self._page)}
             if offset:
                 page["offset"] = str(offset)
-            response = self.transport.request(
-                "GET", path, params=page, headers={"Accept": _JSON}, what=what
-            )
+            try:
+                response = self.transport.request(
+                    "GET", path, params=page, headers={"Accept": _JSON}, what=what
+                )
+            except HTTPError as exc:
+                if exc.status != 413:
+                    raise
+                # "Payload too large": the server refuses an answer this big, as
+                # dcm4chee-arc does over DIMSE; the query is split like a capped one.
+                return (
+                    f"it refused with HTTP 413 ({exc.comment or 'answer too large'}) after "
+                    f"{offset} match(es)"
+                )
             more = bool(_WARNING_MORE.search(response.headers.get("Warning", "")))
             if response.status_code == 204 or not response.content.strip():
                 count = 0
@@ -483,11 +495,14 @@ class DICOMweb:
             if not (more or count >= self._page):
                 return None
 
-    def _find_patients(
-        self, model: str, return_keys: Sequence[str] | None, progress: bool, keys: dict[str, Any]
-    ) -> pd.DataFrame:
-        query = build_query("PATIENT", model, keys, return_keys)
-        query.check_required()
+    def _find_patients(self, query: Query, progress: bool) -> pd.DataFrame:
+        # Matching on the counts is not possible over a study search: refuse it.
+        counted = [k for k in query.matching if k in _PATIENT_COUNTS]
+        if counted:
+            raise QueryError(
+                f"{counted[0]} cannot be matched over DICOMweb (patients are counted from "
+                "a study search); filter the frame with pandas instead."
+            )
         patient_columns = [c for c in query.columns if c not in _PATIENT_COUNTS]
         studies = build_query(
             "STUDY",
@@ -500,13 +515,6 @@ class DICOMweb:
             ],
             defaults=False,
         )
-        # Matching on the counts is not possible over a study search: refuse it.
-        counted = [k for k in query.matching if k in _PATIENT_COUNTS]
-        if counted:
-            raise QueryError(
-                f"{counted[0]} cannot be matched over DICOMweb (patients are counted from "
-                "a study search); filter the frame with pandas instead."
-            )
         found = self._collect(studies, None, progress)
         return _patients_from_studies(found, query, self.peer)
 

@@ -230,6 +230,32 @@ def test_silent_cap_is_split(cohort, dimse):
     assert "QIDO-RS" in str(info.value)
 
 
+@pytest.mark.filterwarnings("ignore:.*capped the STUDY-level QIDO-RS answer")
+def test_413_is_split(server, dimse):
+    def fault(path, params):
+        # The server refuses an answer of more than 3 matches, as "too large".
+        keys = {k: v for k, v in params.items() if k not in ("limit", "offset")}
+        got = requests.get(server.url + path.removeprefix("/dicom-web"), params=keys)
+        if got.status_code == 200 and len(got.json()) > 3:
+            return 413, b"Request Entity Too Large: narrow the query\n"
+        return None
+
+    httpd, url = _proxy(server.url, fault)
+    try:
+        got = pf.DICOMweb(url).find_studies(StudyDate=("2000-01-01", "2030-12-31"), progress=False)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    expected = dimse.find_studies(StudyDate=("2000-01-01", "2030-12-31"))
+    assert got.attrs["pacsframe"]["split"] is True
+    same(expected, got, "STUDY")
+
+
+def test_patient_level_has_no_parents(web):
+    with pytest.raises(pf.QueryError, match="no parents"):
+        web.find("patient", ["1.2.3"], model="patient")
+
+
 # --- errors ------------------------------------------------------------------------------
 
 
@@ -349,3 +375,37 @@ def test_from_config(server, tmp_path, monkeypatch, dimse):
     assert isinstance(pf.PACS.from_config("web", cfg), pf.DICOMweb)
     with pytest.raises(pf.QueryError, match="DIMSE peer"):
         pf.DICOMweb.from_config("dimse", cfg)
+
+
+def test_query_form_searches_over_dicomweb(web, dimse):
+    patient = dimse.find_patients().PatientID.iloc[0]
+    results = []
+    for backend in (dimse, web):
+        form = pf.QueryForm(backend)
+        form.level.value = "study"
+        form.patient_id.value = patient
+        form.search_button.click()
+        assert 'data-kind="ok"' in form.status.value
+        results.append(form.result)
+    same(results[0], results[1], "STUDY")
+
+
+def test_logs_name_no_patient(server, cohort, caplog):
+    from test_log_privacy import UID, identifying_values
+
+    caplog.set_level(logging.DEBUG)
+    for name in ("pacsframe", "urllib3", "requests"):
+        caplog.set_level(logging.DEBUG, logger=name)
+    manifest = cohort[1]
+    first = manifest.iloc[0]
+    web = pf.DICOMweb(server.url)
+    web._page = 2
+    web.echo()
+    patients = web.find_patients(PatientName=first.PatientName, PatientID=first.PatientID)
+    assert len(patients) == 1
+    studies = web.find_studies(PatientID=first.PatientID, PatientName="*")
+    web.find_instances(web.find_series(studies))
+    text = UID.sub("<uid>", caplog.text)
+    assert "/studies" in text  # requests are logged, by path
+    leaked = [value for value in identifying_values(manifest) if value in text]
+    assert not leaked
