@@ -1260,6 +1260,7 @@ class _ProcessWorker(ProcessWorker):
         settings = (cache.root, receiver.overwrite, sorted(receiver.again))
         args = (pacs, settings, model, contexts, roles, name, Deadline.current())
         super().__init__(name, _child_get, args, self._on_message)
+        self.thread_args = (pacs, units, receiver, model, contexts, roles, name)
         self.units = units
         self.receiver = receiver
         self.requests = 0
@@ -1567,9 +1568,21 @@ def _with_result(exc: BaseException, result: RetrieveResult, call: str) -> BaseE
 
 
 def _run(threads: list[Any], receiver: _Receiver) -> None:
-    """Run the workers (threads or :class:`_ProcessWorker`) until each has ended."""
-    for thread in threads:
-        thread.start()
+    """Run the workers (threads or :class:`_ProcessWorker`) until each has ended.
+
+    A worker process that cannot start (the worker server could not run: an
+    embedding without a usable ``sys.executable``, a sandbox without fork) is
+    replaced by a thread in ``threads``, with a warning in the log.
+    """
+    for i, thread in enumerate(threads):
+        try:
+            thread.start()
+        except OSError as exc:
+            if not isinstance(thread, _ProcessWorker):
+                raise
+            LOGGER.warning("no worker process (%s); this association runs in a thread", exc)
+            threads[i] = _Worker(*thread.thread_args)
+            threads[i].start()
     stopping = False
     try:
         for thread in threads:

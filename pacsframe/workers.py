@@ -71,7 +71,9 @@ def available() -> bool:
     """
     if os.environ.get(ENV_VAR, "").strip() in ("0", "false", "no", "off"):
         return False
-    return sys.platform.startswith("linux") and _CANCEL is not None
+    # The server runs sys.executable: an embedding may have none that runs Python.
+    runnable = bool(sys.executable) and os.access(sys.executable, os.X_OK)
+    return sys.platform.startswith("linux") and _CANCEL is not None and runnable
 
 
 def portable(exc: BaseException) -> tuple[type[BaseException], tuple[Any, ...], dict[str, Any]]:

@@ -441,3 +441,45 @@ def test_driver_move_to_the_engines_scp_gives_the_reference_bytes(peer: DiffPeer
             assert (final.status, final.failed) == (0x0000, 0), (study, final)
     # Each object was committed before its C-STORE-RSP, so before the final C-MOVE-RSP.
     assert_same_objects(objects.committed, reference, f"{peer.name}: pacsframe.net C-MOVE")
+
+
+def test_drill_down_frames_equal_pynetdicom_per_parent(peer: DiffPeer) -> None:
+    """A drill-down (``find_series(studies)``, ``find_instances(series)``) gives, for its
+    own level's columns, the rows pynetdicom reads one parent at a time; the parent's
+    columns it carries are the parent frame's values."""
+    pacs = peer.pacs()
+    studies = pacs.find_studies().sort_values("StudyInstanceUID").iloc[:2]
+    checks = [
+        ("series", studies, "StudyInstanceUID", "SeriesInstanceUID", pacs.find_series),
+    ]
+    series = pacs.find_series(studies).sort_values("SeriesInstanceUID").iloc[:2]
+    checks.append(("image", series, "SeriesInstanceUID", "SOPInstanceUID", pacs.find_instances))
+    for level, parents, parent_key, key, drill in checks:
+        ours = drill(parents)
+        pieces = []
+        for _, parent in parents.iterrows():
+            keys = {parent_key: parent[parent_key]}
+            if level == "image":
+                keys["StudyInstanceUID"] = parent["StudyInstanceUID"]
+            pieces.append(reference_find(peer, level, **keys))
+        reference = pd.concat(pieces, ignore_index=True)
+        assert len(reference) > 0
+        own = [c for c in reference.columns if c in ours.columns]
+        assert own == list(reference.columns), f"{peer.name} {level}: columns missing"
+        assert_same_frame(ours[own], reference, key, f"{peer.name} {level} drill-down")
+        carried = [c for c in parents.columns if c in ours.columns and c not in reference.columns]
+        assert carried, f"{peer.name} {level}: no parent column carried"
+        by_parent = parents.set_index(parent_key)
+        for _, row in ours.iterrows():
+            parent = by_parent.loc[row[parent_key]]
+            for column in carried:
+                assert _cell(row[column]) == _cell(parent[column]), (
+                    f"{peer.name} {level}: {column} is not the parent's"
+                )
+
+
+def _cell(value: Any) -> Any:
+    """A frame cell comparable with ``==``: lists as tuples, every missing value None."""
+    if isinstance(value, (list, tuple)):
+        return tuple(value)
+    return None if pd.isna(value) else value

@@ -268,3 +268,18 @@ def test_on_received_raising_in_the_parent_stops_every_process(two_series):
     rest = client.get(series, workers=2, progress=False)
     assert rest.failed == 0
     assert rest.cached + rest.completed == int(series.NumberOfSeriesRelatedInstances.sum())
+
+
+def test_a_worker_server_that_cannot_start_means_threads(two_series, monkeypatch, caplog):
+    """When no worker process can start, each association runs in a thread instead."""
+
+    def refuse(*args, **kwargs):
+        raise OSError("the pacsframe worker server is gone (test)")
+
+    monkeypatch.setattr(workers._Server, "launch", refuse)
+    client, series = two_series
+    with caplog.at_level(logging.WARNING, logger="pacsframe"):
+        result = client.get(series, workers=2, progress=False)
+    assert result.failed == 0
+    assert result.completed == int(series.NumberOfSeriesRelatedInstances.sum())
+    assert any("runs in a thread" in r.getMessage() for r in caplog.records)
