@@ -395,6 +395,26 @@ class DICOMweb:
         with deadline_for(timeout, "web.find_instances"):
             return self.find("IMAGE", parents, **keys)
 
+    def get(self, frame: Any, **kwargs: Any) -> Any:
+        """WADO-RS ``frame`` into :attr:`cache`, as :meth:`PACS.get` does over C-GET.
+
+        See :func:`pacsframe.webtransfer.get` (``workers``, ``progress``,
+        ``on_received``, ``overwrite``, ``timeout``); returns a ``RetrieveResult``.
+        """
+        from . import webtransfer
+
+        return webtransfer.get(self, frame, **kwargs)
+
+    def store(self, source: Any, **kwargs: Any) -> Any:
+        """STOW-RS ``source`` (paths, a folder, a frame with ``path``, Datasets).
+
+        See :func:`pacsframe.webtransfer.store` (``batch``, ``timeout``); returns a
+        ``StoreResult`` with one status per object.
+        """
+        from . import webtransfer
+
+        return webtransfer.store(self, source, **kwargs)
+
     def move(self, *args: Any, **kwargs: Any) -> Any:
         """DICOMweb has no move: raises :class:`~pacsframe.errors.NotSupported`."""
         raise NotSupported(

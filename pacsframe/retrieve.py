@@ -91,7 +91,7 @@ from .query import (
     normalize_model,
     required_keys,
 )
-from .storage import StorageSCP, TransferResult, storage_contexts
+from .storage import StorageSCP, TransferResult, peer_name, storage_contexts
 from .workers import ChildLink, ProcessWorker, available, portable, restore, warm
 
 if TYPE_CHECKING:
@@ -647,7 +647,7 @@ class _Planner:
         if not self.notes:
             return
         warnings.warn(
-            f"{len(self.notes)} listing(s) {pacs.ae_title} answered to plan this retrieval "
+            f"{len(self.notes)} listing(s) {peer_name(pacs)} answered to plan this retrieval "
             f"could not be trusted, e.g. {self.notes[0]} Nothing is missing because of it: "
             "each such unit was requested whole, and what it already had in the cache "
             "counts as cached (see the result's notes).",
@@ -1563,7 +1563,7 @@ def _warn_counts(
         f"of them are not {place}"
     )
     warnings.warn(
-        f"what {pacs.ae_title} announced differs from what {came} for "
+        f"what {peer_name(pacs)} announced differs from what {came} for "
         f"{len(notes)} request(s), e.g. {notes[0]} {total} (see the result's notes and "
         "failed_instances). Run the same call again to request what is missing; if it "
         "stays short, the peer's counts or its archive are inconsistent: ask its "

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import ssl
 import zlib
 from collections.abc import Iterable, Iterator
@@ -559,13 +560,26 @@ def _store_result(pacs: PACS, items: list[_Item], rows: list[dict[str, Any]]) ->
     )
     result = StoreResult(frame)
     LOGGER.info(
-        "C-STORE to %s: %d completed, %d warning, %d failed",
-        pacs.ae_title,
+        "%s to %s: %d completed, %d warning, %d failed",
+        "STOW-RS" if hasattr(pacs, "transport") else "C-STORE",
+        peer_name(pacs),
         result.completed,
         result.warning,
         result.failed,
     )
     return result
+
+
+def peer_name(peer: Any) -> str:
+    """How messages name a peer: a DIMSE peer's AE title, a DICOMweb service's URL.
+
+    A URL loses any ``user:password@`` part: credentials never reach a message.
+    """
+    title = getattr(peer, "ae_title", None)
+    if title:
+        return str(title)
+    url = str(getattr(peer, "base", None) or getattr(peer, "url", None) or "the peer")
+    return re.sub(r"//[^/@]*@", "//", url)
 
 
 def _status_sentence(code: int, comment: str | None) -> str:

@@ -59,6 +59,12 @@ requested"``, N counting every further match after this page; with
 ``LimitFindResults`` (Orthanc applies its cap before ``offset``; this server
 applies it after, as PS3.18 intends, so paging with ``offset`` always works).
 
+For tests, a ``wado_fault`` attribute set on the :class:`~pacsframe.demo.DemoPACS`
+(``fault(content_type, body) -> (content_type, body, announced_length)``) sees
+each WADO-RS answer whole and may change it: another boundary, a body without its
+closing boundary, or one shorter than its Content-Length (the connection is then
+closed: a transfer dropped mid-body).
+
 Logs name methods, paths (UIDs) and counts, never query strings: they carry
 patient identifiers.
 """
@@ -658,6 +664,21 @@ class _Handler(BaseHTTPRequestHandler):
         tail = f"--{boundary}--\r\n".encode("ascii")
         length = sum(len(h) for h in heads) + sum(sizes) + 2 * len(sizes) + len(tail)
         LOGGER.info("WADO-RS %d instance(s), %d bytes", len(paths), length)
+        fault = getattr(self.server.web.pacs, "wado_fault", None)
+        if fault is not None:
+            # Tests: fault(content_type, body) -> (content_type, body, announced length);
+            # a body shorter than announced is a connection dropped mid-body.
+            whole = b"\r\n".join(h + p.read_bytes() for h, p in zip(heads, paths, strict=True))
+            ctype = f'multipart/related; type="application/dicom"; boundary={boundary}'
+            ctype, body, announced = fault(ctype, whole + b"\r\n" + tail)
+            self.send_response(200)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(announced))
+            self.end_headers()
+            self._streaming = True
+            self.wfile.write(body)
+            self.close_connection = len(body) < announced
+            return
         self.send_response(200)
         self.send_header(
             "Content-Type", f'multipart/related; type="application/dicom"; boundary={boundary}'
