@@ -38,6 +38,11 @@ How each tool is timed:
 * dcmtk tools are timed as whole processes (start to exit) with ``TCP_NODELAY=1``,
   their best configuration; peak RSS from GNU time's ``wait4`` rusage. ``movescu``
   receives the objects it moves itself, on its own port (``+P``).
+* The DICOMweb items (``wado-cold``, ``qido-studies``) run against the same store with
+  Orthanc's DICOMweb plugin loaded (Debian's ``orthanc-dicomweb``): pacsframe's
+  ``pf.DICOMweb`` in its worker, dicomweb-client in a long-lived worker of its own,
+  and ``curl`` (the WADO-RS floor: the multipart body saved unparsed) as a process,
+  timed like the dcmtk tools.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ import argparse
 import contextlib
 import datetime as dt
 import importlib
+import importlib.util
 import json
 import os
 import platform
@@ -120,7 +126,16 @@ ITEMS = (
     "get-cached",
     "move",
     "get-large",
+    "wado-cold",
+    "qido-studies",
 )
+# The DICOMweb items: Orthanc loads its DICOMweb plugin (Debian's orthanc-dicomweb).
+WEB_ITEMS = ("wado-cold", "qido-studies")
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+# The Accept of every WADO-RS request (pacsframe's, dicomweb-client's, curl's): the
+# objects as stored. Without transfer-syntax Orthanc 1.7's plugin transcodes them.
+WADO_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+WEB_WORKERS = (1, 4)  # pacsframe's workers= in the WADO-RS get
 WORKERS = (1, 2, 4)
 # The 2,000-object get: pacsframe's workers timed, and at most this many rounds (each
 # round takes four times the 500-object one).
@@ -174,6 +189,8 @@ class _PacsframeTool:
         # as a 2,002-row frame would count in its peak RSS; it queries just its study.
         self.studies = self.pacs.find_studies() if find_all else None
         self.cached_pacs: Any = None
+        # DICOMweb (QIDO-RS, WADO-RS) on the same Orthanc, when its plugin is loaded.
+        self.web = pf.DICOMweb(cfg["url"], cache=cfg["scratch"]) if cfg.get("url") else None
 
     def _pacs(self, cache: str | None) -> Any:
         c = self.cfg
@@ -187,6 +204,12 @@ class _PacsframeTool:
         )
 
     def prepare(self, op: str, p: dict[str, Any]) -> Any:
+        if op == "wado-cold":
+            # As a user does: the study frame from QIDO-RS (untimed), an empty cache.
+            shutil.rmtree(p["out"], ignore_errors=True)
+            web = self.pf.DICOMweb(self.cfg["url"], cache=p["out"])
+            web.cache  # noqa: B018 - open the cache (a user's cache already exists)
+            return web, web.find_studies(StudyInstanceUID=p["study"], progress=False)
         if op in ("get-cold", "move"):
             shutil.rmtree(p["out"], ignore_errors=True)
             pacs = self._pacs(p["out"])
@@ -216,7 +239,9 @@ class _PacsframeTool:
             return {"count": len(frame)}
         if op == "find-series":
             return {"count": len(pacs.find_series(state))}
-        if op in ("get-cold", "get-cached"):
+        if op == "qido-studies":
+            return {"count": len(self.web.find_studies())}
+        if op in ("get-cold", "get-cached", "wado-cold"):
             target, frame = state
             result = target.get(frame, workers=p.get("workers", 4), progress=False)
             return {
@@ -362,13 +387,49 @@ class _RawTool:
         raise ValueError(op)
 
 
+class _DicomwebClientTool:
+    """dicomweb-client as its documentation shows it, saving what it retrieves."""
+
+    # The Accept of every WADO-RS call in the bench: the objects as stored, as
+    # pacsframe and curl ask (without it Orthanc 1.7's plugin transcodes to Explicit
+    # VR Little Endian).
+    MEDIA_TYPES = (("application/dicom", "*"),)
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        from dicomweb_client.api import DICOMwebClient
+
+        self.client = DICOMwebClient(cfg["url"])
+
+    def prepare(self, op: str, p: dict[str, Any]) -> Any:
+        if op == "wado-cold":
+            shutil.rmtree(p["out"], ignore_errors=True)
+            Path(p["out"]).mkdir(parents=True)
+        return None
+
+    def run(self, op: str, p: dict[str, Any], state: Any) -> dict[str, Any]:
+        if op == "qido-studies":
+            # DICOM JSON dicts, as it returns them (no frame is built).
+            return {"count": len(self.client.search_for_studies())}
+        if op == "wado-cold":
+            out = Path(p["out"])
+            instances = self.client.retrieve_study(p["study"], media_types=self.MEDIA_TYPES)
+            for ds in instances:
+                ds.save_as(out / f"{ds.SOPInstanceUID}.dcm")
+            return {"count": len(instances)}
+        raise ValueError(op)
+
+
 # What a worker or probe runs. "pacsframe-base" is pacsframe without pyarrow, its
 # optional `parquet` extra that pandas 3 imports whenever it is installed.
-KINDS = ("pacsframe", "pacsframe-base", "pynetdicom")
+KINDS = ("pacsframe", "pacsframe-base", "pynetdicom", "dicomweb-client")
 
 
 def _make_tool(kind: str, cfg: dict[str, Any], find_all: bool = True) -> Any:
-    return _RawTool(cfg) if kind == "pynetdicom" else _PacsframeTool(cfg, find_all)
+    if kind == "pynetdicom":
+        return _RawTool(cfg)
+    if kind == "dicomweb-client":
+        return _DicomwebClientTool(cfg)
+    return _PacsframeTool(cfg, find_all)
 
 
 def _timed_call(tool: Any, cmd: dict[str, Any]) -> dict[str, Any]:
@@ -651,6 +712,37 @@ def run_dcmtk(command: list[str], timeout: float | None = None) -> dict[str, Any
     return answer
 
 
+def curl_study(curl: str, url: str, study: str, scratch: Path) -> dict[str, Any]:
+    """curl saving a study's WADO-RS multipart body to one file (the floor: no parsing).
+
+    Timed as a whole process, like the dcmtk tools; the parts are counted untimed.
+    """
+    import mmap
+    import re
+
+    out = scratch / "curl-study.multipart"
+    out.unlink(missing_ok=True)
+    r = run_dcmtk(
+        [
+            curl,
+            "-s",
+            "-f",
+            "--noproxy",
+            "*",
+            "-o",
+            str(out),
+            "-H",
+            f"Accept: {WADO_ACCEPT}",
+            f"{url}/studies/{study}",
+        ]
+    )
+    with open(out, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as body:
+        part = re.compile(rb"(?im)^content-type:[ \t]*application/dicom\b")
+        r["count"] = sum(1 for _ in part.finditer(body))  # type: ignore[call-overload]
+    out.unlink()
+    return r
+
+
 def _write_query(path: Path, level: str, keys: list[str], **match: str) -> Path:
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian
@@ -676,8 +768,11 @@ def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def start_orthanc(workdir: Path, mode: str) -> tuple[Any, dict[str, Any]]:
-    """Start Orthanc on ``workdir/orthanc``; load the cohorts unless already there."""
+def start_orthanc(workdir: Path, mode: str, dicomweb: bool = False) -> tuple[Any, dict[str, Any]]:
+    """Start Orthanc on ``workdir/orthanc``; load the cohorts unless already there.
+
+    ``dicomweb``: load the DICOMweb plugin at ``/dicom-web/`` (the store is the same).
+    """
     from servers import OrthancServer
 
     import pacsframe as pf
@@ -686,7 +781,13 @@ def start_orthanc(workdir: Path, mode: str) -> tuple[Any, dict[str, Any]]:
     spec = COHORTS[mode]
     # Orthanc's default DicomScpTimeout (30 s in the test fixture) would close long
     # associations (a slow load, a drill-down) in the middle.
-    config = {"DefaultEncoding": "Utf8", "DicomScpTimeout": 600}
+    config: dict[str, Any] = {"DefaultEncoding": "Utf8", "DicomScpTimeout": 600}
+    if dicomweb:
+        config["Plugins"] = [DICOMWEB_PLUGIN]
+        config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
+        # Orthanc's default, said outright: no cap, so one QIDO-RS answer holds every
+        # study and pacsframe's paging (limit/offset) is the only split.
+        config["LimitFindResults"] = 0
     server = OrthancServer(workdir / "orthanc", extra_config=config)
     server.start(timeout=120)
     marker = workdir / "orthanc" / "loaded.json"
@@ -791,7 +892,7 @@ def _fresh_rss_text(fresh: dict[str, dict[str, Any]], getscu: list[float | None]
     )
 
 
-def _versions(server: Any, pf_info: dict[str, Any]) -> dict[str, str]:
+def _versions(server: Any, pf_info: dict[str, Any], web: bool = False) -> dict[str, str]:
     import pandas
     import pydicom
     import pynetdicom
@@ -802,6 +903,16 @@ def _versions(server: Any, pf_info: dict[str, Any]) -> dict[str, str]:
         text=True,
         timeout=30,
     ).stdout.splitlines()
+    if web:
+        curl = subprocess.run(["curl", "--version"], capture_output=True, text=True, timeout=30)
+        plugins = server.rest("GET", "/plugins/dicom-web")
+        extra = {
+            "dicomweb-client": _installed("dicomweb-client"),
+            "curl": (curl.stdout.split() or ["?", "?"])[1],
+            "Orthanc DICOMweb plugin": str(plugins.get("Version")),
+        }
+    else:
+        extra = {}
     return {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
@@ -814,6 +925,7 @@ def _versions(server: Any, pf_info: dict[str, Any]) -> dict[str, str]:
         "pyarrow": _installed("pyarrow"),
         "dcmtk": dcmtk[0].strip("$ ").removeprefix("dcmtk: ") if dcmtk else "?",
         "Orthanc": str(server.system().get("Version")),
+        **extra,
     }
 
 
@@ -868,10 +980,26 @@ def main(argv: list[str] | None = None) -> int:
         return worker_main(args.worker or args.rss_probe, probe=bool(args.rss_probe))
     from servers import require_tool
 
+    web = bool(set(args.items) & set(WEB_ITEMS))
+    needed = ["Orthanc", "findscu", "getscu", "movescu", *(["curl"] if web else [])]
     try:
-        tools = {name: require_tool(name) for name in ("Orthanc", "findscu", "getscu", "movescu")}
+        tools = {name: require_tool(name) for name in needed}
     except RuntimeError as exc:
         print(f"benchmarks: {exc}", file=sys.stderr)
+        return 2
+    if web and not Path(DICOMWEB_PLUGIN).exists():
+        print(
+            f"benchmarks: the DICOMweb items need Orthanc's DICOMweb plugin "
+            f"({DICOMWEB_PLUGIN}): `apt-get install orthanc-dicomweb`.",
+            file=sys.stderr,
+        )
+        return 2
+    if web and importlib.util.find_spec("dicomweb_client") is None:
+        print(
+            "benchmarks: the DICOMweb items need dicomweb-client (in the dev extra: "
+            "`pip install -e '.[dev]'`).",
+            file=sys.stderr,
+        )
         return 2
     mode = "quick" if args.quick else "full"
     workdir = (args.workdir or ROOT / "benchmarks" / ".work" / mode).resolve()
@@ -880,7 +1008,7 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir()
 
-    server, info = start_orthanc(workdir, mode)
+    server, info = start_orthanc(workdir, mode, dicomweb=web)
     workers: list[Worker] = []
     try:
         if args.load_only:
@@ -896,14 +1024,22 @@ def main(argv: list[str] | None = None) -> int:
             "pacsframe": {"calling_ae": "BENCHPF", "scp_port": free_port()},
             "pynetdicom": {"calling_ae": "BENCHRAW", "scp_port": free_port()},
         }
+        web_url = f"{server.url}/dicom-web"
         for name, cfg in cfgs.items():
             cfg.update(port=server.dicom_port, aet=server.aet, scratch=str(scratch / name))
             server.add_modality(name, cfg["calling_ae"], HOST, cfg["scp_port"])
+        if web:
+            cfgs["pacsframe"]["url"] = web_url
         pfw = Worker("pacsframe", cfgs["pacsframe"], workdir / "pacsframe-worker.log")
         workers.append(pfw)
         raw = Worker("pynetdicom", cfgs["pynetdicom"], workdir / "pynetdicom-worker.log")
         workers.append(raw)
-        versions = _versions(server, pfw.info)
+        dwc: Worker | None = None
+        if web:
+            dwc_log = workdir / "dicomweb-client-worker.log"
+            dwc = Worker("dicomweb-client", {"url": web_url}, dwc_log)
+            workers.append(dwc)
+        versions = _versions(server, pfw.info, web)
 
         study = info["retrieve_study"]
         n_studies = info["studies"]
@@ -1089,6 +1225,35 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
 
+        if "wado-cold" in args.items:
+            assert dwc is not None
+            tools_wado: dict[str, Any] = {
+                f"pacsframe w={w}": pf_call(
+                    "wado-cold", study=study, out=out_pf + "-wado", workers=w
+                )
+                for w in WEB_WORKERS
+            }
+            tools_wado["dicomweb-client"] = lambda: dwc.call(
+                {"op": "wado-cold", "study": study, "out": out_raw + "-wado"}
+            )
+            tools_wado["curl"] = lambda: curl_study(tools["curl"], web_url, study, scratch)
+            plan.append(
+                ("wado-cold", f"{WADO_LABEL}, {n_instances} instances", n_instances, tools_wado)
+            )
+        if "qido-studies" in args.items:
+            assert dwc is not None
+            plan.append(
+                (
+                    "qido-studies",
+                    f"{QIDO_LABEL}, {n_studies:,} rows",
+                    n_studies,
+                    {
+                        "pacsframe": pf_call("qido-studies"),
+                        "dicomweb-client": lambda: dwc.call({"op": "qido-studies"}),
+                    },
+                )
+            )
+
         results: dict[str, dict[str, list[dict[str, Any]]]] = {}
         fresh: dict[str, dict[str, Any]] = {}
         added: dict[int, dict[str, Any]] = {}
@@ -1169,7 +1334,11 @@ def write_results(path: Path, table: str) -> None:
 
 
 LARGE_LABEL = "C-GET large study, cold"
+WADO_LABEL = "WADO-RS get cold"
+QIDO_LABEL = "QIDO-RS studies"
 TARGETS = {
+    WADO_LABEL: ("<= 1.0x dicomweb-client, <= 1.5x curl", None),
+    QIDO_LABEL: ("<= 1.0x dicomweb-client", None),
     f"C-FIND study level x{REPEAT}": ("none (shows scaling)", None),
     LARGE_LABEL: (
         f"none for time; RSS a get adds < {ADDED_RSS_TARGET_MB} MB, not growing (below)",
@@ -1207,8 +1376,9 @@ def render(
         "what the worker's earlier items left allocated; C-MOVE dcmtk is movescu "
         "receiving on its own port).",
         "",
-        "| work item | pacsframe s | raw pynetdicom s | dcmtk s | pacsframe / fastest other "
-        "| target | peak RSS MB pf / raw / dcmtk |",
+        "| work item | pacsframe s | raw pynetdicom s (DICOMweb: dicomweb-client) "
+        "| dcmtk s (DICOMweb: curl) | pacsframe / fastest other "
+        "| target | peak RSS MB pf / raw / dcmtk (or curl) |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     cold_best = None
@@ -1223,22 +1393,36 @@ def render(
         stats = {n: _stats([r["seconds"] for r in rs]) for n, rs in runs.items() if rs}
         rss = {n: _rss([r.get("rss_mb") for r in rs]) for n, rs in runs.items()}
         target = next((t for k, (t, _) in TARGETS.items() if label.startswith(k)), "")
-        others = [stats[n]["median"] for n in ("pynetdicom", "dcmtk") if n in stats]
+        # The Python library's column and the C tool's: DICOMweb items fill them with
+        # dicomweb-client and curl.
+        py = "dicomweb-client" if "dicomweb-client" in runs else "pynetdicom"
+        ctool = "curl" if "curl" in runs else "dcmtk"
+        others = [stats[n]["median"] for n in (py, ctool) if n in stats]
         for name in [n for n in runs if n.startswith("pacsframe")]:
             if name not in stats:
                 lines.append(f"| {label} ({name}) | every round failed | | | | {target} | |")
                 continue
             row_label = label + (f", workers={name.split('=')[1]}" if "=" in name else "")
-            if others:
+            if py == "dicomweb-client":
+                # Each DICOMweb target is per tool: the ratio to each.
+                ratio = (
+                    ", ".join(
+                        f"{stats[name]['median'] / stats[n]['median']:.2f}x {n}"
+                        for n in (py, ctool)
+                        if n in stats
+                    )
+                    or "n/a"
+                )
+            elif others:
                 ratio = f"{stats[name]['median'] / min(others):.2f}x"
             elif label.startswith("C-GET fully cached") and cold_best:
                 ratio = f"{100 * stats[name]['median'] / cold_best:.1f}% of cold"
             else:
                 ratio = "n/a"
             lines.append(
-                f"| {row_label} | {_fmt(stats[name])} | {_fmt(stats.get('pynetdicom'))} "
-                f"| {_fmt(stats.get('dcmtk'))} | {ratio} | {target} "
-                f"| {rss[name]} / {rss.get('pynetdicom', 'n/a')} / {rss.get('dcmtk', 'n/a')} |"
+                f"| {row_label} | {_fmt(stats[name])} | {_fmt(stats.get(py))} "
+                f"| {_fmt(stats.get(ctool))} | {ratio} | {target} "
+                f"| {rss[name]} / {rss.get(py, 'n/a')} / {rss.get(ctool, 'n/a')} |"
             )
     workers = _workers_text(results)
     if workers:
@@ -1263,6 +1447,7 @@ def render(
         "the main association, so a sub-association that arrives first waits for the "
         f"poll (storescp as the receiver has no such wait). The large study's get runs at "
         f"most {LARGE_ROUNDS} rounds.",
+        *(["", _web_text(results)] if _web_text(results) else []),
         "",
         *(
             ["Wrong answers seen (rows or objects):", *[f"- {p}" for p in problems], ""]
@@ -1273,6 +1458,32 @@ def render(
         "",
     ]
     return "\n".join(lines)
+
+
+def _web_text(results: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
+    """What each tool did in the DICOMweb items (empty when none ran)."""
+    parts = []
+    if any(label.startswith(WADO_LABEL) for label in results):
+        parts.append(
+            f"{WADO_LABEL}: every tool asks with `Accept: {WADO_ACCEPT}` (the objects as "
+            "stored; without transfer-syntax Orthanc 1.7's plugin would transcode to "
+            "Explicit VR Little Endian). pacsframe: `pf.DICOMweb(url).get(frame, "
+            "workers=...)` into an emptied cache, the study frame queried over QIDO-RS "
+            'untimed. dicomweb-client: `retrieve_study(uid, media_types=(("application/'
+            'dicom", "*"),))`, which decodes every part into a pydicom Dataset in '
+            "memory, then `ds.save_as(...)` per instance into an emptied folder, both "
+            "timed. curl: one process saving the multipart body to one file, unparsed "
+            "(the floor)."
+        )
+    if any(label.startswith(QIDO_LABEL) for label in results):
+        parts.append(
+            f"{QIDO_LABEL}: the study-level search of everything, Orthanc's "
+            "`LimitFindResults` 0 (no cap). pacsframe: `find_studies()`, a typed frame, "
+            "paging with `limit=1000`/`offset` (one request per 1,000 rows). "
+            "dicomweb-client: `search_for_studies()`, one request, timed as it comes: "
+            "a list of DICOM JSON dicts, no frame."
+        )
+    return " ".join(parts)
 
 
 def _workers_text(results: dict[str, dict[str, list[dict[str, Any]]]]) -> str:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from servers import require_tool
+from servers import _in_ci, require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -16,8 +16,14 @@ pytestmark = [pytest.mark.orthanc, pytest.mark.dcmtk]
 
 
 def test_quick_benchmark_prints_and_writes_the_table(tmp_path):
-    for tool in ("Orthanc", "findscu", "getscu", "movescu"):
+    for tool in ("Orthanc", "findscu", "getscu", "movescu", "curl"):
         require_tool(tool)
+    plugin = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+    if not plugin.exists():
+        message = f"{plugin} missing: `apt-get install orthanc-dicomweb`"
+        if _in_ci():
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
     results = tmp_path / "RESULTS.md"
     stale = "<!-- bench:start -->\nSTALE TABLE\n<!-- bench:end -->"
     results.write_text(f"# Kept\n\n{stale}\n\nAlso kept.\n")
@@ -53,9 +59,18 @@ def test_quick_benchmark_prints_and_writes_the_table(tmp_path):
         "C-MOVE to own SCP, 10 instances",
         "C-GET large study, cold, 40 instances in 4 series, workers=1",
         "C-GET large study, cold, 40 instances in 4 series, workers=4",
+        "WADO-RS get cold, 10 instances, workers=1",
+        "WADO-RS get cold, 10 instances, workers=4",
+        "QIDO-RS studies, 22 rows",
     ):
         assert f"| {row} |" in out, out
     assert "<= 1.0x movescu receiving on its own port" in out, out
+    # The DICOMweb rows: a ratio to each of dicomweb-client and curl, and the notes.
+    wado = r"\| WADO-RS get cold, 10 instances, workers=1 \| .* \| \d+\.\d+x dicomweb-client, "
+    assert re.search(wado + r"\d+\.\d+x curl \| <= 1\.0x dicomweb-client, <= 1\.5x curl \|", out)
+    assert re.search(r"\| QIDO-RS studies, 22 rows \| .* \| \d+\.\d+x dicomweb-client \|", out)
+    assert "every tool asks with `Accept: multipart/related" in out, out
+    assert "Orthanc's `LimitFindResults` 0 (no cap)" in out, out
     workers = (
         r"Workers \(C-GET cold, 10 instances\): pacsframe's median time relative to "
         r"workers=1: workers=2 \d+\.\d+x, workers=4 \d+\.\d+x\. Target workers=2 faster "
