@@ -413,3 +413,19 @@ def test_stow_body_is_streamed(tmp_path):
         server.server_close()
     assert result.completed == 16 and size > 8_000_000
     assert peak < 2_500_000, (peak, size)
+
+
+def test_fewer_parts_than_announced_is_a_note(demo, tmp_path):
+    def skip_first(ctype, body):
+        delimiter = b"--" + ctype.rsplit("boundary=", 1)[1].encode()
+        body = body[body.index(delimiter, len(delimiter)) :]
+        return ctype, body, len(body)
+
+    cache = Cache(tmp_path / "c")
+    frame = studies(demo, cache).iloc[:1]
+    demo.wado_fault = Counter(skip_first)
+    with pytest.warns(CountMismatchWarning, match="announced"):
+        result = web(demo, cache).get(frame, progress=False, workers=1)
+    expected = int(frame.NumberOfStudyRelatedInstances.iloc[0])
+    assert result.completed == expected - 1 and result.shortfall == 1
+    assert len(result.notes) == 1 and "arrived" in result.notes[0]

@@ -59,6 +59,12 @@ requested"``, N counting every further match after this page; with
 ``LimitFindResults`` (Orthanc applies its cap before ``offset``; this server
 applies it after, as PS3.18 intends, so paging with ``offset`` always works).
 
+For tests, a ``wado_fault`` attribute set on the :class:`~pacsframe.demo.DemoPACS`
+(``fault(content_type, body) -> (content_type, body, announced_length)``) sees
+each WADO-RS answer whole and may change it: another boundary, a body without its
+closing boundary, or one shorter than its Content-Length (the connection is then
+closed: a transfer dropped mid-body).
+
 Logs name methods, paths (UIDs) and counts, never query strings: they carry
 patient identifiers.
 """
