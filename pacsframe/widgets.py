@@ -1,5 +1,11 @@
 """A point-and-click query form: :class:`QueryModel` (logic) and :class:`QueryForm` (view).
 
+The form works over either backend, a :class:`~pacsframe.PACS` (C-FIND, C-GET) or a
+:class:`~pacsframe.DICOMweb` archive (QIDO-RS, WADO-RS): it calls only what both
+offer (``find``, ``get``, ``cache``). It has no move button, since DICOMweb has no move.
+Over DICOMweb a patient row is retrieved through its studies (WADO-RS has no patient
+level).
+
 The split follows ipywidgets' own ``interaction.py``: everything that decides
 what to send, runs the search, formats rows and retrieves lives in
 :class:`QueryModel`, plain Python that never imports ipywidgets, so it is tested
@@ -36,6 +42,7 @@ from .matching import LEVEL_KEYWORDS
 from .query import INSTANCE_COUNT_KEY, UNIQUE_KEY, build_query, encode_value, normalize_level
 
 if TYPE_CHECKING:
+    from .dicomweb import DICOMweb
     from .pacs import PACS
     from .retrieve import RetrieveResult
 
@@ -172,10 +179,10 @@ class QueryModel:
 
     Parameters
     ----------
-    pacs : PACS
+    pacs : PACS or DICOMweb
         The peer to search and retrieve from.
     workers : int
-        Parallel associations for retrieval.
+        Parallel associations (or HTTP requests) for retrieval.
 
     Attributes
     ----------
@@ -216,7 +223,7 @@ class QueryModel:
     ('error', True)
     """
 
-    def __init__(self, pacs: PACS, *, workers: int = 4) -> None:
+    def __init__(self, pacs: PACS | DICOMweb, *, workers: int = 4) -> None:
         self.pacs = pacs
         self.workers = workers
         self.level = "study"
@@ -300,6 +307,21 @@ class QueryModel:
 
     def _model(self) -> str:
         return "patient" if self.level_name == "PATIENT" else "study"
+
+    @property
+    def web(self) -> bool:
+        """Whether the peer is a DICOMweb archive (QIDO-RS/WADO-RS) rather than DIMSE."""
+        return self.pacs.peer.get("protocol") == "DICOMweb"
+
+    @property
+    def retrieve_help(self) -> str:
+        """What Retrieve does over this peer, in a sentence (the button's tooltip)."""
+        if self.web:
+            return (
+                "WADO-RS the selected rows into the cache (objects already cached are "
+                "skipped). DICOMweb has no move: objects come only to this client."
+            )
+        return "C-GET the selected rows into the cache (objects already cached are skipped)."
 
     @property
     def query(self) -> dict[str, str]:
@@ -401,7 +423,10 @@ class QueryModel:
         return sum(self.pacs.cache.count(level, uids).values())
 
     def retrieve(self, on_progress: Callable[[int, int | None], Any] | None = None) -> bool:
-        """C-GET the selected rows into the cache; set :attr:`retrieved`. Never raises.
+        """Retrieve the selected rows into the cache; set :attr:`retrieved`. Never raises.
+
+        C-GET from a :class:`~pacsframe.PACS`, WADO-RS from a
+        :class:`~pacsframe.DICOMweb` archive (patients through their studies there).
 
         Parameters
         ----------
@@ -437,10 +462,15 @@ class QueryModel:
             if on_progress is not None:
                 on_progress(value, expected)
 
-        model = "patient" if self.level_name == "PATIENT" else None
+        options: dict[str, Any] = {}
+        if self.level_name == "PATIENT" and not self.web:
+            options["model"] = "patient"
         try:
+            if self.level_name == "PATIENT" and self.web:
+                # WADO-RS has no patient level: retrieve the patients' studies.
+                rows = self.pacs.find_studies(rows[["PatientID"]], progress=False)
             result = self.pacs.get(
-                rows, workers=self.workers, progress=False, on_received=received, model=model
+                rows, workers=self.workers, progress=False, on_received=received, **options
             )
         except Exception as exc:
             return self._fail(exc)
@@ -527,7 +557,7 @@ _STYLE = """<style>
 
 
 class QueryForm:
-    """An ipywidgets form that searches a PACS and retrieves the chosen rows.
+    """An ipywidgets form that searches a PACS or a DICOMweb archive and retrieves rows.
 
     Display it with ``display(form)``, by leaving it last in a cell, or through
     ``form.widget`` (a ``VBox``). Everything the buttons do is also callable:
@@ -536,10 +566,11 @@ class QueryForm:
 
     Parameters
     ----------
-    pacs : PACS
-        The peer to search and retrieve from.
+    pacs : PACS or DICOMweb
+        The peer to search (C-FIND or QIDO-RS) and retrieve from (C-GET or WADO-RS).
+        There is no move button: DICOMweb has no move, and ``pacs.move`` is a call away.
     workers : int
-        Parallel associations for retrieval.
+        Parallel associations (or HTTP requests) for retrieval.
 
     Attributes
     ----------
@@ -595,7 +626,7 @@ class QueryForm:
     True
     """
 
-    def __init__(self, pacs: PACS, *, workers: int = 4) -> None:
+    def __init__(self, pacs: PACS | DICOMweb, *, workers: int = 4) -> None:
         import ipywidgets as w
 
         self.model = QueryModel(pacs, workers=workers)
@@ -660,7 +691,9 @@ class QueryForm:
             options=[], rows=8, description="", layout=w.Layout(width="100%")
         )
         self.results.add_class("pf-results")
-        self.retrieve_button = w.Button(description="Retrieve", icon="download")
+        self.retrieve_button = w.Button(
+            description="Retrieve", icon="download", tooltip=self.model.retrieve_help
+        )
         self.retrieve_button.add_class("pf-retrieve")
         self.progress = w.IntProgress(value=0, min=0, max=1, description="Retrieved")
         self.progress.add_class("pf-progress")

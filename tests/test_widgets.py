@@ -20,7 +20,7 @@ from pacsframe.widgets import QueryModel, parse_more_keys
 def cohort(tmp_path_factory):
     folder = tmp_path_factory.mktemp("widgets-cohort")
     manifest = make_cohort(folder, patients=3, seed=23, matrix=16)
-    server = DemoPACS(folder, port=0).start()
+    server = DemoPACS(folder, port=0, http_port=0).start()
     yield server, manifest
     server.stop()
 
@@ -29,6 +29,13 @@ def cohort(tmp_path_factory):
 def pacs(cohort, tmp_path):
     server, _ = cohort
     return pf.PACS("127.0.0.1", server.port, ae_title=server.ae_title, cache=tmp_path / "cache")
+
+
+@pytest.fixture
+def web(cohort, tmp_path):
+    server, _ = cohort
+    with pf.DICOMweb(server.url, cache=tmp_path / "web-cache") as client:
+        yield client
 
 
 @pytest.fixture
@@ -264,3 +271,101 @@ def test_pacs_repr_reports_reachability_only_after_echo(tmp_path):
     with pytest.raises(pf.AssociationError):
         pacs.echo()
     assert "not reachable at the last echo()" in pacs._repr_html_()
+
+
+# --- the same form over DICOMweb (QIDO-RS, WADO-RS) --------------------------------------
+
+
+def _flow(peer, level, patient=None, modalities=(), more=""):
+    form = pf.QueryForm(peer, workers=2)
+    form.level.value = level
+    if patient:
+        form.patient_id.value = patient
+    form.modality.value = tuple(modalities)
+    form.more_keys.value = more
+    assert form.search_button.click() is None
+    assert 'data-kind="ok"' in form.status.value, form.status.value
+    return form
+
+
+def _sorted(frame):
+    key = next(
+        c
+        for c in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "PatientID")
+        if c in frame.columns
+    )
+    out = frame.sort_values(key, ignore_index=True)
+    out.attrs = {}
+    return out
+
+
+@pytest.mark.parametrize(
+    ("level", "patient", "modalities", "more"),
+    [
+        ("patient", None, (), ""),
+        ("study", None, ("MR",), ""),
+        ("study", "PF*", (), "StudyDate=20000101-"),
+        ("series", None, ("CT", "MR"), ""),
+        ("series", None, (), "SeriesNumber=1"),
+        ("image", "first", (), ""),
+    ],
+)
+def test_same_form_same_frame_over_dicomweb(pacs, web, manifest, level, patient, modalities, more):
+    if patient == "first":
+        patient = manifest.PatientID.iloc[0]
+    over_dimse = _flow(pacs, level, patient, modalities, more)
+    over_web = _flow(web, level, patient, modalities, more)
+    assert len(over_web.result) > 0
+    pd.testing.assert_frame_equal(_sorted(over_web.result), _sorted(over_dimse.result))
+    assert over_web.status.value == over_dimse.status.value
+    assert over_web.model.query == over_dimse.model.query
+
+
+def test_retrieve_over_dicomweb_fills_the_cache(web, manifest):
+    form = pf.QueryForm(web, workers=2)
+    assert "WADO-RS" in form.retrieve_button.tooltip and "no move" in form.retrieve_button.tooltip
+    assert not hasattr(form, "move_button")
+    form.level.value = "series"
+    form.search_button.click()
+    form.results.value = (0, 1)
+    uids = set(form.selected.SeriesInstanceUID)
+    form.retrieve_button.click()
+    want = int(manifest.SeriesInstanceUID.isin(uids).sum())
+    assert form.retrieved.completed == want and form.retrieved.failed == 0
+    assert form.progress.value == form.progress.max == want
+    assert f"Retrieved {want} objects (0 failed, 0 already cached)" in form.status.value
+    cached = web.cache.instances()
+    assert set(cached.SeriesInstanceUID) == uids and len(cached) == want
+    assert sorted(cached.SOPInstanceUID) == sorted(
+        manifest[manifest.SeriesInstanceUID.isin(uids)].SOPInstanceUID
+    )
+    form.retrieve_button.click()
+    assert form.retrieved.completed == 0 and form.retrieved.cached == want
+
+
+def test_patient_rows_over_dicomweb_come_through_their_studies(web, manifest):
+    form = pf.QueryForm(web)
+    form.level.value = "patient"
+    form.search_button.click()
+    patient = manifest.PatientID.iloc[0]
+    form.select([int(form.result.index[form.result.PatientID == patient][0])])
+    form.retrieve_button.click()
+    want = int((manifest.PatientID == patient).sum())
+    assert form.retrieved.completed == want, form.status.value
+    assert form.progress.value == form.progress.max == want
+    assert set(web.cache.instances().PatientID) == {patient}
+
+
+def test_dicomweb_errors_are_sentences(web, tmp_path):
+    form = pf.QueryForm(web)
+    form.more_keys.value = "PatientsName=X"
+    form.search_button.click()
+    assert "did you mean 'PatientName'" in form.status.value
+    unreachable = pf.DICOMweb(f"http://127.0.0.1:{_free_port()}", cache=tmp_path / "c")
+    form = pf.QueryForm(unreachable)
+    assert form.search() is False
+    assert 'data-kind="error"' in form.status.value and "Traceback" not in form.status.value
+    assert "could not connect to" in form.status.value
+    assert (
+        "C-GET" in pf.QueryForm(pf.PACS("127.0.0.1", 4242, cache=tmp_path)).retrieve_button.tooltip
+    )
