@@ -62,7 +62,7 @@ _PATIENT_COUNTS = {
 }
 
 
-class DICOMweb:
+class DICOMweb(finder.FindMethods):
     """A DICOMweb archive (QIDO-RS) to query into typed frames, like :class:`~pacsframe.PACS`.
 
     Parameters
@@ -97,6 +97,8 @@ class DICOMweb:
 
     #: Rows asked for per QIDO-RS request (``limit``).
     _page = 1000
+
+    _call = "web."  # timeout errors name web.find_studies() and the like
 
     def __init__(
         self,
@@ -361,39 +363,6 @@ class DICOMweb:
         """
         with deadline_for(timeout, "web.find_patients"):
             return self.find("PATIENT", None, model="patient", **keys)
-
-    def find_studies(
-        self,
-        parents: pd.DataFrame | pd.Series | Sequence[str] | None = None,
-        *,
-        timeout: float | None = None,
-        **keys: Any,
-    ) -> pd.DataFrame:
-        """QIDO-RS at STUDY level; ``parents`` may be a frame of patients. See :meth:`find`."""
-        with deadline_for(timeout, "web.find_studies"):
-            return self.find("STUDY", parents, **keys)
-
-    def find_series(
-        self,
-        parents: pd.DataFrame | pd.Series | Sequence[str] | None = None,
-        *,
-        timeout: float | None = None,
-        **keys: Any,
-    ) -> pd.DataFrame:
-        """QIDO-RS at SERIES level; ``parents`` is usually a frame of studies. See :meth:`find`."""
-        with deadline_for(timeout, "web.find_series"):
-            return self.find("SERIES", parents, **keys)
-
-    def find_instances(
-        self,
-        parents: pd.DataFrame | pd.Series | Sequence[str] | None = None,
-        *,
-        timeout: float | None = None,
-        **keys: Any,
-    ) -> pd.DataFrame:
-        """QIDO-RS at IMAGE level; ``parents`` is usually a frame of series. See :meth:`find`."""
-        with deadline_for(timeout, "web.find_instances"):
-            return self.find("IMAGE", parents, **keys)
 
     def get(self, frame: Any, **kwargs: Any) -> Any:
         """WADO-RS ``frame`` into :attr:`cache`, as :meth:`PACS.get` does over C-GET.

@@ -28,7 +28,7 @@ from pynetdicom.sop_class import (
 from pynetdicom.status import QR_FIND_SERVICE_CLASS_STATUS, code_to_category
 
 from . import caps, frames
-from .deadline import Deadline, fired
+from .deadline import Deadline, deadline_for, fired
 from .errors import (
     AssociationError,
     DimseError,
@@ -506,3 +506,55 @@ def _find_one(
         status=code,
         comment=str(comment) if comment else None,
     )
+
+
+class FindMethods:
+    """``find_patients/studies/series/instances`` over ``self.find``.
+
+    :class:`~pacsframe.pacs.PACS` (C-FIND) and :class:`~pacsframe.dicomweb.DICOMweb`
+    (QIDO-RS) share them, so the two keep one public surface. ``_call`` prefixes the
+    call's name in timeout errors (``"web."`` for DICOMweb).
+    """
+
+    _call = ""
+
+    def find(self, level: str, parents: Any = None, **keys: Any) -> pd.DataFrame:
+        raise NotImplementedError  # pragma: no cover - the facades define it
+
+    def find_patients(self, *, timeout: float | None = None, **keys: Any) -> pd.DataFrame:
+        """Patients (patient-root model). See :meth:`find`."""
+        with deadline_for(timeout, f"{self._call}find_patients"):
+            return self.find("PATIENT", None, model="patient", **keys)
+
+    def find_studies(
+        self,
+        parents: pd.DataFrame | pd.Series | Sequence[str] | None = None,
+        *,
+        timeout: float | None = None,
+        **keys: Any,
+    ) -> pd.DataFrame:
+        """Studies; ``parents`` may be a frame of patients. See :meth:`find`."""
+        with deadline_for(timeout, f"{self._call}find_studies"):
+            return self.find("STUDY", parents, **keys)
+
+    def find_series(
+        self,
+        parents: pd.DataFrame | pd.Series | Sequence[str] | None = None,
+        *,
+        timeout: float | None = None,
+        **keys: Any,
+    ) -> pd.DataFrame:
+        """Series; ``parents`` is usually a frame of studies. See :meth:`find`."""
+        with deadline_for(timeout, f"{self._call}find_series"):
+            return self.find("SERIES", parents, **keys)
+
+    def find_instances(
+        self,
+        parents: pd.DataFrame | pd.Series | Sequence[str] | None = None,
+        *,
+        timeout: float | None = None,
+        **keys: Any,
+    ) -> pd.DataFrame:
+        """Instances (IMAGE level); ``parents`` is usually a frame of series. See :meth:`find`."""
+        with deadline_for(timeout, f"{self._call}find_instances"):
+            return self.find("IMAGE", parents, **keys)

@@ -134,7 +134,7 @@ def _capped(deadline: Deadline | None, seconds: float) -> float:
     return seconds if deadline is None else deadline.cap(seconds)
 
 
-class PACS:
+class PACS(finder.FindMethods):
     """A remote DICOM peer (PACS, VNA, modality) to query and retrieve from.
 
     Parameters
@@ -768,44 +768,6 @@ class PACS:
                     partial = finder.partial(self, query, empty, None, [])
                 error.partial = partial  # type: ignore[attr-defined]
                 raise error from error.__cause__
-
-    def find_patients(self, *, timeout: float | None = None, **keys: Any) -> pd.DataFrame:
-        """C-FIND at PATIENT level (patient-root model). See :meth:`find`."""
-        with deadline_for(timeout, "find_patients"):
-            return self.find("PATIENT", None, model="patient", **keys)
-
-    def find_studies(
-        self,
-        parents: pd.DataFrame | pd.Series | Sequence[str] | None = None,
-        *,
-        timeout: float | None = None,
-        **keys: Any,
-    ) -> pd.DataFrame:
-        """C-FIND at STUDY level; ``parents`` may be a frame of patients. See :meth:`find`."""
-        with deadline_for(timeout, "find_studies"):
-            return self.find("STUDY", parents, **keys)
-
-    def find_series(
-        self,
-        parents: pd.DataFrame | pd.Series | Sequence[str] | None = None,
-        *,
-        timeout: float | None = None,
-        **keys: Any,
-    ) -> pd.DataFrame:
-        """C-FIND at SERIES level; ``parents`` is usually a frame of studies. See :meth:`find`."""
-        with deadline_for(timeout, "find_series"):
-            return self.find("SERIES", parents, **keys)
-
-    def find_instances(
-        self,
-        parents: pd.DataFrame | pd.Series | Sequence[str] | None = None,
-        *,
-        timeout: float | None = None,
-        **keys: Any,
-    ) -> pd.DataFrame:
-        """C-FIND at IMAGE level; ``parents`` is usually a frame of series. See :meth:`find`."""
-        with deadline_for(timeout, "find_instances"):
-            return self.find("IMAGE", parents, **keys)
 
     # --- retrieval ------------------------------------------------------------------------
 
