@@ -310,12 +310,7 @@ class _Receiver:
         study = header["StudyInstanceUID"] or ""
         series = header["SeriesInstanceUID"] or ""
         sop = header["SOPInstanceUID"] or sop  # what the file is filed under
-        with self._lock:
-            again = sop in self._filed
-            self._filed.add(sop)
-        if again:
-            # A peer that sends one object twice: one row, one count, one file.
-            LOGGER.warning("%s arrived twice in one retrieval; counted once", sop)
+        if not self._first_arrival(sop):
             return 0x0000
         if sop in self.again:
             # Cached before this call and requested again with its unit: the cache kept
@@ -329,9 +324,28 @@ class _Receiver:
             "TransferSyntaxUID": syntax,
             "size": size,
         }
-        self._record(sop_class, sop, str(path), "completed", None, header=meta)
-        self._deliver(str(path), meta, size)
+        self._completed(sop_class, sop, str(path), meta, size)
         return 0x0000
+
+    def _first_arrival(self, sop: str) -> bool:
+        """Whether ``sop`` is filed for the first time in this retrieval (and note it).
+
+        A peer that sends one object twice (in one request or two) gets one row, one
+        count and one file.
+        """
+        with self._lock:
+            again = sop in self._filed
+            self._filed.add(sop)
+        if again:
+            LOGGER.warning("%s arrived twice in one retrieval; counted once", sop)
+        return not again
+
+    def _completed(
+        self, sop_class: str, sop: str, path: str, meta: dict[str, Any], size: int
+    ) -> None:
+        """The row, progress and ``on_received`` of an object the cache holds now."""
+        self._record(sop_class, sop, path, "completed", None, header=meta)
+        self._deliver(path, meta, size)
 
     def _deliver(self, path: str, meta: dict[str, Any], size: int) -> None:
         """Progress and ``on_received`` for an object the cache holds now."""
@@ -1199,8 +1213,11 @@ class _ChildReceiver(_Receiver):
     def _add_row(self, row: dict[str, Any]) -> None:
         self.link.send("row", row)
 
-    def _deliver(self, path: str, meta: dict[str, Any], size: int) -> None:
-        self.link.send("filed", path, meta, size)
+    def _completed(
+        self, sop_class: str, sop: str, path: str, meta: dict[str, Any], size: int
+    ) -> None:
+        # One message: the caller checks it against what other processes filed.
+        self.link.send("completed", sop_class, sop, path, meta, size)
 
     def extend(self, rows: list[dict[str, Any]], note: str | None = None) -> None:
         self.link.send("extend", rows, note)
@@ -1268,35 +1285,17 @@ class _ProcessWorker(ProcessWorker):
         self.cancelled = False
         self._lent: list[_Unit] = []
         self._done = False
-        self._dropped = False
-
-    @staticmethod
-    def _again(receiver: _Receiver, sop: str) -> bool:
-        """Whether another worker's object ``sop`` was counted already (and note it)."""
-        with receiver._lock:
-            again = sop in receiver._filed
-            receiver._filed.add(sop)
-        if again:
-            LOGGER.warning("%s arrived twice in one retrieval; counted once", sop)
-        return again
 
     def _on_message(self, message: tuple[Any, ...]) -> Any:
         kind, *rest = message
         receiver = self.receiver
-        if kind == "row":
-            row = rest[0]
-            if row["status"] == "completed" and self._again(receiver, row["SOPInstanceUID"]):
-                # Filed by another worker process too (a peer that sends one object in
-                # two requests): one row, one count, as with threads; its "filed"
-                # message, next from this child, is dropped as well.
-                self._dropped = True
-                return None
-            receiver._add_row(row)
-        elif kind == "filed":
-            if self._dropped:
-                self._dropped = False
-                return None
-            receiver._deliver(*rest)
+        if kind == "completed":
+            # Another process may have filed it too (a peer sending one object in two
+            # requests): counted once, as with threads.
+            if receiver._first_arrival(rest[1]):
+                receiver._completed(*rest)
+        elif kind == "row":
+            receiver._add_row(rest[0])
         elif kind == "?":  # the child asks for its next unit
             if receiver.stop.is_set():
                 return None
