@@ -11,6 +11,7 @@ PACS('127.0.0.1', 4242, ae_title='ORTHANC', calling_ae='PACSFRAME')
 """
 
 from .cache import Cache, Volume
+from .deidentify import ExportResult
 from .dicomweb import DICOMweb
 from .errors import (
     AssociationError,
@@ -42,6 +43,7 @@ __all__ = [
     "CountMismatchWarning",
     "DICOMweb",
     "DimseError",
+    "ExportResult",
     "HTTPError",
     "MalformedValueWarning",
     "MoveDestinationUnknown",

@@ -43,7 +43,7 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -65,6 +65,7 @@ from .errors import CacheError, QueryError
 from .query import build_query, normalize_level
 
 if TYPE_CHECKING:
+    from .deidentify import ExportResult
     from .net.operations import StoreRequest
 
 __all__ = [
@@ -1294,19 +1295,146 @@ class Cache:
             f"{column}, SOPInstanceUID, path, StudyInstanceUID, SeriesInstanceUID, "
             "CAST(InstanceNumber AS INTEGER)",
         )
-        missing = set(uids) - {r[0] for r in rows}
-        if missing:
-            shown = ", ".join(sorted(missing)[:3]) + (", ..." if len(missing) > 3 else "")
-            raise CacheError(
-                f"{len(missing)} of the {len(uids)} {column} value(s) asked for have nothing "
-                f"in the cache ({shown}); retrieve them first with pacs.get(...)."
-            )
+        _require_all(column, uids, rows, "")
         if column == "SOPInstanceUID":
             position = {uid: i for i, uid in enumerate(uids)}
             rows.sort(key=lambda r: position[r[1]])
         else:
             rows.sort(key=lambda r: (r[3], r[4], r[5] if r[5] is not None else math.inf, r[1]))
         return [self._read_file(r[2], r[1]) for r in rows]
+
+    def export(
+        self,
+        frame_or_uids: pd.DataFrame | pd.Series | Iterable[str],
+        folder: str | os.PathLike[str],
+        deidentify: bool = True,
+        *,
+        seed: str | None = None,
+        manifest: str | os.PathLike[str] | None = None,
+        progress: bool = True,
+        on_exported: Callable[[Mapping[str, Any]], None] | None = None,
+    ) -> ExportResult:
+        """Copy cached objects into a folder, de-identified by DICOM PS3.15's Basic Profile.
+
+        The rows are a frame at any level (as :meth:`read` takes) or SOPInstanceUIDs.
+        Each object is written to ``<folder>/<StudyUID>/<SeriesUID>/<SOPUID>.dcm``,
+        named by its new UIDs only, through a temporary file in the same folder and
+        ``os.replace``, so a reader never sees a partial file. The cache is only read.
+
+        With ``deidentify=True`` every data set gets the Basic Application Level
+        Confidentiality Profile (Table E.1-1) with the Retain Longitudinal Temporal
+        Information with Modified Dates Option (see :mod:`pacsframe.deidentify`):
+
+        * attributes are removed, emptied or given dummy values as the table says, at
+          every nesting level; private attributes, curves (50xx) and overlays (60xx)
+          are removed; PatientID becomes a pseudonym;
+        * Study, Series and SOP Instance UIDs, Frame of Reference UIDs and every other
+          UID the table lists (also inside sequences, e.g.
+          ReferencedSOPInstanceUID) become ``2.25.<int>`` UIDs keyed by ``seed``, so
+          references between exported objects still hold; the file meta follows;
+        * all dates (DA, and the date of DT) of one patient move back by the same
+          number of whole days (1 to 10 years, keyed by ``seed`` and the PatientID);
+          times of day are kept; the birth date is emptied, as the option asks;
+        * PatientIdentityRemoved is YES, DeidentificationMethod and its code sequence
+          name the profile and the option (codes 113100, 113107), and
+          LongitudinalTemporalInformationModified is MODIFIED.
+
+        Pixel data is copied unchanged. The profile leaves to the user what the pixels
+        show: text burned into images (BurnedInAnnotation YES, common in ultrasound,
+        secondary captures and scanned documents) and recognizable features (e.g. a
+        face in a head scan) still identify a patient; check such series before
+        sharing. Free text in attributes the table keeps is not read either.
+
+        Parameters
+        ----------
+        frame_or_uids : DataFrame, Series or iterable of str
+            What to export: a frame from ``find_*``/``instances()`` at any level, or
+            SOPInstanceUIDs.
+        folder : str or os.PathLike
+            The export's root; created when missing. It may not overlap the cache.
+        deidentify : bool, default True
+            False copies the cached files byte for byte (still atomically, named by
+            their own UIDs, which are checked to be safe path parts).
+        seed : str, optional
+            The secret every new identifier derives from. By default a random one is
+            drawn and returned as ``result.seed``: pass it again to resume an
+            interrupted export or to add rows to it with the same mapping. A folder
+            that already holds an export is refused without a seed.
+        manifest : str or os.PathLike, optional
+            Also write the manifest (``.csv`` or ``.parquet``) there, atomically. It
+            re-identifies the export, so it must be outside ``folder``.
+        progress : bool, default True
+            Show a progress bar (tqdm).
+        on_exported : callable, optional
+            Called with each manifest row (a dict) once its file is in place; an
+            exception from it stops the export there.
+
+        Returns
+        -------
+        ExportResult
+            ``manifest`` (old and new identifiers, date offset, paths, status
+            ``written`` or ``present``), ``seed``, ``written`` and ``present``.
+
+        Raises
+        ------
+        CacheError
+            Before anything is written, when some rows asked for are not in the cache
+            (as :meth:`read` does: retrieve them first), when an argument is wrong, or
+            when the folder overlaps the cache; during the export, when a cached file
+            is damaged or does not hold the instance its index row names. Files
+            written until then stay; a re-run with the same seed skips them.
+
+        Examples
+        --------
+        >>> import pathlib, tempfile
+        >>> from pacsframe.demo import make_cohort
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> manifest = make_cohort(f"{tmp.name}/src", patients=1, matrix=16,
+        ...     studies_per_patient=1, series_per_study=1, instances_per_series=2)
+        >>> cache = Cache(f"{tmp.name}/cache")
+        >>> _ = [cache.add(pathlib.Path(p).read_bytes()) for p in manifest.path]
+        >>> result = cache.export(cache.find_studies(), f"{tmp.name}/out", seed="s3cret",
+        ...     progress=False)
+        >>> result
+        ExportResult(written=2, present=0, deidentified=True, folder=...)
+        >>> result.manifest.new_PatientID.tolist()
+        ['ANONB5EFF55FA5DC', 'ANONB5EFF55FA5DC']
+        >>> again = cache.export(cache.find_studies(), f"{tmp.name}/out", seed="s3cret",
+        ...     progress=False)
+        >>> again.present, again.manifest.path.equals(result.manifest.path)
+        (2, True)
+        >>> cache.close(); tmp.cleanup()
+        """
+        from .deidentify import export
+
+        return export(
+            self,
+            frame_or_uids,
+            folder,
+            deidentify=deidentify,
+            seed=seed,
+            manifest=manifest,
+            progress=progress,
+            on_exported=on_exported,
+        )
+
+    def _export_rows(
+        self, frame_or_uids: pd.DataFrame | pd.Series | Iterable[str]
+    ) -> list[tuple[str | None, str, str, str, str]]:
+        """(PatientID, study, series, SOP UID, relative path) of every row asked for, in order.
+
+        Raises :class:`CacheError` when something asked for is not cached.
+        """
+        column, uids = self._selection(frame_or_uids, "export()")
+        rows = self._rows_where(
+            column,
+            uids,
+            f"{column}, PatientID, StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID, path, "
+            "CAST(InstanceNumber AS INTEGER)",
+        )
+        _require_all(column, uids, rows, "; nothing was exported")
+        rows.sort(key=lambda r: (r[2], r[3], r[6] if r[6] is not None else math.inf, r[4]))
+        return [r[1:6] for r in rows]
 
     def _read_file(self, relative: str, sop: str, **kwargs: Any) -> Dataset:
         path = self._absolute(relative)
@@ -1861,6 +1989,19 @@ class IncomingObject:
         if end is None or (end == len(view) and not complete):
             return None
         return out
+
+
+def _require_all(
+    column: str, uids: Sequence[str], rows: Sequence[Sequence[Any]], end: str
+) -> None:
+    """Raise when some of ``uids`` have no row (each row's first field is its ``column``)."""
+    missing = set(uids) - {r[0] for r in rows}
+    if missing:
+        shown = ", ".join(sorted(missing)[:3]) + (", ..." if len(missing) > 3 else "")
+        raise CacheError(
+            f"{len(missing)} of the {len(uids)} {column} value(s) asked for have nothing "
+            f"in the cache ({shown}); retrieve them first with pacs.get(...){end}."
+        )
 
 
 def _is_keys(value: Any) -> bool:
