@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 from pydicom import dcmread
-from pydicom.datadict import dictionary_VR
+from pydicom.datadict import dictionary_has_tag, dictionary_VR
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
@@ -164,7 +164,11 @@ def action_for(tag: int, vr: str | None = None) -> str:
     >>> [action_for(t) for t in (0x00100010, 0x00100020, 0x0020000D, 0x00080020, 0x00090010)]
     ['Z', 'D', 'U', 'C', 'X']
     """
-    tag = int(tag)
+    return _action(int(tag), vr)
+
+
+@functools.lru_cache(maxsize=4096)
+def _action(tag: int, vr: str | None) -> str:
     group = tag >> 16
     if group & 1:
         return "X"
@@ -269,10 +273,17 @@ class _Cleaner:
         if tag.is_private or tag.group & 0xFF00 in (_CURVE, _OVERLAY):
             del ds[tag]
             return
-        element = ds[tag]  # converts a raw element
-        if element.tag == 0x7FE00010:
+        if tag == 0x7FE00010:
             return  # pixel data: copied unchanged (see Cache.export's notes)
-        action = action_for(tag, element.VR)
+        # The action is decided on the element as read, so an element kept as it is
+        # is never decoded (pydicom writes it back from its raw bytes).
+        vr = ds.get_item(tag).VR
+        if vr in (None, "UN") and dictionary_has_tag(tag):
+            vr = dictionary_VR(tag)
+        action = _action(int(tag), vr)
+        if action == "K" and vr != "SQ":
+            return
+        element = ds[tag]  # decodes a raw element
         if action == "X":
             del ds[tag]
         elif action == "Z":
