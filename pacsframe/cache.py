@@ -1288,20 +1288,33 @@ class Cache:
         [1, 2]
         >>> cache.close(); tmp.cleanup()
         """
-        column, uids = self._selection(frame_or_uids, "read()")
+        rows = self._selected_rows(frame_or_uids, "read()", "")
+        return [self._read_file(r[4], r[3]) for r in rows]
+
+    def _selected_rows(
+        self, frame_or_uids: pd.DataFrame | pd.Series | Iterable[str], verb: str, end: str
+    ) -> list[tuple[str | None, str, str, str, str]]:
+        """(PatientID, study, series, SOP UID, relative path) of every instance asked for.
+
+        Study, series and patient rows expand to their instances, ordered by study,
+        series and InstanceNumber; a list of SOPInstanceUIDs keeps its order. Raises
+        :class:`CacheError` (its message ending in ``end``) when something asked for
+        is not cached.
+        """
+        column, uids = self._selection(frame_or_uids, verb)
         rows = self._rows_where(
             column,
             uids,
-            f"{column}, SOPInstanceUID, path, StudyInstanceUID, SeriesInstanceUID, "
+            f"{column}, PatientID, StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID, path, "
             "CAST(InstanceNumber AS INTEGER)",
         )
-        _require_all(column, uids, rows, "")
+        _require_all(column, uids, rows, end)
         if column == "SOPInstanceUID":
             position = {uid: i for i, uid in enumerate(uids)}
-            rows.sort(key=lambda r: position[r[1]])
+            rows.sort(key=lambda r: position[r[4]])
         else:
-            rows.sort(key=lambda r: (r[3], r[4], r[5] if r[5] is not None else math.inf, r[1]))
-        return [self._read_file(r[2], r[1]) for r in rows]
+            rows.sort(key=lambda r: (r[2], r[3], r[6] if r[6] is not None else math.inf, r[4]))
+        return [r[1:6] for r in rows]
 
     def export(
         self,
@@ -1358,8 +1371,10 @@ class Cache:
         seed : str, optional
             The secret every new identifier derives from. By default a random one is
             drawn and returned as ``result.seed``: pass it again to resume an
-            interrupted export or to add rows to it with the same mapping. A folder
-            that already holds an export is refused without a seed.
+            interrupted export or to add rows to it with the same mapping (when an
+            exception interrupts such an export, it carries the seed as its
+            ``export_seed`` attribute). A folder that already holds an export is
+            refused without a seed.
         manifest : str or os.PathLike, optional
             Also write the manifest (``.csv`` or ``.parquet``) there, atomically. It
             re-identifies the export, so it must be outside ``folder``.
@@ -1417,24 +1432,6 @@ class Cache:
             progress=progress,
             on_exported=on_exported,
         )
-
-    def _export_rows(
-        self, frame_or_uids: pd.DataFrame | pd.Series | Iterable[str]
-    ) -> list[tuple[str | None, str, str, str, str]]:
-        """(PatientID, study, series, SOP UID, relative path) of every row asked for, in order.
-
-        Raises :class:`CacheError` when something asked for is not cached.
-        """
-        column, uids = self._selection(frame_or_uids, "export()")
-        rows = self._rows_where(
-            column,
-            uids,
-            f"{column}, PatientID, StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID, path, "
-            "CAST(InstanceNumber AS INTEGER)",
-        )
-        _require_all(column, uids, rows, "; nothing was exported")
-        rows.sort(key=lambda r: (r[2], r[3], r[6] if r[6] is not None else math.inf, r[4]))
-        return [r[1:6] for r in rows]
 
     def _read_file(self, relative: str, sop: str, **kwargs: Any) -> Dataset:
         path = self._absolute(relative)

@@ -507,6 +507,7 @@ def export(
             f"seed= takes a non-empty string (the secret new identifiers derive from), "
             f"not {type(seed).__name__}; nothing was written."
         )
+    drawn = False
     if deidentify and seed is None:
         if _holds_export(target_folder):
             raise CacheError(
@@ -515,11 +516,12 @@ def export(
                 "or extend it, or choose an empty folder."
             )
         seed = secrets.token_hex(16)
+        drawn = True
     if not deidentify:
         seed = None
     profile = Profile(seed) if seed is not None else None
 
-    rows = cache._export_rows(frame_or_uids)
+    rows = cache._selected_rows(frame_or_uids, "export()", "; nothing was exported")
     plan = []
     for patient, study, series, sop, relative in rows:
         patient = patient or ""
@@ -580,6 +582,16 @@ def export(
                 bar.update(1)
             if on_exported is not None:
                 on_exported(record)
+    except BaseException as exc:
+        if drawn and records:
+            # The files written so far are named by a seed only this call knows: hand
+            # it over on the exception (not in its message, which may end up in a log).
+            exc.export_seed = seed  # type: ignore[attr-defined]
+            exc.add_note(
+                "pacsframe: this export drew a random seed; it is in the exception's "
+                "export_seed attribute: pass it as seed= to resume the export."
+            )
+        raise
     finally:
         if bar is not None:
             bar.close()

@@ -28,20 +28,10 @@ from pydicom.sequence import Sequence
 
 import pacsframe as pf
 from pacsframe import Cache, CacheError
+from pacsframe.deidentify import _CATEGORIES as CATEGORIES  # the library's names
 from pacsframe.demo import make_cohort
 
 SEED = "test-seed-1"
-CATEGORIES = {
-    "D_TAGS": "D",
-    "Z_TAGS": "Z",
-    "X_TAGS": "X",
-    "U_TAGS": "U",
-    "Z_D_TAGS": "Z/D",
-    "X_Z_TAGS": "X/Z",
-    "X_D_TAGS": "X/D",
-    "X_Z_D_TAGS": "X/Z/D",
-    "X_Z_U_STAR_TAGS": "X/Z/U*",
-}
 BASIC = {
     (t[0] << 16) | t[1]: code
     for name, code in CATEGORIES.items()
@@ -330,6 +320,41 @@ def test_random_seed_is_returned_and_resumes(filled, tmp_path):
         filled.export(studies, tmp_path / "r", progress=False)
     again = filled.export(studies, tmp_path / "r", seed=result.seed, progress=False)
     assert again.present == len(again.manifest) == len(result.manifest)
+    other = filled.export(studies, tmp_path / "r2", progress=False)
+    assert other.seed != result.seed
+
+
+def test_an_interrupted_export_with_a_random_seed_hands_the_seed_over(filled, tmp_path):
+    def stop(row):
+        raise KeyboardInterrupt
+
+    studies = filled.find_studies()
+    with pytest.raises(KeyboardInterrupt) as caught:
+        filled.export(studies, tmp_path / "r", progress=False, on_exported=stop)
+    seed = caught.value.export_seed
+    assert seed not in str(caught.value) and not any(seed in n for n in caught.value.__notes__)
+    result = filled.export(studies, tmp_path / "r", seed=seed, progress=False)
+    assert (result.present, result.written) == (1, len(filled) - 1)
+
+
+def test_dates_of_every_form_move_by_the_same_days():
+    from pacsframe.deidentify import Profile, deidentify_dataset
+
+    ds = Dataset()
+    ds.StudyDate = "20240110"
+    ds.AcquisitionDateTime = "20240110101500.25+0100"
+    ds.add_new(0x0018A002, "DT", "2024")  # ContributionDateTime, year precision
+    with pytest.warns(UserWarning, match="Invalid value for VR DA"):  # pydicom's check
+        ds.add_new(0x0040A121, "DA", "not a date")  # Date: nothing to shift, so emptied
+    ds.CalibrationDate = ["20240101", "20240301"]  # multi-valued
+    ds.StudyTime = "101500"
+    out = deidentify_dataset(ds, Profile("s"), -10)
+    assert out.StudyDate == "20231231"
+    assert out.AcquisitionDateTime == "20231231101500.25+0100"
+    assert out[0x0018A002].value == "2023"
+    assert out[0x0040A121].value == ""
+    assert list(out.CalibrationDate) == ["20231222", "20240220"]
+    assert out.StudyTime == "101500"
 
 
 def test_interrupted_export_resumes(filled, exported, tmp_path):
