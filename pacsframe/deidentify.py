@@ -139,7 +139,7 @@ def _table() -> dict[int, str]:
     out: dict[int, str] = {}
     for category, action in _CATEGORIES.items():
         for entry in getattr(table, category):
-            if len(entry) == 2:  # repeating groups (4-tuples) are handled by _group_action
+            if len(entry) == 2:  # repeating groups (curves, overlays): see _action
                 out[(entry[0] << 16) | entry[1]] = action
     return out
 
@@ -583,7 +583,7 @@ def export(
             if on_exported is not None:
                 on_exported(record)
     except BaseException as exc:
-        if drawn and records:
+        if drawn:
             # The files written so far are named by a seed only this call knows: hand
             # it over on the exception (not in its message, which may end up in a log).
             exc.export_seed = seed  # type: ignore[attr-defined]
