@@ -408,6 +408,11 @@ def test_manifest_written_outside_the_export_only(filled, tmp_path):
     expected = result.manifest.astype(str)
     assert back.columns.tolist() == expected.columns.tolist()
     assert back.equals(expected)
+    again = filled.export(
+        series, out, seed=SEED, manifest=tmp_path / "key.parquet", progress=False
+    )
+    pd.testing.assert_frame_equal(pd.read_parquet(again.manifest_path), again.manifest)
+    assert again.manifest.drop(columns="status").equals(result.manifest.drop(columns="status"))
     # Only the objects are in the export, named by new UIDs only.
     names = {p.relative_to(out).parts for p in out.rglob("*") if p.is_file()}
     assert len(names) == len(result.manifest)
