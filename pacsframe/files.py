@@ -121,20 +121,24 @@ def _walk(
             continue
         folders.add((stat.st_dev, stat.st_ino))
         try:
-            entries = list(os.scandir(folder))
+            # By name, so which of two paths to one folder or file is kept does not
+            # depend on the order the file system lists them in.
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError as exc:
             why = f"the folder could not be listed ({type(exc).__name__}); check its permissions"
             errors.append({"path": folder, "error": why})
             continue
+        subfolders = []
         for entry in entries:
             try:
                 st = entry.stat()  # follows a link; a dangling one raises
             except OSError:
                 continue
             if S_ISDIR(st.st_mode):
-                pending.append((entry.path, st))
+                subfolders.append((entry.path, st))
             elif S_ISREG(st.st_mode):
                 found.append((entry.path, st))
+        pending += reversed(subfolders)  # the first by name is walked first
 
 
 def _pixel_overrun(data: bytes, pos: int, implicit: bool, size: int, offset: int) -> str | None:
