@@ -12,6 +12,7 @@ and computed attributes (``NumberOfSeriesRelatedInstances``, ``ModalitiesInStudy
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import struct
@@ -161,6 +162,19 @@ def _pixel_overrun(data: bytes, pos: int, implicit: bool, size: int, offset: int
     return None
 
 
+@functools.lru_cache(maxsize=64)
+def _syntax(uid: str) -> tuple[bool, bool]:
+    """Whether the scan reads a transfer syntax (little endian, not deflated); implicit VR.
+
+    Cached: a folder holds a few syntaxes, and pydicom's UID properties cost a
+    twentieth of a small file's read.
+    """
+    syntax = UID(uid)
+    if not (syntax.is_transfer_syntax and syntax.is_little_endian and not syntax.is_deflated):
+        return False, False
+    return True, syntax.is_implicit_VR
+
+
 def _read_one(path: Path, tags: frozenset[int]) -> tuple[str, Any]:
     """One file: ("row", elements), ("ds", Dataset), ("skip", why) or ("error", why)."""
     try:
@@ -193,9 +207,8 @@ def _read_one(path: Path, tags: frozenset[int]) -> tuple[str, Any]:
                 syntax = meta.transfer_syntax
                 # A file meta without its preamble (as pydicom's force=True reads it).
                 offset = meta.dataset_offset - (len(head) - len(data))
-            uid = UID(syntax)
-            if uid.is_transfer_syntax and uid.is_little_endian and not uid.is_deflated:
-                implicit = uid.is_implicit_VR
+            scannable, implicit = _syntax(syntax)
+            if scannable:
                 while True:
                     out: dict[int, Any] = {}
                     view = memoryview(data)[offset:]
