@@ -1032,7 +1032,11 @@ def _setup_argparser() -> argparse.ArgumentParser:
         default=CALL_TIMEOUT,
         help=f"seconds one timed call may take before the run fails (default {CALL_TIMEOUT:.0f})",
     )
-    parser.add_argument("--load-only", action="store_true", help="load the cohorts and stop")
+    parser.add_argument(
+        "--load-only",
+        action="store_true",
+        help="load the cohorts (and write the read-headers files) and stop",
+    )
     parser.add_argument("--worker", choices=KINDS, help=argparse.SUPPRESS)
     parser.add_argument("--rss-probe", choices=KINDS, help=argparse.SUPPRESS)
     return parser
@@ -1081,6 +1085,10 @@ def main(argv: list[str] | None = None) -> int:
     # The read-headers files: beside the Orthanc store (benchmarks/.work/files20k).
     files_root = (args.workdir.resolve() if args.workdir else workdir.parent) / FILES_FOLDER[mode]
     files_root.mkdir(parents=True, exist_ok=True)
+    if args.load_only and "read-headers" in args.items:
+        files_folder(files_root, mode)
+    if args.load_only and not online:
+        return 0
     if not online:
         # No PACS in these items: Orthanc is not started.
         problems: list[str] = []
