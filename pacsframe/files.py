@@ -343,8 +343,9 @@ def read_headers(
     workers : int, optional
         Threads reading files. Default 4: the header scan holds the GIL, so threads
         overlap the reads only (a network share, a cold disk); ``1`` reads in the
-        calling thread, which is faster for files already in the page cache
-        (``make bench``, 20,000 small files: 3.6 s with 1 thread, 4.9 s with 4).
+        calling thread, which was faster on an idle machine for files already in
+        the page cache (``make bench``'s read-headers item; the README gives the
+        numbers).
 
     Returns
     -------
