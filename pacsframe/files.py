@@ -12,18 +12,22 @@ and computed attributes (``NumberOfSeriesRelatedInstances``, ``ModalitiesInStudy
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import struct
 import warnings
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from stat import S_ISDIR, S_ISREG
 from typing import Any
 
 import pandas as pd
 from pydicom import dcmread
-from pydicom.uid import UID
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.valuerep import VR
 
 from . import frames, matching
 from .errors import QueryError, UnreadableFileWarning
@@ -49,10 +53,17 @@ _DEFAULT_WORKERS = 4
 # How many errors the summary warning names.
 _NAMED = 3
 _LONG = struct.Struct("<L").unpack_from
+# What a bare data set's first element holds at bytes 4-5 when its VR is explicit.
+_VR_NAMES = frozenset(vr.value.encode() for vr in VR if len(vr.value) == 2)
+# Put before a file meta that lacks its preamble, so read_part10 reads it.
+_PREAMBLE = bytes(128) + b"DICM"
 
 
-def _files(path_or_paths: Any) -> tuple[list[Path], list[str]]:
-    """Every file under the paths (folders recursively), sorted, and the sources."""
+def _files(path_or_paths: Any) -> tuple[list[Path], list[str], list[dict[str, str]]]:
+    """Every file under the paths (folders recursively), sorted; the sources; errors.
+
+    The errors are the folders that could not be listed, as ``{"path", "error"}``.
+    """
     if isinstance(path_or_paths, (str, os.PathLike)):
         sources = [path_or_paths]
     elif isinstance(path_or_paths, Iterable):
@@ -63,17 +74,72 @@ def _files(path_or_paths: Any) -> tuple[list[Path], list[str]]:
             f"{type(path_or_paths).__name__}."
         )
     out: list[Path] = []
+    # Each folder and each file once, by device and inode: a symbolic link is followed
+    # (a CD import or a share may link series folders), so a link back up the tree
+    # (a loop) or a second link to one file adds nothing, and the walk ends.
+    folders: set[tuple[int, int]] = set()
+    files: set[tuple[int, int]] = set()
+    errors: list[dict[str, str]] = []
     for source in sources:
         path = Path(source)
-        if path.is_dir():
-            out += sorted(p for p in path.rglob("*") if p.is_file())
-        elif path.is_file():
-            out.append(path)
+        try:
+            stat = path.stat()
+        except OSError:
+            stat = None
+        if stat is not None and S_ISDIR(stat.st_mode):
+            found: list[tuple[str, os.stat_result]] = []
+            _walk(str(path), stat, folders, found, errors)
+            found.sort(key=lambda f: f[0])
+        elif stat is not None and S_ISREG(stat.st_mode):
+            found = [(str(path), stat)]
         else:
             raise QueryError(f"{str(path)!r} is neither a file nor a folder; check the path.")
-    seen: set[Path] = set()
-    unique = [p for p in out if not (p in seen or seen.add(p))]  # type: ignore[func-returns-value]
-    return unique, [str(s) for s in sources]
+        for name, st in found:
+            if (st.st_dev, st.st_ino) not in files:
+                files.add((st.st_dev, st.st_ino))
+                out.append(Path(name))
+    return out, [str(s) for s in sources], errors
+
+
+def _walk(
+    folder: str,
+    stat: os.stat_result,
+    folders: set[tuple[int, int]],
+    found: list[tuple[str, os.stat_result]],
+    errors: list[dict[str, str]],
+) -> None:
+    """Add the regular files under ``folder`` to ``found``, following links.
+
+    A folder that cannot be listed is an entry of ``errors``.
+
+    Iterative, and no folder is entered twice (``folders`` holds each one's device
+    and inode), so links that loop are bounded by the number of real folders.
+    """
+    pending = [(folder, stat)]
+    while pending:
+        folder, stat = pending.pop()
+        if (stat.st_dev, stat.st_ino) in folders:
+            continue
+        folders.add((stat.st_dev, stat.st_ino))
+        try:
+            # By name, so which of two paths to one folder or file is kept does not
+            # depend on the order the file system lists them in.
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as exc:
+            why = f"the folder could not be listed ({type(exc).__name__}); check its permissions"
+            errors.append({"path": folder, "error": why})
+            continue
+        subfolders = []
+        for entry in entries:
+            try:
+                st = entry.stat()  # follows a link; a dangling one raises
+            except OSError:
+                continue
+            if S_ISDIR(st.st_mode):
+                subfolders.append((entry.path, st))
+            elif S_ISREG(st.st_mode):
+                found.append((entry.path, st))
+        pending += reversed(subfolders)  # the first by name is walked first
 
 
 def _pixel_overrun(data: bytes, pos: int, implicit: bool, size: int, offset: int) -> str | None:
@@ -96,26 +162,53 @@ def _pixel_overrun(data: bytes, pos: int, implicit: bool, size: int, offset: int
     return None
 
 
+@functools.lru_cache(maxsize=64)
+def _syntax(uid: str) -> tuple[bool, bool]:
+    """Whether the scan reads a transfer syntax (little endian, not deflated); implicit VR.
+
+    Cached: a folder holds a few syntaxes, and pydicom's UID properties cost a
+    twentieth of a small file's read.
+    """
+    syntax = UID(uid)
+    if not (syntax.is_transfer_syntax and syntax.is_little_endian and not syntax.is_deflated):
+        return False, False
+    return True, syntax.is_implicit_VR
+
+
 def _read_one(path: Path, tags: frozenset[int]) -> tuple[str, Any]:
     """One file: ("row", elements), ("ds", Dataset), ("skip", why) or ("error", why)."""
     try:
         with open(path, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
             data = handle.read(_FIRST_READ)
-            if len(data) < 132 or data[128:132] != b"DICM":
-                if path.suffix.lower() == ".dcm":
-                    return "error", "it has a .dcm name but no 'DICM' after a 128-byte preamble"
-                return "skip", "not DICOM"
-            try:
-                meta = read_part10(io.BytesIO(data))
-            except ValueError as exc:
-                return "error", str(exc).replace("the data", "its file meta")
-            if meta.sop_class_uid == _DICOMDIR:
-                return "skip", "a DICOMDIR"
-            uid = UID(meta.transfer_syntax)
-            if uid.is_transfer_syntax and uid.is_little_endian and not uid.is_deflated:
-                implicit = uid.is_implicit_VR
-                offset = meta.dataset_offset
+            bare = not (len(data) >= 132 and data[128:132] == b"DICM")
+            if bare and data[:2] == b"\x08\x00" and len(data) >= 8:
+                # A bare data set (no preamble, no file meta), as old CD imports hold:
+                # read as pydicom's dcmread(force=True) reads it, explicit VR when the
+                # first element's bytes 4-5 are a VR, else implicit, little endian.
+                explicit = data[4:6] in _VR_NAMES
+                syntax = ExplicitVRLittleEndian if explicit else ImplicitVRLittleEndian
+                offset = 0
+            else:
+                head = _PREAMBLE + data if bare and data[:2] == b"\x02\x00" else data
+                if head[128:132] != b"DICM":
+                    if path.suffix.lower() == ".dcm":
+                        return "error", (
+                            "it has a .dcm name but is not DICOM: no 'DICM' after a 128-byte "
+                            "preamble, and no data set at its start"
+                        )
+                    return "skip", "not DICOM"
+                try:
+                    meta = read_part10(io.BytesIO(head))
+                except ValueError as exc:
+                    return "error", str(exc).replace("the data", "its file meta")
+                if meta.sop_class_uid == _DICOMDIR:
+                    return "skip", "a DICOMDIR"
+                syntax = meta.transfer_syntax
+                # A file meta without its preamble (as pydicom's force=True reads it).
+                offset = meta.dataset_offset - (len(head) - len(data))
+            scannable, implicit = _syntax(syntax)
+            if scannable:
                 while True:
                     out: dict[int, Any] = {}
                     view = memoryview(data)[offset:]
@@ -133,12 +226,14 @@ def _read_one(path: Path, tags: frozenset[int]) -> tuple[str, Any]:
                 if len(data) >= size:
                     # The whole file is here and the scan gave up on it: find out why
                     # before pydicom, which stops quietly at a short read.
-                    why = _overrun(data, meta.dataset_offset, implicit, size)
+                    why = _overrun(data, offset, implicit, size)
                     if why:
                         return "error", why
             handle.seek(0)
-            ds = dcmread(handle, stop_before_pixels=True, specific_tags=sorted(tags))
+            ds = dcmread(handle, force=bare, stop_before_pixels=True, specific_tags=sorted(tags))
             return "ds", ds
+    except zlib.error as exc:
+        return "error", f"its deflated data set is truncated or damaged (zlib: {exc})"
     except Exception as exc:  # a hostile file must not end the call
         return "error", f"it could not be read ({type(exc).__name__}: {exc})"
 
@@ -226,6 +321,15 @@ def read_headers(
     (``NumberOfSeriesRelatedInstances``, ``NumberOfStudyRelatedSeries``,
     ``ModalitiesInStudy``...), by the code the demo PACS answers C-FIND with.
 
+    Symbolic links are followed, and each folder and file is read once (by device
+    and inode), so a link loop ends and a file linked twice is one row. A file is
+    DICOM when it has ``DICM`` after a 128-byte preamble, or when it starts with a
+    bare data set (an element of group 0008, implicit or explicit VR little endian,
+    as old CD imports hold) or with a file meta lacking its preamble: those are read
+    as pydicom's ``dcmread(force=True)`` reads them. Any other file is skipped and
+    counted, unless its name ends in ``.dcm`` (then it is an error). Deflated files
+    are inflated by pydicom.
+
     Parameters
     ----------
     path_or_paths : path or iterable of paths
@@ -239,7 +343,9 @@ def read_headers(
     workers : int, optional
         Threads reading files. Default 4: the header scan holds the GIL, so threads
         overlap the reads only (a network share, a cold disk); ``1`` reads in the
-        calling thread.
+        calling thread, which was faster on an idle machine for files already in
+        the page cache (``make bench``'s read-headers item; the README gives the
+        numbers).
 
     Returns
     -------
@@ -251,7 +357,8 @@ def read_headers(
         ``source`` (the paths given), ``files`` (how many were looked at),
         ``skipped`` (files that are not DICOM, DICOMDIRs) and ``errors`` (a list of
         ``{"path", "error"}`` for files that could not be read: truncated, a ``.dcm``
-        that is not DICOM, a declared length past the end, a UID that is not a UID).
+        that is not DICOM, a declared length past the end, a UID that is not a UID, a
+        damaged deflated data set, a folder that could not be listed).
         When there are errors, one :class:`~pacsframe.UnreadableFileWarning`
         summarises them; nothing is raised for a bad file.
 
@@ -280,7 +387,7 @@ def read_headers(
     """
     lv = normalize_level(level)
     query, columns = _columns(lv, keys)
-    paths, sources = _files(path_or_paths)
+    paths, sources, errors = _files(path_or_paths)
     builder = frames.FrameBuilder(columns)
     tags = builder.tags
     if workers is None:
@@ -298,7 +405,6 @@ def read_headers(
                 for r in part
             ]
     rows: list[str] = []
-    errors: list[dict[str, str]] = []
     skipped = 0
     for path, (kind, payload) in zip(paths, results, strict=True):
         if kind == "row":

@@ -15,6 +15,54 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.orthanc, pytest.mark.dcmtk]
 
 
+# The read-headers row: a ratio to each of the pydicom loop and dcmdump, and its target.
+READ_HEADERS_ROW = (
+    r"\| read_headers of a folder, 1,000 files, workers=1 \| .* \| \d+\.\d+x pydicom, "
+    r"\d+\.\d+x dcmdump \| <= 0\.5x the pydicom loop"
+)
+
+
+def _run(tmp_path: Path, *args: str) -> str:
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "run.py"),
+            "--quick",
+            "--rounds",
+            "1",
+            "--timeout",
+            "60",
+            "--workdir",
+            str(tmp_path / "work"),
+            *args,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def test_offline_item_needs_no_orthanc(tmp_path):
+    """read-headers alone starts no Orthanc, and its folder is written once."""
+    require_tool("dcmdump")
+    out = _run(tmp_path, "--items", "read-headers")
+    assert re.search(READ_HEADERS_ROW, out), out
+    assert "- Orthanc: not started" in out, out
+    assert "The x5 item" not in out, out
+    assert "`pf.read_headers(folder, workers=...)`" in out, out
+    assert "Wrong answers" not in out, out
+    folder = tmp_path / "work" / "files1k"
+    assert not (tmp_path / "work" / "orthanc").exists()
+    marker = folder / "cohort.json"
+    written = marker.stat().st_mtime_ns
+    out = _run(tmp_path, "--items", "read-headers")
+    assert marker.stat().st_mtime_ns == written  # reused, not written again
+    assert re.search(READ_HEADERS_ROW, out), out
+
+
 def test_quick_benchmark_prints_and_writes_the_table(tmp_path):
     for tool in ("Orthanc", "findscu", "getscu", "movescu", "curl"):
         require_tool(tool)
@@ -27,27 +75,7 @@ def test_quick_benchmark_prints_and_writes_the_table(tmp_path):
     results = tmp_path / "RESULTS.md"
     stale = "<!-- bench:start -->\nSTALE TABLE\n<!-- bench:end -->"
     results.write_text(f"# Kept\n\n{stale}\n\nAlso kept.\n")
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "run.py"),
-            "--quick",
-            "--rounds",
-            "1",
-            "--timeout",
-            "60",
-            "--workdir",
-            str(tmp_path / "work"),
-            "--results",
-            str(results),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    out = done.stdout
+    out = _run(tmp_path, "--results", str(results))
     assert "timed in process with imports done" in out
     for row in (
         "C-FIND study level, 22 rows",
@@ -62,8 +90,11 @@ def test_quick_benchmark_prints_and_writes_the_table(tmp_path):
         "WADO-RS get cold, 10 instances, workers=1",
         "WADO-RS get cold, 10 instances, workers=4",
         "QIDO-RS studies, 22 rows",
+        "read_headers of a folder, 1,000 files, workers=1",
+        "read_headers of a folder, 1,000 files, workers=4",
     ):
         assert f"| {row} |" in out, out
+    assert re.search(READ_HEADERS_ROW, out), out
     assert "<= 1.0x movescu receiving on its own port" in out, out
     # The DICOMweb rows: a ratio to each of dicomweb-client and curl, and the notes.
     wado = r"\| WADO-RS get cold, 10 instances, workers=1 \| .* \| \d+\.\d+x dicomweb-client, "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 import warnings
@@ -11,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from pydicom import dcmread
-from pydicom.uid import ImplicitVRLittleEndian
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 import pacsframe as pf
 from pacsframe import matching
@@ -172,13 +173,20 @@ def _hostile(folder: Path, manifest: pd.DataFrame, out: Path) -> dict[str, str]:
     huge_pixels = bytearray(good)
     huge_pixels[pixels + 8 : pixels + 12] = struct.pack("<L", 0xFFFFFFF0)
     (out / "huge-pixels.dcm").write_bytes(bytes(huge_pixels))
+    # Deflated: the intact file reads (pydicom inflates it), a cut one is an error.
+    deflated = dcmread(manifest.path.iloc[1])
+    deflated.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    deflated.save_as(out / "deflated.dcm")
+    whole = (out / "deflated.dcm").read_bytes()
+    (out / "deflated-cut.dcm").write_bytes(whole[: len(whole) - 40])
     return {
         "truncated.dcm": "truncated",
         "cut-in-header.dcm": "truncated",
-        "not-dicom.dcm": "no 'DICM'",
+        "not-dicom.dcm": "not DICOM",
         "path-uid.dcm": "not a valid UID",
         "huge-length.dcm": "past the end of the file",
         "huge-pixels.dcm": "truncated",
+        "deflated-cut.dcm": "deflated data set is truncated or damaged",
     }
 
 
@@ -189,8 +197,9 @@ def test_damaged_and_hostile_files(folder, tmp_path, workers):
     with pytest.warns(pf.UnreadableFileWarning) as caught:
         frame = pf.read_headers(tmp_path / "bad", level="instance", workers=workers)
     assert len([w for w in caught if issubclass(w.category, pf.UnreadableFileWarning)]) == 1
-    assert "6 of 8 files could not be read" in str(caught[0].message)
-    assert frame.SOPInstanceUID.tolist() == [manifest.SOPInstanceUID.iloc[0]]
+    assert "7 of 10 files could not be read" in str(caught[0].message)
+    # good.dcm and deflated.dcm
+    assert frame.SOPInstanceUID.tolist() == sorted(manifest.SOPInstanceUID.iloc[:2])
     meta = frame.attrs["pacsframe"]
     assert meta["skipped"] == 1
     errors = {Path(e["path"]).name: e["error"] for e in meta["errors"]}
@@ -201,7 +210,125 @@ def test_damaged_and_hostile_files(folder, tmp_path, workers):
     # Above the instance level too: still one row, the same errors.
     with pytest.warns(pf.UnreadableFileWarning):
         studies = pf.read_headers(tmp_path / "bad", level="study")
-    assert studies.NumberOfStudyRelatedInstances.tolist() == [1]
+    counts = manifest.iloc[:2].groupby("StudyInstanceUID").size()
+    assert studies.NumberOfStudyRelatedInstances.tolist() == counts.sort_index().tolist()
+
+
+def test_deflated_file_reads_as_the_original(folder, tmp_path):
+    _, manifest = folder
+    ds = dcmread(manifest.path.iloc[0])
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(tmp_path / "deflated.dcm")
+    keys = ["PatientName", "StudyDate", "PixelSpacing", "Modality"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        frame = pf.read_headers(tmp_path, keys=keys)
+    pd.testing.assert_frame_equal(frame, pf.read_headers(manifest.path.iloc[0], keys=keys))
+
+
+def _bare(ds, path: Path, implicit: bool, meta: bool = False) -> None:
+    """``ds`` written without the 128-byte preamble and 'DICM' (and its file meta)."""
+    ds = ds.copy()
+    ds.preamble = None
+    if not meta:
+        del ds.file_meta
+    elif implicit:
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    ds.save_as(path, implicit_vr=implicit, little_endian=True, enforce_file_format=False)
+
+
+def test_files_without_preamble(folder, tmp_path):
+    """Bare data sets (old CD imports) read as pydicom's force=True reads them.
+
+    A file without the preamble and 'DICM' is read when it starts with a data set
+    (an element of group 0008, implicit or explicit VR) or with a file meta (group
+    0002); anything else is skipped and counted as not DICOM, or an error with a
+    .dcm name.
+    """
+    _, manifest = folder
+    originals = list(manifest.path.iloc[:3])
+    first, second, third = (dcmread(p) for p in originals)
+    _bare(first, tmp_path / "IM0001", implicit=True)
+    _bare(second, tmp_path / "IM0002", implicit=False)
+    _bare(third, tmp_path / "IM0003", implicit=True, meta=True)
+    (tmp_path / "IM0004").write_bytes(b"\x10\x00\x10\x00" + b"no data set here" * 4)
+    (tmp_path / "IM0005.dcm").write_bytes(b"MZ" + bytes(200))
+    for name in ("IM0001", "IM0002", "IM0003"):
+        assert (tmp_path / name).read_bytes()[128:132] != b"DICM"
+        # the reference the choice follows: pydicom reads them with force=True
+        assert dcmread(tmp_path / name, force=True).SOPInstanceUID in set(
+            manifest.SOPInstanceUID.iloc[:3]
+        )
+    keys = ["PatientName", "StudyDate", "PixelSpacing", "SpecificCharacterSet"]
+    with pytest.warns(pf.UnreadableFileWarning) as caught:
+        frame = pf.read_headers(tmp_path, keys=keys)
+    assert len(caught) == 1
+    pd.testing.assert_frame_equal(frame, pf.read_headers(originals, keys=keys))
+    meta = frame.attrs["pacsframe"]
+    assert (meta["files"], meta["skipped"]) == (5, 1)
+    assert [Path(e["path"]).name for e in meta["errors"]] == ["IM0005.dcm"]
+    assert "not DICOM" in meta["errors"][0]["error"]
+    # A bare data set cut short is an error like a cut Part 10 file.
+    data = (tmp_path / "IM0001").read_bytes()
+    (tmp_path / "IM0001").write_bytes(data[:-30])
+    with pytest.warns(pf.UnreadableFileWarning):
+        frame = pf.read_headers(tmp_path / "IM0001")
+    assert len(frame) == 0
+    assert "truncated" in frame.attrs["pacsframe"]["errors"][0]["error"]
+
+
+def test_symbolic_links_and_loops(folder, tmp_path):
+    """Links are followed; each folder and file is read once, so loops end."""
+    _, manifest = folder
+    series = manifest[manifest.SeriesInstanceUID == manifest.SeriesInstanceUID.iloc[0]]
+    other = manifest[manifest.SeriesInstanceUID == manifest.SeriesInstanceUID.iloc[-1]]
+    top = tmp_path / "top"
+    (top / "a" / "b").mkdir(parents=True)
+    for path in series.path:
+        shutil.copy(path, top / "a" / "b")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for path in other.path:
+        shutil.copy(path, outside)
+    os.symlink(top, top / "a" / "b" / "up")  # a loop back to the top
+    os.symlink(top / "a", top / "a" / "self")  # a loop to its own folder
+    os.symlink(outside, top / "linked")  # a folder elsewhere: followed
+    first = next((top / "a" / "b").iterdir())
+    os.symlink(first, top / "again.dcm")  # a second name for one file: read once
+    os.symlink(tmp_path / "gone", top / "dangling")  # points nowhere: ignored
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        frame = pf.read_headers(top)
+    assert sorted(frame.SOPInstanceUID) == sorted([*series.SOPInstanceUID, *other.SOPInstanceUID])
+    meta = frame.attrs["pacsframe"]
+    assert (meta["files"], meta["skipped"], meta["errors"]) == (len(series) + len(other), 0, [])
+
+
+@pytest.mark.orthanc
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("level", ["instance", "series", "study", "patient"])
+def test_frames_equal_orthanc_cfind(cohort, orthanc, level):
+    """The shared cohort's files read as Orthanc's C-FIND answers them, column by column.
+
+    Orthanc (conftest's fixture, the cohort stored into it) computes the counts and
+    ModalitiesInStudy itself; no column of these needs a documented deviation.
+    """
+    root, manifest = cohort
+    pacs = pf.PACS(orthanc.host, orthanc.dicom_port, orthanc.aet, dimse_timeout=30)
+    if level == "patient":
+        theirs = pacs.find_patients(return_keys=EXTRA[level])
+    else:
+        studies = pacs.find_studies(return_keys=EXTRA["study"])
+        theirs = studies
+        if level != "study":
+            theirs = pacs.find_series(studies, return_keys=EXTRA["series"])
+        if level == "instance":
+            theirs = pacs.find_instances(theirs, return_keys=EXTRA[level])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours = pf.read_headers(root, level=level, keys=EXTRA[level])
+    assert len(ours) == len(theirs) == manifest[KEYS[level]].nunique()
+    assert_same(ours, theirs, level)
 
 
 def test_bad_arguments(tmp_path):
