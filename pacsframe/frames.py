@@ -869,8 +869,13 @@ class FrameBuilder:
     ['string', 'datetime64[ns]']
     """
 
-    def __init__(self, columns: Sequence[str]) -> None:
+    def __init__(self, columns: Sequence[str], *, flatten: int | None = None) -> None:
         self.attributes = [attribute(c) for c in columns]
+        # The tag of a sequence whose items become one row each (a worklist's
+        # Scheduled Procedure Step Sequence), the identifier's other columns repeated.
+        self._flatten = flatten
+        #: Identifiers added (rows, but for ``flatten``: one identifier, many rows).
+        self.matches = 0
         self._index: dict[int, list[int]] = {_CHARSET_TAG: [-1]}
         for i, attr in enumerate(self.attributes):
             self._index.setdefault(attr.tag, []).append(i)
@@ -888,7 +893,34 @@ class FrameBuilder:
         return len(self._charsets)
 
     def add(self, ds: Dataset) -> None:
-        """Keep the raw element of each column of one identifier."""
+        """Keep the raw element of each column of one identifier.
+
+        With ``flatten=`` (a sequence's tag), one row per item of that sequence:
+        the item's elements and the identifier's top-level ones (an identifier
+        without items is one row of its top-level elements).
+
+        Examples
+        --------
+        >>> from pydicom import Dataset
+        >>> ds, one, two = Dataset(), Dataset(), Dataset()
+        >>> ds.PatientID, one.Modality, two.Modality = "P1", "CT", "MR"
+        >>> ds.ScheduledProcedureStepSequence = [one, two]
+        >>> fb = FrameBuilder(["PatientID", "Modality"], flatten=0x00400100)
+        >>> fb.add(ds)
+        >>> fb.frame().values.tolist(), fb.matches
+        ([['P1', 'CT'], ['P1', 'MR']], 1)
+        """
+        top = self._wanted(ds)
+        sequence = ds.get(self._flatten) if self._flatten is not None else None
+        items = sequence.value if sequence is not None and sequence.VR == "SQ" else None
+        if not items:
+            self._keep(top)
+            return
+        for position, item in enumerate(items):
+            self._keep([*top, *self._wanted(item)], new_match=position == 0)
+
+    def _wanted(self, ds: Dataset) -> list[tuple[int, Any]]:
+        """(tag, element) of each element of ``ds`` (top level only) that is a column."""
         index = self._index
         wanted = []
         for elem in ds.values():
@@ -897,15 +929,16 @@ class FrameBuilder:
             if elem.value is None and not isinstance(elem, DataElement):
                 elem = ds.get_item(elem.tag)  # a deferred read: read it now
             wanted.append((elem.tag, elem))
-        self._keep(wanted)
+        return wanted
 
     def add_raw(self, data: bytes | memoryview, implicit_vr: bool) -> bool:
         """Add one identifier from its little-endian encoding, as it came off the wire.
 
         The same as ``add(read_dataset(...))`` without building a pydicom ``Dataset``:
         the bytes are scanned once (:func:`scan_elements`) for this frame's columns.
-        Returns False, adding nothing, for an encoding the scan leaves to pydicom;
-        decode it with pydicom and call :meth:`add` then.
+        Returns False, adding nothing, for an encoding the scan leaves to pydicom
+        (and with ``flatten=``, whose items pydicom reads); decode it with pydicom
+        and call :meth:`add` then.
 
         Examples
         --------
@@ -915,6 +948,8 @@ class FrameBuilder:
         >>> fb.frame().PatientID.tolist()
         ['123']
         """
+        if self._flatten is not None:
+            return False
         found = scan_elements(data, implicit_vr, self._index)
         if found is None:
             return False
@@ -981,8 +1016,12 @@ class FrameBuilder:
         self._charsets[-1] = _UTF8_CHARSET
         return True
 
-    def _keep(self, elements: Iterable[tuple[int, Any]]) -> None:
-        """Append one row: each (tag, raw element) to its columns or the charsets."""
+    def _keep(self, elements: Iterable[tuple[int, Any]], *, new_match: bool = True) -> None:
+        """Append one row: each (tag, raw element) to its columns or the charsets.
+
+        ``new_match`` is False for the second and later rows of one identifier.
+        """
+        self.matches += new_match
         row: list[Any] = [None] * len(self.attributes)
         charset = None
         index = self._index
