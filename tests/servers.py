@@ -1,8 +1,9 @@
 """Start and stop real DICOM peers for the integration tests and the benchmarks.
 
-Three peers are provided: :class:`OrthancServer` (Debian's ``orthanc`` package),
-:class:`DcmtkStoreSCP` (dcmtk's ``storescp``) and :class:`DcmqrscpServer` (dcmtk's
-``dcmqrscp``, a query/retrieve archive). Each runs as a child process in its own
+Four peers are provided: :class:`OrthancServer` (Debian's ``orthanc`` package),
+:class:`DcmtkStoreSCP` (dcmtk's ``storescp``), :class:`DcmqrscpServer` (dcmtk's
+``dcmqrscp``, a query/retrieve archive) and :class:`WlmscpfsServer` (dcmtk's
+``wlmscpfs``, a modality worklist server over files). Each runs as a child process in its own
 folder on free ports, is stopped by :meth:`stop`, by its context manager, by an ``atexit``
 hook, and - where ``setpriv`` exists - by the kernel when the Python process dies, so a
 crashed or killed test run does not leave servers behind.
@@ -38,6 +39,7 @@ __all__ = [
     "DcmtkStoreSCP",
     "OrthancRestError",
     "OrthancServer",
+    "WlmscpfsServer",
     "dcmtk_env",
     "free_port",
     "require_tool",
@@ -731,3 +733,64 @@ class DcmqrscpServer(_ManagedProcess):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(process.pid, signal.SIGTERM if graceful else signal.SIGKILL)
         super().stop(timeout, graceful=graceful)
+
+
+class WlmscpfsServer(_ManagedProcess):
+    """dcmtk's ``wlmscpfs`` worklist server over a folder of ``*.wl`` files, on a free port.
+
+    It serves the files in :attr:`worklist_dir` (``<workdir>/worklists/<aet>/``, which
+    also holds the empty ``lockfile`` wlmscpfs requires) to requests that call
+    ``aet``; files are read at each request, so tests may write them while it runs.
+    ``--keep-char-set`` returns the files' SpecificCharacterSet (by default wlmscpfs
+    returns none). Incomplete files (missing type 1 return keys) are rejected (its
+    default ``--enable-file-reject``). Single process (``--single-process``): no child
+    per association to outlive a stop.
+    """
+
+    def __init__(
+        self,
+        workdir: str | os.PathLike[str],
+        *,
+        aet: str = "WLMSCPFS",
+        extra_args: list[str] | None = None,
+    ) -> None:
+        super().__init__(workdir, "wlmscpfs.log")
+        self.aet = aet
+        self.extra_args = list(extra_args or [])
+        self.data_dir = self.workdir / "worklists"
+        self.worklist_dir = self.data_dir / aet
+        self.port = free_port()
+
+    @property
+    def dicom_port(self) -> int:
+        """Same as :attr:`port`, named like :attr:`OrthancServer.dicom_port`."""
+        return self.port
+
+    def _prepare(self) -> None:
+        self.worklist_dir.mkdir(parents=True, exist_ok=True)
+        (self.worklist_dir / "lockfile").touch()
+
+    def _command(self) -> list[str]:
+        return [
+            require_tool("wlmscpfs"),
+            "--single-process",
+            "--data-files-path",
+            str(self.data_dir),
+            "--keep-char-set",
+            # Bounded: a silent peer is dropped after 30 s, not kept for ever.
+            "--dimse-timeout",
+            "30",
+            "--acse-timeout",
+            "30",
+            *self.extra_args,
+            str(self.port),
+        ]
+
+    def _env(self) -> dict[str, str]:
+        return dcmtk_env()
+
+    def _pick_new_ports(self) -> None:
+        self.port = free_port()
+
+    def _ready(self) -> bool:
+        return _port_open(self.host, self.port)

@@ -201,7 +201,9 @@ def make_worklist(date: _dt.date | str = DEMO_DATE) -> list[Dataset]:
     return entries
 
 
-def write_worklist(entries: Iterable[Dataset], folder: str | os.PathLike[str]) -> list[Path]:
+def write_worklist(
+    entries: Iterable[Dataset], folder: str | os.PathLike[str], *, one_step_per_file: bool = False
+) -> list[Path]:
     """Write worklist entries as ``*.wl`` files, as worklist servers read them.
 
     Each file is a DICOM file (Part 10, Explicit VR Little Endian) named after its
@@ -214,6 +216,11 @@ def write_worklist(entries: Iterable[Dataset], folder: str | os.PathLike[str]) -
         Worklist entries, e.g. :func:`make_worklist`.
     folder : str or os.PathLike
         Created when missing.
+    one_step_per_file : bool
+        Write an entry with several scheduled steps as one file per step (named
+        ``<accession>-<n>.wl``), its other attributes repeated: dcmtk's
+        ``wlmscpfs`` ignores files whose Scheduled Procedure Step Sequence does
+        not hold exactly one item.
 
     Returns
     -------
@@ -228,9 +235,19 @@ def write_worklist(entries: Iterable[Dataset], folder: str | os.PathLike[str]) -
     """
     target = Path(folder)
     target.mkdir(parents=True, exist_ok=True)
-    written = []
+    files: list[tuple[str, Dataset]] = []
     for position, entry in enumerate(entries):
         name = str(entry.get("AccessionNumber", "") or f"entry{position:05d}")
+        steps = list(entry.get("ScheduledProcedureStepSequence", None) or [])
+        if not one_step_per_file or len(steps) < 2:
+            files.append((name, entry))
+            continue
+        for n, step in enumerate(steps):
+            single = copy.deepcopy(entry)
+            single.ScheduledProcedureStepSequence = [copy.deepcopy(step)]
+            files.append((f"{name}-{n + 1}", single))
+    written = []
+    for position, (name, entry) in enumerate(files):
         # The name comes from data: keep only characters safe in a file name.
         stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in name).lstrip(".")
         ds = copy.deepcopy(entry)
@@ -304,8 +321,9 @@ class Worklist:
     ----------
     source : iterable of Dataset, str, os.PathLike or None
         Worklist entries; a folder whose ``*.wl`` files (recursively) are read at
-        every request, so files may be added and removed while the server runs;
-        or None for :func:`make_worklist`'s demo worklist.
+        every request, so files may be added and removed while the server runs
+        (a file without a Scheduled Procedure Step Sequence is skipped); or None
+        for :func:`make_worklist`'s demo worklist.
 
     Examples
     --------
@@ -345,9 +363,15 @@ class Worklist:
         paths = sorted(self.folder.rglob("*.wl")) if self.folder.is_dir() else []
         for path in paths[:100_000]:
             try:
-                entries.append(dcmread(path, force=True))
+                # Forced: worklist files often lack the Part 10 preamble (dump2dcm -F).
+                ds = dcmread(path, force=True)
+                sequence = ds.get(SPS_SEQUENCE_TAG)
+                if sequence is None or sequence.VR != "SQ":
+                    raise ValueError("it holds no Scheduled Procedure Step Sequence")
             except (InvalidDicomError, OSError, ValueError, EOFError, struct.error) as exc:
                 LOGGER.warning("worklist file %s skipped: %s", path.name, exc)
+                continue
+            entries.append(ds)
         return entries
 
     def steps(self) -> tuple[list[Dataset], pd.DataFrame, np.ndarray]:
