@@ -527,7 +527,32 @@ class OrthancServer(_ManagedProcess):
         return self.rest("GET", "/modalities?expand")
 
 
-class DcmtkStoreSCP(_ManagedProcess):
+class _DcmtkServer(_ManagedProcess):
+    """A dcmtk tool on :attr:`port`: dcmtk's environment, a free port, ready when open."""
+
+    #: dcmtk's options that bound waiting for a silent peer (30 s), not for ever.
+    _TIMEOUTS = ("--dimse-timeout", "30", "--acse-timeout", "30")
+
+    def __init__(self, workdir: str | os.PathLike[str], log_name: str) -> None:
+        super().__init__(workdir, log_name)
+        self.port = free_port()
+
+    @property
+    def dicom_port(self) -> int:
+        """Same as :attr:`port`, named like :attr:`OrthancServer.dicom_port`."""
+        return self.port
+
+    def _env(self) -> dict[str, str]:
+        return dcmtk_env()
+
+    def _pick_new_ports(self) -> None:
+        self.port = free_port()
+
+    def _ready(self) -> bool:
+        return _port_open(self.host, self.port)
+
+
+class DcmtkStoreSCP(_DcmtkServer):
     """dcmtk's ``storescp`` writing received objects to ``output_dir``.
 
     Accepts every storage SOP class dcmtk knows plus unknown ones (``--promiscuous``) in
@@ -545,12 +570,6 @@ class DcmtkStoreSCP(_ManagedProcess):
         self.aet = aet
         self.extra_args = list(extra_args or [])
         self.output_dir = self.workdir / "received"
-        self.port = free_port()
-
-    @property
-    def dicom_port(self) -> int:
-        """Same as :attr:`port`, named like :attr:`OrthancServer.dicom_port`."""
-        return self.port
 
     def received_files(self) -> list[Path]:
         """Files written so far, sorted by name."""
@@ -574,17 +593,8 @@ class DcmtkStoreSCP(_ManagedProcess):
             str(self.port),
         ]
 
-    def _env(self) -> dict[str, str]:
-        return dcmtk_env()
 
-    def _pick_new_ports(self) -> None:
-        self.port = free_port()
-
-    def _ready(self) -> bool:
-        return _port_open(self.host, self.port)
-
-
-class DcmqrscpServer(_ManagedProcess):
+class DcmqrscpServer(_DcmtkServer):
     """dcmtk's ``dcmqrscp`` archive in a temporary folder, on a free port.
 
     One storage area (AE title ``aet``, read/write, open to any calling AE) under
@@ -631,12 +641,6 @@ class DcmqrscpServer(_ManagedProcess):
         self.extra_args = list(extra_args or [])
         self.config_path = self.workdir / "dcmqrscp.cfg"
         self.storage_dir = self.workdir / "storage" / aet
-        self.port = free_port()
-
-    @property
-    def dicom_port(self) -> int:
-        """Same as :attr:`port`, named like :attr:`OrthancServer.dicom_port`."""
-        return self.port
 
     def config(self) -> str:
         """The ``dcmqrscp.cfg`` written for the next start."""
@@ -702,23 +706,10 @@ class DcmqrscpServer(_ManagedProcess):
             require_tool("dcmqrscp"),
             "--config",
             str(self.config_path),
-            # Bounded: a silent peer is dropped after 30 s, not kept for ever.
-            "--dimse-timeout",
-            "30",
-            "--acse-timeout",
-            "30",
+            *self._TIMEOUTS,
             *self.extra_args,
             str(self.port),
         ]
-
-    def _env(self) -> dict[str, str]:
-        return dcmtk_env()
-
-    def _pick_new_ports(self) -> None:
-        self.port = free_port()
-
-    def _ready(self) -> bool:
-        return _port_open(self.host, self.port)
 
     def stop(self, timeout: float = 20, *, graceful: bool = True) -> None:
         """Stop dcmqrscp and the children it forked, one per association. Idempotent.
@@ -735,7 +726,7 @@ class DcmqrscpServer(_ManagedProcess):
         super().stop(timeout, graceful=graceful)
 
 
-class WlmscpfsServer(_ManagedProcess):
+class WlmscpfsServer(_DcmtkServer):
     """dcmtk's ``wlmscpfs`` worklist server over a folder of ``*.wl`` files, on a free port.
 
     It serves the files in :attr:`worklist_dir` (``<workdir>/worklists/<aet>/``, which
@@ -759,12 +750,6 @@ class WlmscpfsServer(_ManagedProcess):
         self.extra_args = list(extra_args or [])
         self.data_dir = self.workdir / "worklists"
         self.worklist_dir = self.data_dir / aet
-        self.port = free_port()
-
-    @property
-    def dicom_port(self) -> int:
-        """Same as :attr:`port`, named like :attr:`OrthancServer.dicom_port`."""
-        return self.port
 
     def _prepare(self) -> None:
         self.worklist_dir.mkdir(parents=True, exist_ok=True)
@@ -777,20 +762,7 @@ class WlmscpfsServer(_ManagedProcess):
             "--data-files-path",
             str(self.data_dir),
             "--keep-char-set",
-            # Bounded: a silent peer is dropped after 30 s, not kept for ever.
-            "--dimse-timeout",
-            "30",
-            "--acse-timeout",
-            "30",
+            *self._TIMEOUTS,
             *self.extra_args,
             str(self.port),
         ]
-
-    def _env(self) -> dict[str, str]:
-        return dcmtk_env()
-
-    def _pick_new_ports(self) -> None:
-        self.port = free_port()
-
-    def _ready(self) -> bool:
-        return _port_open(self.host, self.port)

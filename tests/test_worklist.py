@@ -283,9 +283,17 @@ def test_steps_frame_equals_the_answer(demo_worklist):
     pd.testing.assert_frame_equal(answer, local, check_like=False)
 
 
-def test_capped_answers_are_split_by_step_date(tmp_path):
-    with DemoPACS(tmp_path, worklist=ENTRIES, max_results=2) as server:
-        pacs = pf.PACS("127.0.0.1", server.port, ae_title=server.ae_title)
+@pytest.mark.parametrize("name", ["demo", "orthanc"])
+def test_capped_answers_are_split_by_step_date(name, tmp_path):
+    """A cap of two answers ended by an unasked 0xFE00: the demo's max_results, and
+    Orthanc's plugin option LimitAnswers."""
+    if name == "demo":
+        server = DemoPACS(tmp_path, worklist=ENTRIES, max_results=2)
+    else:
+        server = _orthanc_worklists(tmp_path, ENTRIES, LimitAnswers=2)
+    with server:
+        port = server.port if name == "demo" else server.dicom_port
+        pacs = pf.PACS("127.0.0.1", port, ae_title="PFDEMO" if name == "demo" else server.aet)
         with pytest.warns(UserWarning, match="ScheduledProcedureStepStart"):
             frame = pacs.find_worklist(
                 ScheduledProcedureStepStartDate=(DEMO_DATE, DEMO_DATE + _dt.timedelta(days=1)),
@@ -310,20 +318,6 @@ def test_a_cap_no_split_gets_under_raises_with_partial(tmp_path):
     partial = caught.value.partial
     assert isinstance(partial, pd.DataFrame) and len(partial) == 1
     assert partial.PatientID.iloc[0] in {"WL0001", "WL9999"}
-
-
-def test_orthanc_limit_answers_is_split(tmp_path):
-    """Orthanc's plugin option LimitAnswers ends a capped answer with 0xFE00."""
-    server = _orthanc_worklists(tmp_path, ENTRIES, LimitAnswers=2)
-    with server:
-        pacs = pf.PACS("127.0.0.1", server.dicom_port, ae_title=server.aet)
-        with pytest.warns(UserWarning, match="ScheduledProcedureStepStart"):
-            frame = pacs.find_worklist(
-                ScheduledProcedureStepStartDate=(DEMO_DATE, DEMO_DATE + _dt.timedelta(days=1)),
-                progress=False,
-            )
-    assert rows(frame) == expected()
-    assert frame.attrs["pacsframe"]["split"] is True
 
 
 def test_demo_reads_a_folder_at_each_request(tmp_path):
@@ -374,3 +368,32 @@ def test_what_each_peer_promises(peer):
         assert rows(described) == expected(
             step=lambda i: fnmatch.fnmatchcase(i.ScheduledProcedureStepDescription, "MR*")
         )
+
+
+def test_cli_find_level_worklist(demo_worklist, tmp_path):
+    from pacsframe import cli
+
+    out = tmp_path / "steps.csv"
+    peer = ["--peer", f"127.0.0.1:{demo_worklist.port}", "--aet", demo_worklist.ae_title]
+    args = ["find", *peer, "--level", "worklist", "Modality=CT", "--csv", str(out)]
+    assert cli.main(args) == 0
+    frame = pd.read_csv(out, dtype=str)
+    assert sorted(zip(frame.PatientID, frame.ScheduledProcedureStepID, strict=True)) == (
+        expected(step=lambda i: i.Modality == "CT")
+    )
+
+
+def test_worklist_logs_no_patient_data(peer, caplog):
+    """Every logger at DEBUG over a worklist query names no patient of the worklist."""
+    import logging
+
+    _, pacs = peer
+    caplog.set_level(logging.DEBUG)
+    frame = pacs.find_worklist(PatientName="Doe*", ScheduledProcedureStepStartDate=DEMO_DATE)
+    assert len(frame)
+    secret = set()
+    for entry in ENTRIES:
+        secret.update({entry.PatientID, entry.PatientBirthDate, entry.AccessionNumber})
+        secret.update(p for p in str(entry.PatientName).split("^") if len(p) >= 3)
+    text = "\n".join(record.getMessage() for record in caplog.records)
+    assert not [value for value in secret if value in text]

@@ -369,7 +369,10 @@ class Worklist:
                 if sequence is None or sequence.VR != "SQ":
                     raise ValueError("it holds no Scheduled Procedure Step Sequence")
             except (InvalidDicomError, OSError, ValueError, EOFError, struct.error) as exc:
-                LOGGER.warning("worklist file %s skipped: %s", path.name, exc)
+                # Not the file's name or the message: both may carry an accession number.
+                LOGGER.warning(
+                    "a worklist file under %s was skipped (%s)", self.folder, type(exc).__name__
+                )
                 continue
             entries.append(ds)
         return entries
