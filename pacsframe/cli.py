@@ -169,6 +169,12 @@ def _setup_argparser() -> argparse.ArgumentParser:
         metavar="PORT",
         help="also serve DICOMweb (QIDO-RS, WADO-RS, STOW-RS) on 127.0.0.1:PORT/dicom-web",
     )
+    serve.add_argument(
+        "--worklist",
+        type=Path,
+        metavar="DIR",
+        help="answer Modality Worklist queries from DIR's *.wl files (default: the demo worklist)",
+    )
     _add_tls_files(
         serve.add_argument_group("DICOM TLS (serve TLS only)"),
         "the CA (PEM) that signs client certificates; they are then required",
@@ -361,6 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 tls=tls,
                 max_results=args.max_results,
                 http_port=args.http_port,
+                worklist=args.worklist,
             )
         elif args.command == "demo":
             _demo(args)

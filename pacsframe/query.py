@@ -206,6 +206,11 @@ def normalize_level(level: str) -> str:
     'IMAGE'
     """
     found = _LEVEL_ALIASES.get(str(level).strip().lower())
+    if found is None and str(level).strip().lower() == "worklist":
+        raise QueryError(
+            "a Modality Worklist is not a query/retrieve level; use "
+            "pacs.find_worklist(...) (the same keys and value forms)."
+        )
     if found is None:
         raise QueryError(
             f"{level!r} is not a query level; use one of 'patient', 'study', 'series' or 'image'."

@@ -397,3 +397,26 @@ def test_worklist_logs_no_patient_data(peer, caplog):
         secret.update(p for p in str(entry.PatientName).split("^") if len(p) >= 3)
     text = "\n".join(record.getMessage() for record in caplog.records)
     assert not [value for value in secret if value in text]
+
+
+def test_timeout_gives_a_typed_partial(tmp_path):
+    """``timeout=`` bounds the call as for find_*: a peer that sleeps before answering
+    (wlmscpfs --sleep-before) ends it with reason "timeout" and a typed empty .partial."""
+    server = WlmscpfsServer(tmp_path, extra_args=["--sleep-before", "20"])
+    write_worklist(ENTRIES, server.worklist_dir, one_step_per_file=True)
+    with server:
+        pacs = pf.PACS("127.0.0.1", server.port, ae_title=server.aet)
+        with pytest.raises(pf.AssociationError, match="find_worklist") as caught:
+            pacs.find_worklist(Modality="CT", timeout=1)
+    assert caught.value.reason == "timeout"
+    partial = caught.value.partial
+    assert list(partial.columns) == build_worklist_query({"Modality": "CT"}).columns
+    assert len(partial) == 0
+    assert partial.attrs["pacsframe"]["partial"] is True
+    assert str(partial.ScheduledProcedureStepStartDate.dtype) == "datetime64[ns]"
+
+
+def test_find_level_worklist_points_to_find_worklist():
+    pacs = pf.PACS("127.0.0.1", 1, ae_title="NOBODY")
+    with pytest.raises(QueryError, match="find_worklist"):
+        pacs.find("worklist")

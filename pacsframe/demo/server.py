@@ -1416,6 +1416,7 @@ def serve(
     require_client_cert: bool | None = None,
     max_results: int | None = None,
     http_port: int | None = None,
+    worklist: Iterable[Dataset] | str | os.PathLike[str] | None = None,
 ) -> None:
     """Serve ``folder`` as a demo PACS until interrupted (Ctrl-C), then shut down.
 
@@ -1426,7 +1427,7 @@ def serve(
     ----------
     folder : str or os.PathLike
         The folder of DICOM files to serve (created when missing).
-    ae_title, host, port, known_aes, tls, require_client_cert, max_results, http_port
+    ae_title, host, port, known_aes, tls, require_client_cert, max_results, http_port, worklist
         As for :class:`DemoPACS`; the port defaults to 11112 here. With
         ``http_port`` DICOMweb is served too (on 127.0.0.1, see :attr:`DemoPACS.url`).
 
@@ -1447,6 +1448,7 @@ def serve(
         require_client_cert=require_client_cert,
         max_results=max_results,
         http_port=http_port,
+        worklist=worklist,
     )
     with server:
         # Waiting on an Event (not a sleep loop) keeps the main thread interruptible.
