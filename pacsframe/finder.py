@@ -2,7 +2,9 @@
 
 :class:`pacsframe.PACS` validates a call and hands it here with itself as the
 peer (its settings and :meth:`~pacsframe.PACS.session`). One query runs on one
-association (``session(query_contexts(), "query")``); a drill-down over many
+association (``session(query_contexts(), "query")``; a Modality Worklist query on
+one of its own, ``session(query_contexts("worklist"), "worklist")``, its answers
+one row per scheduled step); a drill-down over many
 parents is one C-FIND per parent on it. Each response's identifier goes as
 bytes to :class:`~pacsframe.frames.FrameBuilder` (``add_raw``); only what that
 cannot read goes through pydicom. Capped answers are detected here and split

@@ -420,3 +420,25 @@ def test_find_level_worklist_points_to_find_worklist():
     pacs = pf.PACS("127.0.0.1", 1, ae_title="NOBODY")
     with pytest.raises(QueryError, match="find_worklist"):
         pacs.find("worklist")
+
+
+def test_builder_flattens_steps_and_keeps_entries_without_steps():
+    query = build_worklist_query()
+    builder = query.builder()
+    entry = make_worklist()[1]  # two steps
+    bare = Dataset()
+    bare.PatientID = "NOSTEPS"
+    empty = Dataset()
+    empty.PatientID = "EMPTY"
+    empty.ScheduledProcedureStepSequence = []
+    # The raw path leaves a worklist identifier to pydicom (its items), as finder does.
+    assert builder.add_raw(b"", implicit_vr=True) is False
+    for ds in (entry, bare, empty):
+        builder.add(ds)
+    frame = builder.frame()
+    assert builder.matches == 3 and len(frame) == 4
+    assert frame.PatientID.tolist() == [entry.PatientID] * 2 + ["NOSTEPS", "EMPTY"]
+    assert frame.Modality.tolist()[:2] == [
+        i.Modality for i in entry.ScheduledProcedureStepSequence
+    ]
+    assert frame.Modality.isna().tolist()[2:] == [True, True]
