@@ -241,9 +241,16 @@ def run(
                         status=0x0122,
                     )
                 other = "patient" if query.model == "study" else "study"
+                accepted = {abstract for abstract, _ in assoc.contexts.values()}
+                advice = (
+                    f"use model={other!r}."
+                    if str(FIND_MODELS[other]) in accepted
+                    else "it accepts neither query/retrieve model: it may be a worklist "
+                    "server only (use find_worklist) or a storage SCP."
+                )
                 raise NotSupported(
                     f"{pacs.ae_title} does not support C-FIND in the {query.model}-root "
-                    f"model; use model={other!r}.",
+                    f"model; {advice}",
                     status=0x0122,
                 )
 

@@ -442,3 +442,9 @@ def test_builder_flattens_steps_and_keeps_entries_without_steps():
         i.Modality for i in entry.ScheduledProcedureStepSequence
     ]
     assert frame.Modality.isna().tolist()[2:] == [True, True]
+
+
+def test_study_query_to_a_worklist_server_says_so(wlmscpfs):
+    pacs = pf.PACS("127.0.0.1", wlmscpfs.port, ae_title=wlmscpfs.aet)
+    with pytest.raises(NotSupported, match="find_worklist"):
+        pacs.find_studies()
