@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from pydicom import datadict, dcmread
+from pydicom import config, datadict, dcmread
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
@@ -414,11 +414,19 @@ def _requested(ds: Dataset) -> tuple[dict[str, str], list[tuple[int, str]]]:
     return keys, returned
 
 
+def _element(elem: DataElement) -> DataElement:
+    """A copy of ``elem`` to send: a new element sharing its value (which writing does
+    not change), a sequence copied whole (its items belong to their parent)."""
+    if elem.VR == "SQ":
+        return copy.deepcopy(elem)
+    return DataElement(elem.tag, elem.VR, elem.value, validation_mode=config.IGNORE)
+
+
 def _copy(source: Dataset, requested: list[tuple[int, str]], target: Dataset) -> None:
     """Each requested attribute of ``source`` into ``target``; empty when it has none."""
     for tag, vr in requested:
         if tag in source:
-            target[tag] = copy.deepcopy(source[tag])
+            target.add(_element(source[tag]))
         else:
             target.add(DataElement(tag, vr, DicomSequence() if vr == "SQ" else None))
 
@@ -483,8 +491,10 @@ def handle_worklist_find(event: evt.Event, server: Any) -> Iterator[tuple[int | 
                 if item_returned:
                     item = Dataset()
                     _copy(have[step], item_returned, item)
-                else:
-                    item = copy.deepcopy(have[step])  # an empty item asks for whole steps
+                else:  # an empty item asks for whole steps
+                    item = Dataset()
+                    for elem in have[step]:
+                        item.add(_element(elem))
                 out.append(item)
             response.ScheduledProcedureStepSequence = out
         yield 0xFF00, response
