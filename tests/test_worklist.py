@@ -431,8 +431,6 @@ def test_builder_flattens_steps_and_keeps_entries_without_steps():
     empty = Dataset()
     empty.PatientID = "EMPTY"
     empty.ScheduledProcedureStepSequence = []
-    # The raw path leaves a worklist identifier to pydicom (its items), as finder does.
-    assert builder.add_raw(b"", implicit_vr=True) is False
     for ds in (entry, bare, empty):
         builder.add(ds)
     frame = builder.frame()
@@ -448,3 +446,27 @@ def test_study_query_to_a_worklist_server_says_so(wlmscpfs):
     pacs = pf.PACS("127.0.0.1", wlmscpfs.port, ae_title=wlmscpfs.aet)
     with pytest.raises(NotSupported, match="find_worklist"):
         pacs.find_studies()
+
+
+@pytest.mark.parametrize("implicit", [True, False])
+def test_raw_scan_equals_pydicom_for_worklist_answers(implicit):
+    """FrameBuilder.add_raw (scan_items) gives the frame pydicom's reader gives."""
+    from io import BytesIO
+
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filereader import read_dataset
+    from pydicom.filewriter import write_dataset
+
+    query = build_worklist_query(return_keys=["ScheduledProcedureStepStatus", "PatientWeight"])
+    fast, slow = query.builder(), query.builder()
+    bare = Dataset()
+    bare.PatientID = "NOSTEPS"
+    for entry in [*ENTRIES, bare]:
+        fp = DicomBytesIO()
+        fp.is_little_endian, fp.is_implicit_VR = True, implicit
+        write_dataset(fp, entry)
+        data = fp.getvalue()
+        assert fast.add_raw(data, implicit_vr=implicit)
+        slow.add(read_dataset(BytesIO(data), implicit, True))
+    assert fast.matches == slow.matches == len(ENTRIES) + 1
+    pd.testing.assert_frame_equal(fast.frame(), slow.frame())
