@@ -306,6 +306,10 @@ def _demo(args: argparse.Namespace) -> None:
             print("\n>>> series = pacs.find_series(recent, Modality='CT')")
             shown = ["PatientName", "StudyDate", "SeriesNumber", "SeriesDescription"]
             print(series[[*shown, "NumberOfSeriesRelatedInstances"]])
+            steps = pacs.find_worklist(ScheduledProcedureStepStartDate="2026-03-02")
+            print("\n>>> steps = pacs.find_worklist(ScheduledProcedureStepStartDate='2026-03-02')")
+            shown = ["PatientName", "ScheduledProcedureStepStartTime", "Modality"]
+            print(steps[[*shown, "ScheduledStationAETitle", "ScheduledProcedureStepDescription"]])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -470,3 +470,16 @@ def test_raw_scan_equals_pydicom_for_worklist_answers(implicit):
         slow.add(read_dataset(BytesIO(data), implicit, True))
     assert fast.matches == slow.matches == len(ENTRIES) + 1
     pd.testing.assert_frame_equal(fast.frame(), slow.frame())
+
+
+def test_the_demo_tour_queries_the_demo_worklist(tmp_path, capsys):
+    from pacsframe import cli
+
+    assert cli.main(["demo", "--patients", "1", "--folder", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "pacs.find_worklist(" in out
+    day = DEMO_DATE.strftime("%Y%m%d")
+    for entry in ENTRIES:
+        for item in entry.ScheduledProcedureStepSequence:
+            if item.ScheduledProcedureStepStartDate == day:
+                assert item.ScheduledProcedureStepDescription in out
