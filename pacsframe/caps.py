@@ -24,6 +24,9 @@ Which splits are complete, by level:
   ends, future-dated studies included, are windows of their own); a single day is
   then split by StudyTime (a time range applies per day) down to one minute.
 * PATIENT: PatientBirthDate windows, the same way (no time split).
+* WORKLIST (Modality Worklist): ScheduledProcedureStepStartDate windows, then
+  ScheduledProcedureStepStartTime within a day, as for STUDY. An entry with two
+  steps on different days comes back from each day's window with that day's step.
 * SERIES and IMAGE: none. Their queries carry the unique key of one study (or
   series), so a date window either holds all of its children or none; the other
   keys (Modality, SeriesNumber, InstanceNumber...) cannot be split into a complete
@@ -99,6 +102,8 @@ SHOW_BAR_AFTER = 4
 SPLIT_KEYS: dict[str, tuple[str, str | None]] = {
     "PATIENT": ("PatientBirthDate", None),
     "STUDY": ("StudyDate", "StudyTime"),
+    # A Modality Worklist query (pacsframe.query.WORKLIST): the step's date and time.
+    "WORKLIST": ("ScheduledProcedureStepStartDate", "ScheduledProcedureStepStartTime"),
 }
 
 # Bounds for bisecting an open end; the window itself is still sent open ("-X"), so
@@ -534,10 +539,15 @@ def capped_message(
     if level in SPLIT_KEYS:
         date_key, time_key = SPLIT_KEYS[level]
         finest = f"one minute of {time_key}" if time_key else f"one day of {date_key}"
+        examples = (
+            "Modality, ScheduledStationAETitle"
+            if level == "WORKLIST"
+            else "ModalitiesInStudy, AccessionNumber, PatientID"
+        )
         advice = (
             f"no split got under it: {finest} still holds that many. Narrow the query "
-            "with more matching keys (e.g. ModalitiesInStudy, AccessionNumber, "
-            "PatientID), or ask the PACS administrator to raise the limit"
+            f"with more matching keys (e.g. {examples}), or ask the PACS administrator "
+            "to raise the limit"
         )
     else:
         advice = (
@@ -548,7 +558,8 @@ def capped_message(
             "LimitFindResults, LimitFindInstances)"
         )
     return (
-        f"{peer} caps {level}-level {service} answers at {cap} ({outcome.reason}) and "
+        f"{peer} caps {'worklist' if level == 'WORKLIST' else f'{level}-level'} {service} "
+        f"answers at {cap} ({outcome.reason}) and "
         f"{advice}. Still capped: {first}{others}{more}. The {rows} row(s) obtained are "
         "in the error's .partial frame."
     )

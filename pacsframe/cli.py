@@ -5,7 +5,8 @@ Examples
 ``pacsframe echo --peer 127.0.0.1:4242 --aet ORTHANC``
 
 ``pacsframe find --peer 127.0.0.1:4242 --aet ORTHANC --level study PatientID=123
-StudyDate=20260301-20260406 --csv out.csv``
+StudyDate=20260301-20260406 --csv out.csv``; ``--level worklist`` asks a Modality
+Worklist (``find_worklist``: ``Modality=CT ScheduledProcedureStepStartDate=20260302``).
 
 ``pacsframe get --peer 127.0.0.1:4242 --aet ORTHANC --from studies.csv`` retrieves
 a saved frame into the cache; ``pacsframe move ... --destination OTHER_AE`` moves.
@@ -13,8 +14,8 @@ a saved frame into the cache; ``pacsframe move ... --destination OTHER_AE`` move
 ``--max-results N`` gives a peer's C-FIND result cap, for a PACS that stops at N
 matches without saying so (capped answers are split and merged; see README).
 
-``pacsframe serve ./folder --port 11112`` runs the demo PACS over a folder
-(``--max-results N`` makes it cap its answers as Orthanc's LimitFindResults does,
+``pacsframe serve ./folder --port 11112`` runs the demo PACS over a folder, with the
+demo worklist (``--max-results N`` makes it cap its answers as Orthanc's LimitFindResults does,
 ``--http-port 8042`` serves DICOMweb beside DIMSE on 127.0.0.1);
 ``pacsframe demo`` makes a synthetic cohort, serves it and runs a short tour.
 
@@ -111,7 +112,9 @@ def _setup_argparser() -> argparse.ArgumentParser:
     find = commands.add_parser("find", help="C-FIND and print or save the matches")
     _add_peer_arguments(find)
     find.add_argument(
-        "--level", default="study", help="patient, study, series or image (default study)"
+        "--level",
+        default="study",
+        help="patient, study, series or image (default study), or worklist (Modality Worklist)",
     )
     find.add_argument("--model", default="study", help="study or patient (root)")
     find.add_argument("--return-keys", default="", help="comma-separated extra keywords to return")
@@ -165,6 +168,12 @@ def _setup_argparser() -> argparse.ArgumentParser:
         type=int,
         metavar="PORT",
         help="also serve DICOMweb (QIDO-RS, WADO-RS, STOW-RS) on 127.0.0.1:PORT/dicom-web",
+    )
+    serve.add_argument(
+        "--worklist",
+        type=Path,
+        metavar="DIR",
+        help="answer Modality Worklist queries from DIR's *.wl files (default: the demo worklist)",
     )
     _add_tls_files(
         serve.add_argument_group("DICOM TLS (serve TLS only)"),
@@ -297,6 +306,10 @@ def _demo(args: argparse.Namespace) -> None:
             print("\n>>> series = pacs.find_series(recent, Modality='CT')")
             shown = ["PatientName", "StudyDate", "SeriesNumber", "SeriesDescription"]
             print(series[[*shown, "NumberOfSeriesRelatedInstances"]])
+            steps = pacs.find_worklist(ScheduledProcedureStepStartDate="2026-03-02")
+            print("\n>>> steps = pacs.find_worklist(ScheduledProcedureStepStartDate='2026-03-02')")
+            shown = ["PatientName", "ScheduledProcedureStepStartTime", "Modality"]
+            print(steps[[*shown, "ScheduledStationAETitle", "ScheduledProcedureStepDescription"]])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -313,13 +326,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "find":
             pacs = _pacs(args)
             extra = [k for k in args.return_keys.split(",") if k.strip()]
-            frame = pacs.find(
-                args.level,
-                model=args.model,
-                return_keys=extra,
-                timeout=args.deadline,
-                **_keys(args.keys),
-            )
+            if args.level.strip().lower() == "worklist":
+                frame = pacs.find_worklist(
+                    return_keys=extra, timeout=args.deadline, **_keys(args.keys)
+                )
+            else:
+                frame = pacs.find(
+                    args.level,
+                    model=args.model,
+                    return_keys=extra,
+                    timeout=args.deadline,
+                    **_keys(args.keys),
+                )
             _write(frame, args)
         elif args.command == "store":
             result = _pacs(args).store([str(p) for p in args.paths], timeout=args.deadline)
@@ -353,6 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 tls=tls,
                 max_results=args.max_results,
                 http_port=args.http_port,
+                worklist=args.worklist,
             )
         elif args.command == "demo":
             _demo(args)

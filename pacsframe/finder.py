@@ -2,7 +2,9 @@
 
 :class:`pacsframe.PACS` validates a call and hands it here with itself as the
 peer (its settings and :meth:`~pacsframe.PACS.session`). One query runs on one
-association (``session(query_contexts(), "query")``); a drill-down over many
+association (``session(query_contexts(), "query")``; a Modality Worklist query on
+one of its own, ``session(query_contexts("worklist"), "worklist")``, its answers
+one row per scheduled step); a drill-down over many
 parents is one C-FIND per parent on it. Each response's identifier goes as
 bytes to :class:`~pacsframe.frames.FrameBuilder` (``add_raw``); only what that
 cannot read goes through pydicom. Capped answers are detected here and split
@@ -21,11 +23,16 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 from pydicom.filereader import read_dataset
 from pynetdicom.sop_class import (
+    ModalityWorklistInformationFind,
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
     Verification,
 )
-from pynetdicom.status import QR_FIND_SERVICE_CLASS_STATUS, code_to_category
+from pynetdicom.status import (
+    MODALITY_WORKLIST_SERVICE_CLASS_STATUS,
+    QR_FIND_SERVICE_CLASS_STATUS,
+    code_to_category,
+)
 
 from . import caps, frames
 from .deadline import Deadline, deadline_for, fired
@@ -60,6 +67,8 @@ FIND_MODELS = {
     "study": StudyRootQueryRetrieveInformationModelFind,
     "patient": PatientRootQueryRetrieveInformationModelFind,
 }
+# The C-FIND SOP class of each query model, the Modality Worklist one included.
+_MODEL_UIDS = {**FIND_MODELS, "worklist": ModalityWorklistInformationFind}
 # What to do about a C-FIND failure, by status class (the high byte).
 _FIND_ADVICE = {
     0: "Check the matching keys against what the peer supports.",
@@ -78,10 +87,16 @@ _LITTLE_ENDIAN = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
 _IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
 
 
-def query_contexts() -> list[tuple[str, tuple[str, ...]]]:
-    """The presentation contexts of a query association: Verification and C-FIND."""
+def query_contexts(model: str = "study") -> list[tuple[str, tuple[str, ...]]]:
+    """The presentation contexts of a query association: Verification and C-FIND.
+
+    Both query/retrieve models, or (``model="worklist"``) the Modality Worklist
+    model alone: a worklist provider (a RIS, ``wlmscpfs``) often has no Q/R, a
+    PACS often no worklist, so each kind has its own association.
+    """
+    models = ["worklist"] if model == "worklist" else list(FIND_MODELS)
     return [(str(Verification), _LITTLE_ENDIAN)] + [
-        (str(uid), _LITTLE_ENDIAN) for uid in FIND_MODELS.values()
+        (str(_MODEL_UIDS[m]), _LITTLE_ENDIAN) for m in models
     ]
 
 
@@ -123,7 +138,7 @@ def _carry_parents(result: pd.DataFrame, parents: pd.DataFrame, owners: list[int
 def _check_answer(frame: pd.DataFrame, level: str, peer: str, service: str = "C-FIND") -> None:
     """Warn about rows a retrieval or drill-down trips over: no, invalid or repeated UIDs."""
     what = f"the {level}-level {service} answer from {peer}"
-    key = UNIQUE_KEY[level]
+    key = UNIQUE_KEY.get(level)  # a worklist has no unique key
     if key in frame.columns:
         missing = int(frame[key].isna().sum())
         if missing:
@@ -210,16 +225,32 @@ def run(
     pacs: PACS, query: Query, parents: pd.DataFrame | None, progress: bool = True
 ) -> pd.DataFrame:
     """C-FIND ``query`` (once, or once per parent) on one association: see :func:`collect`."""
-    model_uid = FIND_MODELS[query.model]
+    model_uid = _MODEL_UIDS[query.model]
+    worklist = query.model == "worklist"
 
     @contextlib.contextmanager
     def connect() -> Iterator[Ask]:
-        with pacs.session(query_contexts(), "query") as assoc:
+        purpose = "worklist" if worklist else "query"
+        with pacs.session(query_contexts(query.model), purpose) as assoc:
             if not any(abstract == model_uid for abstract, _ in assoc.contexts.values()):
+                if worklist:
+                    raise NotSupported(
+                        f"{pacs.ae_title} does not offer the Modality Worklist C-FIND "
+                        f"({model_uid}); ask a worklist provider (the RIS, or the "
+                        "modality worklist server the scanners use) instead.",
+                        status=0x0122,
+                    )
                 other = "patient" if query.model == "study" else "study"
+                accepted = {abstract for abstract, _ in assoc.contexts.values()}
+                advice = (
+                    f"use model={other!r}."
+                    if str(FIND_MODELS[other]) in accepted
+                    else "it accepts neither query/retrieve model: it may be a worklist "
+                    "server only (use find_worklist) or a storage SCP."
+                )
                 raise NotSupported(
                     f"{pacs.ae_title} does not support C-FIND in the {query.model}-root "
-                    f"model; use model={other!r}.",
+                    f"model; {advice}",
                     status=0x0122,
                 )
 
@@ -266,18 +297,20 @@ def collect(
     service : str
         ``"C-FIND"`` or ``"QIDO-RS"``, for messages.
     """
-    builder = frames.FrameBuilder(query.columns)
+    builder = query.builder()
     owners: list[int] = []
     requests = [(-1, query)] if parents is None else list(_child_queries(peer, query, parents))
-    counter = caps.Progress(f"{query.level}-level {service}", show=progress)
+    counter = caps.Progress(query.what.replace("C-FIND", service), show=progress)
     # (first row, end row, outcome) of each request whose answer was capped.
     splits: list[tuple[int, int, caps.Outcome[range]]] = []
     with connect() as ask:
 
         def run(keys: dict[str, str]) -> caps.Answer[range]:
-            before = len(builder)
+            before, matches = len(builder), builder.matches
             truncated = ask(Query(query.level, query.model, keys), builder)
-            return caps.Answer(range(before, len(builder)), len(builder) - before, truncated)
+            # Caps count matches (identifiers), which a worklist answer spreads over
+            # one row per step.
+            return caps.Answer(range(before, len(builder)), builder.matches - matches, truncated)
 
         owner = -1
         try:
@@ -373,7 +406,7 @@ def _merge_splits(
             what = f"a day holding at least the cap was split into {key} windows"
             kept = ""
         warnings.warn(
-            f"{name} capped the {query.level}-level {service} answer and {what}; "
+            f"{name} capped the {query.what.replace('C-FIND', service)} answer and {what}; "
             f"entities with no {key} match no window, so only those in a capped answer "
             f"are included{kept} and more may exist. Give {key}=... to leave them out "
             "on purpose, or ask the PACS administrator to raise the limit.",
@@ -446,7 +479,7 @@ def _find_one(
     (an interrupt aborts the association), so a final 0xFE00 is the peer
     stopping at its result limit.
     """
-    what = f"{query.level}-level C-FIND"
+    what = query.what
     deadline = Deadline.current()
     if deadline is not None:
         deadline.check(what)
@@ -472,7 +505,7 @@ def _find_one(
         raise pacs.explain_loss(exc, what) from None
     if undecodable:
         warnings.warn(
-            f"{undecodable} match(es) in the {query.level}-level C-FIND answer "
+            f"{undecodable} match(es) in the {what} answer "
             f"from {pacs.ae_title} could not be decoded and are missing from the "
             "frame; the peer sent malformed identifiers (pacsframe's debug log "
             "says how).",
@@ -492,16 +525,20 @@ def _find_one(
     if ((code & 0xF000) == 0xC000 or (code & 0xFF00) == 0xA700) and caps.names_a_size(comment):
         return f"it refused with 0x{code:04X}, {str(comment)!r}, after {count} match(es)"
     category = code_to_category(code)
+    statuses = (
+        MODALITY_WORKLIST_SERVICE_CLASS_STATUS
+        if query.is_worklist
+        else QR_FIND_SERVICE_CLASS_STATUS
+    )
     if category == "Warning":
         warnings.warn(
-            f"{pacs.ae_title} ended the C-FIND with "
-            f"{_status_text(code, QR_FIND_SERVICE_CLASS_STATUS)}.{detail}",
+            f"{pacs.ae_title} ended the C-FIND with {_status_text(code, statuses)}.{detail}",
             stacklevel=10,
         )
         return None
     raise DimseError(
         f"{pacs.ae_title} answered the {what} with "
-        f"{_status_text(code, QR_FIND_SERVICE_CLASS_STATUS)}.{detail} "
+        f"{_status_text(code, statuses)}.{detail} "
         f"{_FIND_ADVICE.get(code & 0xFF00, _FIND_ADVICE[0])}",
         status=code,
         comment=str(comment) if comment else None,

@@ -61,6 +61,7 @@ __all__ = [
     "is_uid",
     "normalize_keyword",
     "scan_elements",
+    "scan_items",
     "to_dicom",
     "to_series",
 ]
@@ -626,11 +627,13 @@ def _scan(
     stop: int,
     out: dict[int, RawDataElement] | None,
     depth: int,
+    spans: dict[int, tuple[int, int]] | None = None,
 ) -> int | None:
     """Walk one dataset from ``pos``; the position after it, or None to defer to pydicom.
 
     At depth 0 (``out`` given) the dataset runs to ``end`` or ``stop``; nested (an
-    item of undefined length) it runs to its item delimiter.
+    item of undefined length) it runs to its item delimiter. The top-level sequences
+    whose tags are keys of ``spans`` get the (start, end) of their items there.
     """
     top = out is not None
     while pos + 8 <= end:
@@ -664,12 +667,19 @@ def _scan(
         if length == _UNDEFINED:
             if (top and tag in wanted) or vr == "UN" or depth >= _MAX_DEPTH:
                 return None
+            start = pos
             pos = _skip_items(data, pos, end, implicit, depth + 1)
             if pos is None:
                 return None
+            if spans is not None and top and tag in spans:
+                spans[tag] = (start, pos - 8)  # before the sequence delimiter
             continue
         if pos + length > end:
             return None
+        if spans is not None and top and tag in spans:
+            spans[tag] = (pos, pos + length)
+            pos += length
+            continue
         if out is not None and tag in wanted:
             if vr == "SQ":
                 return None
@@ -709,6 +719,57 @@ def _skip_items(
         else:
             pos += length
     return None
+
+
+def scan_items(
+    data: bytes | memoryview, implicit_vr: bool, wanted: Container[int], sequence: int
+) -> tuple[dict[int, RawDataElement], list[dict[int, RawDataElement]]] | None:
+    """:func:`scan_elements` for the top level and for each item of one top-level sequence.
+
+    The wanted elements of the dataset, and per item of ``sequence`` (absent or
+    empty: no items) the wanted elements of that item, in one pass over the
+    bytes (each item then scanned once more). None for anything pydicom reads its
+    own way, as :func:`scan_elements`.
+
+    Examples
+    --------
+    >>> item = bytes.fromhex("08006000" "02000000") + b"CT"
+    >>> data = (bytes.fromhex("10002000" "02000000") + b"P1"
+    ...         + bytes.fromhex("40000001" "FFFFFFFF" "FEFF00E0" "0A000000") + item
+    ...         + bytes.fromhex("FEFFDDE0" "00000000"))
+    >>> top, items = scan_items(data, True, {0x00100020, 0x00080060}, 0x00400100)
+    >>> top[0x00100020].value, [i[0x00080060].value for i in items]
+    (b'P1', [b'CT'])
+    """
+    top: dict[int, RawDataElement] = {}
+    spans: dict[int, tuple[int, int]] = {sequence: (0, 0)}
+    view = memoryview(data)
+    if _scan(view, 0, len(view), implicit_vr, wanted, 1 << 32, top, 0, spans) is None:
+        return None
+    pos, end = spans[sequence]
+    items = []
+    while pos + 8 <= end:  # each pass moves pos forward by at least 8
+        group, element = _TAG(view, pos)
+        length = _LENGTH(view, pos + 4)[0]
+        pos += 8
+        if group << 16 | element == _SEQUENCE_END:
+            break
+        if group << 16 | element != _ITEM:
+            return None
+        if length == _UNDEFINED:
+            after = _scan(view, pos, end, implicit_vr, (), 0, None, 1)
+            if after is None:
+                return None
+            body, pos = view[pos : after - 8], after
+        elif pos + length > end:
+            return None
+        else:
+            body, pos = view[pos : pos + length], pos + length
+        found = scan_elements(body, implicit_vr, wanted)
+        if found is None:
+            return None
+        items.append(found)
+    return top, items
 
 
 # --- DICOM JSON (PS3.18 F.2) -> the raw elements the C-FIND path keeps --------------------
@@ -869,8 +930,13 @@ class FrameBuilder:
     ['string', 'datetime64[ns]']
     """
 
-    def __init__(self, columns: Sequence[str]) -> None:
+    def __init__(self, columns: Sequence[str], *, flatten: int | None = None) -> None:
         self.attributes = [attribute(c) for c in columns]
+        # The tag of a sequence whose items become one row each (a worklist's
+        # Scheduled Procedure Step Sequence), the identifier's other columns repeated.
+        self._flatten = flatten
+        #: Identifiers added (rows, but for ``flatten``: one identifier, many rows).
+        self.matches = 0
         self._index: dict[int, list[int]] = {_CHARSET_TAG: [-1]}
         for i, attr in enumerate(self.attributes):
             self._index.setdefault(attr.tag, []).append(i)
@@ -888,7 +954,34 @@ class FrameBuilder:
         return len(self._charsets)
 
     def add(self, ds: Dataset) -> None:
-        """Keep the raw element of each column of one identifier."""
+        """Keep the raw element of each column of one identifier.
+
+        With ``flatten=`` (a sequence's tag), one row per item of that sequence:
+        the item's elements and the identifier's top-level ones (an identifier
+        without items is one row of its top-level elements).
+
+        Examples
+        --------
+        >>> from pydicom import Dataset
+        >>> ds, one, two = Dataset(), Dataset(), Dataset()
+        >>> ds.PatientID, one.Modality, two.Modality = "P1", "CT", "MR"
+        >>> ds.ScheduledProcedureStepSequence = [one, two]
+        >>> fb = FrameBuilder(["PatientID", "Modality"], flatten=0x00400100)
+        >>> fb.add(ds)
+        >>> fb.frame().values.tolist(), fb.matches
+        ([['P1', 'CT'], ['P1', 'MR']], 1)
+        """
+        top = self._wanted(ds)
+        sequence = ds.get(self._flatten) if self._flatten is not None else None
+        items = sequence.value if sequence is not None and sequence.VR == "SQ" else None
+        if not items:
+            self._keep(top)
+            return
+        for position, item in enumerate(items):
+            self._keep([*top, *self._wanted(item)], new_match=position == 0)
+
+    def _wanted(self, ds: Dataset) -> list[tuple[int, Any]]:
+        """(tag, element) of each element of ``ds`` (top level only) that is a column."""
         index = self._index
         wanted = []
         for elem in ds.values():
@@ -897,7 +990,7 @@ class FrameBuilder:
             if elem.value is None and not isinstance(elem, DataElement):
                 elem = ds.get_item(elem.tag)  # a deferred read: read it now
             wanted.append((elem.tag, elem))
-        self._keep(wanted)
+        return wanted
 
     def add_raw(self, data: bytes | memoryview, implicit_vr: bool) -> bool:
         """Add one identifier from its little-endian encoding, as it came off the wire.
@@ -905,7 +998,8 @@ class FrameBuilder:
         The same as ``add(read_dataset(...))`` without building a pydicom ``Dataset``:
         the bytes are scanned once (:func:`scan_elements`) for this frame's columns.
         Returns False, adding nothing, for an encoding the scan leaves to pydicom;
-        decode it with pydicom and call :meth:`add` then.
+        decode it with pydicom and call :meth:`add` then. With ``flatten=``, one
+        row per item as :meth:`add` (:func:`scan_items`).
 
         Examples
         --------
@@ -915,6 +1009,16 @@ class FrameBuilder:
         >>> fb.frame().PatientID.tolist()
         ['123']
         """
+        if self._flatten is not None:
+            scanned = scan_items(data, implicit_vr, self._index, self._flatten)
+            if scanned is None:
+                return False
+            top, items = scanned
+            if not items:
+                self._keep(top.items())
+            for position, item in enumerate(items):
+                self._keep([*top.items(), *item.items()], new_match=position == 0)
+            return True
         found = scan_elements(data, implicit_vr, self._index)
         if found is None:
             return False
@@ -981,8 +1085,12 @@ class FrameBuilder:
         self._charsets[-1] = _UTF8_CHARSET
         return True
 
-    def _keep(self, elements: Iterable[tuple[int, Any]]) -> None:
-        """Append one row: each (tag, raw element) to its columns or the charsets."""
+    def _keep(self, elements: Iterable[tuple[int, Any]], *, new_match: bool = True) -> None:
+        """Append one row: each (tag, raw element) to its columns or the charsets.
+
+        ``new_match`` is False for the second and later rows of one identifier.
+        """
+        self.matches += new_match
         row: list[Any] = [None] * len(self.attributes)
         charset = None
         index = self._index

@@ -48,7 +48,9 @@ The rules, per key:
   when any element matches any of the query values.
 * Attributes of VRs this engine cannot compare (AT, OB, OW, UN, ...) are ignored,
   like missing columns. Sequence matching is not supported: a sequence keyword is
-  rejected by :func:`pacsframe.frames.attribute`.
+  rejected by :func:`pacsframe.frames.attribute`. (The demo PACS's Modality
+  Worklist matches a sequence's items by matching a frame of one row per item, see
+  :mod:`pacsframe.demo.worklist`.)
 
 A query value that cannot be read as its VR (an impossible date, a malformed range,
 text in a number) raises :class:`~pacsframe.errors.QueryError`.

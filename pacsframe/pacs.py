@@ -28,7 +28,7 @@ import pandas as pd
 import platformdirs
 from pydicom.uid import UID
 
-from . import finder, frames, retrieve, storage
+from . import finder, retrieve, storage
 from .cache import Cache
 from .deadline import Deadline, deadline_for, timed_out
 from .errors import (
@@ -43,7 +43,7 @@ from .net import driver, pdu
 from .net import tls as net_tls
 from .net.association import DEFAULT_MAX_PDU, describe_rejection
 from .net.tls import TLS, BoundedHandshake
-from .query import build_query, normalize_model
+from .query import Query, build_query, build_worklist_query, normalize_model
 
 __all__ = [
     "PACS",
@@ -743,7 +743,88 @@ class PACS(finder.FindMethods):
         dtype('<M8[ns]')
         """
         query = build_query(level, normalize_model(model), keys, return_keys)
-        with deadline_for(timeout, "find") as deadline:
+        return self._find(query, parents, progress, timeout, "find")
+
+    def find_worklist(
+        self,
+        *,
+        return_keys: Sequence[str] | None = None,
+        progress: bool = True,
+        timeout: float | None = None,
+        **keys: Any,
+    ) -> pd.DataFrame:
+        """Scheduled procedure steps: C-FIND in the Modality Worklist model, one row per step.
+
+        The peer is a worklist provider (a RIS, a modality worklist server such as
+        Orthanc's plugin or dcmtk's ``wlmscpfs``). Keys are flat: those of a
+        Scheduled Procedure Step (:data:`pacsframe.query.SPS_KEYS`: Modality,
+        ScheduledStationAETitle, ScheduledProcedureStepStartDate/Time,
+        ScheduledPerformingPhysicianName...) go into the single item of the
+        Scheduled Procedure Step Sequence; the others (PatientName, PatientID,
+        AccessionNumber, RequestedProcedureID, StudyInstanceUID...) are top level.
+        Values take the forms of :meth:`find` (date ranges and tuples, ISO dates,
+        wildcards, None to return a key without matching).
+
+        A capped answer is split by ScheduledProcedureStepStartDate (then time),
+        as :meth:`find` splits by StudyDate, or raises :class:`ResultsCapped`.
+
+        Parameters
+        ----------
+        return_keys : list of str, optional
+            Attributes to return in addition to the defaults
+            (``pacsframe.query.DEFAULT_KEYS["WORKLIST"]``); keys of a step go into
+            the sequence item.
+        progress : bool
+            Show a ``tqdm`` bar when splitting a capped answer takes many queries.
+        timeout : float, optional
+            Seconds for the whole call; None sets no overall limit.
+        **keys
+            Matching keys: DICOM keywords (or snake_case) and values.
+
+        Returns
+        -------
+        DataFrame
+            One row per scheduled procedure step, typed like every C-FIND frame:
+            each attribute of the step's item is a column by its keyword, and the
+            requested procedure's and patient's columns repeat on every step of one
+            match. ``attrs["pacsframe"]`` holds the query (``level`` is
+            ``"WORKLIST"``), the peer, ``requests`` and ``split``.
+
+        Raises
+        ------
+        QueryError
+            A key or value is wrong (nothing was sent).
+        NotSupported
+            The peer does not offer the Modality Worklist model.
+        ResultsCapped, AssociationError, DimseError
+            As for :meth:`find`.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> from pacsframe.demo import DemoPACS
+        >>> with DemoPACS(tempfile.mkdtemp()) as server:  # serves the demo worklist
+        ...     pacs = PACS("127.0.0.1", server.port, ae_title=server.ae_title)
+        ...     steps = pacs.find_worklist(ScheduledProcedureStepStartDate="2026-03-02",
+        ...                                Modality="CT")
+        >>> steps.Modality.unique().tolist()
+        ['CT']
+        >>> str(steps.ScheduledProcedureStepStartTime.dtype)
+        'timedelta64[ns]'
+        """
+        query = build_worklist_query(keys, return_keys)
+        return self._find(query, None, progress, timeout, "find_worklist")
+
+    def _find(
+        self,
+        query: Query,
+        parents: Any,
+        progress: bool,
+        timeout: float | None,
+        call: str,
+    ) -> pd.DataFrame:
+        """Run a validated query under the call's ``timeout=`` (see :meth:`find`)."""
+        with deadline_for(timeout, call) as deadline:
             try:
                 if parents is None:
                     query.check_required()
@@ -753,7 +834,7 @@ class PACS(finder.FindMethods):
                 error = timed_out(
                     deadline,
                     exc,
-                    f"{query.level}-level C-FIND",
+                    query.what,
                     "The rows received so far are in this error's .partial. Narrow the query "
                     "(a shorter date range, more matching keys), or raise timeout= (None: no "
                     "overall limit).",
@@ -764,8 +845,7 @@ class PACS(finder.FindMethods):
                 # between may have stopped there, before any row of this one.
                 partial = getattr(exc, "partial", None)
                 if not finder.same_level(partial, query):
-                    empty = frames.FrameBuilder(query.columns)
-                    partial = finder.partial(self, query, empty, None, [])
+                    partial = finder.partial(self, query, query.builder(), None, [])
                 error.partial = partial  # type: ignore[attr-defined]
                 raise error from error.__cause__
 

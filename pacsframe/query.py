@@ -31,8 +31,11 @@ __all__ = [
     "INSTANCE_COUNT_KEY",
     "LEVELS",
     "MODELS",
+    "SPS_KEYS",
+    "WORKLIST",
     "Query",
     "build_query",
+    "build_worklist_query",
     "encode_value",
     "normalize_level",
     "normalize_model",
@@ -118,6 +121,54 @@ DEFAULT_KEYS: dict[str, tuple[str, ...]] = {
     ),
 }
 
+#: The level name of a Modality Worklist query. The MWL information model has no
+#: levels and its identifier carries no QueryRetrieveLevel; pacsframe uses this name
+#: where a level names the kind of query (``Query.level``, the frame's attrs, caps).
+WORKLIST = "WORKLIST"
+#: The keys that belong to the Scheduled Procedure Step Sequence item of a worklist
+#: identifier (PS3.4 Table K.6-1); every other key of a worklist query is top level.
+SPS_KEYS = frozenset(
+    {
+        "ScheduledStationAETitle",
+        "ScheduledProcedureStepStartDate",
+        "ScheduledProcedureStepStartTime",
+        "ScheduledProcedureStepEndDate",
+        "ScheduledProcedureStepEndTime",
+        "Modality",
+        "ScheduledPerformingPhysicianName",
+        "ScheduledProcedureStepDescription",
+        "ScheduledProcedureStepID",
+        "ScheduledStationName",
+        "ScheduledProcedureStepLocation",
+        "ScheduledProcedureStepStatus",
+        "PreMedication",
+        "RequestedContrastAgent",
+        "CommentsOnTheScheduledProcedureStep",
+    }
+)
+#: The tag of the Scheduled Procedure Step Sequence, (0040,0100).
+SPS_SEQUENCE_TAG = 0x00400100
+DEFAULT_KEYS[WORKLIST] = (
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "RequestedProcedureID",
+    "RequestedProcedureDescription",
+    "StudyInstanceUID",
+    "ReferringPhysicianName",
+    "ScheduledProcedureStepStartDate",
+    "ScheduledProcedureStepStartTime",
+    "Modality",
+    "ScheduledStationAETitle",
+    "ScheduledStationName",
+    "ScheduledProcedureStepLocation",
+    "ScheduledPerformingPhysicianName",
+    "ScheduledProcedureStepDescription",
+    "ScheduledProcedureStepID",
+)
+
 # PS3.4 C.2.2.2.4: these VRs take no wildcards.
 _NO_WILDCARD_VRS = frozenset(
     {"DA", "TM", "DT", "UI", "AS", "IS", "DS", "SS", "US", "SL", "UL", "SV", "UV", "FL", "FD"}
@@ -155,6 +206,11 @@ def normalize_level(level: str) -> str:
     'IMAGE'
     """
     found = _LEVEL_ALIASES.get(str(level).strip().lower())
+    if found is None and str(level).strip().lower() == "worklist":
+        raise QueryError(
+            "a Modality Worklist is not a query/retrieve level; use "
+            "pacs.find_worklist(...) (the same keys and value forms)."
+        )
     if found is None:
         raise QueryError(
             f"{level!r} is not a query level; use one of 'patient', 'study', 'series' or 'image'."
@@ -503,8 +559,28 @@ class Query:
         keys.update(values)
         return Query(self.level, self.model, keys)
 
+    @property
+    def is_worklist(self) -> bool:
+        """True for a Modality Worklist query (see :func:`build_worklist_query`)."""
+        return self.level == WORKLIST
+
+    @property
+    def what(self) -> str:
+        """The request as messages name it: ``"STUDY-level C-FIND"``, ``"worklist C-FIND"``."""
+        return "worklist C-FIND" if self.is_worklist else f"{self.level}-level C-FIND"
+
+    def builder(self) -> frames.FrameBuilder:
+        """An empty :class:`~pacsframe.frames.FrameBuilder` for this query's answers.
+
+        A worklist answer becomes one row per Scheduled Procedure Step item.
+        """
+        flatten = SPS_SEQUENCE_TAG if self.is_worklist else None
+        return frames.FrameBuilder(self.columns, flatten=flatten)
+
     def keys_required(self) -> tuple[str, ...]:
         """The upper-level unique keys this query must carry (see :func:`required_keys`)."""
+        if self.is_worklist:
+            return ()
         return required_keys(self.level, self.model)
 
     def check_required(self) -> None:
@@ -525,9 +601,17 @@ class Query:
         ds = Dataset()
         if any(not v.isascii() for v in self.keys.values()):
             ds.SpecificCharacterSet = "ISO_IR 192"
-        ds.QueryRetrieveLevel = self.level
+        item = ds
+        if self.is_worklist:
+            # PS3.4 K.6.1.2.1: no QueryRetrieveLevel; the step's keys go into the
+            # single item of the Scheduled Procedure Step Sequence (sequence matching).
+            item = Dataset()
+            ds.ScheduledProcedureStepSequence = [item]
+        else:
+            ds.QueryRetrieveLevel = self.level
         for keyword, text in self.keys.items():
             attr = frames.attribute(keyword)
+            target = item if self.is_worklist and keyword in SPS_KEYS else ds
             value: Any
             if attr.vr in frames.BINARY_INT_VRS:
                 value = [_whole(v) for v in text.split("\\")] if text else None
@@ -540,7 +624,7 @@ class Query:
             # Range and wildcard strings are not valid element values to pydicom's
             # validator, so this element skips validation (a per-element setting, never
             # the global one).
-            ds.add(DataElement(attr.tag, attr.vr, value, validation_mode=config.IGNORE))
+            target.add(DataElement(attr.tag, attr.vr, value, validation_mode=config.IGNORE))
         return ds
 
     def encode(self, implicit_vr: bool) -> bytes:
@@ -577,8 +661,11 @@ class Query:
         The common query (every drill-down) is ASCII text in text VRs; it encodes
         to the bytes pydicom writes (tests/test_fuzz.py checks), about ten times
         faster. Anything else (a number in a binary or DS/IS VR, non-ASCII text, a
-        value too long for its length field) is left to pydicom.
+        value too long for its length field, a worklist query's sequence) is left
+        to pydicom.
         """
+        if self.is_worklist:
+            return None
         elements = {0x00080052: ("CS", self.level)}
         for keyword, text in self.keys.items():
             attr = frames.attribute(keyword)
@@ -655,6 +742,14 @@ def build_query(
     level = normalize_level(level)
     model = normalize_model(model)
     required = required_keys(level, model)
+    encoded = _encode_keys(keys)
+    extra = _return_keywords(return_keys)
+    order = [*required, *(DEFAULT_KEYS[level] if defaults else ()), UNIQUE_KEY[level], *extra]
+    return Query(level, model, _ordered(order, encoded))
+
+
+def _encode_keys(keys: Mapping[str, Any] | None) -> dict[str, str]:
+    """The user's keys by DICOM keyword, values in DICOM string form (validated)."""
     encoded: dict[str, str] = {}
     for name, value in (keys or {}).items():
         keyword = frames.normalize_keyword(name)
@@ -666,6 +761,11 @@ def build_query(
         if keyword in encoded:
             raise QueryError(f"{keyword} was given twice (as {name!r}); give it once.")
         encoded[keyword] = encode_value(keyword, value)
+    return encoded
+
+
+def _return_keywords(return_keys: Sequence[str] | str | None) -> list[str]:
+    """``return_keys`` as DICOM keywords (validated)."""
     if isinstance(return_keys, str):
         return_keys = [return_keys]
     if return_keys is not None and not isinstance(return_keys, Iterable):
@@ -676,10 +776,40 @@ def build_query(
     extra = [frames.normalize_keyword(k) for k in (return_keys or ())]
     for keyword in extra:
         frames.attribute(keyword)
-    order = [*required, *(DEFAULT_KEYS[level] if defaults else ()), UNIQUE_KEY[level], *extra]
-    order += [k for k in encoded if k not in order]
+    return extra
+
+
+def _ordered(order: Sequence[str], encoded: Mapping[str, str]) -> dict[str, str]:
+    """Each keyword of ``order`` then of ``encoded`` once, with its value (``""``: return key)."""
     columns: dict[str, str] = {}
-    for keyword in order:
+    for keyword in [*order, *encoded]:
         if keyword not in columns:
             columns[keyword] = encoded.get(keyword, "")
-    return Query(level, model, columns)
+    return columns
+
+
+def build_worklist_query(
+    keys: Mapping[str, Any] | None = None, return_keys: Sequence[str] | None = None
+) -> Query:
+    """Validate user keys and build a Modality Worklist :class:`Query` (nothing is sent).
+
+    Keys take the value forms of :func:`encode_value`. The keys of :data:`SPS_KEYS`
+    go into the Scheduled Procedure Step Sequence item when the identifier is
+    built, the others stay top level. Columns: :data:`DEFAULT_KEYS` ``["WORKLIST"]``,
+    then ``return_keys``, then any other matching keys.
+
+    Examples
+    --------
+    >>> q = build_worklist_query({"modality": "CT", "ScheduledProcedureStepStartDate":
+    ...                           ("2026-03-02", "2026-03-03")})
+    >>> q.matching
+    {'ScheduledProcedureStepStartDate': '20260302-20260303', 'Modality': 'CT'}
+    >>> q.dataset().ScheduledProcedureStepSequence[0].Modality
+    'CT'
+    """
+    encoded = _encode_keys(keys)
+    return Query(
+        WORKLIST,
+        "worklist",
+        _ordered([*DEFAULT_KEYS[WORKLIST], *_return_keywords(return_keys)], encoded),
+    )

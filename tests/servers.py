@@ -1,8 +1,9 @@
 """Start and stop real DICOM peers for the integration tests and the benchmarks.
 
-Three peers are provided: :class:`OrthancServer` (Debian's ``orthanc`` package),
-:class:`DcmtkStoreSCP` (dcmtk's ``storescp``) and :class:`DcmqrscpServer` (dcmtk's
-``dcmqrscp``, a query/retrieve archive). Each runs as a child process in its own
+Four peers are provided: :class:`OrthancServer` (Debian's ``orthanc`` package),
+:class:`DcmtkStoreSCP` (dcmtk's ``storescp``), :class:`DcmqrscpServer` (dcmtk's
+``dcmqrscp``, a query/retrieve archive) and :class:`WlmscpfsServer` (dcmtk's
+``wlmscpfs``, a modality worklist server over files). Each runs as a child process in its own
 folder on free ports, is stopped by :meth:`stop`, by its context manager, by an ``atexit``
 hook, and - where ``setpriv`` exists - by the kernel when the Python process dies, so a
 crashed or killed test run does not leave servers behind.
@@ -38,6 +39,7 @@ __all__ = [
     "DcmtkStoreSCP",
     "OrthancRestError",
     "OrthancServer",
+    "WlmscpfsServer",
     "dcmtk_env",
     "free_port",
     "require_tool",
@@ -525,7 +527,32 @@ class OrthancServer(_ManagedProcess):
         return self.rest("GET", "/modalities?expand")
 
 
-class DcmtkStoreSCP(_ManagedProcess):
+class _DcmtkServer(_ManagedProcess):
+    """A dcmtk tool on :attr:`port`: dcmtk's environment, a free port, ready when open."""
+
+    #: dcmtk's options that bound waiting for a silent peer (30 s), not for ever.
+    _TIMEOUTS = ("--dimse-timeout", "30", "--acse-timeout", "30")
+
+    def __init__(self, workdir: str | os.PathLike[str], log_name: str) -> None:
+        super().__init__(workdir, log_name)
+        self.port = free_port()
+
+    @property
+    def dicom_port(self) -> int:
+        """Same as :attr:`port`, named like :attr:`OrthancServer.dicom_port`."""
+        return self.port
+
+    def _env(self) -> dict[str, str]:
+        return dcmtk_env()
+
+    def _pick_new_ports(self) -> None:
+        self.port = free_port()
+
+    def _ready(self) -> bool:
+        return _port_open(self.host, self.port)
+
+
+class DcmtkStoreSCP(_DcmtkServer):
     """dcmtk's ``storescp`` writing received objects to ``output_dir``.
 
     Accepts every storage SOP class dcmtk knows plus unknown ones (``--promiscuous``) in
@@ -543,12 +570,6 @@ class DcmtkStoreSCP(_ManagedProcess):
         self.aet = aet
         self.extra_args = list(extra_args or [])
         self.output_dir = self.workdir / "received"
-        self.port = free_port()
-
-    @property
-    def dicom_port(self) -> int:
-        """Same as :attr:`port`, named like :attr:`OrthancServer.dicom_port`."""
-        return self.port
 
     def received_files(self) -> list[Path]:
         """Files written so far, sorted by name."""
@@ -572,17 +593,8 @@ class DcmtkStoreSCP(_ManagedProcess):
             str(self.port),
         ]
 
-    def _env(self) -> dict[str, str]:
-        return dcmtk_env()
 
-    def _pick_new_ports(self) -> None:
-        self.port = free_port()
-
-    def _ready(self) -> bool:
-        return _port_open(self.host, self.port)
-
-
-class DcmqrscpServer(_ManagedProcess):
+class DcmqrscpServer(_DcmtkServer):
     """dcmtk's ``dcmqrscp`` archive in a temporary folder, on a free port.
 
     One storage area (AE title ``aet``, read/write, open to any calling AE) under
@@ -629,12 +641,6 @@ class DcmqrscpServer(_ManagedProcess):
         self.extra_args = list(extra_args or [])
         self.config_path = self.workdir / "dcmqrscp.cfg"
         self.storage_dir = self.workdir / "storage" / aet
-        self.port = free_port()
-
-    @property
-    def dicom_port(self) -> int:
-        """Same as :attr:`port`, named like :attr:`OrthancServer.dicom_port`."""
-        return self.port
 
     def config(self) -> str:
         """The ``dcmqrscp.cfg`` written for the next start."""
@@ -700,23 +706,10 @@ class DcmqrscpServer(_ManagedProcess):
             require_tool("dcmqrscp"),
             "--config",
             str(self.config_path),
-            # Bounded: a silent peer is dropped after 30 s, not kept for ever.
-            "--dimse-timeout",
-            "30",
-            "--acse-timeout",
-            "30",
+            *self._TIMEOUTS,
             *self.extra_args,
             str(self.port),
         ]
-
-    def _env(self) -> dict[str, str]:
-        return dcmtk_env()
-
-    def _pick_new_ports(self) -> None:
-        self.port = free_port()
-
-    def _ready(self) -> bool:
-        return _port_open(self.host, self.port)
 
     def stop(self, timeout: float = 20, *, graceful: bool = True) -> None:
         """Stop dcmqrscp and the children it forked, one per association. Idempotent.
@@ -731,3 +724,45 @@ class DcmqrscpServer(_ManagedProcess):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(process.pid, signal.SIGTERM if graceful else signal.SIGKILL)
         super().stop(timeout, graceful=graceful)
+
+
+class WlmscpfsServer(_DcmtkServer):
+    """dcmtk's ``wlmscpfs`` worklist server over a folder of ``*.wl`` files, on a free port.
+
+    It serves the files in :attr:`worklist_dir` (``<workdir>/worklists/<aet>/``, which
+    also holds the empty ``lockfile`` wlmscpfs requires) to requests that call
+    ``aet``; files are read at each request, so tests may write them while it runs.
+    ``--keep-char-set`` returns the files' SpecificCharacterSet (by default wlmscpfs
+    returns none). Incomplete files (missing type 1 return keys) are rejected (its
+    default ``--enable-file-reject``). Single process (``--single-process``): no child
+    per association to outlive a stop.
+    """
+
+    def __init__(
+        self,
+        workdir: str | os.PathLike[str],
+        *,
+        aet: str = "WLMSCPFS",
+        extra_args: list[str] | None = None,
+    ) -> None:
+        super().__init__(workdir, "wlmscpfs.log")
+        self.aet = aet
+        self.extra_args = list(extra_args or [])
+        self.data_dir = self.workdir / "worklists"
+        self.worklist_dir = self.data_dir / aet
+
+    def _prepare(self) -> None:
+        self.worklist_dir.mkdir(parents=True, exist_ok=True)
+        (self.worklist_dir / "lockfile").touch()
+
+    def _command(self) -> list[str]:
+        return [
+            require_tool("wlmscpfs"),
+            "--single-process",
+            "--data-files-path",
+            str(self.data_dir),
+            "--keep-char-set",
+            *self._TIMEOUTS,
+            *self.extra_args,
+            str(self.port),
+        ]

@@ -758,3 +758,31 @@ def test_the_header_scan_steps_over_any_nesting_as_pydicom_reads_it(ds, implicit
     # Cut anywhere, it is left to pydicom or reads a prefix: never an exception.
     for cut in range(0, len(data), max(1, len(data) // 7)):
         frames.scan_elements(data[:cut], implicit, wanted)
+
+
+@FUZZ
+@given(
+    nested_datasets(),
+    st.booleans(),
+    st.sets(st.sampled_from([t for t, _, _ in _FLAT])),
+    st.sampled_from(_SEQUENCE_TAGS),
+)
+def test_the_item_scan_reads_a_sequence_as_pydicom_reads_it(ds, implicit, wanted, sequence):
+    """``scan_items`` (worklist answers, one row per item) agrees with pydicom's reader."""
+    out = DicomBytesIO()
+    out.is_little_endian, out.is_implicit_VR = True, implicit
+    write_dataset(out, ds)
+    data = out.getvalue()
+    found = frames.scan_items(data, implicit, wanted, sequence)
+    assert found is not None  # well-formed: never left to pydicom
+    read = pydicom_read_dataset(io.BytesIO(data), implicit, True)
+
+    def flat(elements):
+        return {int(t): (e.VR, e.value) for t, e in elements.items() if t in wanted}
+
+    assert flat(found[0]) == flat(read._dict)
+    items = read[sequence].value if sequence in read else []
+    assert [flat(i) for i in found[1]] == [flat(i._dict) for i in items]
+    # Cut anywhere, it is left to pydicom or reads a prefix: never an exception.
+    for cut in range(0, len(data), max(1, len(data) // 7)):
+        frames.scan_items(data[:cut], implicit, wanted, sequence)

@@ -11,5 +11,6 @@ from __future__ import annotations
 
 from .cohort import make_cohort
 from .server import DemoPACS, serve
+from .worklist import make_worklist, write_worklist
 
-__all__ = ["DemoPACS", "make_cohort", "serve"]
+__all__ = ["DemoPACS", "make_cohort", "make_worklist", "serve", "write_worklist"]

@@ -24,8 +24,12 @@ With ``tls=`` the server speaks only DICOM TLS (and, given a CA, requires client
 certificates); C-MOVE sub-associations use TLS towards destinations added with
 ``add_known_ae(..., tls=...)``.
 
+It also answers Modality Worklist C-FIND (:mod:`pacsframe.demo.worklist`): by
+default the demo worklist of :func:`~pacsframe.demo.worklist.make_worklist`, or
+the entries or folder of ``*.wl`` files given as ``worklist=``.
+
 Not supported (yet): relational queries and retrieve and the other extended
-negotiation options, sequence matching, modality worklist, and deleting
+negotiation options, sequence matching outside the worklist, and deleting
 instances.
 """
 
@@ -40,7 +44,7 @@ import struct
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -61,6 +65,7 @@ from pynetdicom.dimse_messages import C_GET_RSP, C_MOVE_RSP
 from pynetdicom.dsutils import encode
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import (
+    ModalityWorklistInformationFind,
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove,
@@ -77,6 +82,7 @@ from ..matching import INDEX_KEYWORDS, LEVEL_KEYWORDS
 from ..net.tls import TLS, BoundedHandshake
 from ..pacs import check_ae_title
 from . import web
+from .worklist import Worklist, handle_worklist_find
 
 __all__ = [
     "INDEX_KEYWORDS",
@@ -583,6 +589,9 @@ def handle_find(event: evt.Event, server: DemoPACS) -> Iterator[tuple[int | Data
     >>> server = DemoPACS("/tmp/nowhere")
     >>> handlers = [(evt.EVT_C_FIND, handle_find, [server])]
     """
+    if event.request.AffectedSOPClassUID == ModalityWorklistInformationFind:
+        yield from handle_worklist_find(event, server)
+        return
     model = _MODELS.get(event.request.AffectedSOPClassUID)
     if model is None:
         yield _status(0x0122, "SOP class not supported"), None
@@ -1172,6 +1181,12 @@ class DemoPACS:
     max_upload : int, optional
         The largest STOW-RS request body in bytes (larger ones are answered
         413); default 512 MiB. May be changed while the server runs.
+    worklist : iterable of pydicom.dataset.Dataset, str or os.PathLike, optional
+        What Modality Worklist C-FIND requests are answered from: worklist
+        entries, or a folder whose ``*.wl`` files are read at each request.
+        Default: the demo worklist (:func:`pacsframe.demo.worklist.make_worklist`:
+        5 synthetic patients, 7 steps on 2026-03-02 and 2026-03-03); ``[]`` for
+        none. ``max_results`` caps these answers too.
 
     Examples
     --------
@@ -1204,7 +1219,9 @@ class DemoPACS:
         http_auth: tuple[str, str] | None = None,
         qido_cap_warning: bool = True,
         max_upload: int | None = None,
+        worklist: Iterable[Dataset] | str | os.PathLike[str] | None = None,
     ) -> None:
+        self.worklist = Worklist(worklist)
         if http_port is not None and not 0 <= int(http_port) < 65536:
             raise ValueError(f"http_port must be 0 to 65535, or None; got {http_port}.")
         if http_auth is not None and (
@@ -1328,7 +1345,7 @@ class DemoPACS:
         ae = AE(ae_title=self.ae_title)
         ae.maximum_associations = self.max_associations
         ae.add_supported_context(Verification)
-        for model in (*_MODELS, *_RETRIEVE_MODELS):
+        for model in (*_MODELS, *_RETRIEVE_MODELS, ModalityWorklistInformationFind):
             ae.add_supported_context(model)
         # The acceptor's order decides which proposed syntax is accepted. Explicit VR
         # Little Endian first: it is what most files (and the demo cohort) are
@@ -1399,6 +1416,7 @@ def serve(
     require_client_cert: bool | None = None,
     max_results: int | None = None,
     http_port: int | None = None,
+    worklist: Iterable[Dataset] | str | os.PathLike[str] | None = None,
 ) -> None:
     """Serve ``folder`` as a demo PACS until interrupted (Ctrl-C), then shut down.
 
@@ -1409,7 +1427,7 @@ def serve(
     ----------
     folder : str or os.PathLike
         The folder of DICOM files to serve (created when missing).
-    ae_title, host, port, known_aes, tls, require_client_cert, max_results, http_port
+    ae_title, host, port, known_aes, tls, require_client_cert, max_results, http_port, worklist
         As for :class:`DemoPACS`; the port defaults to 11112 here. With
         ``http_port`` DICOMweb is served too (on 127.0.0.1, see :attr:`DemoPACS.url`).
 
@@ -1430,6 +1448,7 @@ def serve(
         require_client_cert=require_client_cert,
         max_results=max_results,
         http_port=http_port,
+        worklist=worklist,
     )
     with server:
         # Waiting on an Event (not a sleep loop) keeps the main thread interruptible.
