@@ -680,6 +680,14 @@ def store(
         ``failed`` (FailureReason as ``code``, or why it was not sent, or that the
         answer does not name it).
 
+    Notes
+    -----
+    The rows are what the archive says. Orthanc's DICOMweb plugin 1.7 answers 409
+    (or 400) when only some objects failed, and 200 naming only the objects before
+    one it could not store (e.g. full storage: the rest are failed rows); it lists an
+    object its Lua ``ReceivedInstanceFilter`` dropped as stored. Ask the archive
+    (a QIDO-RS search) when that matters.
+
     Examples
     --------
     An object of another study sent to ``/studies/{study}`` is refused, the others

@@ -119,6 +119,7 @@ def _check_consistent(result, held: set[str], sent: pd.Series) -> None:
 # --- Orthanc -----------------------------------------------------------------------------
 
 
+@pytest.mark.orthanc
 def test_orthanc_409_other_study_objects_fail_the_rest_are_stored(orthanc, cohort, caplog):
     server = orthanc()
     a, b = _split(cohort)
@@ -143,6 +144,7 @@ def test_orthanc_409_other_study_objects_fail_the_rest_are_stored(orthanc, cohor
     assert session.get(server.url + "/system", timeout=5).status_code == 200
 
 
+@pytest.mark.orthanc
 def test_orthanc_400_object_without_series_uid_fails_the_rest_are_stored(orthanc, cohort, caplog):
     server = orthanc()
     a, _ = _split(cohort)
@@ -163,6 +165,7 @@ def test_orthanc_400_object_without_series_uid_fails_the_rest_are_stored(orthanc
     _check_consistent(result, _held_by_orthanc(server), sent)
 
 
+@pytest.mark.orthanc
 def test_orthanc_full_storage_stops_the_request_and_unnamed_objects_fail(orthanc, cohort, caplog):
     """One patient at most, and that one protected: a second patient's object cannot be
     stored; the plugin stops the request there and answers 200 naming the earlier ones."""
