@@ -377,8 +377,9 @@ class DICOMweb(finder.FindMethods):
     def store(self, source: Any, **kwargs: Any) -> Any:
         """STOW-RS ``source`` (paths, a folder, a frame with ``path``, Datasets).
 
-        See :func:`pacsframe.webtransfer.store` (``batch``, ``timeout``); returns a
-        ``StoreResult`` with one status per object.
+        See :func:`pacsframe.webtransfer.store` (``study``, ``batch``, ``timeout``);
+        returns a ``StoreResult`` with one status per object, also when the archive
+        stored only some (HTTP 202, or Orthanc's 409 / 400 naming the failed ones).
         """
         from . import webtransfer
 

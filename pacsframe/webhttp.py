@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Collection
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -240,6 +241,7 @@ class WebTransport:
         stream: bool = False,
         what: str,
         missing: str = "notsupported",
+        returned: Collection[int] = (),
     ) -> requests.Response:
         """Send one request to ``base + path``; pacsframe's error for any failure.
 
@@ -254,6 +256,10 @@ class WebTransport:
         missing : {"notsupported", "return"}
             404/405/501: raise :class:`NotSupported` (the service is absent), or
             return the response for the caller to judge (an unknown UID).
+        returned : collection of int
+            Failure statuses (>= 400) returned with their body instead of raised: the
+            caller reads the body (STOW-RS's 400 and 409 name each failed object in
+            DICOM JSON) and may raise :meth:`error` itself. 401/403 always raise.
         """
         deadline = Deadline.current()
         timeout: tuple[float, float] = self.timeout
@@ -292,6 +298,32 @@ class WebTransport:
             return response
         if status in _MISSING and missing == "return":
             return response
+        if status in returned and status not in (401, 403):
+            if not stream:
+                response.content  # noqa: B018  (read now: the caller has the body)
+            return response
+        raise self.error(response, what, stream=stream)
+
+    def error(self, response: requests.Response, what: str, *, stream: bool = False) -> Exception:
+        """pacsframe's error for a failure ``response`` (status >= 400) to the ``what``.
+
+        ``AssociationError(reason="auth")`` for 401/403, :class:`NotSupported` for
+        404/405/501, else :class:`HTTPError` with the status and the body's first
+        line (credentials scrubbed). A streamed body is read for at most 4 KiB and
+        the response closed.
+
+        Examples
+        --------
+        >>> answer = requests.Response()
+        >>> answer.status_code, answer.reason, answer.url = 409, "Conflict", "http://h/studies"
+        >>> answer._content = b"no study 1.2.3 here"
+        >>> error = WebTransport("http://h").error(answer, "STOW-RS of 1 object(s)")
+        >>> type(error).__name__, error.status, error.comment
+        ('HTTPError', 409, 'no study 1.2.3 here')
+        """
+        status = response.status_code
+        shown_path = urlsplit(response.url or "").path or "/"
+        merged = {**self.headers, **dict(getattr(response.request, "headers", None) or {})}
         try:
             body = (
                 response.text if not stream else response.raw.read(4096).decode("utf-8", "replace")
@@ -312,13 +344,13 @@ class WebTransport:
                 else "the service needs credentials: pass auth=(user, password), "
                 "headers={'Authorization': ...}, or an authorized session=."
             )
-            raise AssociationError(
+            return AssociationError(
                 f"{self._shown_base} refused the {what} with HTTP {status} {reason}: "
                 f"{advice}{said}",
                 reason="auth",
             )
         if status in _MISSING:
-            raise NotSupported(
+            return NotSupported(
                 f"{self._shown_base} does not offer the {what} (HTTP {status} {reason} for "
                 f"{shown_path}): check that the URL is the DICOMweb service root (e.g. "
                 f"ending in /dicom-web) and that the archive enables this service.{said}",
@@ -331,7 +363,7 @@ class WebTransport:
             advice = "the server failed; try again later, or check the server's log."
         else:
             advice = "check the request's keys and values against what the server supports."
-        raise HTTPError(
+        return HTTPError(
             f"{self._shown_base} answered the {what} with HTTP {status} {reason}: {advice}{said}",
             status=status,
             comment=comment or None,

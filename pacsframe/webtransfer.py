@@ -26,8 +26,10 @@ parsing is one ``bytes.find`` per chunk, so worker processes would buy little.
 with a ``path`` column, Datasets) go in batches of ``batch`` objects per
 request, each body a generator that reads its files in chunks; the DICOM JSON
 answer (Referenced / Failed SOP Sequences) gives every object its own row in the
-:class:`~pacsframe.storage.StoreResult`, for a 200, 202 or 409 (Orthanc's answer
-to a partial failure) alike.
+:class:`~pacsframe.storage.StoreResult`, for a 200 or 202 and for a 400 or 409
+whose body names the objects alike (Orthanc 1.7's plugin answers a partial failure
+with 409 or 400: the transport is asked to return those with their body, not to
+raise). An object the answer does not name, once it names any, is a failed row.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ import pandas as pd
 from . import frames
 from .cache import part10_head
 from .deadline import Deadline, deadline_for
-from .errors import AssociationError, HTTPError, NotSupported, PacsFrameError, QueryError
+from .errors import AssociationError, NotSupported, PacsFrameError, QueryError
 from .multipart import MultipartReader, boundary_of
 from .net.operations import StoreRequest, read_part10
 from .retrieve import (
@@ -579,30 +581,17 @@ def _sequence(answer: dict[str, Any], tag: str) -> list[dict[str, Any]]:
     return [v for v in values if isinstance(v, dict)] if isinstance(values, list) else []
 
 
-#: The last response of a STOW-RS request in this thread (see :func:`_capture`).
-_LAST = threading.local()
+#: Failure statuses whose STOW-RS answer is read, not raised: 409 (none stored for a
+#: conflict; Orthanc 1.7's plugin also for a partial failure against /studies/{study})
+#: and 400 (bad syntax; Orthanc 1.7 also when some were stored). Both may name each
+#: object in the Referenced / Failed SOP Sequences.
+_STOW_ANSWERED = (400, 409)
+_REFERENCED, _FAILED = "00081199", "00081198"
 
 
-def _keep(response: Any, *args: Any, **kwargs: Any) -> Any:
-    if getattr(_LAST, "on", False):
-        _LAST.response = response
-    return response
-
-
-def _capture(transport: Any) -> None:
-    """Have the transport's session keep, in this thread, the response of a STOW-RS.
-
-    The transport turns a 409 into an :class:`HTTPError` carrying the body's first
-    line; the DICOM JSON that names each failed object is in the whole body. A
-    response hook (a no-op outside :func:`_stow_batch`) keeps the response; the
-    transport has read its body already, so ``content`` holds it.
-    """
-    hooks = transport.session.hooks.setdefault("response", [])
-    if _keep not in hooks:
-        hooks.append(_keep)
-
-
-def _stow_batch(web: Any, batch: list[_Item], rows: list[dict[str, Any]]) -> None:
+def _stow_batch(
+    web: Any, batch: list[_Item], rows: list[dict[str, Any]], study: str | None
+) -> None:
     """One STOW-RS request for ``batch``; a row per item."""
     transport = _transport(web)
     boundary = "pacsframe-" + secrets.token_hex(12)
@@ -613,45 +602,36 @@ def _stow_batch(web: Any, batch: list[_Item], rows: list[dict[str, Any]]) -> Non
         "Accept": "application/dicom+json",
     }
     what = f"STOW-RS of {len(batch)} object(s)"
-    status: int | None
-    comment: str | None = None
-    _LAST.response = None
-    _capture(transport)
-    _LAST.on = True
-    try:
-        response = transport.request(
-            "POST", "/studies", headers=headers, data=body, what=what, missing="notsupported"
-        )
-        status = response.status_code
-        answer = _answer(response)
-    except HTTPError as exc:
-        # 409 (all failed; Orthanc: some failed) and 400 answer DICOM JSON that names
-        # the objects that failed: read it from the response the hook kept.
-        status, kept = exc.status, _LAST.response
-        answer = _answer(kept) if kept is not None and status in (400, 409) else {}
-        if not answer:
-            raise
-        comment = exc.comment
-    finally:
-        _LAST.on = False
-        _LAST.response = None
+    path = "/studies" if study is None else f"/studies/{study}"
+    response = transport.request(
+        "POST", path, headers=headers, data=body, what=what, returned=_STOW_ANSWERED
+    )
+    status = response.status_code
+    answer = _answer(response)
+    if status >= 400 and _REFERENCED not in answer and _FAILED not in answer:
+        # Not a Store Instances Response: the request itself failed.
+        raise transport.error(response, what)
     done: dict[str, tuple[str, int | None, str | None]] = {}
-    for item in _sequence(answer, "00081199"):
+    top_warning = _json_uids(answer)[2]
+    for item in _sequence(answer, _REFERENCED):
         sop, _, warning = _json_uids(item)
-        top_warning = _json_uids(answer)[2]
         warning = warning if warning is not None else top_warning
         if warning is not None:
             done[sop] = ("warning", warning, _status_sentence(warning, None))
         else:
             done[sop] = ("completed", 0, None)
     unnamed: list[int] = []
-    for item in _sequence(answer, "00081198"):
+    for item in _sequence(answer, _FAILED):
         sop, failure, _ = _json_uids(item)
         code = failure if failure is not None else 0xC000
         if sop:
             done[sop] = ("failed", code, _status_sentence(code, None))
         else:
             unnamed.append(code)
+    # A 200 or 202 without either sequence says all were stored without listing them;
+    # once the answer lists objects (Orthanc 1.7 answers 200 with both sequences empty
+    # when a part aborted the request), an object it does not name was not stored.
+    listed = _REFERENCED in answer or _FAILED in answer
     for item in batch:
         if id(item) in refused:
             rows.append(_row(item, "failed", None, refused[id(item)]))
@@ -659,21 +639,23 @@ def _stow_batch(web: Any, batch: list[_Item], rows: list[dict[str, Any]]) -> Non
         found = done.get(item.sop_instance)
         if found is not None:
             rows.append(_row(item, found[0], found[1], found[2]))
-        elif (
-            status in (200, 202)
-            and not answer.get("00081198")
-            and not _sequence(answer, "00081199")
-        ):
-            rows.append(_row(item, "completed", None, None))  # an answer with no body
+        elif status in (200, 202) and not listed:
+            rows.append(_row(item, "completed", None, None))
         else:
-            why = f"the peer's STOW-RS answer ({status}) does not name it"
-            if comment:
-                why += f"; the peer says: {comment}"
+            why = (
+                f"the peer's STOW-RS answer (HTTP {status} {response.reason or ''}) does not "
+                "name it: the peer did not store it or could not read it"
+            )
             rows.append(_row(item, "failed", unnamed[0] if unnamed else None, why))
 
 
 def store(
-    web: Any, source: Any, *, batch: int = STOW_BATCH, timeout: float | None = None
+    web: Any,
+    source: Any,
+    *,
+    study: str | None = None,
+    batch: int = STOW_BATCH,
+    timeout: float | None = None,
 ) -> StoreResult:
     """STOW-RS every object in ``source`` to ``web``; never raises for one bad object.
 
@@ -683,6 +665,9 @@ def store(
         The service.
     source : path, folder, list of paths, DataFrame with ``path``, Dataset(s)
         What to send, as for :meth:`PACS.store`.
+    study : str, optional
+        A Study Instance UID: POST to ``/studies/{study}``, where the archive
+        refuses (a ``failed`` row) any object of another study. None: ``/studies``.
     batch : int
         Objects per request.
     timeout : float, optional
@@ -692,10 +677,41 @@ def store(
     -------
     StoreResult
         One row per object: ``completed``, ``warning`` (WarningReason) or
-        ``failed`` (FailureReason as ``code``, or why it was not sent).
+        ``failed`` (FailureReason as ``code``, or why it was not sent, or that the
+        answer does not name it).
+
+    Notes
+    -----
+    The rows are what the archive says. Orthanc's DICOMweb plugin 1.7 answers 409
+    (or 400) when only some objects failed, and 200 naming only the objects before
+    one it could not store (e.g. full storage: the rest are failed rows); it lists an
+    object its Lua ``ReceivedInstanceFilter`` dropped as stored. Ask the archive
+    (a QIDO-RS search) when that matters.
+
+    Examples
+    --------
+    An object of another study sent to ``/studies/{study}`` is refused, the others
+    stored (HTTP 202):
+
+    >>> import tempfile
+    >>> import pacsframe as pf
+    >>> from pacsframe.demo import DemoPACS, make_cohort
+    >>> cohort = make_cohort(tempfile.mkdtemp(), patients=2, seed=3, studies_per_patient=1)
+    >>> study = cohort.StudyInstanceUID.iloc[0]
+    >>> with DemoPACS(tempfile.mkdtemp(), http_port=0) as server:
+    ...     result = pf.DICOMweb(server.url).store(cohort, study=study)
+    >>> int((cohort.StudyInstanceUID == study).sum()) == result.completed
+    True
+    >>> set(result.failed_instances.code) == {0xA900}
+    True
     """
     if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
         raise QueryError(f"batch={batch!r} must be a whole number of at least 1.")
+    if study is not None and not (isinstance(study, str) and frames.is_uid(study)):
+        raise QueryError(
+            f"study={str(study)[:70]!r} must be a Study Instance UID (digits and dots, "
+            "e.g. '1.2.840.113619.2.55.3'), or None to POST to /studies."
+        )
     with deadline_for(timeout, "store"):
         items = [_describe(s) for s in _iter_sources(source)]
         rows: list[dict[str, Any]] = []
@@ -705,7 +721,7 @@ def store(
                 rows.append(_row(item, "failed", None, f"not sent: {item.error}"))
         try:
             for start in range(0, len(sendable), batch):
-                _stow_batch(web, sendable[start : start + batch], rows)
+                _stow_batch(web, sendable[start : start + batch], rows, study)
         except PacsFrameError as exc:
             reached = {id(r["_item"]) for r in rows}
             for item in items:

@@ -8,7 +8,6 @@ announced_length)``), which also counts the WADO-RS requests the server answered
 
 from __future__ import annotations
 
-import http.server
 import threading
 import time
 import tracemalloc
@@ -364,55 +363,6 @@ def test_orthanc_stow_then_wado_same_bytes_as_cget(tmp_path, cohort):
         assert pacs.get(frame, progress=False).completed == len(manifest)
         assert cached_bytes(a) == cached_bytes(b)
         pd.testing.assert_frame_equal(index_rows(a), index_rows(b))
-
-
-class _Sink(http.server.BaseHTTPRequestHandler):
-    """A STOW-RS endpoint that reads the body in small pieces and keeps none of it."""
-
-    protocol_version = "HTTP/1.1"
-
-    def do_POST(self) -> None:
-        left = int(self.headers["Content-Length"])
-        while left:
-            left -= len(self.rfile.read(min(left, 65536)))
-        self.send_response(200)
-        self.send_header("Content-Type", "application/dicom+json")
-        self.send_header("Content-Length", "2")
-        self.end_headers()
-        self.wfile.write(b"{}")
-
-    def log_message(self, *args) -> None:
-        pass
-
-
-def test_stow_body_is_streamed(tmp_path):
-    folder = tmp_path / "big"
-    manifest = make_cohort(
-        folder,
-        patients=1,
-        seed=6,
-        studies_per_patient=1,
-        series_per_study=1,
-        instances_per_series=16,
-        matrix=512,
-    )
-    size = sum(Path(p).stat().st_size for p in manifest.path)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        client = pf.DICOMweb(f"http://127.0.0.1:{server.server_port}", cache=tmp_path / "c")
-        tracemalloc.start()
-        try:
-            result = client.store(manifest)  # one request of 16 objects
-            peak = tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
-    finally:
-        server.shutdown()
-        server.server_close()
-    assert result.completed == 16 and size > 8_000_000
-    assert peak < 2_500_000, (peak, size)
 
 
 def test_fewer_parts_than_announced_is_a_note(demo, tmp_path):

@@ -142,3 +142,19 @@ def test_http_error_and_timeouts(odd):
         slow.request("GET", "/slow", what="QIDO-RS search for studies")
     assert time.monotonic() - started < 2
     assert info.value.reason == "timeout" and "timeout=0.5" in str(info.value)
+
+
+def test_returned_statuses_come_back_with_their_body(odd, locked):
+    t = WebTransport(odd)
+    response = t.request("GET", "/fail", what="STOW-RS of 1 object(s)", returned=(500,))
+    assert response.status_code == 500 and response.text.startswith("Internal failure")
+    error = t.error(response, "STOW-RS of 1 object(s)")
+    assert isinstance(error, pf.HTTPError) and error.status == 500
+    assert error.comment == "Internal failure: the database is locked"
+    streamed = t.request("GET", "/fail", what="WADO-RS", returned=(500,), stream=True)
+    assert t.error(streamed, "WADO-RS", stream=True).comment == error.comment
+    with pytest.raises(pf.HTTPError):  # a status not asked for still raises
+        t.request("GET", "/fail", what="STOW-RS of 1 object(s)", returned=(409,))
+    with pytest.raises(pf.AssociationError) as info:  # 401 always raises
+        WebTransport(locked.url).request("GET", "/studies", what="QIDO-RS", returned=(401,))
+    assert info.value.reason == "auth"
