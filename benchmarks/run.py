@@ -436,9 +436,11 @@ def _timed_call(tool: Any, cmd: dict[str, Any]) -> dict[str, Any]:
     """One call in a long-lived worker: seconds and the peak RSS of that call."""
     state = tool.prepare(cmd["op"], cmd)
     _reset_peak()
+    cpu = time.process_time()
     start = time.perf_counter()
     answer = tool.run(cmd["op"], cmd, state)
     answer["seconds"] = time.perf_counter() - start
+    answer["cpu_s"] = time.process_time() - cpu  # the worker's own CPU (all its threads)
     answer["rss_mb"] = _peak_mb()
     return answer
 
@@ -1284,6 +1286,10 @@ def main(argv: list[str] | None = None) -> int:
                         _log(problems[-1])
                     runs[name].append(r)
             results[label] = runs
+            for name, rs in runs.items():
+                cpu = [r["cpu_s"] for r in rs if "cpu_s" in r]
+                if cpu:
+                    _log(f"{label}: {name} CPU s median {statistics.median(cpu):.3f}")
             if item == "get-cold":
                 _log(f"{label}: peak RSS of fresh processes ({len(RSS_PROBES)} probes, untimed)")
                 log = workdir / "rss-probe.log"
