@@ -829,6 +829,20 @@ def json_element(tag: int, item: Any, attr: Attribute) -> RawDataElement:
     return RawDataElement(BaseTag(tag), vr, 0, value, 0, False, True)
 
 
+# The VRs whose DICOM JSON strings FrameBuilder takes as they are: those whose one
+# string is its DICOM form, and PN, except the ones that keep leading spaces.
+_FAST_JSON_VRS = (_ONE_STRING_VRS | {"PN"}) - KEEP_LEADING_SPACE_VRS
+
+
+def _utf8(text: str) -> bool:
+    """True when ``text`` has a UTF-8 form (no lone surrogates from ``\\ud800`` escapes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 _CHARSET_TAG = 0x00080005
 # Joined text is cut at this byte, which no value of a fast-path column may hold.
 _SEPARATOR = b"\x01"
@@ -879,7 +893,8 @@ class FrameBuilder:
         self._json_tags = {f"{t:08X}": t for t in self._index} | {
             f"{t:08x}": t for t in self._index
         }
-        self._by_tag = {a.tag: a for a in self.attributes}
+        # (column, declared VR) -> how its DICOM JSON values are read (see _json_cell).
+        self._json_modes: dict[tuple[int, Any], tuple[bool, bool] | None] = {}
         # Per row: the raw SpecificCharacterSet element (None when absent).
         self._charsets: list[Any] = []
         self._warned: set[str] = set()
@@ -968,18 +983,74 @@ class FrameBuilder:
         if not isinstance(obj, Mapping):
             return False
         tags = self._json_tags
-        found = []
+        index = self._index
+        row: list[Any] = [None] * len(self.attributes)
         for key, item in obj.items():
             tag = tags.get(key)
             if tag is None:
                 continue
-            attr = self._by_tag.get(tag) or attribute("SpecificCharacterSet")
-            found.append((tag, json_element(tag, item, attr)))
-        self._keep(found)
+            for i in index[tag]:
+                if i >= 0:  # (SpecificCharacterSet as the row's charset: UTF-8, below)
+                    row[i] = self._json_cell(i, tag, item)
+        for cells, cell in zip(self._cells, row, strict=True):
+            cells.append(cell)
         # Decoded with UTF-8: the text is already Unicode, whatever character set the
         # object names (which stays the SpecificCharacterSet column's value).
-        self._charsets[-1] = _UTF8_CHARSET
+        self._charsets.append(_UTF8_CHARSET)
         return True
+
+    def _json_cell(self, i: int, tag: int, item: Any) -> Any:
+        """Column ``i``'s cell for one DICOM JSON attribute: its DICOM string, or a raw element.
+
+        Text the C-FIND path would decode and trim to the same string (one or more
+        strings of a text, date/time, IS or DS VR; a PN of one Alphabetic group; ASCII,
+        or valid UTF-8 without ISO 2022 escapes where the VR follows the character set)
+        becomes that string here, without the detour through UTF-8 bytes; everything
+        else becomes the raw element (:func:`json_element`) and is decoded as before.
+        """
+        declared = item.get("vr") if type(item) is dict else 0
+        if declared is None or type(declared) is str:
+            mode = self._json_modes.get((i, declared), 0)
+            if mode == 0:
+                mode = self._json_mode(i, declared)
+            if mode is not None:
+                values = item.get("Value")
+                text: Any = None
+                if type(values) is list:
+                    if len(values) == 1:
+                        text = values[0]
+                        kind = type(text)
+                        if mode[0]:
+                            if kind is dict and len(text) == 1:
+                                text = text.get("Alphabetic")  # PN: one Alphabetic group
+                        elif kind is int:
+                            text = str(text)
+                        elif kind is float:
+                            text = repr(text)
+                    elif not mode[0] and values and all(type(v) is str for v in values):
+                        text = "\\".join(values)
+                    elif not values:
+                        return None
+                elif values is None and len(item) == 1 and "vr" in item:
+                    return None  # {"vr": ...}: an attribute with no value
+                if type(text) is str and (
+                    text.isascii()
+                    if not mode[1]
+                    else "\x1b" not in text and (text.isascii() or _utf8(text))
+                ):
+                    return text.rstrip(" \x00").lstrip(" ") or None
+        return json_element(tag, item, self.attributes[i])
+
+    def _json_mode(self, i: int, declared: str | None) -> tuple[bool, bool] | None:
+        """How column ``i`` reads a DICOM JSON value declared as ``declared`` on the fast
+        path: (is PN, follows the character set), or None for the raw element."""
+        vr = declared if declared in _KNOWN_VRS else None
+        reading = _value_vr(vr, self.attributes[i]) if vr != "SQ" else "SQ"
+        mode = None
+        if reading in _FAST_JSON_VRS:
+            mode = (reading == "PN", reading in CHARSET_VRS)
+        self._json_modes[(i, declared)] = mode
+        return mode
 
     def _keep(self, elements: Iterable[tuple[int, Any]]) -> None:
         """Append one row: each (tag, raw element) to its columns or the charsets."""
@@ -1038,6 +1109,9 @@ class FrameBuilder:
         kinds: dict[tuple[Any, int], tuple[str, bool] | None] = {}
         for r, elem in enumerate(elems):
             if elem is None:
+                continue
+            if type(elem) is str:
+                values[r] = elem  # DICOM JSON text, already decoded (FrameBuilder._json_cell)
                 continue
             value = elem.value
             if type(value) is not bytes:
