@@ -32,8 +32,10 @@ QIDO-RS mapping
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import re
+import threading
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -41,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import requests
 
 from . import finder, frames
 from .cache import Cache
@@ -405,47 +408,28 @@ class DICOMweb(finder.FindMethods):
         )
 
     def _search(self, query: Query, builder: frames.FrameBuilder) -> str | None:
-        """One QIDO-RS search, every page, into ``builder``; why it is cut short, or None."""
+        """One QIDO-RS search, every page, into ``builder``; why it is cut short, or None.
+
+        Pages are asked one after another, but the next page is asked as soon as the
+        current one is known to be full (counted, before it is typed into
+        ``builder``), on its own thread: the server works on it while this one is
+        typed. At most one page is ahead, only after a full page (a search that fits
+        in one page sends one request), and its failure is raised here, after the
+        pages before it were added, exactly as if it had been asked in turn.
+        """
         path, params = qido_request(query)
         what = f"QIDO-RS search for {_LEVEL_NAMES[query.level]}"
         offset = 0
-        while True:
-            page = {**params, "limit": str(self._page)}
-            if offset:
-                page["offset"] = str(offset)
-            try:
-                response = self.transport.request(
-                    "GET", path, params=page, headers={"Accept": _JSON}, what=what
-                )
-            except HTTPError as exc:
-                if exc.status != 413:
-                    raise
-                # "Payload too large": the server refuses an answer this big, as
-                # dcm4chee-arc does over DIMSE; the query is split like a capped one.
-                return (
-                    f"it refused with HTTP 413 ({exc.comment or 'answer too large'}) after "
-                    f"{offset} match(es)"
-                )
-            more = bool(_WARNING_MORE.search(response.headers.get("Warning", "")))
-            if response.status_code == 204 or not response.content.strip():
-                count = 0
-            else:
-                try:
-                    objects = response.json()
-                except ValueError:
-                    raise ProtocolError(
-                        f"{self.url} answered the {what} with a body that is not DICOM JSON "
-                        f"(Content-Type {response.headers.get('Content-Type', 'none')!r}); "
-                        "check that the URL is the DICOMweb service root."
-                    ) from None
-                if isinstance(objects, dict):
-                    objects = [objects]
-                if not isinstance(objects, list):
-                    raise ProtocolError(
-                        f"{self.url} answered the {what} with JSON that is not a list of "
-                        "matches; check that the URL is the DICOMweb service root."
-                    )
+        pending: _Prefetch | None = None
+        try:
+            response = self._page_at(path, params, offset, what)
+            while True:
+                more = bool(_WARNING_MORE.search(response.headers.get("Warning", "")))
+                objects = self._objects(response, what)
                 count = len(objects)
+                full = more or count >= self._page
+                if full and count:
+                    pending = _Prefetch(self._page_at, path, params, offset + count, what)
                 skipped = sum(not builder.add_json(obj) for obj in objects)
                 if skipped:
                     warnings.warn(
@@ -455,14 +439,58 @@ class DICOMweb(finder.FindMethods):
                         frames.MalformedValueWarning,
                         stacklevel=10,
                     )
-            offset += count
-            if more and count == 0:
-                return (
-                    "its Warning header says more results can be requested, but asking "
-                    f"from offset={offset} returned none"
-                )
-            if not (more or count >= self._page):
-                return None
+                offset += count
+                if more and count == 0:
+                    return (
+                        "its Warning header says more results can be requested, but asking "
+                        f"from offset={offset} returned none"
+                    )
+                if not full:
+                    return None
+                assert pending is not None
+                response, pending = pending.result(), None
+        except HTTPError as exc:
+            if exc.status != 413:
+                raise
+            # "Payload too large": the server refuses an answer this big, as
+            # dcm4chee-arc does over DIMSE; the query is split like a capped one.
+            return (
+                f"it refused with HTTP 413 ({exc.comment or 'answer too large'}) after "
+                f"{offset} match(es)"
+            )
+
+    def _page_at(
+        self, path: str, params: dict[str, str], offset: int, what: str
+    ) -> requests.Response:
+        """One page of a QIDO-RS search: ``limit`` rows from ``offset``."""
+        page = {**params, "limit": str(self._page)}
+        if offset:
+            page["offset"] = str(offset)
+        return self.transport.request(
+            "GET", path, params=page, headers={"Accept": _JSON}, what=what
+        )
+
+    def _objects(self, response: requests.Response, what: str) -> list[Any]:
+        """The matches of one page: its DICOM JSON objects (nothing for a 204 or no body)."""
+        body = response.content
+        if response.status_code == 204 or not body or body.isspace():
+            return []
+        try:
+            objects = response.json()
+        except ValueError:
+            raise ProtocolError(
+                f"{self.url} answered the {what} with a body that is not DICOM JSON "
+                f"(Content-Type {response.headers.get('Content-Type', 'none')!r}); "
+                "check that the URL is the DICOMweb service root."
+            ) from None
+        if isinstance(objects, dict):
+            objects = [objects]
+        if not isinstance(objects, list):
+            raise ProtocolError(
+                f"{self.url} answered the {what} with JSON that is not a list of "
+                "matches; check that the URL is the DICOMweb service root."
+            )
+        return objects
 
     def _find_patients(self, query: Query, progress: bool) -> pd.DataFrame:
         # Matching on the counts is not possible over a study search: refuse it.
@@ -566,3 +594,38 @@ def _patients_from_studies(
         "split": studies.attrs.get("pacsframe", {}).get("split", False),
     }
     return out
+
+
+class _Prefetch:
+    """One call run ahead on a daemon thread: :meth:`result` returns it or raises its error.
+
+    The thread runs in a copy of the caller's context, so the call's ``timeout=``
+    (:class:`~pacsframe.deadline.Deadline`) bounds it as it bounds the caller; a
+    daemon thread, so a result nobody waits for (the caller failed first) never
+    holds up the interpreter's exit; a response is read whole (not streamed), so its
+    connection goes back to the pool even then.
+    """
+
+    def __init__(self, call: Any, *args: Any) -> None:
+        self._done = threading.Event()
+        self._value: Any = None
+        self._error: BaseException | None = None
+        context = contextvars.copy_context()
+
+        def run() -> None:
+            try:
+                self._value = context.run(call, *args)
+            except BaseException as exc:  # handed to the caller by result()
+                self._error = exc
+            finally:
+                self._done.set()
+
+        threading.Thread(target=run, name="pacsframe-qido-next-page", daemon=True).start()
+
+    def result(self) -> Any:
+        """Wait for the call; its return value, or its exception raised here."""
+        self._done.wait()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        return self._value

@@ -338,7 +338,10 @@ def test_slow_server_against_timeout():
 
 
 def test_500_in_the_middle_of_paging(server):
+    asked = []
+
     def fault(path, params):
+        asked.append(params.get("offset", "0"))
         if params.get("offset") == "4":
             return 500, b"Database error: lock timeout\nTraceback ...\n"
         return None
@@ -352,9 +355,76 @@ def test_500_in_the_middle_of_paging(server):
     finally:
         httpd.shutdown()
         httpd.server_close()
+    # The failing page was asked ahead (while the page before it was typed); its
+    # error is raised as it was, nothing partial, and no page after it is asked.
+    assert asked == ["0", "2", "4"]
     assert info.value.status == 500
     assert info.value.comment == "Database error: lock timeout"
     assert "HTTP 500" in str(info.value) and isinstance(info.value, pf.DimseError)
+    assert getattr(info.value, "partial", None) is None
+
+
+def test_next_page_is_asked_while_the_page_before_is_typed(server, dimse, monkeypatch):
+    second_asked = threading.Event()
+    asked = []
+
+    def fault(path, params):
+        asked.append(params.get("offset", "0"))
+        if params.get("offset") == "2":
+            second_asked.set()
+        return None
+
+    seen: list[bool] = []
+    add_json = pf.frames.FrameBuilder.add_json
+
+    def typing(builder, obj):
+        if len(builder) == 0:
+            # The first row of the first page: the full page's successor is asked
+            # before this page is typed, so it arrives while we wait here.
+            seen.append(second_asked.wait(10))
+        return add_json(builder, obj)
+
+    monkeypatch.setattr(pf.frames.FrameBuilder, "add_json", typing)
+    httpd, url = _proxy(server.url, fault)
+    try:
+        web = pf.DICOMweb(url)
+        web._page = 2
+        got = web.find_studies(progress=False)
+        asked_once = list(asked)
+        asked.clear()
+        small = web.find_studies(StudyInstanceUID=got.StudyInstanceUID.iloc[0], progress=False)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert seen == [True, True]
+    same(dimse.find_studies(), got, "STUDY")
+    # Each page once, in order: the full ones, then the short one that ends the answer.
+    assert asked_once == [str(2 * i) for i in range(len(got) // 2 + 1)]
+    assert asked == ["0"] and len(small) == 1  # one page, not full: nothing asked ahead
+
+
+def test_slow_page_asked_ahead_against_timeout(server):
+    def fault(path, params):
+        if params.get("offset") == "2":
+            time.sleep(3)  # the second page: asked ahead, answered too late
+        return None
+
+    httpd, url = _proxy(server.url, fault)
+    try:
+        web = pf.DICOMweb(url)
+        web._page = 2
+        started = time.monotonic()
+        with pytest.raises(pf.AssociationError) as info:
+            web.find_studies(timeout=1, progress=False)
+        assert time.monotonic() - started < 2.5  # the page comes after 3 s
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert info.value.reason == "timeout" and "web.find_studies()" in str(info.value)
+    # The rows of the first page, typed as usual; none of the late page.
+    partial = info.value.partial
+    assert len(partial) == 2 and partial.StudyInstanceUID.notna().all()
+    assert partial.attrs["pacsframe"]["level"] == "STUDY"
 
 
 # --- configuration -----------------------------------------------------------------------
