@@ -18,11 +18,13 @@ QIDO-RS mapping
 * Paths: ``/studies``; ``/studies/{uid}/series``; ``/studies/{uid}/series/{uid}/
   instances`` (``/studies/{uid}/instances``, ``/series``, ``/instances`` when
   the parent UIDs are not single values).
-* Paging: ``limit`` pages (1000 rows) with ``offset``, continued while a page
-  comes back full or the server's ``Warning: 299`` says more results can be
-  requested. An answer the server cut short without saying so (Orthanc's
-  ``LimitFindResults``) is recognised by ``max_results=`` and split by
-  StudyDate/StudyTime windows, as C-FIND does.
+* Paging: ``limit`` pages (5,000 rows) with ``offset``, continued while a page
+  holds at least 1,000 rows (the page size every server is trusted to honour; see
+  ``DICOMweb._limit``) or the server's ``Warning: 299`` says more results can be
+  requested. The next page is asked while the current one is typed. An answer the
+  server cut short without saying so (Orthanc's ``LimitFindResults``) is
+  recognised by ``max_results=`` and split by StudyDate/StudyTime windows, as
+  C-FIND does.
 * PATIENT level: PS3.18 defines no patient search, so :meth:`DICOMweb.find_patients`
   asks for the matching studies and groups them by patient (PatientID, and
   IssuerOfPatientID when asked for); ``NumberOfPatientRelated*`` are counted
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 import os
 import re
 import threading
@@ -53,6 +56,8 @@ from .query import Query, build_query, normalize_level, normalize_model
 from .webhttp import WebTransport, redact
 
 __all__ = ["DICOMweb"]
+
+LOGGER = logging.getLogger("pacsframe")
 
 _JSON = "application/dicom+json"
 _WARNING_MORE = re.compile(r"\b299\b.*additional\s+results", re.IGNORECASE | re.DOTALL)
@@ -98,8 +103,21 @@ class DICOMweb(finder.FindMethods):
     DICOMweb('https://archive.example/dicom-web')
     """
 
-    #: Rows asked for per QIDO-RS request (``limit``).
+    #: The page size every server is trusted to honour: a page of fewer rows ends the
+    #: answer (without a ``Warning: 299``). A server that cuts silently below it (at a
+    #: maximum of its own) is invisible, as it always was; give ``max_results=``.
     _page = 1000
+    #: Rows asked for per request (``limit``). Larger than ``_page``, with no loss in
+    #: telling a full answer from a cut one: whether the answer goes on is still decided
+    #: by ``_page`` alone. A page of fewer than ``_page`` rows ends it; one of at least
+    #: ``_page`` rows but fewer than asked is either the whole rest or a server cutting
+    #: at a maximum of its own (at least ``_page``), so the next page is asked from
+    #: where it ended, and only an empty one ends the answer. A search therefore never
+    #: sends more requests than with pages of ``_page`` (a complete answer of 1,000 to
+    #: 4,999 rows: two, not up to five), and each page after the first costs a server
+    #: that skips ``offset`` matches (Orthanc) less. A server that refuses a limit above
+    #: its maximum with HTTP 400 is asked again with ``_page``, which it then keeps.
+    _limit = 5000
 
     _call = "web."  # timeout errors name web.find_studies() and the like
 
@@ -131,6 +149,7 @@ class DICOMweb(finder.FindMethods):
         self._cache_setting = cache
         self._cache: Cache | None = None
         self._checked: str | None = None
+        self._limit_refused = False  # the server answered limit=_limit with HTTP 400
 
     # --- construction ---------------------------------------------------------------
 
@@ -463,12 +482,22 @@ class DICOMweb(finder.FindMethods):
         self, path: str, params: dict[str, str], offset: int, what: str
     ) -> requests.Response:
         """One page of a QIDO-RS search: ``limit`` rows from ``offset``."""
-        page = {**params, "limit": str(self._page)}
+        limit = self._page if self._limit_refused else max(self._limit, self._page)
+        page = {**params, "limit": str(limit)}
         if offset:
             page["offset"] = str(offset)
-        return self.transport.request(
-            "GET", path, params=page, headers={"Accept": _JSON}, what=what
-        )
+        try:
+            return self.transport.request(
+                "GET", path, params=page, headers={"Accept": _JSON}, what=what
+            )
+        except HTTPError as exc:
+            if exc.status != 400 or limit == self._page:
+                raise
+        # A limit above the server's maximum, refused rather than answered with fewer
+        # rows (PS3.18 8.3.4.4.1 says the latter): the page size every server takes.
+        LOGGER.info("%s refused limit=%d; asking with limit=%d", self.url, limit, self._page)
+        self._limit_refused = True
+        return self._page_at(path, params, offset, what)
 
     def _objects(self, response: requests.Response, what: str) -> list[Any]:
         """The matches of one page: its DICOM JSON objects (nothing for a 204 or no body)."""

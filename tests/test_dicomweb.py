@@ -194,13 +194,82 @@ def test_validation_is_the_same_and_sends_nothing(call, args, keys):
 
 def test_paging(web, dimse, server):
     small = pf.DICOMweb(server.url)
-    small._page = 2
+    small._page = small._limit = 2
     same(dimse.find_studies(), small.find_studies(), "STUDY")
     same(
         dimse.find_instances(dimse.find_studies()),
         small.find_instances(small.find_studies()),
         "IMAGE",
     )
+
+
+def test_limit_larger_than_the_trusted_page(server, dimse):
+    """Pages of _limit rows lose nothing: below _page rows an answer ends; a page of at
+    least _page rows but fewer than asked is followed by one from where it ended."""
+    asked = []
+
+    def fault(path, params):
+        asked.append((params.get("limit"), params.get("offset", "0")))
+        return None
+
+    httpd, url = _proxy(server.url, fault)
+    try:
+        web = pf.DICOMweb(url)
+        web._page, web._limit = 2, 1000
+        got = web.find_studies(progress=False)
+        one = web.find_studies(StudyInstanceUID=got.StudyInstanceUID.iloc[0], progress=False)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    same(dimse.find_studies(), got, "STUDY")
+    # The whole answer in the first page, then the empty page that proves it whole; a
+    # page shorter than _page is whole by itself.
+    assert asked == [("1000", "0"), ("1000", str(len(got))), ("1000", "0")]
+    assert len(one) == 1
+
+
+@pytest.mark.parametrize("warning", [True, False])
+def test_server_maximum_between_page_and_limit_is_followed(cohort, dimse, warning):
+    # The demo answers at most 3 matches per request (its max_results), with or
+    # without a Warning header; asked for 5 rows a page, with pages of 2 trusted.
+    with DemoPACS(cohort[0], http_port=0, max_results=3, qido_cap_warning=warning) as capped:
+        web = pf.DICOMweb(capped.url)
+        web._page, web._limit = 2, 5
+        got = web.find_studies(progress=False)
+    same(dimse.find_studies(), got, "STUDY")
+    assert len(got) > 3
+
+
+def test_limit_refused_with_400_falls_back_to_the_page(server, dimse):
+    asked = []
+
+    def fault(path, params):
+        asked.append(params.get("limit"))
+        if int(params.get("limit", "0")) > 2 or params.get("PatientID") == "refused":
+            return 400, b"limit must be at most 2\n"
+        return None
+
+    httpd, url = _proxy(server.url, fault)
+    try:
+        web = pf.DICOMweb(url)
+        web._page, web._limit = 2, 1000
+        got = web.find_studies(progress=False)
+        first = list(asked)
+        asked.clear()
+        again = web.find_studies(progress=False)
+        second = list(asked)
+        bad = pf.DICOMweb(url)
+        bad._page, bad._limit = 2, 1000
+        with pytest.raises(pf.HTTPError) as info:  # a 400 at the page size is raised
+            bad.find_studies(PatientID="refused", progress=False)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    same(dimse.find_studies(), got, "STUDY")
+    same(got, again, "STUDY")
+    assert first[:2] == ["1000", "2"] and set(first[2:]) == {"2"}
+    assert set(second) == {"2"}  # the refusal is remembered
+    assert info.value.status == 400 and asked[len(second) :] == ["1000", "2"]
 
 
 # --- capped answers ----------------------------------------------------------------------
@@ -349,7 +418,7 @@ def test_500_in_the_middle_of_paging(server):
     httpd, url = _proxy(server.url, fault)
     try:
         web = pf.DICOMweb(url)
-        web._page = 2
+        web._page = web._limit = 2
         with pytest.raises(pf.HTTPError) as info:
             web.find_studies()
     finally:
@@ -388,7 +457,7 @@ def test_next_page_is_asked_while_the_page_before_is_typed(server, dimse, monkey
     httpd, url = _proxy(server.url, fault)
     try:
         web = pf.DICOMweb(url)
-        web._page = 2
+        web._page = web._limit = 2
         got = web.find_studies(progress=False)
         asked_once = list(asked)
         asked.clear()
@@ -412,7 +481,7 @@ def test_slow_page_asked_ahead_against_timeout(server):
     httpd, url = _proxy(server.url, fault)
     try:
         web = pf.DICOMweb(url)
-        web._page = 2
+        web._page = web._limit = 2
         started = time.monotonic()
         with pytest.raises(pf.AssociationError) as info:
             web.find_studies(timeout=1, progress=False)
@@ -470,7 +539,7 @@ def test_logs_name_no_patient(server, cohort, caplog):
     manifest = cohort[1]
     first = manifest.iloc[0]
     web = pf.DICOMweb(server.url)
-    web._page = 2
+    web._page = web._limit = 2
     web.echo()
     patients = web.find_patients(PatientName=first.PatientName, PatientID=first.PatientID)
     assert len(patients) == 1
