@@ -458,6 +458,8 @@ class DICOMweb(finder.FindMethods):
                         frames.MalformedValueWarning,
                         stacklevel=10,
                     )
+                if pending is not None:
+                    builder.settle()  # typed now, while the server works on the next page
                 offset += count
                 if more and count == 0:
                     return (

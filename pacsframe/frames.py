@@ -898,9 +898,35 @@ class FrameBuilder:
         # Per row: the raw SpecificCharacterSet element (None when absent).
         self._charsets: list[Any] = []
         self._warned: set[str] = set()
+        # The rows typed ahead by settle(), as frames, and how many they are.
+        self._typed: list[pd.DataFrame] = []
+        self._typed_rows = 0
 
     def __len__(self) -> int:
-        return len(self._charsets)
+        return self._typed_rows + len(self._charsets)
+
+    def settle(self) -> None:
+        """Type the rows added so far now, so that :meth:`frame` has only the rest to do.
+
+        For a caller with time to spare between batches: QIDO-RS types one page
+        while the server works on the next. The frame is the same as when typed at
+        once (each column's dtype follows its VR, not its values); a malformed value
+        is still reported, once per batch it is in.
+
+        Examples
+        --------
+        >>> fb = FrameBuilder(["PatientID"])
+        >>> _ = fb.add_json({"00100020": {"vr": "LO", "Value": ["1"]}})
+        >>> fb.settle()
+        >>> _ = fb.add_json({"00100020": {"vr": "LO", "Value": ["2"]}})
+        >>> len(fb), fb.frame().PatientID.tolist()
+        (2, ['1', '2'])
+        """
+        if self._charsets:
+            self._typed.append(self._typed_frame())
+            self._typed_rows += len(self._charsets)
+            self._cells = [[] for _ in self.attributes]
+            self._charsets = []
 
     def add(self, ds: Dataset) -> None:
         """Keep the raw element of each column of one identifier."""
@@ -1162,6 +1188,13 @@ class FrameBuilder:
 
     def frame(self) -> pd.DataFrame:
         """Build the typed frame from everything added so far."""
+        if not self._typed:
+            return self._typed_frame()
+        parts = [*self._typed, self._typed_frame()] if self._charsets else self._typed
+        return pd.concat(parts, ignore_index=True)
+
+    def _typed_frame(self) -> pd.DataFrame:
+        """The typed frame of the rows not yet typed."""
         encodings = self._encodings()
         return pd.DataFrame(
             {

@@ -565,10 +565,12 @@ _TRICKY_TEXT = st.sampled_from(
         ),
         max_size=4,
     ),
+    st.integers(0, 7),
 )
-def test_add_json_shortcut_gives_what_the_raw_elements_give(case, extra):
+def test_add_json_shortcut_gives_what_the_raw_elements_give(case, extra, settle):
     """FrameBuilder.add_json takes plain text as it is; the frame and its warnings must be
-    what the raw elements of the same JSON give through the C-FIND decoding."""
+    what the raw elements of the same JSON give through the C-FIND decoding, typed at
+    once or in batches (FrameBuilder.settle, as QIDO-RS pages are)."""
     columns, objects = case
     columns = [c for c in columns if c != "SpecificCharacterSet"] or ["PatientID"]
     columns = list(dict.fromkeys(columns + [c for c, _, _ in extra]))
@@ -587,8 +589,11 @@ def test_add_json_shortcut_gives_what_the_raw_elements_give(case, extra):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         builder = FrameBuilder(columns)
-        for obj in objects:
+        for i, obj in enumerate(objects):
             builder.add_json(obj)
+            if settle >> (i % 3) & 1:
+                builder.settle()
+        assert len(builder) == sum(isinstance(o, dict) for o in objects)
         frame = builder.frame()
     for column in columns:
         pd.testing.assert_series_equal(frame[column], reference[column], obj=column)
