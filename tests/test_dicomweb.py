@@ -8,6 +8,7 @@ small ``http.server`` peers in front of it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
@@ -118,6 +119,19 @@ def _proxy(upstream: str, fault: Callable[[str, dict[str, str]], tuple[int, byte
     return _serve(Handler)
 
 
+@contextlib.contextmanager
+def proxied(upstream: str, fault, page: int = 2, limit: int | None = None):
+    """A DICOMweb client (pages of ``page`` rows, ``limit`` asked) through ``_proxy``."""
+    httpd, url = _proxy(upstream, fault)
+    try:
+        web = pf.DICOMweb(url)
+        web._page, web._limit = page, page if limit is None else limit
+        yield web
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 # --- the same answers over DIMSE and DICOMweb --------------------------------------------
 
 
@@ -212,15 +226,9 @@ def test_limit_larger_than_the_trusted_page(server, dimse):
         asked.append((params.get("limit"), params.get("offset", "0")))
         return None
 
-    httpd, url = _proxy(server.url, fault)
-    try:
-        web = pf.DICOMweb(url)
-        web._page, web._limit = 2, 1000
+    with proxied(server.url, fault, limit=1000) as web:
         got = web.find_studies(progress=False)
         one = web.find_studies(StudyInstanceUID=got.StudyInstanceUID.iloc[0], progress=False)
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
     same(dimse.find_studies(), got, "STUDY")
     # The whole answer in the first page, then the empty page that proves it whole; a
     # page shorter than _page is whole by itself.
@@ -249,22 +257,15 @@ def test_limit_refused_with_400_falls_back_to_the_page(server, dimse):
             return 400, b"limit must be at most 2\n"
         return None
 
-    httpd, url = _proxy(server.url, fault)
-    try:
-        web = pf.DICOMweb(url)
-        web._page, web._limit = 2, 1000
+    with proxied(server.url, fault, limit=1000) as web:
         got = web.find_studies(progress=False)
         first = list(asked)
         asked.clear()
         again = web.find_studies(progress=False)
         second = list(asked)
-        bad = pf.DICOMweb(url)
-        bad._page, bad._limit = 2, 1000
-        with pytest.raises(pf.HTTPError) as info:  # a 400 at the page size is raised
-            bad.find_studies(PatientID="refused", progress=False)
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    # A 400 at the page size too is the query's fault: raised.
+    with proxied(server.url, fault, limit=1000) as bad, pytest.raises(pf.HTTPError) as info:
+        bad.find_studies(PatientID="refused", progress=False)
     same(dimse.find_studies(), got, "STUDY")
     same(got, again, "STUDY")
     assert first[:2] == ["1000", "2"] and set(first[2:]) == {"2"}
@@ -415,15 +416,8 @@ def test_500_in_the_middle_of_paging(server):
             return 500, b"Database error: lock timeout\nTraceback ...\n"
         return None
 
-    httpd, url = _proxy(server.url, fault)
-    try:
-        web = pf.DICOMweb(url)
-        web._page = web._limit = 2
-        with pytest.raises(pf.HTTPError) as info:
-            web.find_studies()
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with proxied(server.url, fault) as web, pytest.raises(pf.HTTPError) as info:
+        web.find_studies()
     # The failing page was asked ahead (while the page before it was typed); its
     # error is raised as it was, nothing partial, and no page after it is asked.
     assert asked == ["0", "2", "4"]
@@ -454,17 +448,11 @@ def test_next_page_is_asked_while_the_page_before_is_typed(server, dimse, monkey
         return add_json(builder, obj)
 
     monkeypatch.setattr(pf.frames.FrameBuilder, "add_json", typing)
-    httpd, url = _proxy(server.url, fault)
-    try:
-        web = pf.DICOMweb(url)
-        web._page = web._limit = 2
+    with proxied(server.url, fault) as web:
         got = web.find_studies(progress=False)
         asked_once = list(asked)
         asked.clear()
         small = web.find_studies(StudyInstanceUID=got.StudyInstanceUID.iloc[0], progress=False)
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
     assert seen == [True, True]
     same(dimse.find_studies(), got, "STUDY")
     # Each page once, in order: the full ones, then the short one that ends the answer.
@@ -478,17 +466,11 @@ def test_slow_page_asked_ahead_against_timeout(server):
             time.sleep(3)  # the second page: asked ahead, answered too late
         return None
 
-    httpd, url = _proxy(server.url, fault)
-    try:
-        web = pf.DICOMweb(url)
-        web._page = web._limit = 2
+    with proxied(server.url, fault) as web:
         started = time.monotonic()
         with pytest.raises(pf.AssociationError) as info:
             web.find_studies(timeout=1, progress=False)
         assert time.monotonic() - started < 2.5  # the page comes after 3 s
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
     assert info.value.reason == "timeout" and "web.find_studies()" in str(info.value)
     # The rows of the first page, typed as usual; none of the late page.
     partial = info.value.partial
