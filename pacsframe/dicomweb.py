@@ -116,7 +116,8 @@ class DICOMweb(finder.FindMethods):
     #: sends more requests than with pages of ``_page`` (a complete answer of 1,000 to
     #: 4,999 rows: two, not up to five), and each page after the first costs a server
     #: that skips ``offset`` matches (Orthanc) less. A server that refuses a limit above
-    #: its maximum with HTTP 400 is asked again with ``_page``, which it then keeps.
+    #: its maximum (HTTP 400, or 413) is asked again with ``_page``, which it then keeps;
+    #: a 413 at ``_page`` too is a refusal of the answer's size, split as before.
     _limit = 5000
 
     _call = "web."  # timeout errors name web.find_studies() and the like
@@ -493,7 +494,7 @@ class DICOMweb(finder.FindMethods):
                 "GET", path, params=page, headers={"Accept": _JSON}, what=what
             )
         except HTTPError as exc:
-            if exc.status != 400 or limit == self._page:
+            if exc.status not in (400, 413) or limit == self._page:
                 raise
         # A limit above the server's maximum, refused rather than answered with fewer
         # rows (PS3.18 8.3.4.4.1 says the latter): the page size every server takes.

@@ -248,13 +248,15 @@ def test_server_maximum_between_page_and_limit_is_followed(cohort, dimse, warnin
     assert len(got) > 3
 
 
-def test_limit_refused_with_400_falls_back_to_the_page(server, dimse):
+@pytest.mark.filterwarnings("ignore:.*capped the STUDY-level QIDO-RS answer")
+@pytest.mark.parametrize("status", [400, 413])
+def test_limit_refused_falls_back_to_the_page(server, dimse, status):
     asked = []
 
     def fault(path, params):
         asked.append(params.get("limit"))
         if int(params.get("limit", "0")) > 2 or params.get("PatientID") == "refused":
-            return 400, b"limit must be at most 2\n"
+            return status, b"limit must be at most 2\n"
         return None
 
     with proxied(server.url, fault, limit=1000) as web:
@@ -263,14 +265,20 @@ def test_limit_refused_with_400_falls_back_to_the_page(server, dimse):
         asked.clear()
         again = web.find_studies(progress=False)
         second = list(asked)
-    # A 400 at the page size too is the query's fault: raised.
-    with proxied(server.url, fault, limit=1000) as bad, pytest.raises(pf.HTTPError) as info:
-        bad.find_studies(PatientID="refused", progress=False)
+    with proxied(server.url, fault, limit=1000) as bad:
+        if status == 400:  # a 400 at the page size too is the query's fault: raised
+            with pytest.raises(pf.HTTPError) as info:
+                bad.find_studies(PatientID="refused", progress=False)
+            assert info.value.status == 400
+        else:  # a 413 at the page size too refuses the answer's size: split, then capped
+            with pytest.raises(pf.ResultsCapped):
+                bad.find_studies(PatientID="refused", progress=False)
     same(dimse.find_studies(), got, "STUDY")
     same(got, again, "STUDY")
+    assert got.attrs["pacsframe"]["split"] is False
     assert first[:2] == ["1000", "2"] and set(first[2:]) == {"2"}
     assert set(second) == {"2"}  # the refusal is remembered
-    assert info.value.status == 400 and asked[len(second) :] == ["1000", "2"]
+    assert asked[len(second) :][:2] == ["1000", "2"]
 
 
 # --- capped answers ----------------------------------------------------------------------
