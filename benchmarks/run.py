@@ -500,9 +500,11 @@ def _timed_call(tool: Any, cmd: dict[str, Any]) -> dict[str, Any]:
     """One call in a long-lived worker: seconds and the peak RSS of that call."""
     state = tool.prepare(cmd["op"], cmd)
     _reset_peak()
+    cpu = time.process_time()
     start = time.perf_counter()
     answer = tool.run(cmd["op"], cmd, state)
     answer["seconds"] = time.perf_counter() - start
+    answer["cpu_s"] = time.process_time() - cpu  # the worker's own CPU (all its threads)
     answer["rss_mb"] = _peak_mb()
     return answer
 
@@ -1429,6 +1431,10 @@ def run_rounds(
                 problems.append(f"{label}: {name}, round {rnd + 1}, {r['errors']} unread files")
                 _log(problems[-1])
             runs[name].append(r)
+    for name, rs in runs.items():
+        cpu = [r["cpu_s"] for r in rs if "cpu_s" in r]
+        if cpu:
+            _log(f"{label}: {name} CPU s median {statistics.median(cpu):.3f}")
     return runs
 
 
@@ -1699,7 +1705,10 @@ def _web_text(results: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
         parts.append(
             f"{QIDO_LABEL}: the study-level search of everything, Orthanc's "
             "`LimitFindResults` 0 (no cap). pacsframe: `find_studies()`, a typed frame, "
-            "paging with `limit=1000`/`offset` (one request per 1,000 rows). "
+            "paging with `limit=5000`/`offset`: the 2,002 rows in one page, then the "
+            "empty page from offset 2,002 that proves the answer whole (a page of 1,000 "
+            "rows or more that is not full may be a server's own silent maximum), asked "
+            "while the first is typed. "
             "dicomweb-client: `search_for_studies()`, one request, timed as it comes: "
             "a list of DICOM JSON dicts, no frame."
         )

@@ -18,11 +18,13 @@ QIDO-RS mapping
 * Paths: ``/studies``; ``/studies/{uid}/series``; ``/studies/{uid}/series/{uid}/
   instances`` (``/studies/{uid}/instances``, ``/series``, ``/instances`` when
   the parent UIDs are not single values).
-* Paging: ``limit`` pages (1000 rows) with ``offset``, continued while a page
-  comes back full or the server's ``Warning: 299`` says more results can be
-  requested. An answer the server cut short without saying so (Orthanc's
-  ``LimitFindResults``) is recognised by ``max_results=`` and split by
-  StudyDate/StudyTime windows, as C-FIND does.
+* Paging: ``limit`` pages (5,000 rows) with ``offset``, continued while a page
+  holds at least 1,000 rows (the page size every server is trusted to honour; see
+  ``DICOMweb._limit``) or the server's ``Warning: 299`` says more results can be
+  requested. The next page is asked while the current one is typed. An answer the
+  server cut short without saying so (Orthanc's ``LimitFindResults``) is
+  recognised by ``max_results=`` and split by StudyDate/StudyTime windows, as
+  C-FIND does.
 * PATIENT level: PS3.18 defines no patient search, so :meth:`DICOMweb.find_patients`
   asks for the matching studies and groups them by patient (PatientID, and
   IssuerOfPatientID when asked for); ``NumberOfPatientRelated*`` are counted
@@ -32,8 +34,11 @@ QIDO-RS mapping
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import logging
 import os
 import re
+import threading
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -41,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import requests
 
 from . import finder, frames
 from .cache import Cache
@@ -50,6 +56,8 @@ from .query import Query, build_query, normalize_level, normalize_model
 from .webhttp import WebTransport, redact
 
 __all__ = ["DICOMweb"]
+
+LOGGER = logging.getLogger("pacsframe")
 
 _JSON = "application/dicom+json"
 _WARNING_MORE = re.compile(r"\b299\b.*additional\s+results", re.IGNORECASE | re.DOTALL)
@@ -95,8 +103,22 @@ class DICOMweb(finder.FindMethods):
     DICOMweb('https://archive.example/dicom-web')
     """
 
-    #: Rows asked for per QIDO-RS request (``limit``).
+    #: The page size every server is trusted to honour: a page of fewer rows ends the
+    #: answer (without a ``Warning: 299``). A server that cuts silently below it (at a
+    #: maximum of its own) is invisible, as it always was; give ``max_results=``.
     _page = 1000
+    #: Rows asked for per request (``limit``). Larger than ``_page``, with no loss in
+    #: telling a full answer from a cut one: whether the answer goes on is still decided
+    #: by ``_page`` alone. A page of fewer than ``_page`` rows ends it; one of at least
+    #: ``_page`` rows but fewer than asked is either the whole rest or a server cutting
+    #: at a maximum of its own (at least ``_page``), so the next page is asked from
+    #: where it ended, and only an empty one ends the answer. A search therefore never
+    #: sends more requests than with pages of ``_page`` (a complete answer of 1,000 to
+    #: 4,999 rows: two, not up to five), and each page after the first costs a server
+    #: that skips ``offset`` matches (Orthanc) less. A server that refuses a limit above
+    #: its maximum (HTTP 400, or 413) is asked again with ``_page``, which it then keeps;
+    #: a 413 at ``_page`` too is a refusal of the answer's size, split as before.
+    _limit = 5000
 
     _call = "web."  # timeout errors name web.find_studies() and the like
 
@@ -128,6 +150,7 @@ class DICOMweb(finder.FindMethods):
         self._cache_setting = cache
         self._cache: Cache | None = None
         self._checked: str | None = None
+        self._limit_refused = False  # the server answered limit=_limit with HTTP 400
 
     # --- construction ---------------------------------------------------------------
 
@@ -406,47 +429,28 @@ class DICOMweb(finder.FindMethods):
         )
 
     def _search(self, query: Query, builder: frames.FrameBuilder) -> str | None:
-        """One QIDO-RS search, every page, into ``builder``; why it is cut short, or None."""
+        """One QIDO-RS search, every page, into ``builder``; why it is cut short, or None.
+
+        Pages are asked one after another, but the next page is asked as soon as the
+        current one is known to be full (counted, before it is typed into
+        ``builder``), on its own thread: the server works on it while this one is
+        typed. At most one page is ahead, only after a full page (a search that fits
+        in one page sends one request), and its failure is raised here, after the
+        pages before it were added, exactly as if it had been asked in turn.
+        """
         path, params = qido_request(query)
         what = f"QIDO-RS search for {_LEVEL_NAMES[query.level]}"
         offset = 0
-        while True:
-            page = {**params, "limit": str(self._page)}
-            if offset:
-                page["offset"] = str(offset)
-            try:
-                response = self.transport.request(
-                    "GET", path, params=page, headers={"Accept": _JSON}, what=what
-                )
-            except HTTPError as exc:
-                if exc.status != 413:
-                    raise
-                # "Payload too large": the server refuses an answer this big, as
-                # dcm4chee-arc does over DIMSE; the query is split like a capped one.
-                return (
-                    f"it refused with HTTP 413 ({exc.comment or 'answer too large'}) after "
-                    f"{offset} match(es)"
-                )
-            more = bool(_WARNING_MORE.search(response.headers.get("Warning", "")))
-            if response.status_code == 204 or not response.content.strip():
-                count = 0
-            else:
-                try:
-                    objects = response.json()
-                except ValueError:
-                    raise ProtocolError(
-                        f"{self.url} answered the {what} with a body that is not DICOM JSON "
-                        f"(Content-Type {response.headers.get('Content-Type', 'none')!r}); "
-                        "check that the URL is the DICOMweb service root."
-                    ) from None
-                if isinstance(objects, dict):
-                    objects = [objects]
-                if not isinstance(objects, list):
-                    raise ProtocolError(
-                        f"{self.url} answered the {what} with JSON that is not a list of "
-                        "matches; check that the URL is the DICOMweb service root."
-                    )
+        pending: _Prefetch | None = None
+        try:
+            response = self._page_at(path, params, offset, what)
+            while True:
+                more = bool(_WARNING_MORE.search(response.headers.get("Warning", "")))
+                objects = self._objects(response, what)
                 count = len(objects)
+                full = more or count >= self._page
+                if full and count:
+                    pending = _Prefetch(self._page_at, path, params, offset + count, what)
                 skipped = sum(not builder.add_json(obj) for obj in objects)
                 if skipped:
                     warnings.warn(
@@ -456,14 +460,70 @@ class DICOMweb(finder.FindMethods):
                         frames.MalformedValueWarning,
                         stacklevel=10,
                     )
-            offset += count
-            if more and count == 0:
-                return (
-                    "its Warning header says more results can be requested, but asking "
-                    f"from offset={offset} returned none"
-                )
-            if not (more or count >= self._page):
-                return None
+                if pending is not None:
+                    builder.settle()  # typed now, while the server works on the next page
+                offset += count
+                if more and count == 0:
+                    return (
+                        "its Warning header says more results can be requested, but asking "
+                        f"from offset={offset} returned none"
+                    )
+                if not full:
+                    return None
+                assert pending is not None
+                response, pending = pending.result(), None
+        except HTTPError as exc:
+            if exc.status != 413:
+                raise
+            # "Payload too large": the server refuses an answer this big, as
+            # dcm4chee-arc does over DIMSE; the query is split like a capped one.
+            return (
+                f"it refused with HTTP 413 ({exc.comment or 'answer too large'}) after "
+                f"{offset} match(es)"
+            )
+
+    def _page_at(
+        self, path: str, params: dict[str, str], offset: int, what: str
+    ) -> requests.Response:
+        """One page of a QIDO-RS search: ``limit`` rows from ``offset``."""
+        limit = self._page if self._limit_refused else max(self._limit, self._page)
+        page = {**params, "limit": str(limit)}
+        if offset:
+            page["offset"] = str(offset)
+        try:
+            return self.transport.request(
+                "GET", path, params=page, headers={"Accept": _JSON}, what=what
+            )
+        except HTTPError as exc:
+            if exc.status not in (400, 413) or limit == self._page:
+                raise
+        # A limit above the server's maximum, refused rather than answered with fewer
+        # rows (PS3.18 8.3.4.4.1 says the latter): the page size every server takes.
+        LOGGER.info("%s refused limit=%d; asking with limit=%d", self.url, limit, self._page)
+        self._limit_refused = True
+        return self._page_at(path, params, offset, what)
+
+    def _objects(self, response: requests.Response, what: str) -> list[Any]:
+        """The matches of one page: its DICOM JSON objects (nothing for a 204 or no body)."""
+        body = response.content
+        if response.status_code == 204 or not body or body.isspace():
+            return []
+        try:
+            objects = response.json()
+        except ValueError:
+            raise ProtocolError(
+                f"{self.url} answered the {what} with a body that is not DICOM JSON "
+                f"(Content-Type {response.headers.get('Content-Type', 'none')!r}); "
+                "check that the URL is the DICOMweb service root."
+            ) from None
+        if isinstance(objects, dict):
+            objects = [objects]
+        if not isinstance(objects, list):
+            raise ProtocolError(
+                f"{self.url} answered the {what} with JSON that is not a list of "
+                "matches; check that the URL is the DICOMweb service root."
+            )
+        return objects
 
     def _find_patients(self, query: Query, progress: bool) -> pd.DataFrame:
         # Matching on the counts is not possible over a study search: refuse it.
@@ -567,3 +627,38 @@ def _patients_from_studies(
         "split": studies.attrs.get("pacsframe", {}).get("split", False),
     }
     return out
+
+
+class _Prefetch:
+    """One call run ahead on a daemon thread: :meth:`result` returns it or raises its error.
+
+    The thread runs in a copy of the caller's context, so the call's ``timeout=``
+    (:class:`~pacsframe.deadline.Deadline`) bounds it as it bounds the caller; a
+    daemon thread, so a result nobody waits for (the caller failed first) never
+    holds up the interpreter's exit; a response is read whole (not streamed), so its
+    connection goes back to the pool even then.
+    """
+
+    def __init__(self, call: Any, *args: Any) -> None:
+        self._done = threading.Event()
+        self._value: Any = None
+        self._error: BaseException | None = None
+        context = contextvars.copy_context()
+
+        def run() -> None:
+            try:
+                self._value = context.run(call, *args)
+            except BaseException as exc:  # handed to the caller by result()
+                self._error = exc
+            finally:
+                self._done.set()
+
+        threading.Thread(target=run, name="pacsframe-qido-next-page", daemon=True).start()
+
+    def result(self) -> Any:
+        """Wait for the call; its return value, or its exception raised here."""
+        self._done.wait()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        return self._value

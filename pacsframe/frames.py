@@ -890,6 +890,20 @@ def json_element(tag: int, item: Any, attr: Attribute) -> RawDataElement:
     return RawDataElement(BaseTag(tag), vr, 0, value, 0, False, True)
 
 
+# The VRs whose DICOM JSON strings FrameBuilder takes as they are: those whose one
+# string is its DICOM form, and PN, except the ones that keep leading spaces.
+_FAST_JSON_VRS = (_ONE_STRING_VRS | {"PN"}) - KEEP_LEADING_SPACE_VRS
+
+
+def _utf8(text: str) -> bool:
+    """True when ``text`` has a UTF-8 form (no lone surrogates from ``\\ud800`` escapes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 _CHARSET_TAG = 0x00080005
 # Joined text is cut at this byte, which no value of a fast-path column may hold.
 _SEPARATOR = b"\x01"
@@ -945,13 +959,40 @@ class FrameBuilder:
         self._json_tags = {f"{t:08X}": t for t in self._index} | {
             f"{t:08x}": t for t in self._index
         }
-        self._by_tag = {a.tag: a for a in self.attributes}
+        # (column, declared VR) -> how its DICOM JSON values are read (see _json_cell).
+        self._json_modes: dict[tuple[int, Any], tuple[bool, bool] | None] = {}
         # Per row: the raw SpecificCharacterSet element (None when absent).
         self._charsets: list[Any] = []
         self._warned: set[str] = set()
+        # The rows typed ahead by settle(), as frames, and how many they are.
+        self._typed: list[pd.DataFrame] = []
+        self._typed_rows = 0
 
     def __len__(self) -> int:
-        return len(self._charsets)
+        return self._typed_rows + len(self._charsets)
+
+    def settle(self) -> None:
+        """Type the rows added so far now, so that :meth:`frame` has only the rest to do.
+
+        For a caller with time to spare between batches: QIDO-RS types one page
+        while the server works on the next. The frame is the same as when typed at
+        once (each column's dtype follows its VR, not its values); a malformed value
+        is still reported, once per batch it is in.
+
+        Examples
+        --------
+        >>> fb = FrameBuilder(["PatientID"])
+        >>> _ = fb.add_json({"00100020": {"vr": "LO", "Value": ["1"]}})
+        >>> fb.settle()
+        >>> _ = fb.add_json({"00100020": {"vr": "LO", "Value": ["2"]}})
+        >>> len(fb), fb.frame().PatientID.tolist()
+        (2, ['1', '2'])
+        """
+        if self._charsets:
+            self._typed.append(self._typed_frame())
+            self._typed_rows += len(self._charsets)
+            self._cells = [[] for _ in self.attributes]
+            self._charsets = []
 
     def add(self, ds: Dataset) -> None:
         """Keep the raw element of each column of one identifier.
@@ -1072,18 +1113,75 @@ class FrameBuilder:
         if not isinstance(obj, Mapping):
             return False
         tags = self._json_tags
-        found = []
+        index = self._index
+        row: list[Any] = [None] * len(self.attributes)
         for key, item in obj.items():
             tag = tags.get(key)
             if tag is None:
                 continue
-            attr = self._by_tag.get(tag) or attribute("SpecificCharacterSet")
-            found.append((tag, json_element(tag, item, attr)))
-        self._keep(found)
+            for i in index[tag]:
+                if i >= 0:  # (SpecificCharacterSet as the row's charset: UTF-8, below)
+                    row[i] = self._json_cell(i, tag, item)
+        for cells, cell in zip(self._cells, row, strict=True):
+            cells.append(cell)
         # Decoded with UTF-8: the text is already Unicode, whatever character set the
         # object names (which stays the SpecificCharacterSet column's value).
-        self._charsets[-1] = _UTF8_CHARSET
+        self._charsets.append(_UTF8_CHARSET)
+        self.matches += 1
         return True
+
+    def _json_cell(self, i: int, tag: int, item: Any) -> Any:
+        """Column ``i``'s cell for one DICOM JSON attribute: its DICOM string, or a raw element.
+
+        Text the C-FIND path would decode and trim to the same string (one or more
+        strings of a text, date/time, IS or DS VR; a PN of one Alphabetic group; ASCII,
+        or valid UTF-8 without ISO 2022 escapes where the VR follows the character set)
+        becomes that string here, without the detour through UTF-8 bytes; everything
+        else becomes the raw element (:func:`json_element`) and is decoded as before.
+        """
+        declared = item.get("vr") if type(item) is dict else 0
+        if declared is None or type(declared) is str:
+            mode = self._json_modes.get((i, declared), 0)
+            if mode == 0:
+                mode = self._json_mode(i, declared)
+            if mode is not None:
+                values = item.get("Value")
+                text: Any = None
+                if type(values) is list:
+                    if len(values) == 1:
+                        text = values[0]
+                        kind = type(text)
+                        if mode[0]:
+                            if kind is dict and len(text) == 1:
+                                text = text.get("Alphabetic")  # PN: one Alphabetic group
+                        elif kind is int:
+                            text = str(text)
+                        elif kind is float:
+                            text = repr(text)
+                    elif not mode[0] and values and all(type(v) is str for v in values):
+                        text = "\\".join(values)
+                    elif not values:
+                        return None
+                elif values is None and len(item) == 1 and "vr" in item:
+                    return None  # {"vr": ...}: an attribute with no value
+                if type(text) is str and (
+                    text.isascii()
+                    if not mode[1]
+                    else "\x1b" not in text and (text.isascii() or _utf8(text))
+                ):
+                    return text.rstrip(" \x00").lstrip(" ") or None
+        return json_element(tag, item, self.attributes[i])
+
+    def _json_mode(self, i: int, declared: str | None) -> tuple[bool, bool] | None:
+        """How column ``i`` reads a DICOM JSON value declared as ``declared`` on the fast
+        path: (is PN, follows the character set), or None for the raw element."""
+        vr = declared if declared in _KNOWN_VRS else None
+        reading = _value_vr(vr, self.attributes[i]) if vr != "SQ" else "SQ"
+        mode = None
+        if reading in _FAST_JSON_VRS:
+            mode = (reading == "PN", reading in CHARSET_VRS)
+        self._json_modes[(i, declared)] = mode
+        return mode
 
     def _keep(self, elements: Iterable[tuple[int, Any]], *, new_match: bool = True) -> None:
         """Append one row: each (tag, raw element) to its columns or the charsets.
@@ -1147,6 +1245,9 @@ class FrameBuilder:
         for r, elem in enumerate(elems):
             if elem is None:
                 continue
+            if type(elem) is str:
+                values[r] = elem  # DICOM JSON text, already decoded (FrameBuilder._json_cell)
+                continue
             value = elem.value
             if type(value) is not bytes:
                 if not (value is None or value == ""):
@@ -1196,6 +1297,13 @@ class FrameBuilder:
 
     def frame(self) -> pd.DataFrame:
         """Build the typed frame from everything added so far."""
+        if not self._typed:
+            return self._typed_frame()
+        parts = [*self._typed, self._typed_frame()] if self._charsets else self._typed
+        return pd.concat(parts, ignore_index=True)
+
+    def _typed_frame(self) -> pd.DataFrame:
+        """The typed frame of the rows not yet typed."""
         encodings = self._encodings()
         return pd.DataFrame(
             {

@@ -8,6 +8,7 @@ small ``http.server`` peers in front of it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
@@ -118,6 +119,19 @@ def _proxy(upstream: str, fault: Callable[[str, dict[str, str]], tuple[int, byte
     return _serve(Handler)
 
 
+@contextlib.contextmanager
+def proxied(upstream: str, fault, page: int = 2, limit: int | None = None):
+    """A DICOMweb client (pages of ``page`` rows, ``limit`` asked) through ``_proxy``."""
+    httpd, url = _proxy(upstream, fault)
+    try:
+        web = pf.DICOMweb(url)
+        web._page, web._limit = page, page if limit is None else limit
+        yield web
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 # --- the same answers over DIMSE and DICOMweb --------------------------------------------
 
 
@@ -194,13 +208,77 @@ def test_validation_is_the_same_and_sends_nothing(call, args, keys):
 
 def test_paging(web, dimse, server):
     small = pf.DICOMweb(server.url)
-    small._page = 2
+    small._page = small._limit = 2
     same(dimse.find_studies(), small.find_studies(), "STUDY")
     same(
         dimse.find_instances(dimse.find_studies()),
         small.find_instances(small.find_studies()),
         "IMAGE",
     )
+
+
+def test_limit_larger_than_the_trusted_page(server, dimse):
+    """Pages of _limit rows lose nothing: below _page rows an answer ends; a page of at
+    least _page rows but fewer than asked is followed by one from where it ended."""
+    asked = []
+
+    def fault(path, params):
+        asked.append((params.get("limit"), params.get("offset", "0")))
+        return None
+
+    with proxied(server.url, fault, limit=1000) as web:
+        got = web.find_studies(progress=False)
+        one = web.find_studies(StudyInstanceUID=got.StudyInstanceUID.iloc[0], progress=False)
+    same(dimse.find_studies(), got, "STUDY")
+    # The whole answer in the first page, then the empty page that proves it whole; a
+    # page shorter than _page is whole by itself.
+    assert asked == [("1000", "0"), ("1000", str(len(got))), ("1000", "0")]
+    assert len(one) == 1
+
+
+@pytest.mark.parametrize("warning", [True, False])
+def test_server_maximum_between_page_and_limit_is_followed(cohort, dimse, warning):
+    # The demo answers at most 3 matches per request (its max_results), with or
+    # without a Warning header; asked for 5 rows a page, with pages of 2 trusted.
+    with DemoPACS(cohort[0], http_port=0, max_results=3, qido_cap_warning=warning) as capped:
+        web = pf.DICOMweb(capped.url)
+        web._page, web._limit = 2, 5
+        got = web.find_studies(progress=False)
+    same(dimse.find_studies(), got, "STUDY")
+    assert len(got) > 3
+
+
+@pytest.mark.filterwarnings("ignore:.*capped the STUDY-level QIDO-RS answer")
+@pytest.mark.parametrize("status", [400, 413])
+def test_limit_refused_falls_back_to_the_page(server, dimse, status):
+    asked = []
+
+    def fault(path, params):
+        asked.append(params.get("limit"))
+        if int(params.get("limit", "0")) > 2 or params.get("PatientID") == "refused":
+            return status, b"limit must be at most 2\n"
+        return None
+
+    with proxied(server.url, fault, limit=1000) as web:
+        got = web.find_studies(progress=False)
+        first = list(asked)
+        asked.clear()
+        again = web.find_studies(progress=False)
+        second = list(asked)
+    with proxied(server.url, fault, limit=1000) as bad:
+        if status == 400:  # a 400 at the page size too is the query's fault: raised
+            with pytest.raises(pf.HTTPError) as info:
+                bad.find_studies(PatientID="refused", progress=False)
+            assert info.value.status == 400
+        else:  # a 413 at the page size too refuses the answer's size: split, then capped
+            with pytest.raises(pf.ResultsCapped):
+                bad.find_studies(PatientID="refused", progress=False)
+    same(dimse.find_studies(), got, "STUDY")
+    same(got, again, "STUDY")
+    assert got.attrs["pacsframe"]["split"] is False
+    assert first[:2] == ["1000", "2"] and set(first[2:]) == {"2"}
+    assert set(second) == {"2"}  # the refusal is remembered
+    assert asked[len(second) :][:2] == ["1000", "2"]
 
 
 # --- capped answers ----------------------------------------------------------------------
@@ -338,23 +416,74 @@ def test_slow_server_against_timeout():
 
 
 def test_500_in_the_middle_of_paging(server):
+    asked = []
+
     def fault(path, params):
+        asked.append(params.get("offset", "0"))
         if params.get("offset") == "4":
             return 500, b"Database error: lock timeout\nTraceback ...\n"
         return None
 
-    httpd, url = _proxy(server.url, fault)
-    try:
-        web = pf.DICOMweb(url)
-        web._page = 2
-        with pytest.raises(pf.HTTPError) as info:
-            web.find_studies()
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with proxied(server.url, fault) as web, pytest.raises(pf.HTTPError) as info:
+        web.find_studies()
+    # The failing page was asked ahead (while the page before it was typed); its
+    # error is raised as it was, nothing partial, and no page after it is asked.
+    assert asked == ["0", "2", "4"]
     assert info.value.status == 500
     assert info.value.comment == "Database error: lock timeout"
     assert "HTTP 500" in str(info.value) and isinstance(info.value, pf.DimseError)
+    assert getattr(info.value, "partial", None) is None
+
+
+def test_next_page_is_asked_while_the_page_before_is_typed(server, dimse, monkeypatch):
+    second_asked = threading.Event()
+    asked = []
+
+    def fault(path, params):
+        asked.append(params.get("offset", "0"))
+        if params.get("offset") == "2":
+            second_asked.set()
+        return None
+
+    seen: list[bool] = []
+    add_json = pf.frames.FrameBuilder.add_json
+
+    def typing(builder, obj):
+        if len(builder) == 0:
+            # The first row of the first page: the full page's successor is asked
+            # before this page is typed, so it arrives while we wait here.
+            seen.append(second_asked.wait(10))
+        return add_json(builder, obj)
+
+    monkeypatch.setattr(pf.frames.FrameBuilder, "add_json", typing)
+    with proxied(server.url, fault) as web:
+        got = web.find_studies(progress=False)
+        asked_once = list(asked)
+        asked.clear()
+        small = web.find_studies(StudyInstanceUID=got.StudyInstanceUID.iloc[0], progress=False)
+    assert seen == [True, True]
+    same(dimse.find_studies(), got, "STUDY")
+    # Each page once, in order: the full ones, then the short one that ends the answer.
+    assert asked_once == [str(2 * i) for i in range(len(got) // 2 + 1)]
+    assert asked == ["0"] and len(small) == 1  # one page, not full: nothing asked ahead
+
+
+def test_slow_page_asked_ahead_against_timeout(server):
+    def fault(path, params):
+        if params.get("offset") == "2":
+            time.sleep(3)  # the second page: asked ahead, answered too late
+        return None
+
+    with proxied(server.url, fault) as web:
+        started = time.monotonic()
+        with pytest.raises(pf.AssociationError) as info:
+            web.find_studies(timeout=1, progress=False)
+        assert time.monotonic() - started < 2.5  # the page comes after 3 s
+    assert info.value.reason == "timeout" and "web.find_studies()" in str(info.value)
+    # The rows of the first page, typed as usual; none of the late page.
+    partial = info.value.partial
+    assert len(partial) == 2 and partial.StudyInstanceUID.notna().all()
+    assert partial.attrs["pacsframe"]["level"] == "STUDY"
 
 
 # --- configuration -----------------------------------------------------------------------
@@ -400,7 +529,7 @@ def test_logs_name_no_patient(server, cohort, caplog):
     manifest = cohort[1]
     first = manifest.iloc[0]
     web = pf.DICOMweb(server.url)
-    web._page = 2
+    web._page = web._limit = 2
     web.echo()
     patients = web.find_patients(PatientName=first.PatientName, PatientID=first.PatientID)
     assert len(patients) == 1
