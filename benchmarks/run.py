@@ -232,7 +232,9 @@ class _PacsframeTool:
             shutil.rmtree(p["out"], ignore_errors=True)
             web = self.pf.DICOMweb(self.cfg["url"], cache=p["out"])
             web.cache  # noqa: B018 - open the cache (a user's cache already exists)
-            return web, web.find_studies(StudyInstanceUID=p["study"], progress=False)
+            frame = web.find_studies(StudyInstanceUID=p["study"], progress=False)
+            _settle_disk()
+            return web, frame
         if op in ("get-cold", "move"):
             shutil.rmtree(p["out"], ignore_errors=True)
             pacs = self._pacs(p["out"])
@@ -430,6 +432,7 @@ class _DicomwebClientTool:
         if op == "wado-cold":
             shutil.rmtree(p["out"], ignore_errors=True)
             Path(p["out"]).mkdir(parents=True)
+            _settle_disk()
         return None
 
     def run(self, op: str, p: dict[str, Any], state: Any) -> dict[str, Any]:
@@ -780,6 +783,19 @@ def run_dcmtk(command: list[str], timeout: float | None = None) -> dict[str, Any
     return answer
 
 
+def _settle_disk() -> None:
+    """Finish the disk work of earlier rounds before a timed WADO-RS get (untimed).
+
+    Every tool of the WADO-RS item writes the study's 263 MB, and the rounds empty
+    the folders between them: without a sync the writeback and the freeing of the
+    last round's 500 files (ext4 here is mounted with ``discard``) run during the
+    next timed get. That falls on whichever tool comes next, and hardest on the
+    ones that create 500 files (pacsframe, dicomweb-client) rather than one
+    (curl). Each tool's prepare step calls ``os.sync()`` after its emptying.
+    """
+    os.sync()
+
+
 def curl_study(curl: str, url: str, study: str, scratch: Path) -> dict[str, Any]:
     """curl saving a study's WADO-RS multipart body to one file (the floor: no parsing).
 
@@ -790,6 +806,7 @@ def curl_study(curl: str, url: str, study: str, scratch: Path) -> dict[str, Any]
 
     out = scratch / "curl-study.multipart"
     out.unlink(missing_ok=True)
+    _settle_disk()
     r = run_dcmtk(
         [
             curl,
