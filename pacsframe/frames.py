@@ -455,14 +455,25 @@ def _warn_malformed(keyword: str, bad: pd.Series) -> None:
         )
 
 
+def _without_surrogates(value: Any) -> Any:
+    """``value`` with each lone surrogate replaced by ``?`` (other values as they are)."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "replace").decode("utf-8")
+    return value
+
+
 def _scalar_column(values: Sequence[Any], vr: str, keyword: str) -> pd.Series:
     """Convert DICOM strings (or numbers) of one VR to a typed Series."""
     if vr in STRING_VRS or vr not in DTYPES:
         try:
             return pd.Series(values, dtype="string" if vr in STRING_VRS else "object")
-        except UnicodeDecodeError:
-            # bytes that are not UTF-8 (e.g. a list of raw UIDs from a caller)
-            values = [v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in values]
+        except UnicodeError:
+            # bytes that are not UTF-8 (e.g. a list of raw UIDs from a caller), or a
+            # lone surrogate from DICOM JSON (no UTF-8 form): each becomes U+FFFD or "?"
+            values = [
+                v.decode("utf-8", "replace") if isinstance(v, bytes) else _without_surrogates(v)
+                for v in values
+            ]
             return pd.Series(values, dtype="string")
     if vr in BINARY_INT_VRS or vr in BINARY_FLOAT_VRS:
         cells = [None if v is None or isinstance(v, list) else v for v in values]
@@ -479,7 +490,14 @@ def _scalar_column(values: Sequence[Any], vr: str, keyword: str) -> pd.Series:
         return _scalar_column(text, "IS" if vr in BINARY_INT_VRS else "DS", keyword)
     raw = pd.Series(values, dtype="object")
     present = raw.notna()
-    text = raw.where(present, "").astype(str).str.strip()
+    try:
+        text = raw.where(present, "").astype(str).str.strip()
+    except UnicodeEncodeError:
+        # A lone surrogate (DICOM JSON can escape one, "\ud800") has no UTF-8 form,
+        # which pandas' string dtype needs. It is no number, date or time either:
+        # replaced, the value is reported as malformed and left empty like any other.
+        raw = raw.map(_without_surrogates)
+        text = raw.where(present, "").astype(str).str.strip()
     if vr in INT_STRING_VRS or vr in FLOAT_STRING_VRS:
         numbers = pd.to_numeric(text.where(present, None), errors="coerce")
         bad = present & numbers.isna()
