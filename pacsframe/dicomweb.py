@@ -230,6 +230,23 @@ class DICOMweb(finder.FindMethods):
     def __repr__(self) -> str:
         return f"DICOMweb({self.url!r})"
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Settings only, as :meth:`PACS.__getstate__`: a worker process
+        (:mod:`pacsframe.workers`) gets a DICOMweb with the URL, auth, headers,
+        verify and timeout, which opens its own connections. A ``session=`` the
+        caller gave cannot cross (TypeError): that archive's retrievals use threads."""
+        state = dict(vars(self))
+        opened = state.pop("_cache", None)
+        if opened is None and isinstance(self._cache_setting, Cache):
+            opened = self._cache_setting
+        if opened is not None:  # (a Cache is falsy when empty)
+            state["_cache_setting"] = str(opened.root)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        vars(self).update(state)
+        self._cache = None
+
     def _repr_html_(self) -> str:
         from html import escape
 

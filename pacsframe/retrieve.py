@@ -42,6 +42,7 @@ import html
 import io
 import logging
 import queue
+import resource
 import ssl
 import threading
 import time
@@ -1045,11 +1046,16 @@ class _Seen:
 class _Worker(threading.Thread):
     """One association, many units: C-GET each and let the receiver file the objects.
 
+    (For :class:`_ProcessWorker`: built as ``_Worker(peer, units, receiver, *extra)``,
+    ``extra`` ending with its name; ``protocol`` names it in messages.)
+
     Everything on the association happens in this thread (pacsframe's engine is
     blocking): :meth:`cancel`, from any thread, asks it to send C-CANCEL at the
     next message boundary; the call's ``timeout=`` is the association's limit,
     which the engine enforces itself (C-CANCEL, then abort).
     """
+
+    protocol = "C-GET"
 
     def __init__(
         self,
@@ -1224,60 +1230,63 @@ class _ChildReceiver(_Receiver):
 
 
 class _AskedUnits:
-    """The child's view of the parent's queue of units (``get_nowait``/``put``)."""
+    """The child's view of the parent's queue of units (``get_nowait``/``put``).
+
+    Whatever a worker learnt of a unit it took (``announced``, the sub-operation
+    total of its first pending response) goes back to the parent's copy when the
+    child asks for its next unit, and at its end (:meth:`settle`).
+    """
 
     def __init__(self, link: ChildLink) -> None:
         self.link = link
         self.current: int | None = None
+        self._unit: _Unit | None = None
 
     def get_nowait(self) -> _Unit:
+        self.settle()
         lent = self.link.ask("unit")
         if lent is None:
             raise queue.Empty
         self.current, unit = lent
+        self._unit = unit
         return unit
 
     def put(self, unit: _Unit) -> None:
+        self._unit = None  # back in the parent's queue: another worker may take it
         self.link.send("put", self.current)
 
-
-class _ChildWorker(_Worker):
-    """:class:`_Worker` in a worker process: it tells the parent what each request announced."""
-
-    units: _AskedUnits  # type: ignore[assignment]
-
-    def _get(self, assoc: ClientAssociation, unit: _Unit, model_uid: str, syntax: str) -> None:
-        index = self.units.current
-        try:
-            super()._get(assoc, unit, model_uid, syntax)
-        finally:
-            self.receiver.link.send("announced", index, unit.announced)  # type: ignore[attr-defined]
+    def settle(self) -> None:
+        """Tell the parent what the unit in hand announced."""
+        unit, self._unit = self._unit, None
+        if unit is not None:
+            self.link.send("announced", self.current, unit.announced)
 
 
 class _ProcessWorker(ProcessWorker):
-    """A :class:`_Worker` whose association runs in a worker process (see
-    :mod:`pacsframe.workers`), with the same face to :func:`_run` and :func:`_get`.
+    """A thread worker (:class:`_Worker`, or WADO-RS's ``_WebWorker``) that runs in
+    a worker process (see :mod:`pacsframe.workers`), with the same face to
+    :func:`_run` and the callers.
 
-    The child files what arrives into the one cache itself (SQLite's locking
-    shares the index between processes); the parent keeps the queue of units,
-    the rows and the progress bar, and calls ``on_received``.
+    ``kind`` is the thread worker's class, built as ``kind(peer, units, receiver,
+    *extra)`` (``extra`` ends with its name): in the child with the units the
+    parent lends and a :class:`_ChildReceiver`, or here in a thread when no
+    worker process can start (:func:`_run`). ``peer`` crosses as its settings
+    (:meth:`PACS.__getstate__`, :meth:`DICOMweb.__getstate__`). The child files
+    what arrives into the one cache itself (SQLite's locking shares the index
+    between processes); the parent keeps the queue of units, the rows and the
+    progress bar, and calls ``on_received``.
     """
 
     def __init__(
-        self,
-        pacs: PACS,
-        units: queue.Queue[_Unit],
-        receiver: _Receiver,
-        model: str,
-        contexts: list[tuple[str, Sequence[str]]],
-        roles: list[Any],
-        name: str,
+        self, kind: type, peer: Any, units: queue.Queue[_Unit], receiver: _Receiver, *extra: Any
     ) -> None:
+        name = extra[-1]
         cache = receiver.cache
         settings = (cache.root, receiver.overwrite, sorted(receiver.again))
-        args = (pacs, settings, model, contexts, roles, name, Deadline.current())
+        args = (kind, peer, settings, extra, Deadline.current())
         super().__init__(name, _child_get, args, self._on_message)
-        self.thread_args = (pacs, units, receiver, model, contexts, roles, name)
+        self.kind = kind
+        self.thread_args = (peer, units, receiver, *extra)
         self.units = units
         self.receiver = receiver
         self.requests = 0
@@ -1285,6 +1294,10 @@ class _ProcessWorker(ProcessWorker):
         self.cancelled = False
         self._lent: list[_Unit] = []
         self._done = False
+
+    def in_thread(self) -> Any:
+        """The same worker as a thread of this process (no worker process could start)."""
+        return self.kind(*self.thread_args)
 
     def _on_message(self, message: tuple[Any, ...]) -> Any:
         kind, *rest = message
@@ -1323,9 +1336,9 @@ class _ProcessWorker(ProcessWorker):
         elif kind == "ended" and not self._done:
             self.failures.append(
                 AssociationError(
-                    f"the C-GET worker process {self.name} ended without a result (it "
-                    "was killed, or crashed); what it filed is in the cache, and the "
-                    "same call again fetches only what is missing.",
+                    f"the {self.kind.protocol} worker process {self.name} ended without a "
+                    "result (it was killed, or crashed); what it filed is in the cache, "
+                    "and the same call again fetches only what is missing.",
                     reason="aborted",
                 )
             )
@@ -1335,15 +1348,13 @@ class _ProcessWorker(ProcessWorker):
 
 def _child_get(
     link: ChildLink,
-    pacs: PACS,
+    kind: type,
+    peer: Any,
     settings: tuple[Any, bool, list[str]],
-    model: str,
-    contexts: list[tuple[str, Sequence[str]]],
-    roles: list[Any],
-    name: str,
+    extra: tuple[Any, ...],
     deadline: Deadline | None,
 ) -> None:
-    """A worker process's C-GETs: the units the parent lends, filed into the cache."""
+    """A worker process's retrievals: the units the parent lends, filed into the cache."""
     from .cache import Cache
 
     root, overwrite, again = settings
@@ -1351,7 +1362,7 @@ def _child_get(
     units = _AskedUnits(link)
     with deadline_scope(deadline):
         # The worker copies this context: the call's timeout= holds in here too.
-        worker = _ChildWorker(pacs, units, receiver, model, contexts, roles, name)
+        worker = kind(peer, units, receiver, *extra)
 
     def cancel() -> None:
         receiver.stop.set()
@@ -1366,7 +1377,18 @@ def _child_get(
         abort()
     elif link.cancelled:
         cancel()
+    started, used = time.monotonic(), resource.getrusage(resource.RUSAGE_SELF)
     worker.run()  # in this process's only thread; failures are collected, not raised
+    units.settle()
+    now = resource.getrusage(resource.RUSAGE_SELF)
+    LOGGER.debug(
+        "worker process %s: %d request(s), %.3f s, CPU %.3f s user + %.3f s system",
+        extra[-1],
+        worker.requests,
+        time.monotonic() - started,
+        now.ru_utime - used.ru_utime,
+        now.ru_stime - used.ru_stime,
+    )
     failures = [portable(f) for f in worker.failures]
     link.send("done", worker.requests, worker.cancelled, failures)
 
@@ -1436,7 +1458,7 @@ def _get(
     n = min(workers, len(planner.units))
     # Parallel associations in processes where forking is safe: threads would
     # share one GIL, and overlap only their waits.
-    kind = _ProcessWorker if n > 1 and _parallel(pacs) else _Worker
+    kind = functools.partial(_ProcessWorker, _Worker) if n > 1 and _parallel(pacs) else _Worker
     threads: list[Any] = [
         kind(pacs, units, receiver, model, contexts, roles, f"pacsframe-get-{i}") for i in range(n)
     ]
@@ -1601,7 +1623,7 @@ def _run(threads: list[Any], receiver: _Receiver) -> None:
             if not isinstance(thread, _ProcessWorker):
                 raise
             LOGGER.warning("no worker process (%s); this association runs in a thread", exc)
-            threads[i] = _Worker(*thread.thread_args)
+            threads[i] = thread.in_thread()
             threads[i].start()
     stopping = False
     try:

@@ -200,25 +200,50 @@ class WebTransport:
             )
         self.timeout = (float(timeout[0]), float(timeout[1]))
         self.verify = verify
+        self._pool = pool
         self._own_session = session is None
-        if session is None:
-            session = requests.Session()
-            retry = Retry(
-                total=3,
-                connect=2,
-                read=0,
-                status=2,
-                backoff_factor=0.2,
-                status_forcelist=(502, 503, 504),
-                allowed_methods=frozenset({"GET", "HEAD", "OPTIONS"}),
-                raise_on_status=False,
-                respect_retry_after_header=True,
+        self.session = session if session is not None else self._new_session(pool)
+
+    @staticmethod
+    def _new_session(pool: int) -> requests.Session:
+        """pacsframe's own session: pooled connections, bounded retries of idempotent requests."""
+        session = requests.Session()
+        retry = Retry(
+            total=3,
+            connect=2,
+            read=0,
+            status=2,
+            backoff_factor=0.2,
+            status_forcelist=(502, 503, 504),
+            allowed_methods=frozenset({"GET", "HEAD", "OPTIONS"}),
+            raise_on_status=False,
+            respect_retry_after_header=True,
+        )
+        adapter = HTTPAdapter(pool_connections=pool, pool_maxsize=pool, max_retries=retry)
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        session.trust_env = True
+        return session
+
+    def portable(self) -> bool:
+        """Whether this transport can cross to a worker process (:meth:`__getstate__`)."""
+        return self._own_session
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Settings only (a worker process opens its own connections): URL, auth,
+        headers, verify, timeout. A session the caller gave cannot cross."""
+        if not self._own_session:
+            raise TypeError(
+                "a WebTransport with a caller's session= cannot be pickled (the session "
+                "holds live connections and its own credentials); use it in this process."
             )
-            adapter = HTTPAdapter(pool_connections=pool, pool_maxsize=pool, max_retries=retry)
-            session.mount("http://", adapter)
-            session.mount("https://", adapter)
-            session.trust_env = True
-        self.session = session
+        state = dict(vars(self))
+        state.pop("session", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        vars(self).update(state)
+        self.session = self._new_session(self._pool)
 
     def __repr__(self) -> str:
         return f"WebTransport({self._shown_base!r})"

@@ -18,9 +18,14 @@ worker whatever the size of a study. The cache writes the same file meta a C-GET
 writes, so an instance has the same bytes in the cache whichever protocol brought
 it. A body cut short (a dropped connection, a truncated body, another boundary)
 discards the part in progress and raises with ``.result`` attached; a re-run
-fetches only what is missing. Units run on ``workers`` threads: the waits on the
-network and the disk overlap (the transport pools its connections), and the
-parsing is one ``bytes.find`` per chunk, so worker processes would buy little.
+fetches only what is missing. With ``workers`` > 1 the units run in worker
+processes (:mod:`pacsframe.workers`, as C-GET's associations do): reading,
+parsing and filing 500 objects is Python, and threads share one GIL, so they
+overlap only their waits. Each child opens its own connections from the
+archive's settings (:meth:`DICOMweb.__getstate__`) and files into the one cache;
+the caller keeps the queue of units, the rows, the progress bar and
+``on_received``. An archive with a caller's ``session=`` (which cannot cross to a
+child), or ``PACSFRAME_WORKER_PROCESSES=0``, runs them in threads.
 
 ``store`` is STOW-RS: the sources of :meth:`PACS.store` (paths, folders, frames
 with a ``path`` column, Datasets) go in batches of ``batch`` objects per
@@ -35,9 +40,11 @@ raise). An object the answer does not name, once it names any, is a failed row.
 from __future__ import annotations
 
 import contextvars
+import functools
 import io
 import json
 import logging
+import pickle
 import queue
 import secrets
 import struct
@@ -59,6 +66,7 @@ from .retrieve import (
     _as_frame,
     _finish,
     _Planner,
+    _ProcessWorker,
     _progress,
     _Receiver,
     _run,
@@ -77,6 +85,7 @@ from .storage import (
     _store_result,
     peer_name,
 )
+from .workers import available, warm
 
 __all__ = ["get", "store"]
 
@@ -248,7 +257,14 @@ def _stream_error(exc: BaseException, what: str) -> AssociationError:
 
 
 class _WebWorker(threading.Thread):
-    """Takes units from the queue and retrieves each over WADO-RS."""
+    """Takes units from the queue and retrieves each over WADO-RS.
+
+    A thread here, or the worker of a :class:`~pacsframe.retrieve._ProcessWorker`
+    (in a worker process, with the units the parent lends and a receiver that
+    sends its rows to the parent's).
+    """
+
+    protocol = "WADO-RS"
 
     def __init__(
         self, web: Any, units: queue.Queue[_Unit], receiver: _Receiver, name: str
@@ -381,6 +397,28 @@ class _WebWorker(threading.Thread):
             response.close()
 
 
+def _parallel(web: Any) -> bool:
+    """Whether this archive's parallel units may run in worker processes.
+
+    The archive crosses to a child as its settings (:meth:`DICOMweb.__getstate__`);
+    a ``session=`` the caller gave (e.g. google-auth's ``AuthorizedSession``), or an
+    auth object that does not pickle, cannot, and its units run in threads.
+    """
+    if not available():
+        return False
+    transport = _transport(web)
+    if not getattr(transport, "portable", lambda: False)():
+        return False
+    try:
+        pickle.dumps(web)
+    except Exception as exc:
+        LOGGER.info(
+            "WADO-RS units run in threads: the archive does not pickle (%s)", type(exc).__name__
+        )
+        return False
+    return True
+
+
 def get(
     web: Any,
     frame: pd.DataFrame | pd.Series | Sequence[str],
@@ -401,7 +439,9 @@ def get(
     frame : DataFrame, Series of UIDs, or list of StudyInstanceUIDs
         What to retrieve, at the level of its most specific UID column.
     workers : int
-        Threads requesting units in parallel over pooled connections.
+        Units requested in parallel: worker processes where they can run
+        (:func:`pacsframe.workers.available`, an archive without a caller's
+        ``session=``), threads otherwise.
     progress, on_received, overwrite, timeout
         As for :meth:`PACS.get`.
 
@@ -434,6 +474,9 @@ def _get(
             "first, e.g. web.get(web.find_studies(patients))."
         )
     cache = web.cache
+    parallel = workers > 1 and _parallel(web)
+    if parallel:
+        warm()  # the worker server's imports overlap the planning QIDO-RS searches
     planner = _Planner(web, cache, "study", overwrite)
     planner.plan(frame)
     planner.spread(workers)
@@ -453,12 +496,16 @@ def _get(
     for unit in planner.units:
         units.put(unit)
     n = min(workers, len(planner.units))
-    threads = [_WebWorker(web, units, receiver, f"pacsframe-wado-{i}") for i in range(n)]
+    # Parallel units in worker processes where they can run: the reading, parsing and
+    # filing of each object is Python, and threads share one GIL.
+    kind: Any = functools.partial(_ProcessWorker, _WebWorker) if n > 1 and parallel else _WebWorker
+    threads = [kind(web, units, receiver, f"pacsframe-wado-{i}") for i in range(n)]
     LOGGER.info(
-        "WADO-RS from %s: %d unit(s) over %d thread(s), %d object(s) already cached",
+        "WADO-RS from %s: %d unit(s) over %d %s, %d object(s) already cached",
         peer,
         len(planner.units),
         n,
+        "process(es)" if kind is not _WebWorker else "thread(s)",
         len(planner.cached_rows),
     )
     try:

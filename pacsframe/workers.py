@@ -372,7 +372,9 @@ def _read_exactly(sock: socket.socket, n: int) -> bytes:
 
 def _serve(fd: int) -> None:
     """The worker server's loop (run by ``python -c``): fork a child per request."""
-    import pacsframe.retrieve  # noqa: F401 - imported once here, for every child
+    # Imported once here, for every child: C-GET's and WADO-RS's workers.
+    import pacsframe.retrieve
+    import pacsframe.webtransfer  # noqa: F401
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the caller's to handle
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel

@@ -8,6 +8,9 @@ announced_length)``), which also counts the WADO-RS requests the server answered
 
 from __future__ import annotations
 
+import logging
+import pickle
+import re
 import threading
 import time
 import tracemalloc
@@ -16,12 +19,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import requests
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 from servers import OrthancServer, require_tool
 
 import pacsframe as pf
-from pacsframe import webtransfer
+from pacsframe import webtransfer, workers
 from pacsframe.cache import Cache
 from pacsframe.demo import DemoPACS, make_cohort
 from pacsframe.errors import AssociationError, CountMismatchWarning, MultipartError
@@ -379,3 +383,183 @@ def test_fewer_parts_than_announced_is_a_note(demo, tmp_path):
     expected = int(frame.NumberOfStudyRelatedInstances.iloc[0])
     assert result.completed == expected - 1 and result.shortfall == 1
     assert len(result.notes) == 1 and "arrived" in result.notes[0]
+
+
+# --- over worker processes ----------------------------------------------------------------
+# A parallel get runs its units in worker processes (pacsframe.workers), which file into
+# the one cache themselves; the caller keeps the rows, progress and on_received. The same
+# get with PACSFRAME_WORKER_PROCESSES=0 (threads) is the reference.
+
+
+@pytest.fixture
+def processes_here(monkeypatch):
+    # Each test says which it wants; a CI environment's setting must not decide it.
+    monkeypatch.delenv(workers.ENV_VAR, raising=False)
+    if not workers.available():
+        pytest.fail("worker processes are not available here (Linux with fork expected)")
+    return monkeypatch
+
+
+def _first_only(fault):
+    """A fault for the first WADO-RS answer only (the other units are answered whole)."""
+    seen = []
+    lock = threading.Lock()
+
+    def once(ctype, body):
+        with lock:
+            seen.append(1)
+            first = len(seen) == 1
+        return fault(ctype, body) if first else (ctype, body, len(body))
+
+    return once
+
+
+def result_rows(result) -> pd.DataFrame:
+    rows = result.instances.drop(columns=["path"])
+    return rows.sort_values("SOPInstanceUID").reset_index(drop=True)
+
+
+def run_kind(caplog) -> str:
+    """'process' or 'thread': how the last WADO-RS get ran its units, from its log."""
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("WADO-RS from")]
+    assert lines, "the get logged no 'WADO-RS from' line"
+    return "process" if "process(es)" in lines[-1] else "thread"
+
+
+def test_processes_leave_the_same_bytes_rows_and_result_as_threads(
+    demo, tmp_path, processes_here, caplog, cohort
+):
+    monkeypatch = processes_here
+    caplog.set_level(logging.INFO, logger="pacsframe")
+    frame = pf.DICOMweb(demo.url, cache=tmp_path / "q").find_studies(progress=False)
+    total = len(cohort[1])
+    got: dict[str, tuple[Cache, object, list]] = {}
+    for kind in ("thread", "process"):
+        if kind == "thread":
+            monkeypatch.setenv(workers.ENV_VAR, "0")
+        else:
+            monkeypatch.delenv(workers.ENV_VAR)
+        cache = Cache(tmp_path / kind)
+        seen: list[tuple[str, dict]] = []
+        counter = Counter()
+        demo.wado_fault = counter
+        result = pf.DICOMweb(demo.url, cache=cache).get(
+            frame,
+            workers=4,
+            progress=True,
+            on_received=lambda p, m, seen=seen: seen.append((p, m)),
+        )
+        assert run_kind(caplog) == kind
+        assert result.completed == total and result.failed == 0 and result.notes == []
+        assert result.requests == counter.count >= 2
+        # on_received ran in the caller once per object, with a file that is there.
+        assert len(seen) == total and all(Path(p).is_file() for p, _ in seen)
+        got[kind] = (cache, result, seen)
+    (a, ra, sa), (b, rb, sb) = got["thread"], got["process"]
+    assert cached_bytes(a) == cached_bytes(b)
+    pd.testing.assert_frame_equal(index_rows(a), index_rows(b))
+    pd.testing.assert_frame_equal(result_rows(ra), result_rows(rb))
+    assert sorted(m["SOPInstanceUID"] for _, m in sa) == sorted(m["SOPInstanceUID"] for _, m in sb)
+    assert b.verify().empty
+    # Resumable: a second get over processes finds everything cached, asks for nothing.
+    again = pf.DICOMweb(demo.url, cache=b).get(frame, workers=4, progress=False)
+    assert again.cached == total and again.requests == 0
+
+
+@pytest.mark.parametrize("fault", [_drop, _truncate], ids=["dropped", "truncated"])
+def test_fault_mid_part_in_a_child_surfaces_and_leaves_nothing_partial(
+    demo, tmp_path, processes_here, caplog, cohort, fault
+):
+    monkeypatch = processes_here
+    caplog.set_level(logging.INFO, logger="pacsframe")
+    errors = {}
+    for kind in ("thread", "process"):
+        if kind == "thread":
+            monkeypatch.setenv(workers.ENV_VAR, "0")
+        else:
+            monkeypatch.delenv(workers.ENV_VAR)
+        root = tmp_path / kind
+        cache = Cache(root)
+        client = pf.DICOMweb(demo.url, cache=cache)
+        frame = client.find_studies(progress=False)
+        demo.wado_fault = Counter(_first_only(fault))  # the first answer only: cut mid-part
+        with pytest.raises(AssociationError) as info:
+            client.get(frame, workers=2, progress=False)
+        assert run_kind(caplog) == kind
+        error = errors[kind] = info.value
+        result = error.result
+        assert result.completed == len(cache) < len(cohort[1])
+        assert not [p for p in root.rglob("*") if p.name.endswith(".part")]
+        assert cache.verify().empty
+        demo.wado_fault = None
+        again = client.get(frame, workers=2, progress=False)
+        assert again.cached == result.completed and again.failed == 0
+        assert again.completed + again.cached == len(cohort[1])
+    # The child's error crossed whole: its class, reason and message (which unit got
+    # the cut answer, with its UIDs and sizes, and what the other filed before it
+    # stopped, are a race).
+    a, b = errors["thread"], errors["process"]
+    assert type(a) is type(b) and a.reason == b.reason
+
+    def said(error: BaseException) -> str:
+        # Without what arrived: "... is cached." or "... is cached. The 10 object(s) ...".
+        first = str(error).partition(". The ")[0].rstrip(".")
+        return re.sub(r"\d+(\.\d+)*", "N", first)  # UIDs, part numbers, sizes
+
+    assert said(a) == said(b) and said(b).startswith("the ")
+    if fault is _truncate:
+        assert isinstance(b, MultipartError)
+
+
+def test_on_received_error_in_the_caller_stops_the_children(
+    demo, tmp_path, caplog, processes_here
+):
+    caplog.set_level(logging.INFO, logger="pacsframe")
+    cache = Cache(tmp_path / "c")
+    client = pf.DICOMweb(demo.url, cache=cache)
+    frame = client.find_studies(progress=False)
+
+    def boom(path, meta):
+        raise RuntimeError("stop here")
+
+    with pytest.raises(RuntimeError, match="stop here"):
+        client.get(frame, workers=2, progress=False, on_received=boom)
+    assert run_kind(caplog) == "process"
+    assert len(cache) >= 1
+    assert not [p for p in (tmp_path / "c").rglob("*") if p.name.endswith(".part")]
+    assert cache.verify().empty
+
+
+def test_a_callers_session_uses_threads(demo, tmp_path, caplog, cohort, processes_here):
+    caplog.set_level(logging.INFO, logger="pacsframe")
+    session = requests.Session()
+    client = pf.DICOMweb(demo.url, session=session, cache=Cache(tmp_path / "c"))
+    with pytest.raises(TypeError, match="session"):
+        pickle.dumps(client)
+    frame = client.find_studies(progress=False)
+    result = client.get(frame, workers=4, progress=False)
+    assert run_kind(caplog) == "thread"
+    assert result.completed == len(cohort[1]) and result.failed == 0
+    session.close()
+
+
+def test_settings_cross_without_the_connections(tmp_path):
+    client = pf.DICOMweb(
+        "http://user:s3cret-pw@127.0.0.1:9/dicom-web",
+        headers={"X-Site": "a"},
+        verify=False,
+        timeout=7,
+        cache=Cache(tmp_path / "c"),
+    )
+    client.cache  # noqa: B018 - opened: the copy gets its root, not the open index
+    copy = pickle.loads(pickle.dumps(client))
+    t, c = client.transport, copy.transport
+    assert (c.base, c.auth, c.headers, c.verify, c.timeout) == (
+        t.base,
+        t.auth,
+        t.headers,
+        t.verify,
+        t.timeout,
+    )
+    assert c.session is not t.session and copy.cache.root == client.cache.root
+    assert "s3cret" not in repr(copy) and "s3cret" not in copy.url
