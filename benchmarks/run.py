@@ -786,12 +786,25 @@ def run_dcmtk(command: list[str], timeout: float | None = None) -> dict[str, Any
 def _settle_disk() -> None:
     """Finish the disk work of earlier rounds before a timed WADO-RS get (untimed).
 
-    Every tool of the WADO-RS item writes the study's 263 MB, and the rounds empty
-    the folders between them: without a sync the writeback and the freeing of the
-    last round's 500 files (ext4 here is mounted with ``discard``) run during the
-    next timed get. That falls on whichever tool comes next, and hardest on the
-    ones that create 500 files (pacsframe, dicomweb-client) rather than one
-    (curl). Each tool's prepare step calls ``os.sync()`` after its emptying.
+    Every tool of the WADO-RS item writes the study's 263 MB. Two things would make
+    a round pay for the rounds before it, hardest the tools that create 500 files
+    (pacsframe, dicomweb-client) rather than one (curl):
+
+    - the writeback of the last round's files: each tool's prepare step calls
+      ``os.sync()`` first;
+    - the freeing of the last round's files. This machine's ext4 has no journal
+      (``/sys/fs/ext4/vda/journal_task`` is ``<none>``), and without one ext4 does
+      not reuse an inode freed less than 60 s ago (300 s while its inode-table
+      block is dirty: ``recently_deleted()`` in ``fs/ext4/ialloc.c``): every new
+      file scans past the freed ones. Creating 500 files right after 500 were
+      deleted took ~0.6 ms per ``open(O_CREAT)`` (strace) instead of ~0.02 ms,
+      about 0.13 s of a 0.6-0.7 s get. So each round of the WADO-RS item writes
+      into a folder no round used before (``fresh_out`` in :func:`main`), and the
+      item's folders are removed only after its last round.
+
+    The C-GET and C-MOVE items still empty one folder per tool between rounds:
+    there every tool creates one file per object, and keeping gigabytes of
+    unsynced rounds would throttle the later ones instead.
     """
     os.sync()
 
@@ -1236,6 +1249,13 @@ def main(argv: list[str] | None = None) -> int:
             return lambda: raw.call({"op": op, **kw})
 
         out_pf = str(scratch / "pf-cache")
+        made: list[str] = []
+
+        def fresh_out(base: str) -> str:
+            """A folder no round used before (see _settle_disk); removed after the item."""
+            made.append(f"{base}-{len(made) + 1}")
+            return made[-1]
+
         out_raw = str(scratch / "raw-out")
         # item -> (label, expected count, {tool: callable}, target text)
         plan: list[tuple[str, str, int, dict[str, Any]]] = []
@@ -1337,14 +1357,20 @@ def main(argv: list[str] | None = None) -> int:
 
         if "wado-cold" in args.items:
             assert dwc is not None
-            tools_wado: dict[str, Any] = {
-                f"pacsframe w={w}": pf_call(
-                    "wado-cold", study=study, out=out_pf + "-wado", workers=w
+
+            def wado_pf(w: int) -> Any:
+                return lambda: pfw.call(
+                    {
+                        "op": "wado-cold",
+                        "study": study,
+                        "out": fresh_out(out_pf + "-wado"),
+                        "workers": w,
+                    }
                 )
-                for w in WEB_WORKERS
-            }
+
+            tools_wado: dict[str, Any] = {f"pacsframe w={w}": wado_pf(w) for w in WEB_WORKERS}
             tools_wado["dicomweb-client"] = lambda: dwc.call(
-                {"op": "wado-cold", "study": study, "out": out_raw + "-wado"}
+                {"op": "wado-cold", "study": study, "out": fresh_out(out_raw + "-wado")}
             )
             tools_wado["curl"] = lambda: curl_study(tools["curl"], web_url, study, scratch)
             plan.append(
@@ -1371,6 +1397,9 @@ def main(argv: list[str] | None = None) -> int:
         for item, label, expected, tool_calls in plan:
             rounds = min(args.rounds, LARGE_ROUNDS) if item == "get-large" else args.rounds
             results[label] = run_rounds(item, label, expected, tool_calls, rounds, problems)
+            for folder in made:  # untimed, once the item's rounds are over
+                shutil.rmtree(folder, ignore_errors=True)
+            made.clear()
             if item == "get-cold":
                 _log(f"{label}: peak RSS of fresh processes ({len(RSS_PROBES)} probes, untimed)")
                 log = workdir / "rss-probe.log"
@@ -1711,13 +1740,16 @@ def _web_text(results: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
             f"{WADO_LABEL}: every tool asks with `Accept: {WADO_ACCEPT}` (the objects as "
             "stored; without transfer-syntax Orthanc 1.7's plugin would transcode to "
             "Explicit VR Little Endian). pacsframe: `pf.DICOMweb(url).get(frame, "
-            "workers=...)` into an emptied cache, the study frame queried over QIDO-RS "
+            "workers=...)` into a new cache, the study frame queried over QIDO-RS "
             'untimed. dicomweb-client: `retrieve_study(uid, media_types=(("application/'
             'dicom", "*"),))`, which decodes every part into a pydicom Dataset in '
-            "memory, then `ds.save_as(...)` per instance into an emptied folder, both "
+            "memory, then `ds.save_as(...)` per instance into a new folder, both "
             "timed. curl: one process saving the multipart body to one file, unparsed "
-            "(the floor). Before each timed call the disk is synced, untimed, so that "
-            "no round pays for the writeback and freeing of the last round's files."
+            "(the floor). Before each timed call the disk is synced, untimed, and each "
+            "round writes into a folder no round used before (all removed after the "
+            "item), so that no round pays for the writeback or the freeing of earlier "
+            "rounds' files (this ext4 has no journal, and then does not reuse an inode "
+            "freed in the last 60 s: each new file scans past those; see _settle_disk)."
         )
     if any(label.startswith(QIDO_LABEL) for label in results):
         parts.append(
