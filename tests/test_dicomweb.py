@@ -308,6 +308,7 @@ def test_failed_first_page_is_raised(server, failure):
     assert getattr(info.value, "partial", None) is None
 
 
+@pytest.mark.filterwarnings("ignore:.*capped the STUDY-level QIDO-RS answer")
 @pytest.mark.parametrize("warning", [True, False])
 def test_server_maximum_below_the_page(cohort, dimse, warning):
     # The demo answers at most 3 matches per request (its max_results), with or
