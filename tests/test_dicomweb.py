@@ -232,7 +232,11 @@ def _asked(asked: list, count: int) -> list:
         if len(asked) >= count:
             break
         time.sleep(0.05)
-    return sorted(asked, key=lambda a: [int(x) for x in (a if isinstance(a, tuple) else [a])])
+    return sorted(asked, key=lambda a: [_number(x) for x in (a if isinstance(a, tuple) else [a])])
+
+
+def _number(value):
+    return int(value) if str(value).isdigit() else value
 
 
 def _last_page(total: int, page: int) -> int:
@@ -267,6 +271,31 @@ def test_pages_are_asked_one_ahead(server, dimse):
         assert web._page == pf.DICOMweb._page == 1000
         same(expected, web.find_studies(progress=False), "STUDY")
     assert _asked(asked, 2) == [("1000", "0"), ("1000", "1000")]
+
+
+def test_search_below_one_parent_asks_its_first_page_alone(server, dimse):
+    """A drill-down's search per parent (/studies/{uid}/series) asks no page ahead of its
+    first: such answers seldom fill a page. A full first page is followed as usual."""
+    asked = []
+
+    def fault(path, params):
+        if path.endswith("/series"):
+            asked.append((path.split("/")[-2], int(params.get("offset", "0"))))
+        return None
+
+    studies = dimse.find_studies()
+    with proxied(server.url, fault) as web:
+        got = web.find_series(studies, progress=False)
+        _asked(asked, len(studies))
+    same(dimse.find_series(studies), got, "SERIES")
+    for uid in studies.StudyInstanceUID:
+        count = int((got.StudyInstanceUID == uid).sum())
+        offsets = sorted(o for u, o in asked if u == uid)
+        if count < 2:  # one page, not full: that request alone
+            assert offsets == [0]
+        else:  # full: the pages from there on go one ahead (the last one abandoned)
+            assert offsets == list(range(0, _last_page(count, 2) + 4, 2))
+    assert any(o > 0 for _, o in asked) and any(o == 0 for _, o in asked)
 
 
 @pytest.mark.parametrize("failure", [(500, b"Internal error\n"), (400, b"bad offset\n"), DROP])
