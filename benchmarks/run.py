@@ -1755,10 +1755,10 @@ def _web_text(results: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
         parts.append(
             f"{QIDO_LABEL}: the study-level search of everything, Orthanc's "
             "`LimitFindResults` 0 (no cap). pacsframe: `find_studies()`, a typed frame, "
-            "paging with `limit=5000`/`offset`: the 2,002 rows in one page, then the "
-            "empty page from offset 2,002 that proves the answer whole (a page of 1,000 "
-            "rows or more that is not full may be a server's own silent maximum), asked "
-            "while the first is typed. "
+            "paging with `limit=1000`/`offset`, each page asked together with the one "
+            "after it (two requests in flight, which Orthanc answers on two threads): "
+            "pages at 0 and 1,000, then 2,000 (2 rows, which ends the answer) and 3,000 "
+            "(asked ahead, abandoned), each page typed while the next one is worked on. "
             "dicomweb-client: `search_for_studies()`, one request, timed as it comes: "
             "a list of DICOM JSON dicts, no frame."
         )

@@ -88,8 +88,13 @@ def _serve(handler: type[BaseHTTPRequestHandler]):
     return httpd, f"http://127.0.0.1:{httpd.server_address[1]}/dicom-web"
 
 
+DROP = (0, b"")  # a fault's answer: close the connection without a response
+
+
 def _proxy(upstream: str, fault: Callable[[str, dict[str, str]], tuple[int, bytes] | None]):
-    """A front server that forwards to ``upstream`` unless ``fault(path, params)`` answers."""
+    """A front server that forwards to ``upstream`` unless ``fault(path, params)`` answers
+    (``(status, body)``, ``(status, body, headers)``, or ``DROP``: the connection is
+    closed without a response)."""
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args):
@@ -99,6 +104,9 @@ def _proxy(upstream: str, fault: Callable[[str, dict[str, str]], tuple[int, byte
             parts = urlsplit(self.path)
             params = dict(parse_qsl(parts.query, keep_blank_values=True))
             answer = fault(parts.path, params)
+            if answer == DROP:
+                self.close_connection = True
+                return
             if answer is None:
                 rest = self.path.removeprefix("/dicom-web")
                 got = requests.get(upstream + rest, headers={"Accept": "application/dicom+json"})
@@ -106,9 +114,9 @@ def _proxy(upstream: str, fault: Callable[[str, dict[str, str]], tuple[int, byte
                 headers = {
                     k: v for k, v in got.headers.items() if k in ("Content-Type", "Warning")
                 }
-            else:
-                status, body = answer
-                headers = {"Content-Type": "text/plain"}
+            else:  # (status, body) or (status, body, headers)
+                status, body, *given = answer
+                headers = given[0] if given else {"Content-Type": "text/plain"}
             self.send_response(status)
             for k, v in headers.items():
                 self.send_header(k, v)
@@ -120,12 +128,12 @@ def _proxy(upstream: str, fault: Callable[[str, dict[str, str]], tuple[int, byte
 
 
 @contextlib.contextmanager
-def proxied(upstream: str, fault, page: int = 2, limit: int | None = None):
-    """A DICOMweb client (pages of ``page`` rows, ``limit`` asked) through ``_proxy``."""
+def proxied(upstream: str, fault, page: int = 2):
+    """A DICOMweb client (pages of ``page`` rows) through ``_proxy``."""
     httpd, url = _proxy(upstream, fault)
     try:
         web = pf.DICOMweb(url)
-        web._page, web._limit = page, page if limit is None else limit
+        web._page = page
         yield web
     finally:
         httpd.shutdown()
@@ -208,7 +216,7 @@ def test_validation_is_the_same_and_sends_nothing(call, args, keys):
 
 def test_paging(web, dimse, server):
     small = pf.DICOMweb(server.url)
-    small._page = small._limit = 2
+    small._page = 2
     same(dimse.find_studies(), small.find_studies(), "STUDY")
     same(
         dimse.find_instances(dimse.find_studies()),
@@ -217,68 +225,185 @@ def test_paging(web, dimse, server):
     )
 
 
-def test_limit_larger_than_the_trusted_page(server, dimse):
-    """Pages of _limit rows lose nothing: below _page rows an answer ends; a page of at
-    least _page rows but fewer than asked is followed by one from where it ended."""
+def _asked(asked: list, count: int) -> list:
+    """``asked`` sorted by offset once it holds ``count`` requests (an abandoned request
+    ahead may reach the proxy after the search returned); bounded, 10 s at most."""
+    for _ in range(200):
+        if len(asked) >= count:
+            break
+        time.sleep(0.05)
+    return sorted(asked, key=lambda a: [_number(x) for x in (a if isinstance(a, tuple) else [a])])
+
+
+def _number(value):
+    return int(value) if str(value).isdigit() else value
+
+
+def _last_page(total: int, page: int) -> int:
+    """The offset of the page that ends an answer of ``total`` rows (fewer than a page)."""
+    return total - total % page
+
+
+def test_pages_are_asked_one_ahead(server, dimse):
+    """Every request asks limit=_page; each page is asked with the one after it, so a
+    multi-page answer costs its pages plus one abandoned request, a one-page answer two."""
     asked = []
 
     def fault(path, params):
         asked.append((params.get("limit"), params.get("offset", "0")))
         return None
 
-    with proxied(server.url, fault, limit=1000) as web:
+    expected = dimse.find_studies()
+    total = len(expected)
+    assert total > 4  # several pages of 2
+    with proxied(server.url, fault) as web:
         got = web.find_studies(progress=False)
+        pages = _asked(asked, total // 2 + 2)
+        asked.clear()
         one = web.find_studies(StudyInstanceUID=got.StudyInstanceUID.iloc[0], progress=False)
-    same(dimse.find_studies(), got, "STUDY")
-    # The whole answer in the first page, then the empty page that proves it whole; a
-    # page shorter than _page is whole by itself.
-    assert asked == [("1000", "0"), ("1000", str(len(got))), ("1000", "0")]
-    assert len(one) == 1
+        single = _asked(asked, 2)
+    same(expected, got, "STUDY")
+    last = _last_page(total, 2)
+    assert pages == [("2", str(o)) for o in range(0, last + 4, 2)]
+    assert len(one) == 1 and single == [("2", "0"), ("2", "2")]
+    asked.clear()
+    with proxied(server.url, fault, page=1000) as web:  # the default page size
+        assert web._page == pf.DICOMweb._page == 1000
+        same(expected, web.find_studies(progress=False), "STUDY")
+    assert _asked(asked, 2) == [("1000", "0"), ("1000", "1000")]
 
 
-@pytest.mark.parametrize("warning", [True, False])
-def test_server_maximum_between_page_and_limit_is_followed(cohort, dimse, warning):
-    # The demo answers at most 3 matches per request (its max_results), with or
-    # without a Warning header; asked for 5 rows a page, with pages of 2 trusted.
-    with DemoPACS(cohort[0], http_port=0, max_results=3, qido_cap_warning=warning) as capped:
-        web = pf.DICOMweb(capped.url)
-        web._page, web._limit = 2, 5
-        got = web.find_studies(progress=False)
-    same(dimse.find_studies(), got, "STUDY")
-    assert len(got) > 3
-
-
-@pytest.mark.filterwarnings("ignore:.*capped the STUDY-level QIDO-RS answer")
-@pytest.mark.parametrize("status", [400, 413])
-def test_limit_refused_falls_back_to_the_page(server, dimse, status):
+def test_search_below_one_parent_asks_its_first_page_alone(server, dimse):
+    """A drill-down's search per parent (/studies/{uid}/series) asks no page ahead of its
+    first: such answers seldom fill a page. A full first page is followed as usual."""
     asked = []
 
     def fault(path, params):
-        asked.append(params.get("limit"))
-        if int(params.get("limit", "0")) > 2 or params.get("PatientID") == "refused":
-            return status, b"limit must be at most 2\n"
+        if path.endswith("/series"):
+            asked.append((path.split("/")[-2], int(params.get("offset", "0"))))
         return None
 
-    with proxied(server.url, fault, limit=1000) as web:
+    studies = dimse.find_studies()
+    expected = dimse.find_series(studies)
+    offsets = {}
+    for uid in studies.StudyInstanceUID:
+        count = int((expected.StudyInstanceUID == uid).sum())
+        # One page, not full: that request alone. Full: the pages from there on go one
+        # ahead (the last one abandoned).
+        offsets[uid] = [0] if count < 2 else list(range(0, _last_page(count, 2) + 4, 2))
+    with proxied(server.url, fault) as web:
+        got = web.find_series(studies, progress=False)
+        _asked(asked, sum(len(o) for o in offsets.values()))
+    same(expected, got, "SERIES")
+    assert {uid: sorted(o for u, o in asked if u == uid) for uid in offsets} == offsets
+    assert any(o != [0] for o in offsets.values()) and any(o == [0] for o in offsets.values())
+
+
+@pytest.mark.parametrize("failure", [(500, b"Internal error\n"), (400, b"bad offset\n"), DROP])
+def test_failed_request_ahead_that_is_not_needed_is_ignored(server, dimse, failure, caplog):
+    caplog.set_level(logging.DEBUG)
+    expected = dimse.find_studies()
+    total = len(expected)
+    uid = expected.StudyInstanceUID.iloc[0]
+    failed = []
+
+    def fault(path, params):
+        # Only requests past the answer's end fail: the page asked ahead of the last.
+        offset = int(params.get("offset", "0"))
+        if offset > total or (params.get("StudyInstanceUID") == uid and offset > 0):
+            failed.append(offset)
+            return failure
+        return None
+
+    with proxied(server.url, fault) as web:
         got = web.find_studies(progress=False)
-        first = list(asked)
-        asked.clear()
-        again = web.find_studies(progress=False)
-        second = list(asked)
-    with proxied(server.url, fault, limit=1000) as bad:
-        if status == 400:  # a 400 at the page size too is the query's fault: raised
-            with pytest.raises(pf.HTTPError) as info:
-                bad.find_studies(PatientID="refused", progress=False)
-            assert info.value.status == 400
-        else:  # a 413 at the page size too refuses the answer's size: split, then capped
-            with pytest.raises(pf.ResultsCapped):
-                bad.find_studies(PatientID="refused", progress=False)
+        one = web.find_studies(StudyInstanceUID=uid, progress=False)
+    same(expected, got, "STUDY")
+    assert len(one) == 1 and one.StudyInstanceUID.iloc[0] == uid
+    assert _asked(failed, 2) == sorted([_last_page(total, 2) + 2, 2])
+    assert "Internal error" not in caplog.text and "bad offset" not in caplog.text
+
+
+@pytest.mark.parametrize("failure", [(500, b"Internal error\n"), (400, b"bad offset\n"), DROP])
+def test_failed_first_page_is_raised(server, failure):
+    def fault(path, params):
+        return failure if "offset" not in params else None
+
+    with proxied(server.url, fault) as web, pytest.raises(pf.PacsFrameError) as info:
+        web.find_studies(progress=False)
+    if failure == DROP:
+        assert isinstance(info.value, pf.AssociationError)
+    else:
+        assert isinstance(info.value, pf.HTTPError) and info.value.status == failure[0]
+    assert getattr(info.value, "partial", None) is None
+
+
+@pytest.mark.filterwarnings("ignore:.*capped the STUDY-level QIDO-RS answer")
+@pytest.mark.parametrize("warning", [True, False])
+def test_server_maximum_below_the_page(cohort, dimse, warning):
+    # The demo answers at most 3 matches per request (its max_results), with or
+    # without a Warning header; pages of 5 asked.
+    expected = dimse.find_studies()
+    assert len(expected) > 6
+    asked = []
+
+    def fault(path, params):
+        asked.append(params.get("offset", "0"))
+        return None
+
+    with (
+        DemoPACS(cohort[0], http_port=0, max_results=3, qido_cap_warning=warning) as capped,
+        proxied(capped.url, fault, page=5) as web,
+    ):
+        got = web.find_studies(progress=False)
+        if not warning:  # a silent maximum is seen only through max_results=
+            web.max_results = 3
+            split = web.find_studies(progress=False)
+    if warning:
+        # Followed from where each page ended; the maximum becomes the step, so the
+        # request asked ahead of the first page (at 5) is the only one abandoned.
+        same(expected, got, "STUDY")
+        for _ in range(200):  # the abandoned request may reach the proxy late
+            if "5" in asked:
+                break
+            time.sleep(0.05)
+        offsets = set(asked)
+        assert {"0", "3", "5", "6"} <= offsets and not offsets & {"8", "10"}
+    else:
+        assert len(got) == 3  # invisible: the page of 3 < 5 ends the answer
+        assert split.attrs["pacsframe"]["split"] is True
+        same(expected, split, "STUDY")
+
+
+@pytest.mark.parametrize("ignored", ["limit", "limit and offset"])
+def test_server_ignoring_limit_types_each_row_once(server, dimse, ignored):
+    def fault(path, params):
+        dropped = ("limit", "offset") if "offset" in ignored else ("limit",)
+        keys = {k: v for k, v in params.items() if k not in dropped}
+        got = requests.get(server.url + path.removeprefix("/dicom-web"), params=keys)
+        return got.status_code, got.content, {"Content-Type": "application/dicom+json"}
+
+    with proxied(server.url, fault) as web:
+        got = web.find_studies(progress=False, timeout=60)  # bounded, were it to loop
     same(dimse.find_studies(), got, "STUDY")
-    same(got, again, "STUDY")
-    assert got.attrs["pacsframe"]["split"] is False
-    assert first[:2] == ["1000", "2"] and set(first[2:]) == {"2"}
-    assert set(second) == {"2"}  # the refusal is remembered
-    assert asked[len(second) :][:2] == ["1000", "2"]
+    assert not got.StudyInstanceUID.duplicated().any()
+    assert got.attrs["pacsframe"]["split"] is False  # the whole answer, not a cut one
+
+
+@pytest.mark.filterwarnings("ignore:.*capped the STUDY-level QIDO-RS answer")
+def test_server_ignoring_offset_is_split_not_repeated(server, dimse):
+    # Each page answered from the start: the repeated page is seen, never typed, and
+    # the answer is split by dates like a capped one.
+    def fault(path, params):
+        keys = {k: v for k, v in params.items() if k != "offset"}
+        got = requests.get(server.url + path.removeprefix("/dicom-web"), params=keys)
+        return got.status_code, got.content, {"Content-Type": "application/dicom+json"}
+
+    with proxied(server.url, fault) as web:
+        got = web.find_studies(progress=False, timeout=60)  # bounded, were it to loop
+    same(dimse.find_studies(), got, "STUDY")
+    assert got.attrs["pacsframe"]["split"] is True
+    assert not got.StudyInstanceUID.duplicated().any()
 
 
 # --- capped answers ----------------------------------------------------------------------
@@ -426,9 +551,10 @@ def test_500_in_the_middle_of_paging(server):
 
     with proxied(server.url, fault) as web, pytest.raises(pf.HTTPError) as info:
         web.find_studies()
-    # The failing page was asked ahead (while the page before it was typed); its
-    # error is raised as it was, nothing partial, and no page after it is asked.
-    assert asked == ["0", "2", "4"]
+    # The failing page was asked ahead (with the one before it); its error is raised
+    # when it is taken, nothing partial. The page after it was asked ahead too (when the
+    # failing one was taken), and none after that.
+    assert _asked(asked, 4) == ["0", "2", "4", "6"]
     assert info.value.status == 500
     assert info.value.comment == "Database error: lock timeout"
     assert "HTTP 500" in str(info.value) and isinstance(info.value, pf.DimseError)
@@ -458,14 +584,15 @@ def test_next_page_is_asked_while_the_page_before_is_typed(server, dimse, monkey
     monkeypatch.setattr(pf.frames.FrameBuilder, "add_json", typing)
     with proxied(server.url, fault) as web:
         got = web.find_studies(progress=False)
-        asked_once = list(asked)
+        asked_once = list(_asked(asked, len(got) // 2 + 2))
         asked.clear()
         small = web.find_studies(StudyInstanceUID=got.StudyInstanceUID.iloc[0], progress=False)
     assert seen == [True, True]
     same(dimse.find_studies(), got, "STUDY")
-    # Each page once, in order: the full ones, then the short one that ends the answer.
-    assert asked_once == [str(2 * i) for i in range(len(got) // 2 + 1)]
-    assert asked == ["0"] and len(small) == 1  # one page, not full: nothing asked ahead
+    # Each page once: the full ones, the short one that ends the answer, and the one
+    # asked ahead of it (abandoned).
+    assert asked_once == [str(2 * i) for i in range(len(got) // 2 + 2)]
+    assert _asked(asked, 2) == ["0", "2"] and len(small) == 1  # one page: two requests
 
 
 def test_slow_page_asked_ahead_against_timeout(server):
@@ -529,7 +656,7 @@ def test_logs_name_no_patient(server, cohort, caplog):
     manifest = cohort[1]
     first = manifest.iloc[0]
     web = pf.DICOMweb(server.url)
-    web._page = web._limit = 2
+    web._page = 2
     web.echo()
     patients = web.find_patients(PatientName=first.PatientName, PatientID=first.PatientID)
     assert len(patients) == 1
