@@ -99,7 +99,8 @@ _ALL_COLUMNS = (*_FIXED, *_KEYWORD_COLUMNS)
 _FRAME_KEYWORDS = (*matching.INDEX_KEYWORDS, "TransferSyntaxUID")
 _HEADER_TAGS = [Tag(frames.attribute(k).tag) for k in matching.INDEX_KEYWORDS]
 # What a received object's header is scanned for (pydicom adds the character set too).
-_HEADER_TAG_SET = frozenset([*_HEADER_TAGS, 0x00080005])
+# Plain ints: a set of pydicom Tags answers `in` through Tag.__eq__, a Python call per hit.
+_HEADER_TAG_SET = frozenset([*(int(t) for t in _HEADER_TAGS), 0x00080005])
 _INSERT = (
     f"INSERT OR REPLACE INTO instances ({', '.join(_ALL_COLUMNS)}) "
     f"VALUES ({', '.join('?' * len(_ALL_COLUMNS))})"
@@ -1976,14 +1977,16 @@ class IncomingObject:
 
         ``complete``: whether they are the whole data set (default: as far as written).
         """
-        view = memoryview(self._kept)
+        # As bytes (one copy of at most 64 KiB): each value is then a slice of it, not
+        # a memoryview slice copied again.
+        data = bytes(self._kept)
         if complete is None:
-            complete = self.size - self._head_size <= len(view)
+            complete = self.size - self._head_size <= len(data)
         out: dict[int, Any] = {}
         # frames.scan_elements, told apart: stopping at the pixel data from running
         # to the end of what was kept (which, cut short, may lack later elements).
-        end = frames._scan(view, 0, len(view), implicit, _HEADER_TAG_SET, _HEADER_END, out, 0)
-        if end is None or (end == len(view) and not complete):
+        end = frames._scan(data, 0, len(data), implicit, _HEADER_TAG_SET, _HEADER_END, out, 0)
+        if end is None or (end == len(data) and not complete):
             return None
         return out
 

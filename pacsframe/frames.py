@@ -350,19 +350,22 @@ def _decode_all(
     failures: list[tuple[str, Exception]] = []
     for attr in attributes:
         elem = get(attr.tag)
-        if elem is None:
-            values.append(None)
-            continue
-        vr = _value_vr(elem.VR, attr)
-        try:
-            values.append(_decode_raw(elem, vr, encodings))
-        except _Lossy as exc:
-            values.append(exc.value)
-            failures.append((attr.keyword, exc))
-        except (PacsFrameError, ValueError, struct.error, LookupError) as exc:
-            values.append(None)
-            failures.append((attr.keyword, exc))
+        values.append(None if elem is None else _decode_one(elem, attr, encodings, failures))
     return values, failures
+
+
+def _decode_one(
+    elem: Any, attr: Attribute, encodings: list[str] | None, failures: list[tuple[str, Exception]]
+) -> Any:
+    """:func:`_decode_raw` of one present element; a failure is noted in ``failures``."""
+    try:
+        return _decode_raw(elem, _value_vr(elem.VR, attr), encodings)
+    except _Lossy as exc:
+        failures.append((attr.keyword, exc))
+        return exc.value
+    except (PacsFrameError, ValueError, struct.error, LookupError) as exc:
+        failures.append((attr.keyword, exc))
+        return None
 
 
 def _warn_undecodable(keyword: str, exc: Exception, stacklevel: int) -> None:
@@ -426,16 +429,77 @@ def raw_strings(
     The same strings and warnings as ``dicom_strings(Dataset(elements), keywords)``,
     without building the ``Dataset`` (a received object's header, once per object).
     """
-    attributes = _attributes(tuple(keywords))
-    values, failures = _decode_all(elements, attributes)
+    # The common elements (text a single codec reads, one binary integer) take a
+    # short road here; every other one, and any that fails on it, takes the generic
+    # _decode_raw, so strings and warnings are those of dicom_strings.
+    get = elements.get
+    encodings = _charset_encodings(get(0x00080005))
+    codec = encodings[0] if encodings else "ascii"
+    strings: dict[str, str | None] = {}
+    failures: list[tuple[str, Exception]] = []
+    for attr, kind, unpack in _string_plan(tuple(keywords)):
+        elem = get(attr.tag)
+        if elem is None:
+            strings[attr.keyword] = None
+            continue
+        value, wire = elem.value, elem.VR
+        if kind and type(value) is bytes and (not wire or wire == attr.vr):
+            if not value:
+                strings[attr.keyword] = None
+                continue
+            try:  # (a try costs less than contextlib.suppress, once per element)
+                if kind is _ASCII:
+                    text = value.decode("ascii").rstrip(" \x00").lstrip(" ")
+                elif kind is _INTEGER:
+                    if not elem.is_little_endian or len(value) != unpack.size:
+                        raise ValueError
+                    text = str(unpack.unpack(value)[0])
+                else:
+                    if encodings and b"\x1b" in value:
+                        raise ValueError  # code extensions: decode_bytes reads them
+                    text = value.decode(codec).rstrip(" \x00")
+                    if kind is _CHARSET:
+                        text = text.lstrip(" ")
+                strings[attr.keyword] = text or None
+                continue
+            except ValueError:  # UnicodeDecodeError too: the generic road tells why
+                pass
+        strings[attr.keyword] = _as_text(_decode_one(elem, attr, encodings, failures))
     for keyword, exc in failures:
         _warn_undecodable(keyword, exc, stacklevel=2)
-    return {a.keyword: _as_text(v) for a, v in zip(attributes, values, strict=True)}
+    return strings
 
 
 @functools.lru_cache(maxsize=64)
 def _attributes(keywords: tuple[str, ...]) -> tuple[Attribute, ...]:
     return tuple(attribute(k) for k in keywords)
+
+
+# How raw_strings reads a VR on its short road: ASCII text, text in the character
+# set (leading spaces dropped or kept), or one little-endian binary integer; any other
+# VR (0) takes _decode_raw.
+_ASCII, _CHARSET, _CHARSET_KEEP, _INTEGER = "ascii", "charset", "charset-keep", "integer"
+# The VRs _decode_raw reads as ASCII text: every VR but the binary ones, AT and those
+# of the character set.
+_ASCII_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI", "UR"})
+
+
+@functools.lru_cache(maxsize=64)
+def _string_plan(
+    keywords: tuple[str, ...],
+) -> tuple[tuple[Attribute, str | int, struct.Struct | None], ...]:
+    plan: list[tuple[Attribute, str | int, struct.Struct | None]] = []
+    for attr in _attributes(keywords):
+        vr = attr.vr
+        if vr in _ASCII_VRS:
+            plan.append((attr, _ASCII, None))
+        elif vr in CHARSET_VRS:
+            plan.append((attr, _CHARSET_KEEP if vr in KEEP_LEADING_SPACE_VRS else _CHARSET, None))
+        elif vr in BINARY_INT_VRS:
+            plan.append((attr, _INTEGER, struct.Struct("<" + BINARY_INT_VRS[vr])))
+        else:
+            plan.append((attr, 0, None))
+    return tuple(plan)
 
 
 # --- strings -> typed columns -----------------------------------------------------------
@@ -601,6 +665,7 @@ _IMPLICIT_HEADER = struct.Struct("<HHL").unpack_from
 _EXPLICIT_HEADER = struct.Struct("<HH2sH").unpack_from
 _EXPLICIT_VRS = {vr: (vr.decode(), vr in _LONG_VRS) for vr in _LONG_VRS | _SHORT_VRS}
 _UNDEFINED = 0xFFFFFFFF
+_new_tuple = tuple.__new__
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _MAX_DEPTH = 32  # sequences nested deeper than this are left to pydicom
 
@@ -702,14 +767,18 @@ def _scan(
             if vr == "SQ":
                 return None
             value = data[pos : pos + length]
-            out[tag] = RawDataElement(
-                BaseTag(tag),
-                vr,
-                length,
-                value if type(value) is bytes else bytes(value),
-                pos,
-                implicit,
-                True,
+            # RawDataElement's own __new__ is a Python function; tuple's makes the same.
+            out[tag] = _new_tuple(
+                RawDataElement,
+                (
+                    BaseTag(tag),
+                    vr,
+                    length,
+                    value if type(value) is bytes else bytes(value),
+                    pos,
+                    implicit,
+                    True,
+                ),
             )
         pos += length
     return pos if top and pos == end else None

@@ -44,7 +44,7 @@ from pynetdicom.dsutils import decode
 from pynetdicom.dsutils import encode as _encode
 
 import pacsframe as pf
-from pacsframe import finder, frames
+from pacsframe import finder, frames, matching
 from pacsframe.frames import FrameBuilder, MalformedValueWarning
 from pacsframe.query import _BINARY_RANGE, build_query
 
@@ -639,6 +639,75 @@ def test_batched_builder_equals_the_cell_by_cell_path(first, second):
             continue
         datasets += [ds, in_memory(elements, implicit, little)]
     assert_same_as_reference(columns, datasets)
+
+
+# Values as objects' headers mostly hold them: text (padded, in a character set, with
+# code extensions), binary integers of any bytes; and anything raw_values gives.
+_TEXT_VALUES = st.one_of(
+    st.text(st.characters(min_codepoint=0, max_codepoint=0x7F), max_size=24).map(str.encode),
+    st.text(st.sampled_from(" \x00\\^=.-0123456789ABCabcßÖ山"), max_size=16).map(
+        lambda t: t.encode("utf-8")
+    ),
+    st.sampled_from(
+        [
+            b"Yamada^Tarou=\x1b$B;3ED\x1b(B^\x1b$BB@O:\x1b(B",
+            b"\x1b$)C\xc7\xd1",
+            b"ABC\x1b(Bdef ",
+            b" \x1b-A\xe9t\xe9",
+        ]
+    ),
+    raw_values,
+)
+# A few index attributes of each way to read them, drawn more often than the rest.
+_FOCUS = ["PatientComments", "PatientName", "Rows", "ImageType", "SliceThickness", "StudyTime"]
+
+
+def _header_value(vr: str) -> st.SearchStrategy[bytes]:
+    if vr in frames.BINARY_INT_VRS:
+        size = struct.calcsize("<" + frames.BINARY_INT_VRS[vr])
+        return st.one_of(st.binary(min_size=size, max_size=size), st.binary(max_size=9))
+    # Padded as senders pad (and some do not): a leading space is kept in ST, LT, UT.
+    pads = st.sampled_from([b"", b"", b" ", b"  ", b"\x00"])
+    return st.tuples(pads, _TEXT_VALUES, pads).map(b"".join)
+
+
+@st.composite
+def header_elements(draw):
+    """(columns, {tag: RawDataElement}): index attributes as a header scan finds them."""
+    columns, elements, implicit, little = draw(identifiers())
+    keywords = st.one_of(st.sampled_from(matching.INDEX_KEYWORDS), st.sampled_from(_FOCUS))
+    index = draw(st.lists(keywords, min_size=1, max_size=12, unique=True))
+    columns = list(dict.fromkeys([*index, *columns]))
+    for keyword in index:
+        attr = frames.attribute(keyword)
+        # Mostly the dictionary's VR (or none, implicit), as objects send them.
+        declared = draw(st.one_of(st.just(attr.vr), st.just(attr.vr), st.sampled_from(VRS)))
+        elements.append((attr.tag, declared, draw(_header_value(declared))))
+    if draw(st.booleans()):
+        elements.append((0x00080005, "CS", draw(st.sampled_from(CHARSETS)).encode()))
+    found = {}
+    for tag, declared, value in elements:
+        vr = None if implicit else _vr_of(tag, declared)
+        found[tag] = RawDataElement(Tag(tag), vr, len(value), value, 0, implicit, little)
+    return columns, found
+
+
+@FUZZ
+@given(header_elements())
+def test_the_index_strings_short_road_equals_the_generic_decoder(header):
+    """``raw_strings`` (a received object's index row) gives ``dicom_strings``' strings
+    and warnings, for any elements (its short road for common values included)."""
+    columns, found = header
+    with warnings.catch_warnings(record=True) as short_caught:
+        warnings.simplefilter("always")
+        short = frames.raw_strings(found, columns)
+    with warnings.catch_warnings(record=True) as generic_caught:
+        warnings.simplefilter("always")
+        generic = frames.dicom_strings(Dataset(dict(found)), columns)
+    assert list(short.items()) == list(generic.items())
+    assert [(w.category, str(w.message)) for w in short_caught] == [
+        (w.category, str(w.message)) for w in generic_caught
+    ]
 
 
 def encode_identifier(ds: Dataset, implicit: bool) -> bytes:
