@@ -134,6 +134,8 @@ _KEPT_BYTES = 1 << 16
 # from most peers) reach the kernel in writes this large, which costs it less per
 # byte than a write per fragment.
 _WRITE_BUFFER = 1 << 18
+# Looked up once: getattr with a default formats an AttributeError each time it misses.
+_O_BINARY = getattr(os, "O_BINARY", 0)
 # Series folders path_for() found inside the root (see there); reset when this large.
 _SAFE_FOLDERS_MAX = 4096
 # What Cache.locate gives per cached instance.
@@ -655,7 +657,7 @@ class Cache:
         # O_EXCL with a random name instead of mkstemp: mkstemp's 0600 mode would
         # ignore the user's umask for files that are meant to be shared.
         tmp = _temp_path(path, path.stem)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY
         made_folder = False
         with _LIVE_LOCK:
             _LIVE_TEMPS.add(tmp.name)  # before it exists: verify() here leaves it alone
@@ -1807,7 +1809,7 @@ class IncomingObject:
             str(request.sop_class_uid), str(request.sop_instance_uid), self.syntax
         )
         self._head_size = len(head)
-        self._kept = bytearray()
+        self._kept: bytes | bytearray = bytearray()
         self._done = False
         # Set when the header shows the object cached already (and not overwrite):
         # the rest of it is counted, not written. (existing path, header strings)
@@ -1819,7 +1821,7 @@ class IncomingObject:
         self._tmp_name = f".{base}.{_host_tag()}-{os.getpid()}-{secrets.token_hex(8)}.part"
         self._tmp = os.path.join(cache.root, self._tmp_name)
         self._filed = False  # renamed into place: nothing left to remove
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY
         with _LIVE_LOCK:
             _LIVE_TEMPS.add(self._tmp_name)  # before it exists: verify() leaves it alone
         try:
@@ -1847,7 +1849,10 @@ class IncomingObject:
         if self._cached is None:
             room = _KEPT_BYTES - len(self._kept)
             if room > 0:
-                self._kept += data[:room]
+                if room == _KEPT_BYTES and len(data) >= room:
+                    self._kept = bytes(data[:room])  # at once, as bytes: _scan_kept copies none
+                else:
+                    self._kept += data[:room]
                 if len(self._kept) == _KEPT_BYTES and not self.overwrite:
                     # If the header shows the object cached, the rest need not touch
                     # the disk, as write() would not write it.
@@ -1860,11 +1865,11 @@ class IncomingObject:
 
     def _held(self) -> tuple[Path, dict[str, str | None]] | None:
         """The cached copy of this object and its header, when the kept bytes show one."""
-        uid = UID(self.syntax)
-        if not uid.is_transfer_syntax or uid.is_deflated or not uid.is_little_endian:
+        transfer, deflated, little, implicit = _syntax_facts(self.syntax)
+        if not transfer or deflated or not little:
             return None
         try:
-            found = self._scan_kept(uid.is_implicit_VR, complete=False)
+            found = self._scan_kept(implicit, complete=False)
             if found is None:
                 return None
             strings = frames.raw_strings(found, matching.INDEX_KEYWORDS)
@@ -1943,15 +1948,15 @@ class IncomingObject:
         """The header's index strings and transfer syntax, as :meth:`Cache.add_received`."""
         if self._strings is not None:
             return self._strings, self.syntax
-        uid = UID(self.syntax)
+        transfer, deflated, little, implicit = _syntax_facts(self.syntax)
         label = "the received object"
-        if not uid.is_transfer_syntax or uid.is_deflated:
+        if not transfer or deflated:
             # Deflated data must be inflated to be read: pydicom's whole-file path.
             return self.cache._header(self._tmp, label)
         try:
             found = None
-            if uid.is_little_endian:
-                found = self._scan_kept(uid.is_implicit_VR)
+            if little:
+                found = self._scan_kept(implicit)
             if found is not None:
                 strings = frames.raw_strings(found, matching.INDEX_KEYWORDS)
             else:
@@ -1961,8 +1966,8 @@ class IncomingObject:
                     source.seek(self._head_size)
                     ds = read_dataset(
                         source,
-                        uid.is_implicit_VR,
-                        uid.is_little_endian,
+                        implicit,
+                        little,
                         stop_when=lambda tag, vr, length: tag in _PIXEL_TAGS,
                         specific_tags=_HEADER_TAGS,
                     )
@@ -1977,9 +1982,10 @@ class IncomingObject:
 
         ``complete``: whether they are the whole data set (default: as far as written).
         """
-        # As bytes (one copy of at most 64 KiB): each value is then a slice of it, not
+        # As bytes (at most one copy of 64 KiB): each value is then a slice of it, not
         # a memoryview slice copied again.
-        data = bytes(self._kept)
+        kept = self._kept
+        data = kept if type(kept) is bytes else bytes(kept)
         if complete is None:
             complete = self.size - self._head_size <= len(data)
         out: dict[int, Any] = {}
@@ -1989,6 +1995,26 @@ class IncomingObject:
         if end is None or (end == len(data) and not complete):
             return None
         return out
+
+
+def _syntax_facts(syntax: str) -> tuple[bool, bool, bool, bool]:
+    """Whether ``syntax`` is a transfer syntax, and if so, deflated, little endian, implicit VR.
+
+    The same answers as pydicom's ``UID`` properties (the last three False when it is
+    not a transfer syntax), kept per value that follows the UI grammar: pydicom's
+    validation of such a value never warns, so only other values are read each time.
+    """
+    if frames.is_uid(syntax):
+        return _uid_facts(syntax)
+    return _uid_facts.__wrapped__(syntax)
+
+
+@functools.lru_cache(maxsize=64)
+def _uid_facts(syntax: str) -> tuple[bool, bool, bool, bool]:
+    uid = UID(syntax)
+    if not uid.is_transfer_syntax:
+        return False, False, False, False
+    return True, uid.is_deflated, uid.is_little_endian, uid.is_implicit_VR
 
 
 def _require_all(

@@ -44,8 +44,9 @@ from pynetdicom.dsutils import decode
 from pynetdicom.dsutils import encode as _encode
 
 import pacsframe as pf
-from pacsframe import finder, frames, matching
+from pacsframe import finder, frames, matching, webtransfer
 from pacsframe.frames import FrameBuilder, MalformedValueWarning
+from pacsframe.net.operations import read_part10
 from pacsframe.query import _BINARY_RANGE, build_query
 
 # CI runs the same 200 examples each time; PACSFRAME_FUZZ_EXAMPLES=20000 searches
@@ -708,6 +709,73 @@ def test_the_index_strings_short_road_equals_the_generic_decoder(header):
     assert [(w.category, str(w.message)) for w in short_caught] == [
         (w.category, str(w.message)) for w in generic_caught
     ]
+
+
+_mostly = st.sampled_from([True] * 9 + [False])
+
+
+@st.composite
+def part_heads(draw):
+    """The first bytes of a WADO-RS part (preamble, DICM, file meta elements, then more),
+    and where each element starts."""
+    uid = st.sampled_from([b"1.2.840.10008.1.2.1\0", b"1.2.3.4", b"1.2", b" 1.2 "] * 3 + [b""])
+    # Mostly the three elements a meta needs, among others of any group, VR and length
+    # (of which some cut it short, refuse it, or carry it past any prefix).
+    needed = [(2, element, b"UI", uid) for element in (2, 3, 0x10) if draw(_mostly)]
+    value = st.one_of(uid, st.binary(max_size=6), st.integers(0, 9000).map(b"7".__mul__))
+    others = st.tuples(
+        st.sampled_from([2] * 6 + [8, 0xFFFE]),
+        st.sampled_from([0, 1, 2, 3, 0x10, 0x12, 0x13, 0x100]),
+        st.sampled_from([b"UL", b"OB", b"UI", b"SH", b"UN", b"UT", b"\0\0"]),
+        st.just(value),
+    )
+    elements = needed + draw(st.lists(others, max_size=5))
+    if not draw(_mostly):
+        elements = draw(st.permutations(elements))
+    out = [b"\0" * 128, b"DICM" if draw(_mostly) else b"DICN"]
+    starts = []  # where each element begins: prefixes end near them
+    for group, element, vr, values in elements:
+        starts.append(sum(map(len, out)))
+        data = draw(values)
+        length = len(data) if draw(_mostly) else draw(st.integers(0, 0xFFFF))
+        head = struct.pack("<HH2s", group, element, vr)
+        if vr in (b"OB", b"UN", b"UT"):
+            head += struct.pack("<HI", 0, length)
+        else:
+            head += struct.pack("<H", length & 0xFFFF)
+        out.append(head + data)
+    starts.append(sum(map(len, out)))
+    # Mostly the data set's first element (where a meta ends), then anything.
+    if draw(_mostly):
+        out.append(b"\x08\x00\x05\x00CS\x0a\x00ISO_IR 100")
+    out.append(draw(st.binary(max_size=16)))
+    return b"".join(out), starts
+
+
+def _meta_or_error(read, head):
+    try:
+        return read(head)
+    except ValueError as exc:
+        return str(exc)
+
+
+@FUZZ
+@given(part_heads(), st.data())
+def test_a_parts_meta_read_from_a_prefix_reads_as_from_all_its_bytes(head_starts, data):
+    """The WADO-RS sink reads a part's meta from its first bytes: the same meta, or the
+    same refusal, as ``read_part10`` of all of them (what it read before), wherever the
+    first bytes end (about each element's start above all)."""
+    head, starts = head_starts
+    head = head[: data.draw(st.one_of(st.just(len(head)), st.integers(0, len(head))))]
+    expected = _meta_or_error(
+        lambda h: read_part10(io.BytesIO(bytes(h[: webtransfer._META_LIMIT]))), head
+    )
+    sizes = {s + d for s in starts for d in range(14)} | {webtransfer._META_PREFIX}
+    sizes.add(data.draw(st.integers(0, len(head) + 12)))
+    for form in (bytes, bytearray, lambda h: memoryview(bytearray(h))):
+        for size in sorted(sizes):
+            got = _meta_or_error(lambda h, size=size: webtransfer._read_meta(h, size), form(head))
+            assert got == expected, size
 
 
 def encode_identifier(ds: Dataset, implicit: bool) -> bytes:
