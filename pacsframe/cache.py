@@ -1850,7 +1850,7 @@ class IncomingObject:
             room = _KEPT_BYTES - len(self._kept)
             if room > 0:
                 if room == _KEPT_BYTES and len(data) >= room:
-                    self._kept = bytes(data[:room])  # at once, as bytes: _scan_kept copies none
+                    self._kept = bytes(data[:room])  # at once, as bytes: _kept_strings copies none
                 else:
                     self._kept += data[:room]
                 if len(self._kept) == _KEPT_BYTES and not self.overwrite:
@@ -1869,10 +1869,9 @@ class IncomingObject:
         if not transfer or deflated or not little:
             return None
         try:
-            found = self._scan_kept(implicit, complete=False)
-            if found is None:
+            strings = self._kept_strings(implicit, complete=False)
+            if strings is None:
                 return None
-            strings = frames.raw_strings(found, matching.INDEX_KEYWORDS)
         except Exception:
             return None  # commit reads it its own way
         self._strings = strings  # the header is read: commit need not read it again
@@ -1956,9 +1955,9 @@ class IncomingObject:
         try:
             found = None
             if little:
-                found = self._scan_kept(implicit)
+                found = self._kept_strings(implicit)
             if found is not None:
-                strings = frames.raw_strings(found, matching.INDEX_KEYWORDS)
+                strings = found
             else:
                 # The header runs past what was kept, or the scan leaves it to pydicom:
                 # read it back from the file, up to the pixel data.
@@ -1977,8 +1976,10 @@ class IncomingObject:
             return self.cache._header(self._tmp, label)
         return strings, self.syntax
 
-    def _scan_kept(self, implicit: bool, complete: bool | None = None) -> dict[int, Any] | None:
-        """Scan the kept bytes; None unless they surely hold the whole header.
+    def _kept_strings(
+        self, implicit: bool, complete: bool | None = None
+    ) -> dict[str, str | None] | None:
+        """The index strings of the kept bytes; None unless they surely hold the whole header.
 
         ``complete``: whether they are the whole data set (default: as far as written).
         """
@@ -1988,13 +1989,19 @@ class IncomingObject:
         data = kept if type(kept) is bytes else bytes(kept)
         if complete is None:
             complete = self.size - self._head_size <= len(data)
+        # A common header in one pass; any other in two (the same strings and warnings).
+        strings = frames.scan_strings(
+            data, implicit, matching.INDEX_KEYWORDS, _HEADER_END, complete
+        )
+        if strings is not None:
+            return strings
         out: dict[int, Any] = {}
         # frames.scan_elements, told apart: stopping at the pixel data from running
         # to the end of what was kept (which, cut short, may lack later elements).
         end = frames._scan(data, 0, len(data), implicit, _HEADER_TAG_SET, _HEADER_END, out, 0)
         if end is None or (end == len(data) and not complete):
             return None
-        return out
+        return frames.raw_strings(out, matching.INDEX_KEYWORDS)
 
 
 def _syntax_facts(syntax: str) -> tuple[bool, bool, bool, bool]:

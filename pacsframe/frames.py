@@ -443,27 +443,16 @@ def raw_strings(
             strings[attr.keyword] = None
             continue
         value, wire = elem.value, elem.VR
-        if kind and type(value) is bytes and (not wire or wire == attr.vr):
-            if not value:
-                strings[attr.keyword] = None
+        if (
+            kind
+            and type(value) is bytes
+            and (not wire or wire == attr.vr)
+            and (kind is not _INTEGER or elem.is_little_endian)
+        ):
+            text = _short_text(value, kind, unpack, encodings, codec)
+            if text is not _GENERIC:
+                strings[attr.keyword] = text
                 continue
-            try:  # (a try costs less than contextlib.suppress, once per element)
-                if kind is _ASCII:
-                    text = value.decode("ascii").rstrip(" \x00").lstrip(" ")
-                elif kind is _INTEGER:
-                    if not elem.is_little_endian or len(value) != unpack.size:
-                        raise ValueError
-                    text = str(unpack.unpack(value)[0])
-                else:
-                    if encodings and b"\x1b" in value:
-                        raise ValueError  # code extensions: decode_bytes reads them
-                    text = value.decode(codec).rstrip(" \x00")
-                    if kind is _CHARSET:
-                        text = text.lstrip(" ")
-                strings[attr.keyword] = text or None
-                continue
-            except ValueError:  # UnicodeDecodeError too: the generic road tells why
-                pass
         strings[attr.keyword] = _as_text(_decode_one(elem, attr, encodings, failures))
     for keyword, exc in failures:
         _warn_undecodable(keyword, exc, stacklevel=2)
@@ -482,6 +471,38 @@ _ASCII, _CHARSET, _CHARSET_KEEP, _INTEGER = "ascii", "charset", "charset-keep", 
 # The VRs _decode_raw reads as ASCII text: every VR but the binary ones, AT and those
 # of the character set.
 _ASCII_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI", "UR"})
+
+
+_GENERIC: Any = object()  # what _short_text gives for bytes it leaves to _decode_raw
+
+
+def _short_text(
+    value: bytes, kind: str, unpack: Any, encodings: list[str] | None, codec: str
+) -> Any:
+    """The string of one element's bytes on the short road (``kind``), or ``_GENERIC``.
+
+    What ``_as_text(_decode_raw(...))`` gives for them when it does not fail: text
+    decoded and trimmed, one little-endian integer written out (the caller checks the
+    element's wire VR, and its byte order for an integer).
+    """
+    if not value:
+        return None
+    try:  # (a try costs less than contextlib.suppress, once per element)
+        if kind is _ASCII:
+            text = value.decode("ascii").rstrip(" \x00").lstrip(" ")
+        elif kind is _INTEGER:
+            if len(value) != unpack.size:
+                return _GENERIC
+            text = str(unpack.unpack(value)[0])
+        else:
+            if encodings and b"\x1b" in value:
+                return _GENERIC  # code extensions: decode_bytes reads them
+            text = value.decode(codec).rstrip(" \x00")
+            if kind is _CHARSET:
+                text = text.lstrip(" ")
+    except ValueError:  # UnicodeDecodeError too: the generic road tells why
+        return _GENERIC
+    return text or None
 
 
 @functools.lru_cache(maxsize=64)
@@ -806,6 +827,92 @@ def _skip_items(
         else:
             pos += length
     return None
+
+
+def scan_strings(
+    data: bytes, implicit_vr: bool, keywords: Sequence[str], stop: int, complete: bool
+) -> dict[str, str | None] | None:
+    """:func:`raw_strings` of a header's elements in the one pass that finds them.
+
+    For a little-endian data set whose wanted elements (``keywords`` and the
+    Specific Character Set) are all on :func:`raw_strings`' short road, in
+    ascending tag order: the strings it gives for what :func:`_scan` finds up to
+    ``stop`` (or up to the end of ``data`` when ``complete``). None for anything
+    else (a value the generic decoder reads, what ``_scan`` leaves to pydicom, the
+    end of ``data`` reached when not ``complete``...): then the caller scans and
+    decodes in two steps, which give the same strings, and warnings if any.
+    """
+    plan = _scan_plan(tuple(keywords))
+    strings: dict[str, str | None] = dict.fromkeys(keywords)
+    encodings: list[str] | None = None
+    codec = "ascii"
+    pos, end, last = 0, len(data), -1
+    while pos + 8 <= end:
+        if implicit_vr:
+            group, element, length = _IMPLICIT_HEADER(data, pos)
+            vr = None
+        else:
+            group, element, vr_bytes, length = _EXPLICIT_HEADER(data, pos)
+        tag = group << 16 | element
+        if group == 0xFFFE or tag <= last:
+            return None  # a delimiter, or tags out of order (or twice)
+        if tag >= stop:
+            return strings
+        last = tag
+        if implicit_vr:
+            pos += 8
+        else:
+            known = _EXPLICIT_VRS.get(vr_bytes)
+            if known is None:
+                return None
+            vr, long = known
+            if long:
+                if pos + 12 > end:
+                    return None
+                length = _LENGTH(data, pos + 8)[0]
+                pos += 12
+            else:
+                pos += 8
+        entry = plan.get(tag)
+        if length == _UNDEFINED:
+            if entry is not None or vr == "UN":
+                return None
+            pos = _skip_items(data, pos, end, implicit_vr, 1)
+            if pos is None:
+                return None
+            continue
+        if pos + length > end:
+            return None
+        if entry is not None:
+            keyword, attr_vr, kind, unpack = entry
+            if not kind or (vr and vr != attr_vr):
+                return None
+            value = data[pos : pos + length]
+            if tag == 0x00080005:
+                encodings = _charset_encodings(
+                    _new_tuple(RawDataElement, (tag, vr, length, value, pos, implicit_vr, True))
+                )
+                codec = encodings[0] if encodings else "ascii"
+            text = _short_text(value, kind, unpack, encodings, codec)
+            if text is _GENERIC:
+                return None
+            if keyword:
+                strings[keyword] = text
+        pos += length
+    return strings if pos == end and complete else None
+
+
+@functools.lru_cache(maxsize=8)
+def _scan_plan(keywords: tuple[str, ...]) -> dict[int, tuple[str, str, str | int, Any]]:
+    """scan_strings' reading of each wanted tag: keyword, VR, short-road kind, unpacker."""
+    plan = {
+        attr.tag: (attr.keyword, attr.vr, kind, unpack)
+        for attr, kind, unpack in _string_plan(keywords)
+    }
+    if 0x00080005 not in plan:
+        # raw_strings reads the character set even when it is not asked for.
+        plan[0x00080005] = ("", "CS", _ASCII, None)
+    return plan
 
 
 def scan_items(

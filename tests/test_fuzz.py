@@ -711,6 +711,75 @@ def test_the_index_strings_short_road_equals_the_generic_decoder(header):
     ]
 
 
+@st.composite
+def clean_headers(draw):
+    """(columns, [(tag, VR, value)]): index attributes mostly as objects send them (the
+    dictionary's VR, a plain value), now and then not (another VR, any bytes)."""
+    columns = draw(st.lists(st.sampled_from(matching.INDEX_KEYWORDS), min_size=1, unique=True))
+    text = st.text(st.sampled_from(" .^-0123456789ABCXYZ"), max_size=12).map(str.encode)
+    elements = []
+    for keyword in columns:
+        attr = frames.attribute(keyword)
+        vr = attr.vr if draw(_mostly) else draw(st.sampled_from(["US", "IS", "LO", *VRS]))
+        if not draw(_mostly):
+            value = draw(_header_value(vr))
+        elif vr in frames.BINARY_INT_VRS:
+            size = struct.calcsize("<" + frames.BINARY_INT_VRS[vr])
+            value = draw(st.binary(min_size=size, max_size=size))
+        else:
+            value = draw(text)
+        elements.append((attr.tag, vr, value))
+    if draw(st.booleans()):
+        charset = draw(st.sampled_from(CHARSETS)).encode()
+        elements.append((0x00080005, "CS" if draw(_mostly) else "LO", charset))
+    return columns, elements
+
+
+@FUZZ
+@given(st.one_of(clean_headers(), header_elements()), st.booleans(), st.booleans(), st.data())
+def test_the_one_pass_header_strings_equal_the_scan_then_decode(header, implicit, complete, data):
+    """``scan_strings`` (a received header read in one pass) gives None, or the strings
+    the two-step road gives (``_scan`` then ``raw_strings``) without a warning."""
+    columns, elements = header
+    if isinstance(elements, dict):  # header_elements: RawDataElements by tag
+        elements = [(tag, raw.VR, raw.value) for tag, raw in elements.items()]
+    elements = sorted(elements, key=lambda e: e[0])
+    if data.draw(st.booleans()):  # a sequence of undefined length, stepped over or not
+        item = bytes.fromhex("FEFF00E0 FFFFFFFF 08006000 02000000") + b"CT"
+        item += bytes.fromhex("FEFF0DE0 00000000 FEFFDDE0 00000000")
+        if elements and data.draw(st.booleans()):
+            elements[0] = (elements[0][0], "SQ", None, item)  # a wanted one: left to pydicom
+        else:
+            elements.append((0x00081140, "SQ", None, item))
+            elements.sort(key=lambda e: e[0])
+    if not data.draw(_mostly):  # out of order, or twice
+        elements = data.draw(st.permutations(elements + elements[:1]))
+    encoded = b""
+    for tag, declared, *value in elements:
+        if len(value) == 2:  # (None, items): undefined length
+            head = struct.pack("<HH", tag >> 16, tag & 0xFFFF)
+            head += b"SQ\0\0" if not implicit else b""
+            encoded += head + b"\xff\xff\xff\xff" + value[1]
+        else:
+            encoded += wire_bytes([(tag, declared, value[0])], implicit, True)
+    encoded += wire_bytes([(0x7FE00010, "OW", b"\0\0")], implicit, True)
+    encoded = encoded[: data.draw(st.one_of(st.just(len(encoded)), st.integers(0, len(encoded))))]
+    stop = data.draw(st.sampled_from([0x7FE00008, 0x00200000, 1 << 32]))
+    wanted = {frames.attribute(k).tag for k in columns} | {0x00080005}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        one = frames.scan_strings(encoded, implicit, columns, stop, complete)
+        out = {}
+        end = frames._scan(encoded, 0, len(encoded), implicit, wanted, stop, out, 0)
+        two = None
+        if end is not None and (end < len(encoded) or complete):
+            two = frames.raw_strings(out, columns)
+    if one is not None:
+        assert two is not None
+        assert list(one.items()) == list(two.items())
+        assert not caught
+
+
 _mostly = st.sampled_from([True] * 9 + [False])
 
 
