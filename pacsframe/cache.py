@@ -33,6 +33,7 @@ import functools
 import hashlib
 import io
 import math
+import operator
 import os
 import re
 import secrets
@@ -124,6 +125,8 @@ _READ_ERRORS = (
     struct.error,
 )
 _INSERT_NEW = _INSERT.replace("INSERT OR REPLACE", "INSERT OR IGNORE", 1)
+# The index strings of _KEYWORD_COLUMNS, in order, in one call.
+_keyword_values = operator.itemgetter(*_KEYWORD_COLUMNS)
 # Where a header ends: pydicom's own stop_before_pixels tags.
 _PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00009, 0x7FE00008})
 _HEADER_END = min(_PIXEL_TAGS)  # scan_elements stops at the first tag from here on
@@ -454,7 +457,7 @@ class Cache:
         self._connections: weakref.WeakSet[_Connection] = weakref.WeakSet()
         self._schema_ready = False
         self._resolved_root: Path | None = None
-        self._safe_folders: dict[tuple[str, str], None] = {}
+        self._safe_folders: dict[tuple[str, str], Path] = {}
 
     def __repr__(self) -> str:
         if not (self.root / INDEX_NAME).exists():
@@ -621,12 +624,15 @@ class Cache:
                     f"refused to write into the cache: {name} {shown} is not a valid UID "
                     "(digits and dots, at most 64 characters); nothing was written."
                 )
-        path = self.root / study / series / f"{sop}.dcm"
         # A folder checked once is not resolved again for each of its objects (one
         # realpath walks every component of the path); the file itself could still
         # be a link, which one lstat tells.
-        if (study, series) in self._safe_folders and not os.path.islink(path):
-            return path
+        folder = self._safe_folders.get((study, series))
+        if folder is not None:
+            path = folder / f"{sop}.dcm"
+            if not os.path.islink(path):
+                return path
+        path = self.root / study / series / f"{sop}.dcm"
         if self._resolved_root is None:
             self._resolved_root = self.root.resolve()
         # Defence in depth: a symlinked folder inside the root must not lead outside it.
@@ -637,7 +643,7 @@ class Cache:
             )
         if len(self._safe_folders) >= _SAFE_FOLDERS_MAX:
             self._safe_folders.clear()
-        self._safe_folders[(study, series)] = None
+        self._safe_folders[(study, series)] = path.parent
         return path
 
     def _absolute(self, relative: str) -> Path:
@@ -744,7 +750,7 @@ class Cache:
             "size": 0,  # set once the file is complete
             "stored_at": stored_at,
         }
-        return [*fixed.values(), *(strings[k] for k in _KEYWORD_COLUMNS)]
+        return [*fixed.values(), *_keyword_values(strings)]
 
     def _commit(
         self,
