@@ -32,7 +32,7 @@ import math
 import re
 import struct
 import warnings
-from collections.abc import Container, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -732,12 +732,15 @@ def _scan(
     out: dict[int, RawDataElement] | None,
     depth: int,
     spans: dict[int, tuple[int, int]] | None = None,
+    take: Callable[[int, str | None, bytes], bool] | None = None,
 ) -> int | None:
     """Walk one dataset from ``pos``; the position after it, or None to defer to pydicom.
 
     At depth 0 (``out`` given) the dataset runs to ``end`` or ``stop``; nested (an
     item of undefined length) it runs to its item delimiter. The top-level sequences
     whose tags are keys of ``spans`` get the (start, end) of their items there.
+    ``take``: given, each wanted element's (tag, VR, value) goes to it instead of a
+    ``RawDataElement`` into ``out``; when it answers False, the walk gives None.
     """
     top = out is not None
     while pos + 8 <= end:
@@ -788,19 +791,15 @@ def _scan(
             if vr == "SQ":
                 return None
             value = data[pos : pos + length]
-            # RawDataElement's own __new__ is a Python function; tuple's makes the same.
-            out[tag] = _new_tuple(
-                RawDataElement,
-                (
-                    BaseTag(tag),
-                    vr,
-                    length,
-                    value if type(value) is bytes else bytes(value),
-                    pos,
-                    implicit,
-                    True,
-                ),
-            )
+            if type(value) is not bytes:
+                value = bytes(value)
+            if take is None:
+                # RawDataElement's own __new__ is a Python function; tuple's makes the same.
+                out[tag] = _new_tuple(
+                    RawDataElement, (BaseTag(tag), vr, length, value, pos, implicit, True)
+                )
+            elif not take(tag, vr, value):
+                return None
         pos += length
     return pos if top and pos == end else None
 
@@ -832,74 +831,46 @@ def _skip_items(
 def scan_strings(
     data: bytes, implicit_vr: bool, keywords: Sequence[str], stop: int, complete: bool
 ) -> dict[str, str | None] | None:
-    """:func:`raw_strings` of a header's elements in the one pass that finds them.
+    """:func:`raw_strings` of a header's elements, read in the pass that finds them.
 
     For a little-endian data set whose wanted elements (``keywords`` and the
-    Specific Character Set) are all on :func:`raw_strings`' short road, in
-    ascending tag order: the strings it gives for what :func:`_scan` finds up to
-    ``stop`` (or up to the end of ``data`` when ``complete``). None for anything
-    else (a value the generic decoder reads, what ``_scan`` leaves to pydicom, the
-    end of ``data`` reached when not ``complete``...): then the caller scans and
-    decodes in two steps, which give the same strings, and warnings if any.
+    Specific Character Set, read first) are all on :func:`raw_strings`' short road:
+    the strings it gives for what :func:`_scan` finds up to ``stop`` (or up to the
+    end of ``data`` when ``complete``), without a ``RawDataElement`` per element.
+    None for anything else (a value the generic decoder reads, what ``_scan``
+    leaves to pydicom, the end of ``data`` reached when not ``complete``...): then
+    the caller scans and decodes in two steps, which give the same strings, and
+    warnings if any.
     """
     plan = _scan_plan(tuple(keywords))
     strings: dict[str, str | None] = dict.fromkeys(keywords)
     encodings: list[str] | None = None
     codec = "ascii"
-    pos, end, last = 0, len(data), -1
-    while pos + 8 <= end:
-        if implicit_vr:
-            group, element, length = _IMPLICIT_HEADER(data, pos)
-            vr = None
-        else:
-            group, element, vr_bytes, length = _EXPLICIT_HEADER(data, pos)
-        tag = group << 16 | element
-        if group == 0xFFFE or tag <= last:
-            return None  # a delimiter, or tags out of order (or twice)
-        if tag >= stop:
-            return strings
-        last = tag
-        if implicit_vr:
-            pos += 8
-        else:
-            known = _EXPLICIT_VRS.get(vr_bytes)
-            if known is None:
-                return None
-            vr, long = known
-            if long:
-                if pos + 12 > end:
-                    return None
-                length = _LENGTH(data, pos + 8)[0]
-                pos += 12
-            else:
-                pos += 8
-        entry = plan.get(tag)
-        if length == _UNDEFINED:
-            if entry is not None or vr == "UN":
-                return None
-            pos = _skip_items(data, pos, end, implicit_vr, 1)
-            if pos is None:
-                return None
-            continue
-        if pos + length > end:
-            return None
-        if entry is not None:
-            keyword, attr_vr, kind, unpack = entry
-            if not kind or (vr and vr != attr_vr):
-                return None
-            value = data[pos : pos + length]
-            if tag == 0x00080005:
-                encodings = _charset_encodings(
-                    _new_tuple(RawDataElement, (tag, vr, length, value, pos, implicit_vr, True))
-                )
-                codec = encodings[0] if encodings else "ascii"
-            text = _short_text(value, kind, unpack, encodings, codec)
-            if text is _GENERIC:
-                return None
-            if keyword:
-                strings[keyword] = text
-        pos += length
-    return strings if pos == end and complete else None
+    seen = False  # a wanted element was read: the character set must come before
+
+    def take(tag: int, vr: str | None, value: bytes) -> bool:
+        nonlocal encodings, codec, seen
+        keyword, attr_vr, kind, unpack = plan[tag]
+        if not kind or (vr and vr != attr_vr):
+            return False
+        if tag == 0x00080005:
+            if seen:
+                return False
+            raw = _new_tuple(RawDataElement, (tag, vr, len(value), value, 0, implicit_vr, True))
+            encodings = _charset_encodings(raw)
+            codec = encodings[0] if encodings else "ascii"
+        seen = True
+        text = _short_text(value, kind, unpack, encodings, codec)
+        if text is _GENERIC:
+            return False
+        if keyword:
+            strings[keyword] = text
+        return True
+
+    end = _scan(data, 0, len(data), implicit_vr, plan, stop, {}, 0, take=take)
+    if end is None or (end == len(data) and not complete):
+        return None
+    return strings
 
 
 @functools.lru_cache(maxsize=8)
