@@ -841,6 +841,14 @@ def scan_strings(
     leaves to pydicom, the end of ``data`` reached when not ``complete``...): then
     the caller scans and decodes in two steps, which give the same strings, and
     warnings if any.
+
+    Examples
+    --------
+    >>> data = bytes.fromhex("10001000" "04000000") + b"Doe^"  # implicit VR
+    >>> scan_strings(data, True, ["PatientName", "PatientID"], 0x7FE00008, True)
+    {'PatientName': 'Doe^', 'PatientID': None}
+    >>> scan_strings(data[:6], True, ["PatientName"], 0x7FE00008, True) is None  # cut short
+    True
     """
     plan = _scan_plan(tuple(keywords))
     strings: dict[str, str | None] = dict.fromkeys(keywords)
