@@ -33,6 +33,7 @@ import functools
 import hashlib
 import io
 import math
+import operator
 import os
 import re
 import secrets
@@ -99,7 +100,8 @@ _ALL_COLUMNS = (*_FIXED, *_KEYWORD_COLUMNS)
 _FRAME_KEYWORDS = (*matching.INDEX_KEYWORDS, "TransferSyntaxUID")
 _HEADER_TAGS = [Tag(frames.attribute(k).tag) for k in matching.INDEX_KEYWORDS]
 # What a received object's header is scanned for (pydicom adds the character set too).
-_HEADER_TAG_SET = frozenset([*_HEADER_TAGS, 0x00080005])
+# Plain ints: a set of pydicom Tags answers `in` through Tag.__eq__, a Python call per hit.
+_HEADER_TAG_SET = frozenset([*(int(t) for t in _HEADER_TAGS), 0x00080005])
 _INSERT = (
     f"INSERT OR REPLACE INTO instances ({', '.join(_ALL_COLUMNS)}) "
     f"VALUES ({', '.join('?' * len(_ALL_COLUMNS))})"
@@ -123,6 +125,8 @@ _READ_ERRORS = (
     struct.error,
 )
 _INSERT_NEW = _INSERT.replace("INSERT OR REPLACE", "INSERT OR IGNORE", 1)
+# The index strings of _KEYWORD_COLUMNS, in order, in one call.
+_keyword_values = operator.itemgetter(*_KEYWORD_COLUMNS)
 # Where a header ends: pydicom's own stop_before_pixels tags.
 _PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00009, 0x7FE00008})
 _HEADER_END = min(_PIXEL_TAGS)  # scan_elements stops at the first tag from here on
@@ -133,6 +137,8 @@ _KEPT_BYTES = 1 << 16
 # from most peers) reach the kernel in writes this large, which costs it less per
 # byte than a write per fragment.
 _WRITE_BUFFER = 1 << 18
+# Looked up once: getattr with a default formats an AttributeError each time it misses.
+_O_BINARY = getattr(os, "O_BINARY", 0)
 # Series folders path_for() found inside the root (see there); reset when this large.
 _SAFE_FOLDERS_MAX = 4096
 # What Cache.locate gives per cached instance.
@@ -451,7 +457,7 @@ class Cache:
         self._connections: weakref.WeakSet[_Connection] = weakref.WeakSet()
         self._schema_ready = False
         self._resolved_root: Path | None = None
-        self._safe_folders: dict[tuple[str, str], None] = {}
+        self._safe_folders: dict[tuple[str, str], Path] = {}
 
     def __repr__(self) -> str:
         if not (self.root / INDEX_NAME).exists():
@@ -618,12 +624,15 @@ class Cache:
                     f"refused to write into the cache: {name} {shown} is not a valid UID "
                     "(digits and dots, at most 64 characters); nothing was written."
                 )
-        path = self.root / study / series / f"{sop}.dcm"
         # A folder checked once is not resolved again for each of its objects (one
         # realpath walks every component of the path); the file itself could still
         # be a link, which one lstat tells.
-        if (study, series) in self._safe_folders and not os.path.islink(path):
-            return path
+        folder = self._safe_folders.get((study, series))
+        if folder is not None:
+            path = folder / f"{sop}.dcm"
+            if not os.path.islink(path):
+                return path
+        path = self.root / study / series / f"{sop}.dcm"
         if self._resolved_root is None:
             self._resolved_root = self.root.resolve()
         # Defence in depth: a symlinked folder inside the root must not lead outside it.
@@ -634,7 +643,7 @@ class Cache:
             )
         if len(self._safe_folders) >= _SAFE_FOLDERS_MAX:
             self._safe_folders.clear()
-        self._safe_folders[(study, series)] = None
+        self._safe_folders[(study, series)] = path.parent
         return path
 
     def _absolute(self, relative: str) -> Path:
@@ -654,7 +663,7 @@ class Cache:
         # O_EXCL with a random name instead of mkstemp: mkstemp's 0600 mode would
         # ignore the user's umask for files that are meant to be shared.
         tmp = _temp_path(path, path.stem)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY
         made_folder = False
         with _LIVE_LOCK:
             _LIVE_TEMPS.add(tmp.name)  # before it exists: verify() here leaves it alone
@@ -741,7 +750,7 @@ class Cache:
             "size": 0,  # set once the file is complete
             "stored_at": stored_at,
         }
-        return [*fixed.values(), *(strings[k] for k in _KEYWORD_COLUMNS)]
+        return [*fixed.values(), *_keyword_values(strings)]
 
     def _commit(
         self,
@@ -1806,7 +1815,7 @@ class IncomingObject:
             str(request.sop_class_uid), str(request.sop_instance_uid), self.syntax
         )
         self._head_size = len(head)
-        self._kept = bytearray()
+        self._kept: bytes | bytearray = bytearray()
         self._done = False
         # Set when the header shows the object cached already (and not overwrite):
         # the rest of it is counted, not written. (existing path, header strings)
@@ -1818,7 +1827,7 @@ class IncomingObject:
         self._tmp_name = f".{base}.{_host_tag()}-{os.getpid()}-{secrets.token_hex(8)}.part"
         self._tmp = os.path.join(cache.root, self._tmp_name)
         self._filed = False  # renamed into place: nothing left to remove
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY
         with _LIVE_LOCK:
             _LIVE_TEMPS.add(self._tmp_name)  # before it exists: verify() leaves it alone
         try:
@@ -1846,7 +1855,10 @@ class IncomingObject:
         if self._cached is None:
             room = _KEPT_BYTES - len(self._kept)
             if room > 0:
-                self._kept += data[:room]
+                if room == _KEPT_BYTES and len(data) >= room:
+                    self._kept = bytes(data[:room])  # at once, as bytes: _kept_strings copies none
+                else:
+                    self._kept += data[:room]
                 if len(self._kept) == _KEPT_BYTES and not self.overwrite:
                     # If the header shows the object cached, the rest need not touch
                     # the disk, as write() would not write it.
@@ -1859,14 +1871,13 @@ class IncomingObject:
 
     def _held(self) -> tuple[Path, dict[str, str | None]] | None:
         """The cached copy of this object and its header, when the kept bytes show one."""
-        uid = UID(self.syntax)
-        if not uid.is_transfer_syntax or uid.is_deflated or not uid.is_little_endian:
+        transfer, deflated, little, implicit = _syntax_facts(self.syntax)
+        if not transfer or deflated or not little:
             return None
         try:
-            found = self._scan_kept(uid.is_implicit_VR, complete=False)
-            if found is None:
+            strings = self._kept_strings(implicit, complete=False)
+            if strings is None:
                 return None
-            strings = frames.raw_strings(found, matching.INDEX_KEYWORDS)
         except Exception:
             return None  # commit reads it its own way
         self._strings = strings  # the header is read: commit need not read it again
@@ -1942,17 +1953,17 @@ class IncomingObject:
         """The header's index strings and transfer syntax, as :meth:`Cache.add_received`."""
         if self._strings is not None:
             return self._strings, self.syntax
-        uid = UID(self.syntax)
+        transfer, deflated, little, implicit = _syntax_facts(self.syntax)
         label = "the received object"
-        if not uid.is_transfer_syntax or uid.is_deflated:
+        if not transfer or deflated:
             # Deflated data must be inflated to be read: pydicom's whole-file path.
             return self.cache._header(self._tmp, label)
         try:
             found = None
-            if uid.is_little_endian:
-                found = self._scan_kept(uid.is_implicit_VR)
+            if little:
+                found = self._kept_strings(implicit)
             if found is not None:
-                strings = frames.raw_strings(found, matching.INDEX_KEYWORDS)
+                strings = found
             else:
                 # The header runs past what was kept, or the scan leaves it to pydicom:
                 # read it back from the file, up to the pixel data.
@@ -1960,8 +1971,8 @@ class IncomingObject:
                     source.seek(self._head_size)
                     ds = read_dataset(
                         source,
-                        uid.is_implicit_VR,
-                        uid.is_little_endian,
+                        implicit,
+                        little,
                         stop_when=lambda tag, vr, length: tag in _PIXEL_TAGS,
                         specific_tags=_HEADER_TAGS,
                     )
@@ -1971,21 +1982,52 @@ class IncomingObject:
             return self.cache._header(self._tmp, label)
         return strings, self.syntax
 
-    def _scan_kept(self, implicit: bool, complete: bool | None = None) -> dict[int, Any] | None:
-        """Scan the kept bytes; None unless they surely hold the whole header.
+    def _kept_strings(
+        self, implicit: bool, complete: bool | None = None
+    ) -> dict[str, str | None] | None:
+        """The index strings of the kept bytes; None unless they surely hold the whole header.
 
         ``complete``: whether they are the whole data set (default: as far as written).
         """
-        view = memoryview(self._kept)
+        # As bytes (at most one copy of 64 KiB): each value is then a slice of it, not
+        # a memoryview slice copied again.
+        kept = self._kept
+        data = kept if type(kept) is bytes else bytes(kept)
         if complete is None:
-            complete = self.size - self._head_size <= len(view)
+            complete = self.size - self._head_size <= len(data)
+        # A common header in one pass; any other in two (the same strings and warnings).
+        strings = frames.scan_strings(
+            data, implicit, matching.INDEX_KEYWORDS, _HEADER_END, complete
+        )
+        if strings is not None:
+            return strings
         out: dict[int, Any] = {}
         # frames.scan_elements, told apart: stopping at the pixel data from running
         # to the end of what was kept (which, cut short, may lack later elements).
-        end = frames._scan(view, 0, len(view), implicit, _HEADER_TAG_SET, _HEADER_END, out, 0)
-        if end is None or (end == len(view) and not complete):
+        end = frames._scan(data, 0, len(data), implicit, _HEADER_TAG_SET, _HEADER_END, out, 0)
+        if end is None or (end == len(data) and not complete):
             return None
-        return out
+        return frames.raw_strings(out, matching.INDEX_KEYWORDS)
+
+
+def _syntax_facts(syntax: str) -> tuple[bool, bool, bool, bool]:
+    """Whether ``syntax`` is a transfer syntax, and if so, deflated, little endian, implicit VR.
+
+    The same answers as pydicom's ``UID`` properties (the last three False when it is
+    not a transfer syntax), kept per value that follows the UI grammar: pydicom's
+    validation of such a value never warns, so only other values are read each time.
+    """
+    if frames.is_uid(syntax):
+        return _uid_facts(syntax)
+    return _uid_facts.__wrapped__(syntax)
+
+
+@functools.lru_cache(maxsize=64)
+def _uid_facts(syntax: str) -> tuple[bool, bool, bool, bool]:
+    uid = UID(syntax)
+    if not uid.is_transfer_syntax:
+        return False, False, False, False
+    return True, uid.is_deflated, uid.is_little_endian, uid.is_implicit_VR
 
 
 def _require_all(

@@ -32,7 +32,7 @@ import math
 import re
 import struct
 import warnings
-from collections.abc import Container, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -350,19 +350,22 @@ def _decode_all(
     failures: list[tuple[str, Exception]] = []
     for attr in attributes:
         elem = get(attr.tag)
-        if elem is None:
-            values.append(None)
-            continue
-        vr = _value_vr(elem.VR, attr)
-        try:
-            values.append(_decode_raw(elem, vr, encodings))
-        except _Lossy as exc:
-            values.append(exc.value)
-            failures.append((attr.keyword, exc))
-        except (PacsFrameError, ValueError, struct.error, LookupError) as exc:
-            values.append(None)
-            failures.append((attr.keyword, exc))
+        values.append(None if elem is None else _decode_one(elem, attr, encodings, failures))
     return values, failures
+
+
+def _decode_one(
+    elem: Any, attr: Attribute, encodings: list[str] | None, failures: list[tuple[str, Exception]]
+) -> Any:
+    """:func:`_decode_raw` of one present element; a failure is noted in ``failures``."""
+    try:
+        return _decode_raw(elem, _value_vr(elem.VR, attr), encodings)
+    except _Lossy as exc:
+        failures.append((attr.keyword, exc))
+        return exc.value
+    except (PacsFrameError, ValueError, struct.error, LookupError) as exc:
+        failures.append((attr.keyword, exc))
+        return None
 
 
 def _warn_undecodable(keyword: str, exc: Exception, stacklevel: int) -> None:
@@ -426,16 +429,98 @@ def raw_strings(
     The same strings and warnings as ``dicom_strings(Dataset(elements), keywords)``,
     without building the ``Dataset`` (a received object's header, once per object).
     """
-    attributes = _attributes(tuple(keywords))
-    values, failures = _decode_all(elements, attributes)
+    # The common elements (text a single codec reads, one binary integer) take a
+    # short road here; every other one, and any that fails on it, takes the generic
+    # _decode_raw, so strings and warnings are those of dicom_strings.
+    get = elements.get
+    encodings = _charset_encodings(get(0x00080005))
+    codec = encodings[0] if encodings else "ascii"
+    strings: dict[str, str | None] = {}
+    failures: list[tuple[str, Exception]] = []
+    for attr, kind, unpack in _string_plan(tuple(keywords)):
+        elem = get(attr.tag)
+        if elem is None:
+            strings[attr.keyword] = None
+            continue
+        value, wire = elem.value, elem.VR
+        if (
+            kind
+            and type(value) is bytes
+            and (not wire or wire == attr.vr)
+            and (kind is not _INTEGER or elem.is_little_endian)
+        ):
+            text = _short_text(value, kind, unpack, encodings, codec)
+            if text is not _GENERIC:
+                strings[attr.keyword] = text
+                continue
+        strings[attr.keyword] = _as_text(_decode_one(elem, attr, encodings, failures))
     for keyword, exc in failures:
         _warn_undecodable(keyword, exc, stacklevel=2)
-    return {a.keyword: _as_text(v) for a, v in zip(attributes, values, strict=True)}
+    return strings
 
 
 @functools.lru_cache(maxsize=64)
 def _attributes(keywords: tuple[str, ...]) -> tuple[Attribute, ...]:
     return tuple(attribute(k) for k in keywords)
+
+
+# How raw_strings reads a VR on its short road: ASCII text, text in the character
+# set (leading spaces dropped or kept), or one little-endian binary integer; any other
+# VR (0) takes _decode_raw.
+_ASCII, _CHARSET, _CHARSET_KEEP, _INTEGER = "ascii", "charset", "charset-keep", "integer"
+# The VRs _decode_raw reads as ASCII text: every VR but the binary ones, AT and those
+# of the character set.
+_ASCII_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI", "UR"})
+
+
+_GENERIC: Any = object()  # what _short_text gives for bytes it leaves to _decode_raw
+
+
+def _short_text(
+    value: bytes, kind: str, unpack: Any, encodings: list[str] | None, codec: str
+) -> Any:
+    """The string of one element's bytes on the short road (``kind``), or ``_GENERIC``.
+
+    What ``_as_text(_decode_raw(...))`` gives for them when it does not fail: text
+    decoded and trimmed, one little-endian integer written out (the caller checks the
+    element's wire VR, and its byte order for an integer).
+    """
+    if not value:
+        return None
+    try:  # (a try costs less than contextlib.suppress, once per element)
+        if kind is _ASCII:
+            text = value.decode("ascii").rstrip(" \x00").lstrip(" ")
+        elif kind is _INTEGER:
+            if len(value) != unpack.size:
+                return _GENERIC
+            text = str(unpack.unpack(value)[0])
+        else:
+            if encodings and b"\x1b" in value:
+                return _GENERIC  # code extensions: decode_bytes reads them
+            text = value.decode(codec).rstrip(" \x00")
+            if kind is _CHARSET:
+                text = text.lstrip(" ")
+    except ValueError:  # UnicodeDecodeError too: the generic road tells why
+        return _GENERIC
+    return text or None
+
+
+@functools.lru_cache(maxsize=64)
+def _string_plan(
+    keywords: tuple[str, ...],
+) -> tuple[tuple[Attribute, str | int, struct.Struct | None], ...]:
+    plan: list[tuple[Attribute, str | int, struct.Struct | None]] = []
+    for attr in _attributes(keywords):
+        vr = attr.vr
+        if vr in _ASCII_VRS:
+            plan.append((attr, _ASCII, None))
+        elif vr in CHARSET_VRS:
+            plan.append((attr, _CHARSET_KEEP if vr in KEEP_LEADING_SPACE_VRS else _CHARSET, None))
+        elif vr in BINARY_INT_VRS:
+            plan.append((attr, _INTEGER, struct.Struct("<" + BINARY_INT_VRS[vr])))
+        else:
+            plan.append((attr, 0, None))
+    return tuple(plan)
 
 
 # --- strings -> typed columns -----------------------------------------------------------
@@ -601,6 +686,7 @@ _IMPLICIT_HEADER = struct.Struct("<HHL").unpack_from
 _EXPLICIT_HEADER = struct.Struct("<HH2sH").unpack_from
 _EXPLICIT_VRS = {vr: (vr.decode(), vr in _LONG_VRS) for vr in _LONG_VRS | _SHORT_VRS}
 _UNDEFINED = 0xFFFFFFFF
+_new_tuple = tuple.__new__
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _MAX_DEPTH = 32  # sequences nested deeper than this are left to pydicom
 
@@ -646,12 +732,15 @@ def _scan(
     out: dict[int, RawDataElement] | None,
     depth: int,
     spans: dict[int, tuple[int, int]] | None = None,
+    take: Callable[[int, str | None, bytes], bool] | None = None,
 ) -> int | None:
     """Walk one dataset from ``pos``; the position after it, or None to defer to pydicom.
 
     At depth 0 (``out`` given) the dataset runs to ``end`` or ``stop``; nested (an
     item of undefined length) it runs to its item delimiter. The top-level sequences
     whose tags are keys of ``spans`` get the (start, end) of their items there.
+    ``take``: given, each wanted element's (tag, VR, value) goes to it instead of a
+    ``RawDataElement`` into ``out``; when it answers False, the walk gives None.
     """
     top = out is not None
     while pos + 8 <= end:
@@ -702,15 +791,15 @@ def _scan(
             if vr == "SQ":
                 return None
             value = data[pos : pos + length]
-            out[tag] = RawDataElement(
-                BaseTag(tag),
-                vr,
-                length,
-                value if type(value) is bytes else bytes(value),
-                pos,
-                implicit,
-                True,
-            )
+            if type(value) is not bytes:
+                value = bytes(value)
+            if take is None:
+                # RawDataElement's own __new__ is a Python function; tuple's makes the same.
+                out[tag] = _new_tuple(
+                    RawDataElement, (BaseTag(tag), vr, length, value, pos, implicit, True)
+                )
+            elif not take(tag, vr, value):
+                return None
         pos += length
     return pos if top and pos == end else None
 
@@ -737,6 +826,72 @@ def _skip_items(
         else:
             pos += length
     return None
+
+
+def scan_strings(
+    data: bytes, implicit_vr: bool, keywords: Sequence[str], stop: int, complete: bool
+) -> dict[str, str | None] | None:
+    """:func:`raw_strings` of a header's elements, read in the pass that finds them.
+
+    For a little-endian data set whose wanted elements (``keywords`` and the
+    Specific Character Set, read first) are all on :func:`raw_strings`' short road:
+    the strings it gives for what :func:`_scan` finds up to ``stop`` (or up to the
+    end of ``data`` when ``complete``), without a ``RawDataElement`` per element.
+    None for anything else (a value the generic decoder reads, what ``_scan``
+    leaves to pydicom, the end of ``data`` reached when not ``complete``...): then
+    the caller scans and decodes in two steps, which give the same strings, and
+    warnings if any.
+
+    Examples
+    --------
+    >>> data = bytes.fromhex("10001000" "04000000") + b"Doe^"  # implicit VR
+    >>> scan_strings(data, True, ["PatientName", "PatientID"], 0x7FE00008, True)
+    {'PatientName': 'Doe^', 'PatientID': None}
+    >>> scan_strings(data[:6], True, ["PatientName"], 0x7FE00008, True) is None  # cut short
+    True
+    """
+    plan = _scan_plan(tuple(keywords))
+    strings: dict[str, str | None] = dict.fromkeys(keywords)
+    encodings: list[str] | None = None
+    codec = "ascii"
+    seen = False  # a wanted element was read: the character set must come before
+
+    def take(tag: int, vr: str | None, value: bytes) -> bool:
+        nonlocal encodings, codec, seen
+        keyword, attr_vr, kind, unpack = plan[tag]
+        if not kind or (vr and vr != attr_vr):
+            return False
+        if tag == 0x00080005:
+            if seen:
+                return False
+            raw = _new_tuple(RawDataElement, (tag, vr, len(value), value, 0, implicit_vr, True))
+            encodings = _charset_encodings(raw)
+            codec = encodings[0] if encodings else "ascii"
+        seen = True
+        text = _short_text(value, kind, unpack, encodings, codec)
+        if text is _GENERIC:
+            return False
+        if keyword:
+            strings[keyword] = text
+        return True
+
+    end = _scan(data, 0, len(data), implicit_vr, plan, stop, {}, 0, take=take)
+    if end is None or (end == len(data) and not complete):
+        return None
+    return strings
+
+
+@functools.lru_cache(maxsize=8)
+def _scan_plan(keywords: tuple[str, ...]) -> dict[int, tuple[str, str, str | int, Any]]:
+    """scan_strings' reading of each wanted tag: keyword, VR, short-road kind, unpacker."""
+    plan = {
+        attr.tag: (attr.keyword, attr.vr, kind, unpack)
+        for attr, kind, unpack in _string_plan(keywords)
+    }
+    if 0x00080005 not in plan:
+        # raw_strings reads the character set even when it is not asked for.
+        plan[0x00080005] = ("", "CS", _ASCII, None)
+    return plan
 
 
 def scan_items(

@@ -59,7 +59,7 @@ from .cache import part10_head
 from .deadline import Deadline, deadline_for
 from .errors import AssociationError, NotSupported, PacsFrameError, QueryError
 from .multipart import MultipartReader, boundary_of
-from .net.operations import StoreRequest, read_part10
+from .net.operations import Part10, StoreRequest, read_part10
 from .retrieve import (
     _RETRIEVE_ADVICE,
     RetrieveResult,
@@ -96,6 +96,8 @@ ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 CHUNK = 256 * 1024
 #: A part's file meta longer than this is not a file meta.
 _META_LIMIT = 132 + (1 << 16)
+# What is read of a part first for its meta (see _read_meta).
+_META_PREFIX = 4096
 #: Objects per STOW-RS request.
 STOW_BATCH = 50
 
@@ -150,13 +152,17 @@ class _PartSink:
     def data(self, view: memoryview) -> None:
         if self._writer is not None:
             self._writer.write(view)
-        elif self._head is not None:
+        elif self._head:
             self._head += view
-            self._open(final=False)
+            self._open(self._head, final=False)
+        elif self._head is not None:
+            # A part's first bytes are read where they are (up to a whole chunk: not
+            # copied), and kept only while its meta is not whole yet.
+            self._open(view, final=False)
+            if self._head is not None:
+                self._head += view
 
-    def _open(self, *, final: bool) -> None:
-        head = self._head
-        assert head is not None
+    def _open(self, head: bytearray | memoryview, *, final: bool) -> None:
         if len(head) < 144 and not final:
             return
         if head[128:132] != b"DICM":
@@ -172,7 +178,7 @@ class _PartSink:
         elif len(head) < _META_LIMIT and not final:
             return  # no group length: read the meta once enough has come
         try:
-            meta = read_part10(io.BytesIO(bytes(head[:_META_LIMIT])))
+            meta = _read_meta(head)
         except ValueError as exc:
             self._refuse(str(exc))
             return
@@ -181,10 +187,11 @@ class _PartSink:
         request = StoreRequest(meta.sop_class_uid, meta.sop_instance_uid, syntax, 0)
         self._writer = self.receiver.writer(request)
         self._head = None
-        rest = memoryview(head)[meta.dataset_offset :]
-        if rest:
-            self._writer.write(rest)
-        rest.release()
+        with memoryview(head) as whole:
+            rest = whole[meta.dataset_offset :]
+            if rest:
+                self._writer.write(rest)
+            rest.release()
 
     def _refuse(self, why: str) -> None:
         self._bad = why
@@ -192,7 +199,7 @@ class _PartSink:
 
     def end(self) -> None:
         if self._writer is None and self._head is not None:
-            self._open(final=True)
+            self._open(self._head, final=True)
         writer, self._writer = self._writer, None
         if writer is not None:
             writer.commit()  # files it, or a failed row: never raises
@@ -209,6 +216,27 @@ class _PartSink:
         if writer is not None:
             writer.discard()
         self._head = None
+
+
+def _read_meta(head: bytes | bytearray | memoryview, prefix_size: int = _META_PREFIX) -> Part10:
+    """``read_part10`` of the first ``_META_LIMIT`` bytes of ``head``, copying few of them.
+
+    A meta (a few hundred bytes) that a prefix holds whole, with the tag and VR of
+    the element after it, reads the same from all the bytes: only what the prefix
+    cannot settle (an error there, a meta longer than it) is read again from them all.
+    """
+    prefix = bytes(head[:prefix_size])
+    if len(prefix) < min(len(head), _META_LIMIT):
+        try:
+            meta = read_part10(io.BytesIO(prefix))
+        except ValueError:
+            pass
+        else:
+            # Further on, read_part10 could have stopped at an element cut short.
+            if meta.dataset_offset + 12 <= len(prefix):
+                return meta
+        return read_part10(io.BytesIO(bytes(head[:_META_LIMIT])))
+    return read_part10(io.BytesIO(prefix))
 
 
 def _requests_of(unit: _Unit) -> list[tuple[str, list[str]]]:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import logging
 import multiprocessing.connection
 import os
@@ -389,6 +390,10 @@ def _serve(fd: int) -> None:
             request = _read_exactly(sock, size)
         except OSError:
             os._exit(0)  # the caller closed its end: it exited, or died
+        # The imported modules' objects live as long as the server: frozen, a
+        # child's garbage collections never walk them, so never copy their pages
+        # (the fork-friendly pattern of the gc module's documentation).
+        gc.freeze()
         try:
             pid = os.fork()
         except OSError:

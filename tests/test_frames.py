@@ -398,3 +398,23 @@ def test_attrs_are_json_safe_shapes():
 
     q = build_query("study", keys={"StudyDate": ("2026-03-01", None), "PatientID": "1"})
     json.dumps(q.to_json())
+
+
+def test_one_pass_header_strings_read_a_value_by_its_wire_vr_as_the_two_steps_do():
+    # Rows (US in the dictionary) sent as IS "12", PatientName as PN, then pixel data.
+    data = bytes.fromhex("10001000") + b"PN" + struct.pack("<H", 4) + b"Doe^"
+    data += bytes.fromhex("28001000") + b"IS" + struct.pack("<H", 2) + b"12"
+    data += bytes.fromhex("E07F1000") + b"OW\0\0" + struct.pack("<I", 2) + b"\0\0"
+    columns = ["PatientName", "Rows"]
+    one = frames.scan_strings(data, False, columns, 0x7FE00008, True)
+    found = frames.scan_elements(data, False, {0x00100010, 0x00280010}, 0x7FE00008)
+    assert found is not None
+    two = frames.raw_strings(found, columns)
+    assert two == {"PatientName": "Doe^", "Rows": "12"}
+    assert one is None or one == two
+    # Sent as the dictionary says, it is read in the one pass.
+    plain = data.replace(b"IS\x02\x0012", b"US\x02\x00" + struct.pack("<H", 512))
+    assert frames.scan_strings(plain, False, columns, 0x7FE00008, True) == {
+        "PatientName": "Doe^",
+        "Rows": "512",
+    }

@@ -44,8 +44,9 @@ from pynetdicom.dsutils import decode
 from pynetdicom.dsutils import encode as _encode
 
 import pacsframe as pf
-from pacsframe import finder, frames
+from pacsframe import finder, frames, matching, webtransfer
 from pacsframe.frames import FrameBuilder, MalformedValueWarning
+from pacsframe.net.operations import read_part10
 from pacsframe.query import _BINARY_RANGE, build_query
 
 # CI runs the same 200 examples each time; PACSFRAME_FUZZ_EXAMPLES=20000 searches
@@ -639,6 +640,211 @@ def test_batched_builder_equals_the_cell_by_cell_path(first, second):
             continue
         datasets += [ds, in_memory(elements, implicit, little)]
     assert_same_as_reference(columns, datasets)
+
+
+# Values as objects' headers mostly hold them: text (padded, in a character set, with
+# code extensions), binary integers of any bytes; and anything raw_values gives.
+_TEXT_VALUES = st.one_of(
+    st.text(st.characters(min_codepoint=0, max_codepoint=0x7F), max_size=24).map(str.encode),
+    st.text(st.sampled_from(" \x00\\^=.-0123456789ABCabcßÖ山"), max_size=16).map(
+        lambda t: t.encode("utf-8")
+    ),
+    st.sampled_from(
+        [
+            b"Yamada^Tarou=\x1b$B;3ED\x1b(B^\x1b$BB@O:\x1b(B",
+            b"\x1b$)C\xc7\xd1",
+            b"ABC\x1b(Bdef ",
+            b" \x1b-A\xe9t\xe9",
+        ]
+    ),
+    raw_values,
+)
+# A few index attributes of each way to read them, drawn more often than the rest.
+_FOCUS = ["PatientComments", "PatientName", "Rows", "ImageType", "SliceThickness", "StudyTime"]
+
+
+def _header_value(vr: str) -> st.SearchStrategy[bytes]:
+    if vr in frames.BINARY_INT_VRS:
+        size = struct.calcsize("<" + frames.BINARY_INT_VRS[vr])
+        return st.one_of(st.binary(min_size=size, max_size=size), st.binary(max_size=9))
+    # Padded as senders pad (and some do not): a leading space is kept in ST, LT, UT.
+    pads = st.sampled_from([b"", b"", b" ", b"  ", b"\x00"])
+    return st.tuples(pads, _TEXT_VALUES, pads).map(b"".join)
+
+
+@st.composite
+def header_elements(draw):
+    """(columns, {tag: RawDataElement}): index attributes as a header scan finds them."""
+    columns, elements, implicit, little = draw(identifiers())
+    keywords = st.one_of(st.sampled_from(matching.INDEX_KEYWORDS), st.sampled_from(_FOCUS))
+    index = draw(st.lists(keywords, min_size=1, max_size=12, unique=True))
+    columns = list(dict.fromkeys([*index, *columns]))
+    for keyword in index:
+        attr = frames.attribute(keyword)
+        # Mostly the dictionary's VR (or none, implicit), as objects send them.
+        declared = draw(st.one_of(st.just(attr.vr), st.just(attr.vr), st.sampled_from(VRS)))
+        elements.append((attr.tag, declared, draw(_header_value(declared))))
+    if draw(st.booleans()):
+        elements.append((0x00080005, "CS", draw(st.sampled_from(CHARSETS)).encode()))
+    found = {}
+    for tag, declared, value in elements:
+        vr = None if implicit else _vr_of(tag, declared)
+        found[tag] = RawDataElement(Tag(tag), vr, len(value), value, 0, implicit, little)
+    return columns, found
+
+
+@FUZZ
+@given(header_elements())
+def test_the_index_strings_short_road_equals_the_generic_decoder(header):
+    """``raw_strings`` (a received object's index row) gives ``dicom_strings``' strings
+    and warnings, for any elements (its short road for common values included)."""
+    columns, found = header
+    with warnings.catch_warnings(record=True) as short_caught:
+        warnings.simplefilter("always")
+        short = frames.raw_strings(found, columns)
+    with warnings.catch_warnings(record=True) as generic_caught:
+        warnings.simplefilter("always")
+        generic = frames.dicom_strings(Dataset(dict(found)), columns)
+    assert list(short.items()) == list(generic.items())
+    assert [(w.category, str(w.message)) for w in short_caught] == [
+        (w.category, str(w.message)) for w in generic_caught
+    ]
+
+
+@st.composite
+def clean_headers(draw):
+    """(columns, [(tag, VR, value)]): index attributes mostly as objects send them (the
+    dictionary's VR, a plain value), now and then not (another VR, any bytes)."""
+    columns = draw(st.lists(st.sampled_from(matching.INDEX_KEYWORDS), min_size=1, unique=True))
+    text = st.text(st.sampled_from(" .^-0123456789ABCXYZ"), max_size=12).map(str.encode)
+    elements = []
+    for keyword in columns:
+        attr = frames.attribute(keyword)
+        vr = attr.vr if draw(_mostly) else draw(st.sampled_from(["US", "IS", "LO", *VRS]))
+        if not draw(_mostly):
+            value = draw(_header_value(vr))
+        elif vr in frames.BINARY_INT_VRS:
+            size = struct.calcsize("<" + frames.BINARY_INT_VRS[vr])
+            value = draw(st.binary(min_size=size, max_size=size))
+        else:
+            value = draw(text)
+        elements.append((attr.tag, vr, value))
+    if draw(st.booleans()):
+        charset = draw(st.sampled_from(CHARSETS)).encode()
+        elements.append((0x00080005, "CS" if draw(_mostly) else "LO", charset))
+    return columns, elements
+
+
+@FUZZ
+@given(st.one_of(clean_headers(), header_elements()), st.booleans(), st.booleans(), st.data())
+def test_the_one_pass_header_strings_equal_the_scan_then_decode(header, implicit, complete, data):
+    """``scan_strings`` (a received header read in one pass) gives None, or the strings
+    the two-step road gives (``_scan`` then ``raw_strings``) without a warning."""
+    columns, elements = header
+    if isinstance(elements, dict):  # header_elements: RawDataElements by tag
+        elements = [(tag, raw.VR, raw.value) for tag, raw in elements.items()]
+    elements = sorted(elements, key=lambda e: e[0])
+    if data.draw(st.booleans()):  # a sequence of undefined length, stepped over or not
+        item = bytes.fromhex("FEFF00E0 FFFFFFFF 08006000 02000000") + b"CT"
+        item += bytes.fromhex("FEFF0DE0 00000000 FEFFDDE0 00000000")
+        if elements and data.draw(st.booleans()):
+            elements[0] = (elements[0][0], "SQ", None, item)  # a wanted one: left to pydicom
+        else:
+            elements.append((0x00081140, "SQ", None, item))
+            elements.sort(key=lambda e: e[0])
+    if not data.draw(_mostly):  # out of order, or twice
+        elements = data.draw(st.permutations(elements + elements[:1]))
+    encoded = b""
+    for tag, declared, *value in elements:
+        if len(value) == 2:  # (None, items): undefined length
+            head = struct.pack("<HH", tag >> 16, tag & 0xFFFF)
+            head += b"SQ\0\0" if not implicit else b""
+            encoded += head + b"\xff\xff\xff\xff" + value[1]
+        else:
+            encoded += wire_bytes([(tag, declared, value[0])], implicit, True)
+    encoded += wire_bytes([(0x7FE00010, "OW", b"\0\0")], implicit, True)
+    encoded = encoded[: data.draw(st.one_of(st.just(len(encoded)), st.integers(0, len(encoded))))]
+    stop = data.draw(st.sampled_from([0x7FE00008, 0x00200000, 1 << 32]))
+    wanted = {frames.attribute(k).tag for k in columns} | {0x00080005}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        one = frames.scan_strings(encoded, implicit, columns, stop, complete)
+        out = {}
+        end = frames._scan(encoded, 0, len(encoded), implicit, wanted, stop, out, 0)
+        two = None
+        if end is not None and (end < len(encoded) or complete):
+            two = frames.raw_strings(out, columns)
+    if one is not None:
+        assert two is not None
+        assert list(one.items()) == list(two.items())
+        assert not caught
+
+
+_mostly = st.sampled_from([True] * 9 + [False])
+
+
+@st.composite
+def part_heads(draw):
+    """The first bytes of a WADO-RS part (preamble, DICM, file meta elements, then more),
+    and where each element starts."""
+    uid = st.sampled_from([b"1.2.840.10008.1.2.1\0", b"1.2.3.4", b"1.2", b" 1.2 "] * 3 + [b""])
+    # Mostly the three elements a meta needs, among others of any group, VR and length
+    # (of which some cut it short, refuse it, or carry it past any prefix).
+    needed = [(2, element, b"UI", uid) for element in (2, 3, 0x10) if draw(_mostly)]
+    value = st.one_of(uid, st.binary(max_size=6), st.integers(0, 9000).map(b"7".__mul__))
+    others = st.tuples(
+        st.sampled_from([2] * 6 + [8, 0xFFFE]),
+        st.sampled_from([0, 1, 2, 3, 0x10, 0x12, 0x13, 0x100]),
+        st.sampled_from([b"UL", b"OB", b"UI", b"SH", b"UN", b"UT", b"\0\0"]),
+        st.just(value),
+    )
+    elements = needed + draw(st.lists(others, max_size=5))
+    if not draw(_mostly):
+        elements = draw(st.permutations(elements))
+    out = [b"\0" * 128, b"DICM" if draw(_mostly) else b"DICN"]
+    starts = []  # where each element begins: prefixes end near them
+    for group, element, vr, values in elements:
+        starts.append(sum(map(len, out)))
+        data = draw(values)
+        length = len(data) if draw(_mostly) else draw(st.integers(0, 0xFFFF))
+        head = struct.pack("<HH2s", group, element, vr)
+        if vr in (b"OB", b"UN", b"UT"):
+            head += struct.pack("<HI", 0, length)
+        else:
+            head += struct.pack("<H", length & 0xFFFF)
+        out.append(head + data)
+    starts.append(sum(map(len, out)))
+    # Mostly the data set's first element (where a meta ends), then anything.
+    if draw(_mostly):
+        out.append(b"\x08\x00\x05\x00CS\x0a\x00ISO_IR 100")
+    out.append(draw(st.binary(max_size=16)))
+    return b"".join(out), starts
+
+
+def _meta_or_error(read, head):
+    try:
+        return read(head)
+    except ValueError as exc:
+        return str(exc)
+
+
+@FUZZ
+@given(part_heads(), st.data())
+def test_a_parts_meta_read_from_a_prefix_reads_as_from_all_its_bytes(head_starts, data):
+    """The WADO-RS sink reads a part's meta from its first bytes: the same meta, or the
+    same refusal, as ``read_part10`` of all of them (what it read before), wherever the
+    first bytes end (about each element's start above all)."""
+    head, starts = head_starts
+    head = head[: data.draw(st.one_of(st.just(len(head)), st.integers(0, len(head))))]
+    expected = _meta_or_error(
+        lambda h: read_part10(io.BytesIO(bytes(h[: webtransfer._META_LIMIT]))), head
+    )
+    sizes = {s + d for s in starts for d in range(14)} | {webtransfer._META_PREFIX}
+    sizes.add(data.draw(st.integers(0, len(head) + 12)))
+    for form in (bytes, bytearray, lambda h: memoryview(bytearray(h))):
+        for size in sorted(sizes):
+            got = _meta_or_error(lambda h, size=size: webtransfer._read_meta(h, size), form(head))
+            assert got == expected, size
 
 
 def encode_identifier(ds: Dataset, implicit: bool) -> bytes:
