@@ -458,9 +458,10 @@ class DICOMweb(finder.FindMethods):
         """One QIDO-RS search, every page, into ``builder``; why it is cut short, or None.
 
         Speculative paging, one page ahead (see ``_page``): each page is asked
-        together with the page ``step`` rows after it, on their own threads, so that
-        the server works on the next page while this one is counted and typed. A page
-        of ``c`` rows from ``offset`` goes on at ``offset + c`` when it is full
+        together with the page ``step`` rows after it (that one on a thread of its
+        own), so that the server works on the next page while this one is counted
+        and typed. A page of ``c`` rows from ``offset`` goes on at ``offset + c``
+        when it is full
         (``c >= step``) or the server's ``Warning: 299`` says more can be requested;
         the request ahead is taken when it was asked from exactly there, and
         otherwise abandoned and the page asked anew (a server maximum below the page,
@@ -477,16 +478,18 @@ class DICOMweb(finder.FindMethods):
         path, params = qido_request(query)
         what = f"QIDO-RS search for {_LEVEL_NAMES[query.level]}"
 
-        def ask(at: int) -> tuple[int, _Prefetch]:
-            return at, _Prefetch(self._page_at, path, params, at, what)
+        def ask(at: int, inline: bool = False) -> tuple[int, _Prefetch]:
+            return at, _Prefetch(self._page_at, path, params, at, what, inline=inline)
 
         offset, step = 0, self._page
         # Below one parent (a study's series, a series' instances: a drill-down asks
         # one such search per parent row) an answer seldom fills a page, and a second
         # request for each would cost more than it saves: the first page goes alone.
         below_parent = path.count("/") > 1
-        current = ask(0)
         ahead = None if below_parent else ask(step)
+        # The first page on this thread (nothing is typed while it comes), the one
+        # ahead already on its own: no thread is started for a search below a parent.
+        current = ask(0, inline=True)
         # The previous page's first match and whether it held more rows than asked: a
         # server that ignores offset answers every page with the same matches.
         first: Any = None
@@ -683,7 +686,8 @@ def _patients_from_studies(
 
 
 class _Prefetch:
-    """One call run on a daemon thread: :meth:`result` returns it or raises its error.
+    """One call run on a daemon thread (or here, ``inline``): :meth:`result` returns it
+    or raises its error.
 
     The thread runs in a copy of the caller's context, so the call's ``timeout=``
     (:class:`~pacsframe.deadline.Deadline`) bounds it as it bounds the caller. A
@@ -693,7 +697,7 @@ class _Prefetch:
     streamed), so its connection goes back to the pool even then.
     """
 
-    def __init__(self, call: Any, *args: Any) -> None:
+    def __init__(self, call: Any, *args: Any, inline: bool = False) -> None:
         self._done = threading.Event()
         self._value: Any = None
         self._error: BaseException | None = None
@@ -707,7 +711,10 @@ class _Prefetch:
             finally:
                 self._done.set()
 
-        threading.Thread(target=run, name="pacsframe-qido-next-page", daemon=True).start()
+        if inline:
+            run()  # its error, too, is raised by result(), as from a thread
+        else:
+            threading.Thread(target=run, name="pacsframe-qido-next-page", daemon=True).start()
 
     def result(self) -> Any:
         """Wait for the call; its return value, or its exception raised here."""
