@@ -32,6 +32,7 @@ import datetime as _dt
 import functools
 import hashlib
 import io
+import itertools
 import math
 import operator
 import os
@@ -95,6 +96,11 @@ _FIXED = (
     "stored_at",
 )
 _KEYWORD_COLUMNS = tuple(k for k in matching.INDEX_KEYWORDS if k not in _FIXED)
+_SOP_AT, _PATH_AT = _FIXED.index("SOPInstanceUID"), _FIXED.index("path")
+# How many index rows a batching receiver (Cache._batched) holds before it commits
+# them in one transaction: one commit per object cost a WAL append of the table's and
+# both indexes' pages each time (and a checkpoint with fsync every ~200 objects).
+_BATCH_ROWS = 100
 _ALL_COLUMNS = (*_FIXED, *_KEYWORD_COLUMNS)
 # Columns of instances(): the indexed keywords, then what the cache adds.
 _FRAME_KEYWORDS = (*matching.INDEX_KEYWORDS, "TransferSyntaxUID")
@@ -137,6 +143,9 @@ _KEPT_BYTES = 1 << 16
 # from most peers) reach the kernel in writes this large, which costs it less per
 # byte than a write per fragment.
 _WRITE_BUFFER = 1 << 18
+# A fragment at least this large (a WADO-RS part's piece of a read) goes to the
+# kernel as it is: through the buffer it would first be copied into it.
+_DIRECT_BYTES = 1 << 16
 # Looked up once: getattr with a default formats an AttributeError each time it misses.
 _O_BINARY = getattr(os, "O_BINARY", 0)
 # Series folders path_for() found inside the root (see there); reset when this large.
@@ -153,6 +162,20 @@ _TEMP_RE = re.compile(r"^\.(.+)\.(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)-[0-9a-f]{
 # Names of the temporary files this process is writing now.
 _LIVE_TEMPS: set[str] = set()
 _LIVE_LOCK = threading.Lock()
+
+
+def _random_tag() -> str:
+    """16 hex digits for a temporary file's name: unique in this process (a counter
+    after a random prefix drawn once per process, so not a getrandom() per file)."""
+    global _TEMP_PREFIX, _TEMP_PID
+    pid = os.getpid()
+    if pid != _TEMP_PID:  # first use, or a forked child: its own prefix
+        _TEMP_PREFIX, _TEMP_PID = secrets.token_hex(4), pid
+    return f"{_TEMP_PREFIX}{next(_TEMP_SERIAL) & 0xFFFFFFFF:08x}"
+
+
+_TEMP_PREFIX, _TEMP_PID = "", -1
+_TEMP_SERIAL = itertools.count()
 
 
 @functools.cache
@@ -452,6 +475,10 @@ class Cache:
             root = os.environ.get(ENV_VAR) or platformdirs.user_cache_dir("pacsframe")
         self.root = Path(os.path.abspath(os.path.expanduser(os.fspath(root))))
         self._local = threading.local()
+        # Index rows filed but not yet committed, per thread (see _batched); apart
+        # from _local, which close() resets: a close from another thread must not
+        # drop them.
+        self._batches = threading.local()
         self._lock = threading.Lock()
         # Weak, so a worker thread's connection closes when the thread ends.
         self._connections: weakref.WeakSet[_Connection] = weakref.WeakSet()
@@ -579,6 +606,11 @@ class Cache:
         return conn
 
     def _existing(self, sop: str) -> str | None:
+        pending = getattr(self._batches, "rows", None)
+        if pending:
+            held = pending.get(sop)
+            if held is not None:
+                return str(held[_PATH_AT])
         row = (
             self._db()
             .execute("SELECT path FROM instances WHERE SOPInstanceUID = ?", (sop,))
@@ -617,17 +649,17 @@ class Cache:
         ...
         pacsframe.errors.CacheError: refused to write into the cache: SeriesInstanceUID '../../x' is not a valid UID (digits and dots, at most 64 characters); nothing was written.
         """  # noqa: E501
+        # A folder checked once is not resolved again for each of its objects (one
+        # realpath walks every component of the path): its UIDs were checked then.
+        folder = self._safe_folders.get((study, series))
         for name, uid in zip(_UID_KEYS, (study, series, sop), strict=True):
-            if not frames.is_uid(uid):
+            if (folder is None or name == "SOPInstanceUID") and not frames.is_uid(uid):
                 shown = repr(uid) if not isinstance(uid, str) or len(uid) <= 70 else "a long value"
                 raise CacheError(
                     f"refused to write into the cache: {name} {shown} is not a valid UID "
                     "(digits and dots, at most 64 characters); nothing was written."
                 )
-        # A folder checked once is not resolved again for each of its objects (one
-        # realpath walks every component of the path); the file itself could still
-        # be a link, which one lstat tells.
-        folder = self._safe_folders.get((study, series))
+        # The file itself could still be a link, which one lstat tells.
         if folder is not None:
             path = folder / f"{sop}.dcm"
             if not os.path.islink(path):
@@ -775,11 +807,73 @@ class Cache:
                 path.parent.mkdir(parents=True, exist_ok=True)
         # The file is complete and in place before the row exists, so a row always
         # points at a whole file; a crash in between only means a re-fetch.
+        pending = getattr(self._batches, "rows", None)
+        if pending is not None and (old is None or old == row[_PATH_AT]):
+            pending[row[_SOP_AT]] = row  # committed with its batch (see _batched)
+            return
+        if pending:
+            self._flush_rows()  # in order: an earlier row of this instance first
         self._db().execute(_INSERT, row)
-        if old is not None and old != row[_FIXED.index("path")]:
+        if old is not None and old != row[_PATH_AT]:
             # The same instance re-filed under other parents: drop the old copy.
             with contextlib.suppress(OSError, CacheError):
                 self._absolute(old).unlink()
+
+    @contextlib.contextmanager
+    def _batched(self) -> Iterator[None]:
+        """Within the block, this thread's index rows are committed in batches.
+
+        A receiver that files many objects in a row (a WADO-RS response) commits
+        their rows ``_BATCH_ROWS`` at a time when it calls :meth:`_flush_rows`
+        with ``full=True`` between objects, and the rest when the block ends.
+        Each file is in place before its row is held, as before; a row held is
+        seen by this thread's ``_existing``, by other connections once committed
+        (as if its object had arrived a little later); a crash loses only rows,
+        and their objects are fetched again, as after a crash between rename
+        and row. Nested blocks commit with the outermost one.
+        """
+        if getattr(self._batches, "rows", None) is not None:
+            yield
+            return
+        self._batches.rows = {}
+        try:
+            yield
+        finally:
+            try:
+                self._flush_rows()
+            finally:
+                self._batches.rows = None
+
+    def _flush_rows(self, *, full: bool = False) -> None:
+        """Commit this thread's held index rows in one transaction (``full``: only
+        once there are ``_BATCH_ROWS`` of them).
+
+        Raises
+        ------
+        CacheError
+            The index refused the transaction: the objects are filed, not indexed.
+        """
+        pending = getattr(self._batches, "rows", None)
+        if not pending or (full and len(pending) < _BATCH_ROWS):
+            return
+        rows = list(pending.values())
+        pending.clear()
+        conn = self._db()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(_INSERT, rows)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise CacheError(
+                f"the cache index at {self.root / INDEX_NAME} did not record {len(rows)} "
+                f"object(s) just filed ({exc}): their files are in place but not "
+                "indexed, so the cache does not count them. Free the disk or end what "
+                "holds the index, then retrieve again: what is missing is fetched again."
+            ) from exc
 
     def write(
         self,
@@ -1824,7 +1918,7 @@ class IncomingObject:
         sop = str(request.sop_instance_uid)
         # _temp_path's name, in the root, built as strings (a Path costs more per object).
         base = sop if frames.is_uid(sop) else "received"
-        self._tmp_name = f".{base}.{_host_tag()}-{os.getpid()}-{secrets.token_hex(8)}.part"
+        self._tmp_name = f".{base}.{_host_tag()}-{os.getpid()}-{_random_tag()}.part"
         self._tmp = os.path.join(cache.root, self._tmp_name)
         self._filed = False  # renamed into place: nothing left to remove
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY
@@ -1866,7 +1960,14 @@ class IncomingObject:
                     if self._cached is not None:
                         self._remove()
         if self._cached is None:
-            self._handle.write(data)
+            if len(data) < _DIRECT_BYTES:
+                self._handle.write(data)
+            else:
+                handle = self._handle
+                handle.flush()  # what is buffered goes first
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(handle.fileno(), view) :]
         self.size += len(data)
 
     def _held(self) -> tuple[Path, dict[str, str | None]] | None:

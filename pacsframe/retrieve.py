@@ -262,6 +262,9 @@ class _Receiver:
         self.cache = cache
         self.overwrite = overwrite
         self.on_received = on_received
+        # Whether a WADO-RS response's index rows may be committed in batches (see
+        # Cache._batched): not when on_received may look into the index.
+        self.batch = on_received is None
         self.bar = bar
         # Cached objects of units requested whole: their rows say "cached" already.
         self.again = set() if overwrite else set(again or ())
@@ -1211,8 +1214,11 @@ class _ChildReceiver(_Receiver):
     """A worker process's receiver: it files objects itself, and sends its rows,
     progress and ``on_received`` to the parent's :class:`_Receiver`."""
 
-    def __init__(self, link: ChildLink, cache: Cache, *, overwrite: bool, again: set[str]) -> None:
+    def __init__(
+        self, link: ChildLink, cache: Cache, *, overwrite: bool, again: set[str], batch: bool
+    ) -> None:
         super().__init__(cache, overwrite=overwrite, on_received=None, bar=None, again=again)
+        self.batch = batch  # decided by the parent, which alone calls on_received
         self.link = link
         self.stop = _Flag()  # type: ignore[assignment]
 
@@ -1282,7 +1288,7 @@ class _ProcessWorker(ProcessWorker):
     ) -> None:
         name = extra[-1]
         cache = receiver.cache
-        settings = (cache.root, receiver.overwrite, sorted(receiver.again))
+        settings = (cache.root, receiver.overwrite, sorted(receiver.again), receiver.batch)
         args = (kind, peer, settings, extra, Deadline.current())
         super().__init__(name, _child_get, args, self._on_message)
         self.kind = kind
@@ -1350,15 +1356,17 @@ def _child_get(
     link: ChildLink,
     kind: type,
     peer: Any,
-    settings: tuple[Any, bool, list[str]],
+    settings: tuple[Any, bool, list[str], bool],
     extra: tuple[Any, ...],
     deadline: Deadline | None,
 ) -> None:
     """A worker process's retrievals: the units the parent lends, filed into the cache."""
     from .cache import Cache
 
-    root, overwrite, again = settings
-    receiver = _ChildReceiver(link, Cache(root), overwrite=overwrite, again=set(again))
+    root, overwrite, again, batch = settings
+    receiver = _ChildReceiver(
+        link, Cache(root), overwrite=overwrite, again=set(again), batch=batch
+    )
     units = _AskedUnits(link)
     with deadline_scope(deadline):
         # The worker copies this context: the call's timeout= holds in here too.

@@ -39,6 +39,7 @@ raise). An object the answer does not name, once it names any, is a failed row.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import io
@@ -204,6 +205,9 @@ class _PartSink:
         if writer is not None:
             writer.commit()  # files it, or a failed row: never raises
             self.arrived.append(self._sop)
+            # A batch of index rows full: committed between objects, where a refusal
+            # ends the response as a failure (CacheError) rather than one object's row.
+            self.receiver.cache._flush_rows(full=True)
             return
         why = self._bad or "it is empty"
         self.receiver._record(
@@ -353,7 +357,12 @@ class _WebWorker(threading.Thread):
                 boundary_of(response.headers.get("Content-Type", "")), sink=sink
             )
             try:
-                self._read(response, reader, what, deadline)
+                # The objects' index rows are committed a batch at a time, the last
+                # when the response ends (unless on_received is given, which may look
+                # into the index as each object arrives).
+                batched = self.receiver.cache._batched() if self.receiver.batch else None
+                with batched or contextlib.nullcontext():
+                    self._read(response, reader, what, deadline)
             except BaseException:
                 sink.abort()
                 raise

@@ -368,3 +368,95 @@ def test_a_temporary_file_that_cannot_be_made_raises_its_os_error(tmp_path, monk
     monkeypatch.undo()
     assert not [p for p in (tmp_path / "cache").glob(".*.part")]
     cache.close()
+
+
+def _big_dataset() -> bytes:
+    """A data set of about 300 kB: its pixel data spans several large fragments."""
+    ds = _dataset()
+    ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored = 300, 500, 16, 16
+    ds.HighBit, ds.PixelRepresentation, ds.SamplesPerPixel = 15, 0, 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = random.Random(5).randbytes(300 * 500 * 2)
+    return _encoded(ds, ExplicitVRLittleEndian)
+
+
+def test_small_and_large_fragments_mixed_file_the_bytes_as_sent(tmp_path):
+    # Fragments under 64 KiB go through the write buffer (16 KiB PDVs), larger ones
+    # straight to the kernel (a WADO-RS part's piece of a read): in any mix, in order.
+    dataset = _big_dataset()
+    sizes = [10, 70_000, 100, 3, 200_000, 1, 65_536, 65_535]
+    ends = [sum(sizes[: i + 1]) for i in range(len(sizes))]
+    cuts = [end for end in ends if end < len(dataset)]
+    sop = dcmread(
+        io.BytesIO(part10_head(CT, "1.2", ExplicitVRLittleEndian) + dataset)
+    ).SOPInstanceUID
+    cache = Cache(tmp_path / "cache")
+    writer = _send(cache, StoreRequest(CT, sop, ExplicitVRLittleEndian, 1), dataset, cuts)
+    head = part10_head(CT, sop, ExplicitVRLittleEndian)
+    same = writer.path.read_bytes() == head + dataset  # (no diff of 300 kB on failure)
+    assert same, "the cached file differs from the bytes sent"
+    assert writer.size == len(head) + len(dataset)
+    assert cache.verify().empty
+    cache.close()
+
+
+def _same_series(n: int) -> list[tuple[StoreRequest, bytes]]:
+    study, series = generate_uid(), generate_uid()
+    out = []
+    for _ in range(n):
+        ds = _dataset(StudyInstanceUID=study, SeriesInstanceUID=series)
+        out.append(
+            (
+                StoreRequest(CT, ds.SOPInstanceUID, ExplicitVRLittleEndian, 1),
+                _encoded(ds, ExplicitVRLittleEndian),
+            )
+        )
+    return out
+
+
+def test_batched_rows_are_held_then_committed_together(tmp_path, monkeypatch):
+    from pacsframe import cache as cache_module
+
+    monkeypatch.setattr(cache_module, "_BATCH_ROWS", 3)
+    cache, other = Cache(tmp_path / "c"), Cache(tmp_path / "c")  # other: another connection
+    objects = _same_series(5)
+    with cache._batched():
+        first = _send(cache, *objects[0], [])
+        _send(cache, *objects[1], [])
+        # Held: this thread sees them (an object arriving again keeps its copy), the
+        # index does not have them yet, and a batch not full is not committed.
+        assert cache._existing(objects[0][0].sop_instance_uid) is not None
+        again = _send(cache, *objects[0], [])
+        assert not again.written and again.path == first.path
+        cache._flush_rows(full=True)
+        assert other.instances().empty
+        _send(cache, *objects[2], [])
+        cache._flush_rows(full=True)  # three held: committed in one transaction
+        assert len(other.instances()) == 3
+        for request, dataset in objects[3:]:
+            _send(cache, request, dataset, [])
+        assert len(other.instances()) == 3
+    # The block's end commits the rest.
+    assert sorted(other.instances().SOPInstanceUID) == sorted(
+        r.sop_instance_uid for r, _ in objects
+    )
+    assert cache.verify().empty and other.verify().empty
+    cache.close()
+    other.close()
+
+
+def test_rows_the_index_refuses_at_a_batch_commit_raise_a_sentence(tmp_path):
+    import sqlite3
+
+    from pacsframe.cache import INDEX_NAME
+
+    cache = Cache(tmp_path / "c")
+    ((request, dataset),) = _same_series(1)
+    refused = pytest.raises(CacheError, match=r"did not record 1 object\(s\) just filed")
+    with refused, cache._batched():
+        writer = _send(cache, request, dataset, [])
+        with sqlite3.connect(cache.root / INDEX_NAME) as conn:
+            conn.execute("DROP TABLE instances")  # the index breaks under the writer
+    assert writer.path.exists()  # filed whole; only its row is missing
+    assert not list(cache.root.rglob("*.part"))
+    cache.close()

@@ -164,6 +164,38 @@ def test_on_received_error_stops_and_leaves_cache_consistent(demo, tmp_path):
     assert cache.verify().empty
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_each_object_is_indexed_before_on_received_sees_it(demo, tmp_path, workers):
+    # Without on_received a response's rows are committed in batches; with it, each
+    # row is in the index before the callback runs (the callback may look there).
+    cache, other = Cache(tmp_path / "c"), Cache(tmp_path / "c")
+    frame = studies(demo, cache)
+    indexed: list[bool] = []
+
+    def on_received(path, meta):
+        sop = meta["SOPInstanceUID"]
+        indexed.append(other.cached([sop]) == {sop})
+
+    result = webtransfer.get(
+        web(demo, cache), frame, progress=False, on_received=on_received, workers=workers
+    )
+    assert len(indexed) == result.completed == int(frame.NumberOfStudyRelatedInstances.sum())
+    assert all(indexed)
+    other.close()
+
+
+def test_batches_of_rows_smaller_than_a_response_index_every_object(demo, tmp_path, monkeypatch):
+    from pacsframe import cache as cache_module
+
+    monkeypatch.setattr(cache_module, "_BATCH_ROWS", 2)  # commits in mid-response
+    cache = Cache(tmp_path / "c")
+    frame = studies(demo, cache)
+    result = webtransfer.get(web(demo, cache), frame, progress=False, workers=1)
+    assert result.completed == len(cache) == int(frame.NumberOfStudyRelatedInstances.sum())
+    assert set(cache.instances().SOPInstanceUID) == set(result.instances.SOPInstanceUID)
+    assert cache.verify().empty
+
+
 def _drop(ctype, body):
     return ctype, body[: len(body) * 2 // 3], len(body)
 
