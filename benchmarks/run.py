@@ -62,6 +62,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -233,7 +234,7 @@ class _PacsframeTool:
             web = self.pf.DICOMweb(self.cfg["url"], cache=p["out"])
             web.cache  # noqa: B018 - open the cache (a user's cache already exists)
             frame = web.find_studies(StudyInstanceUID=p["study"], progress=False)
-            _settle_disk()
+            _settle_disk(warm=f"{self.cfg['url']}/studies/{p['study']}")
             return web, frame
         if op in ("get-cold", "move"):
             shutil.rmtree(p["out"], ignore_errors=True)
@@ -427,12 +428,13 @@ class _DicomwebClientTool:
         from dicomweb_client.api import DICOMwebClient
 
         self.client = DICOMwebClient(cfg["url"])
+        self.url = cfg["url"]
 
     def prepare(self, op: str, p: dict[str, Any]) -> Any:
         if op == "wado-cold":
             shutil.rmtree(p["out"], ignore_errors=True)
             Path(p["out"]).mkdir(parents=True)
-            _settle_disk()
+            _settle_disk(warm=f"{self.url}/studies/{p['study']}")
         return None
 
     def run(self, op: str, p: dict[str, Any], state: Any) -> dict[str, Any]:
@@ -788,7 +790,7 @@ def run_dcmtk(command: list[str], timeout: float | None = None) -> dict[str, Any
 INODE_WAIT_S = 65
 
 
-def _settle_disk() -> None:
+def _settle_disk(warm: str | None = None) -> None:
     """Finish the disk work of earlier rounds before a timed WADO-RS get (untimed).
 
     Every tool of the WADO-RS item writes the study's 263 MB. Two things would make
@@ -809,11 +811,31 @@ def _settle_disk() -> None:
       free thousands of files too (the large get alone 24,000), so in a full run
       the item starts after a sync and ``INODE_WAIT_S`` untimed seconds.
 
+    - the page cache the rounds before filled. Every round leaves 263 MB of
+      written (then synced) pages in it, and on this VM creating and writing
+      files gets dearer as they pile up: 500 files of 525 kB cost 0.08-0.13 s of
+      CPU with the page cache dropped and 0.2-0.9 s a few gigabytes of writes
+      later, one file of the same 263 MB 0.08 s either way (probe in the notes of
+      RESULTS.md). Unsettled, the later rounds of every tool ran up to twice as
+      slow as the first. So, as root, each round also drops the page cache
+      (``/proc/sys/vm/drop_caches``: clean pages only, after the sync) and then
+      asks the server for the study once, untimed, into nothing (``warm``): every
+      round starts with the server's files in memory and none of the client's.
+
     The C-GET and C-MOVE items still empty one folder per tool between rounds:
     there every tool creates one file per object, and keeping gigabytes of
     unsynced rounds would throttle the later ones instead.
     """
     os.sync()
+    if warm is None:
+        return
+    with contextlib.suppress(OSError):  # not root: the page cache stays as it is
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+    request = urllib.request.Request(warm, headers={"Accept": WADO_ACCEPT})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(request, timeout=CALL_TIMEOUT) as answer:
+        while answer.read(1 << 20):
+            pass
 
 
 def curl_study(curl: str, url: str, study: str, scratch: Path) -> dict[str, Any]:
@@ -826,7 +848,7 @@ def curl_study(curl: str, url: str, study: str, scratch: Path) -> dict[str, Any]
 
     out = scratch / "curl-study.multipart"
     out.unlink(missing_ok=True)
-    _settle_disk()
+    _settle_disk(warm=f"{url}/studies/{study}")
     r = run_dcmtk(
         [
             curl,
