@@ -178,6 +178,16 @@ _TEMP_PREFIX, _TEMP_PID = "", -1
 _TEMP_SERIAL = itertools.count()
 
 
+def _pid() -> int:
+    """This process's ID, without a getpid() system call per index query."""
+    return _PROCESS[0]
+
+
+_PROCESS = [os.getpid()]
+if hasattr(os, "register_at_fork"):  # a forked child has its own ID (no fork: never changes)
+    os.register_at_fork(after_in_child=lambda: _PROCESS.__setitem__(0, os.getpid()))
+
+
 @functools.cache
 def _host_tag() -> str:
     """This machine, boot and PID namespace, as 8 hex digits."""
@@ -559,10 +569,10 @@ class Cache:
         # One connection per thread (and per process: a forked child must not reuse
         # its parent's SQLite handle).
         entry = getattr(self._local, "entry", None)
-        if entry is not None and entry[0] == os.getpid():
+        if entry is not None and entry[0] == _pid():
             return entry[1]
         conn = self._connect()
-        self._local.entry = (os.getpid(), conn)
+        self._local.entry = (_pid(), conn)
         return conn
 
     def _connect(self) -> _Connection:
@@ -605,12 +615,29 @@ class Cache:
             ) from exc
         return conn
 
-    def _existing(self, sop: str) -> str | None:
-        pending = getattr(self._batches, "rows", None)
-        if pending:
-            held = pending.get(sop)
+    def _existing(self, sop: str, series: str | None = None) -> str | None:
+        """The relative path the index has for ``sop``, or None.
+
+        In a :meth:`_batched` block, what this thread filed in the block counts
+        too; and for an object of a ``series`` the index had no row of when the
+        block first met it, nothing else is asked (a series new to the cache is
+        what a cold retrieval receives: two queries per object saved).
+        """
+        batch = self._batches
+        if getattr(batch, "rows", None) is not None:
+            held = batch.filed.get(sop)
             if held is not None:
-                return str(held[_PATH_AT])
+                return held
+            if series is not None:
+                new = batch.new_series.get(series)
+                if new is None:
+                    probe = "SELECT 1 FROM instances WHERE SeriesInstanceUID = ? LIMIT 1"
+                    new = self._db().execute(probe, (series,)).fetchone() is None
+                    batch.new_series[series] = new
+                if new:
+                    # Another writer filing the same object meanwhile is not seen:
+                    # the same bytes then replace its copy, under the same name.
+                    return None
         row = (
             self._db()
             .execute("SELECT path FROM instances WHERE SOPInstanceUID = ?", (sop,))
@@ -810,6 +837,7 @@ class Cache:
         pending = getattr(self._batches, "rows", None)
         if pending is not None and (old is None or old == row[_PATH_AT]):
             pending[row[_SOP_AT]] = row  # committed with its batch (see _batched)
+            self._batches.filed[row[_SOP_AT]] = row[_PATH_AT]
             return
         if pending:
             self._flush_rows()  # in order: an earlier row of this instance first
@@ -835,14 +863,17 @@ class Cache:
         if getattr(self._batches, "rows", None) is not None:
             yield
             return
-        self._batches.rows = {}
+        batch = self._batches
+        # Held rows; what the block filed (sop -> path, kept past each commit);
+        # whether the index had no row of a series when the block first met it.
+        batch.rows, batch.filed, batch.new_series = {}, {}, {}
         try:
             yield
         finally:
             try:
                 self._flush_rows()
             finally:
-                self._batches.rows = None
+                batch.rows, batch.filed, batch.new_series = None, {}, {}
 
     def _flush_rows(self, *, full: bool = False) -> None:
         """Commit this thread's held index rows in one transaction (``full``: only
@@ -1985,7 +2016,7 @@ class IncomingObject:
         sop = strings["SOPInstanceUID"]
         if not frames.is_uid(sop):
             return None
-        old = self.cache._existing(str(sop))
+        old = self.cache._existing(str(sop), strings["SeriesInstanceUID"])
         if old is None:
             return None
         existing = self.cache._absolute(old)
@@ -2018,7 +2049,7 @@ class IncomingObject:
             strings = header[0]
             study, series, sop = (strings[k] or "" for k in _UID_KEYS)
             path = cache.path_for(study, series, sop)
-            old = cache._existing(sop)
+            old = cache._existing(sop, series)
             if old is not None and not self.overwrite:
                 existing = cache._absolute(old)
                 if existing.exists():

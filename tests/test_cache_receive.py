@@ -460,3 +460,27 @@ def test_rows_the_index_refuses_at_a_batch_commit_raise_a_sentence(tmp_path):
     assert writer.path.exists()  # filed whole; only its row is missing
     assert not list(cache.root.rglob("*.part"))
     cache.close()
+
+
+def test_a_series_new_to_the_cache_asks_the_index_once_in_a_batch(tmp_path):
+    cache = Cache(tmp_path / "c")
+    known = _same_series(2)
+    _send(cache, *known[0], [])  # cached before the block
+    fresh = _same_series(4)
+    asked: list[str] = []
+    cache._db().set_trace_callback(asked.append)
+    with cache._batched():
+        for request, dataset in fresh:
+            assert _send(cache, request, dataset, []).written
+        probes = [q for q in asked if q.lstrip().upper().startswith("SELECT")]
+        assert len(probes) == 1  # the series, once; none per object
+        # An object filed in the block arrives again: its copy is kept.
+        again = _send(cache, *fresh[0], [])
+        assert not again.written
+        # A series the cache had: each object is looked up, and a cached one kept.
+        kept = _send(cache, *known[0], [])
+        assert not kept.written and kept.path.exists()
+        assert _send(cache, *known[1], []).written
+    cache._db().set_trace_callback(None)
+    assert len(cache) == 6 and cache.verify().empty
+    cache.close()
