@@ -13,7 +13,8 @@ header arrived), its header is checked, and only then is it
 renamed into place (``os.replace``, atomic on POSIX and Windows) and given one row
 in ``<root>/index.sqlite``. A reader therefore sees either no file or a complete
 one, and an index row always points at a complete file. A killed run leaves at
-most stray ``.part`` files and a complete file not yet indexed, which
+most stray ``.part`` files and complete files not yet indexed (one, or the rows a
+WADO-RS response still held: they are committed 100 at a time), which
 :meth:`Cache.verify` removes and indexes, also while other processes write; no
 fsync is done (a power cut may lose the last objects, which a re-run fetches
 again, as pooch and joblib also accept).
@@ -582,7 +583,9 @@ class Cache:
             conn = sqlite3.connect(
                 index,
                 timeout=_BUSY_SECONDS,
-                isolation_level=None,  # autocommit: each INSERT is its own transaction
+                # Autocommit: each INSERT is its own transaction, but for the
+                # batches _flush_rows commits in one (BEGIN IMMEDIATE ... COMMIT).
+                isolation_level=None,
                 check_same_thread=False,  # only so close() may close it from any thread
                 factory=_Connection,
             )
