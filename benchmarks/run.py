@@ -1779,12 +1779,16 @@ def _web_text(results: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
             'dicom", "*"),))`, which decodes every part into a pydicom Dataset in '
             "memory, then `ds.save_as(...)` per instance into a new folder, both "
             "timed. curl: one process saving the multipart body to one file, unparsed "
-            "(the floor). Before each timed call the disk is synced, untimed, and each "
-            "round writes into a folder no round used before (all removed after the "
-            "item), so that no round pays for the writeback or the freeing of earlier "
-            "rounds' files (this ext4 has no journal, and then does not reuse an inode "
-            "freed in the last 60 s: each new file scans past those; see _settle_disk); "
-            f"the item itself starts {INODE_WAIT_S} s after a sync that follows the items before."
+            "(the floor). Before each timed call, untimed, the disk is synced, the page "
+            "cache dropped (as root) and the study asked once into nothing, so that "
+            "every round starts with the server's files in memory and none of the "
+            "rounds before (their written pages made creating files dearer, up to twice "
+            "as slow by the last round); each round writes into a folder no round used "
+            "before (all removed after the item), so that no round pays for the freeing "
+            "of earlier rounds' files (this ext4 has no journal, and then does not reuse "
+            "an inode freed in the last 60 s: each new file scans past those; see "
+            f"_settle_disk); the item itself starts {INODE_WAIT_S} s after a sync that "
+            "follows the items before."
         )
     if any(label.startswith(QIDO_LABEL) for label in results):
         parts.append(
