@@ -234,7 +234,7 @@ class _PacsframeTool:
             web = self.pf.DICOMweb(self.cfg["url"], cache=p["out"])
             web.cache  # noqa: B018 - open the cache (a user's cache already exists)
             frame = web.find_studies(StudyInstanceUID=p["study"], progress=False)
-            _settle_disk(warm=f"{self.cfg['url']}/studies/{p['study']}")
+            _settle_disk(warm=p.get("warm"))
             return web, frame
         if op in ("get-cold", "move"):
             shutil.rmtree(p["out"], ignore_errors=True)
@@ -428,13 +428,12 @@ class _DicomwebClientTool:
         from dicomweb_client.api import DICOMwebClient
 
         self.client = DICOMwebClient(cfg["url"])
-        self.url = cfg["url"]
 
     def prepare(self, op: str, p: dict[str, Any]) -> Any:
         if op == "wado-cold":
             shutil.rmtree(p["out"], ignore_errors=True)
             Path(p["out"]).mkdir(parents=True)
-            _settle_disk(warm=f"{self.url}/studies/{p['study']}")
+            _settle_disk(warm=p.get("warm"))
         return None
 
     def run(self, op: str, p: dict[str, Any], state: Any) -> dict[str, Any]:
@@ -793,9 +792,9 @@ INODE_WAIT_S = 65
 def _settle_disk(warm: str | None = None) -> None:
     """Finish the disk work of earlier rounds before a timed WADO-RS get (untimed).
 
-    Every tool of the WADO-RS item writes the study's 263 MB. Two things would make
-    a round pay for the rounds before it, hardest the tools that create 500 files
-    (pacsframe, dicomweb-client) rather than one (curl):
+    Every tool of the WADO-RS item writes the study's 263 MB. Three things would
+    make a round pay for the rounds before it, hardest the tools that create 500
+    files (pacsframe, dicomweb-client) rather than one (curl):
 
     - the writeback of the last round's files: each tool's prepare step calls
       ``os.sync()`` first;
@@ -821,13 +820,15 @@ def _settle_disk(warm: str | None = None) -> None:
       (``/proc/sys/vm/drop_caches``: clean pages only, after the sync) and then
       asks the server for the study once, untimed, into nothing (``warm``): every
       round starts with the server's files in memory and none of the client's.
+      ``warm`` (the study's URL) is given in a full run only: a quick run is a
+      smoke test, which may share the machine with other work.
 
     The C-GET and C-MOVE items still empty one folder per tool between rounds:
     there every tool creates one file per object, and keeping gigabytes of
     unsynced rounds would throttle the later ones instead.
     """
     os.sync()
-    if warm is None:
+    if warm is None:  # a quick run: a smoke test, which may share the machine
         return
     with contextlib.suppress(OSError):  # not root: the page cache stays as it is
         Path("/proc/sys/vm/drop_caches").write_text("1\n")
@@ -838,7 +839,9 @@ def _settle_disk(warm: str | None = None) -> None:
             pass
 
 
-def curl_study(curl: str, url: str, study: str, scratch: Path) -> dict[str, Any]:
+def curl_study(
+    curl: str, url: str, study: str, scratch: Path, *, warm: bool = False
+) -> dict[str, Any]:
     """curl saving a study's WADO-RS multipart body to one file (the floor: no parsing).
 
     Timed as a whole process, like the dcmtk tools; the parts are counted untimed.
@@ -848,7 +851,7 @@ def curl_study(curl: str, url: str, study: str, scratch: Path) -> dict[str, Any]
 
     out = scratch / "curl-study.multipart"
     out.unlink(missing_ok=True)
-    _settle_disk(warm=f"{url}/studies/{study}")
+    _settle_disk(warm=f"{url}/studies/{study}" if warm else None)
     r = run_dcmtk(
         [
             curl,
@@ -1386,6 +1389,9 @@ def main(argv: list[str] | None = None) -> int:
 
         if "wado-cold" in args.items:
             assert dwc is not None
+            # Each round's untimed settling (see _settle_disk); a quick run, a smoke
+            # test that may share the machine, leaves the page cache alone.
+            warm = f"{web_url}/studies/{study}" if mode == "full" else None
 
             def wado_pf(w: int) -> Any:
                 return lambda: pfw.call(
@@ -1394,14 +1400,22 @@ def main(argv: list[str] | None = None) -> int:
                         "study": study,
                         "out": fresh_out(out_pf + "-wado"),
                         "workers": w,
+                        "warm": warm,
                     }
                 )
 
             tools_wado: dict[str, Any] = {f"pacsframe w={w}": wado_pf(w) for w in WEB_WORKERS}
             tools_wado["dicomweb-client"] = lambda: dwc.call(
-                {"op": "wado-cold", "study": study, "out": fresh_out(out_raw + "-wado")}
+                {
+                    "op": "wado-cold",
+                    "study": study,
+                    "out": fresh_out(out_raw + "-wado"),
+                    "warm": warm,
+                }
             )
-            tools_wado["curl"] = lambda: curl_study(tools["curl"], web_url, study, scratch)
+            tools_wado["curl"] = lambda: curl_study(
+                tools["curl"], web_url, study, scratch, warm=warm is not None
+            )
             plan.append(
                 ("wado-cold", f"{WADO_LABEL}, {n_instances} instances", n_instances, tools_wado)
             )
