@@ -813,7 +813,7 @@ def _settle_disk(warm: str | None = None) -> None:
     - the page cache the rounds before filled. Every round leaves 263 MB of
       written (then synced) pages in it, and on this VM creating and writing
       files gets dearer as they pile up: 500 files of 525 kB cost 0.08-0.13 s of
-      CPU with the page cache dropped and 0.2-0.9 s a few gigabytes of writes
+      CPU with the page cache dropped and 0.17-0.86 s a few gigabytes of writes
       later, one file of the same 263 MB 0.08 s either way (probe in the notes of
       RESULTS.md). Unsettled, the later rounds of every tool ran up to twice as
       slow as the first. So, as root, each round also drops the page cache

@@ -100,7 +100,7 @@ _KEYWORD_COLUMNS = tuple(k for k in matching.INDEX_KEYWORDS if k not in _FIXED)
 _SOP_AT, _PATH_AT = _FIXED.index("SOPInstanceUID"), _FIXED.index("path")
 # How many index rows a batching receiver (Cache._batched) holds before it commits
 # them in one transaction: one commit per object cost a WAL append of the table's and
-# both indexes' pages each time (and a checkpoint with fsync every ~200 objects).
+# both indexes' pages each time (and a checkpoint every 1,000 WAL pages).
 _BATCH_ROWS = 100
 _ALL_COLUMNS = (*_FIXED, *_KEYWORD_COLUMNS)
 # Columns of instances(): the indexed keywords, then what the cache adds.
