@@ -165,28 +165,27 @@ _LIVE_TEMPS: set[str] = set()
 _LIVE_LOCK = threading.Lock()
 
 
-def _random_tag() -> str:
-    """16 hex digits for a temporary file's name: unique in this process (a counter
-    after a random prefix drawn once per process, so not a getrandom() per file)."""
-    global _TEMP_PREFIX, _TEMP_PID
-    pid = os.getpid()
-    if pid != _TEMP_PID:  # first use, or a forked child: its own prefix
-        _TEMP_PREFIX, _TEMP_PID = secrets.token_hex(4), pid
-    return f"{_TEMP_PREFIX}{next(_TEMP_SERIAL) & 0xFFFFFFFF:08x}"
-
-
-_TEMP_PREFIX, _TEMP_PID = "", -1
-_TEMP_SERIAL = itertools.count()
-
-
 def _pid() -> int:
-    """This process's ID, without a getpid() system call per index query."""
+    """This process's ID, without a getpid() system call per object or index query."""
     return _PROCESS[0]
 
 
-_PROCESS = [os.getpid()]
-if hasattr(os, "register_at_fork"):  # a forked child has its own ID (no fork: never changes)
-    os.register_at_fork(after_in_child=lambda: _PROCESS.__setitem__(0, os.getpid()))
+def _random_tag() -> str:
+    """16 hex digits for a temporary file's name, unique in this process: a counter
+    after a random prefix drawn once per process (not a getrandom() per file)."""
+    return f"{_PROCESS[1]}{next(_TEMP_SERIAL) & 0xFFFFFFFF:08x}"
+
+
+def _new_process() -> None:
+    """Note this process's ID and draw its prefix: at import, and in a forked child."""
+    _PROCESS[:] = [os.getpid(), secrets.token_hex(4)]
+
+
+_PROCESS: list[Any] = []
+_TEMP_SERIAL = itertools.count()
+_new_process()
+if hasattr(os, "register_at_fork"):  # no fork: the process never changes
+    os.register_at_fork(after_in_child=_new_process)
 
 
 @functools.cache
@@ -1952,7 +1951,7 @@ class IncomingObject:
         sop = str(request.sop_instance_uid)
         # _temp_path's name, in the root, built as strings (a Path costs more per object).
         base = sop if frames.is_uid(sop) else "received"
-        self._tmp_name = f".{base}.{_host_tag()}-{os.getpid()}-{_random_tag()}.part"
+        self._tmp_name = f".{base}.{_host_tag()}-{_pid()}-{_random_tag()}.part"
         self._tmp = os.path.join(cache.root, self._tmp_name)
         self._filed = False  # renamed into place: nothing left to remove
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY

@@ -484,3 +484,22 @@ def test_a_series_new_to_the_cache_asks_the_index_once_in_a_batch(tmp_path):
     cache._db().set_trace_callback(None)
     assert len(cache) == 6 and cache.verify().empty
     cache.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_forked_child_names_its_temporary_files_as_its_own(tmp_path):
+    # The PID and the random prefix are kept, not asked per file: a fork renews both.
+    from pacsframe import cache as cache_module
+
+    parent = cache_module._random_tag()
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports through the pipe
+        os.write(write, f"{cache_module._pid()} {cache_module._random_tag()}".encode())
+        os._exit(0)
+    os.waitpid(child, 0)
+    pid, tag = os.read(read, 100).decode().split()
+    os.close(read)
+    os.close(write)
+    assert int(pid) == child and cache_module._pid() == os.getpid()
+    assert tag[:8] != parent[:8] and len(tag) == len(parent) == 16
