@@ -617,29 +617,16 @@ class Cache:
             ) from exc
         return conn
 
-    def _existing(self, sop: str, series: str | None = None) -> str | None:
-        """The relative path the index has for ``sop``, or None.
-
-        In a :meth:`_batched` block, what this thread filed in the block counts
-        too; and for an object of a ``series`` the index had no row of when the
-        block first met it, nothing else is asked (a series new to the cache is
-        what a cold retrieval receives: two queries per object saved).
-        """
-        batch = self._batches
-        if getattr(batch, "rows", None) is not None:
-            held = batch.filed.get(sop)
+    def _existing(self, sop: str) -> str | None:
+        """The relative path the index has for ``sop`` (or a row this thread holds
+        in a :meth:`_batched` block), or None."""
+        pending = getattr(self._batches, "rows", None)
+        if pending:
+            held = pending.get(sop)
             if held is not None:
-                return held
-            if series is not None:
-                new = batch.new_series.get(series)
-                if new is None:
-                    probe = "SELECT 1 FROM instances WHERE SeriesInstanceUID = ? LIMIT 1"
-                    new = self._db().execute(probe, (series,)).fetchone() is None
-                    batch.new_series[series] = new
-                if new:
-                    # Another writer filing the same object meanwhile is not seen:
-                    # the same bytes then replace its copy, under the same name.
-                    return None
+                return str(held[_PATH_AT])
+        # Asked per object even for a series new to the cache: the instance may be
+        # indexed under other parents, and then its copy is kept (or moved).
         row = (
             self._db()
             .execute("SELECT path FROM instances WHERE SOPInstanceUID = ?", (sop,))
@@ -839,7 +826,6 @@ class Cache:
         pending = getattr(self._batches, "rows", None)
         if pending is not None and (old is None or old == row[_PATH_AT]):
             pending[row[_SOP_AT]] = row  # committed with its batch (see _batched)
-            self._batches.filed[row[_SOP_AT]] = row[_PATH_AT]
             return
         if pending:
             self._flush_rows()  # in order: an earlier row of this instance first
@@ -865,17 +851,14 @@ class Cache:
         if getattr(self._batches, "rows", None) is not None:
             yield
             return
-        batch = self._batches
-        # Held rows; what the block filed (sop -> path, kept past each commit);
-        # whether the index had no row of a series when the block first met it.
-        batch.rows, batch.filed, batch.new_series = {}, {}, {}
+        self._batches.rows = {}
         try:
             yield
         finally:
             try:
                 self._flush_rows()
             finally:
-                batch.rows, batch.filed, batch.new_series = None, {}, {}
+                self._batches.rows = None
 
     def _flush_rows(self, *, full: bool = False) -> None:
         """Commit this thread's held index rows in one transaction (``full``: only
@@ -2018,7 +2001,7 @@ class IncomingObject:
         sop = strings["SOPInstanceUID"]
         if not frames.is_uid(sop):
             return None
-        old = self.cache._existing(str(sop), strings["SeriesInstanceUID"])
+        old = self.cache._existing(str(sop))
         if old is None:
             return None
         existing = self.cache._absolute(old)
@@ -2051,7 +2034,7 @@ class IncomingObject:
             strings = header[0]
             study, series, sop = (strings[k] or "" for k in _UID_KEYS)
             path = cache.path_for(study, series, sop)
-            old = cache._existing(sop, series)
+            old = cache._existing(sop)
             if old is not None and not self.overwrite:
                 existing = cache._absolute(old)
                 if existing.exists():

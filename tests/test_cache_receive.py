@@ -462,27 +462,19 @@ def test_rows_the_index_refuses_at_a_batch_commit_raise_a_sentence(tmp_path):
     cache.close()
 
 
-def test_a_series_new_to_the_cache_asks_the_index_once_in_a_batch(tmp_path):
+def test_an_instance_filed_under_other_parents_is_kept_in_a_batch_as_outside(tmp_path):
+    # The peer now sends a cached instance under another series: in a batch, as one
+    # row at a time, the cached copy is kept and no second copy is written.
     cache = Cache(tmp_path / "c")
-    known = _same_series(2)
-    _send(cache, *known[0], [])  # cached before the block
-    fresh = _same_series(4)
-    asked: list[str] = []
-    cache._db().set_trace_callback(asked.append)
+    ds = _dataset()
+    request = StoreRequest(CT, ds.SOPInstanceUID, ExplicitVRLittleEndian, 1)
+    first = _send(cache, request, _encoded(ds, ExplicitVRLittleEndian), [])
+    ds.SeriesInstanceUID = generate_uid()
     with cache._batched():
-        for request, dataset in fresh:
-            assert _send(cache, request, dataset, []).written
-        probes = [q for q in asked if q.lstrip().upper().startswith("SELECT")]
-        assert len(probes) == 1  # the series, once; none per object
-        # An object filed in the block arrives again: its copy is kept.
-        again = _send(cache, *fresh[0], [])
-        assert not again.written
-        # A series the cache had: each object is looked up, and a cached one kept.
-        kept = _send(cache, *known[0], [])
-        assert not kept.written and kept.path.exists()
-        assert _send(cache, *known[1], []).written
-    cache._db().set_trace_callback(None)
-    assert len(cache) == 6 and cache.verify().empty
+        again = _send(cache, request, _encoded(ds, ExplicitVRLittleEndian), [])
+    assert not again.written and again.path == first.path
+    assert list(cache.root.rglob("*.dcm")) == [first.path]
+    assert len(cache) == 1 and cache.verify().empty
     cache.close()
 
 
